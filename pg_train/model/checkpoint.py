@@ -1,0 +1,323 @@
+"""The released Sa2VA Hugging Face checkpoint format: read strictly, write with LoRA merged.
+
+A checkpoint directory holds `config.json`, safetensors weights (`model.safetensors`, or shards
+plus `model.safetensors.index.json`) and the tokenizer files. Tensor names are the released
+ones: our module names, with LoRA merged away and SAM2's `fuser.layers.N.gamma` stored as
+`.g_weight` (transformers used to rename `gamma` on load, so Sa2VA's converter avoided it).
+
+Loading is all-or-nothing: any missing, unexpected or wrongly shaped tensor is an error listing
+them. (`strict=False` loading is how a public implementation of this method trained on the
+wrong weights without noticing.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .build import apply_lora, build_model, set_trainable
+from .presets import PRESETS, LanguageDims, LoraDims, ModelPreset, VisionDims, preset_from_dict
+from .sa2va import Sa2VAModel
+from .tokenizer import load_tokenizer
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_GAMMA = re.compile(r"^(grounding_encoder\.sam2_model\.memory_encoder\.fuser\.layers\.\d+)\.gamma$")
+_G_WEIGHT = re.compile(r"^(grounding_encoder\.sam2_model\.memory_encoder\.fuser\.layers\.\d+)\.g_weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match the model it should build."""
+
+
+def released_name(name: str) -> str:
+    """Our parameter name (LoRA-free) -> the released checkpoint's name."""
+    return _GAMMA.sub(r"\1.g_weight", name)
+
+
+def module_name(name: str) -> str:
+    """Released checkpoint name -> our parameter name (before LoRA injection)."""
+    return _G_WEIGHT.sub(r"\1.gamma", name)
+
+
+def to_sa2va_state_dict(model: Sa2VAModel) -> dict[str, torch.Tensor]:
+    """The model's weights under the released names, LoRA merged into the base weights.
+
+    Works on the meta device (names and shapes only). Dropout is ignored: merging is
+    W + (alpha / r) * B @ A, exactly what peft's merge computes.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    merged: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            merged[f"{prefix}.base_layer.weight"] = weight
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        value = merged.get(name, tensor)
+        state[released_name(name.replace(".base_layer.", "."))] = value
+    return state
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def _hf_config(preset: ModelPreset, token_ids: dict[str, int], dtype: torch.dtype) -> dict:
+    v, l = preset.vision, preset.language
+    return {
+        "architectures": ["Sa2VAChatModel"],
+        "model_type": "sa2va_chat",
+        "template": preset.template,
+        "downsample_ratio": v.downsample_ratio,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "force_image_size": v.image_size,
+        "dynamic_image_size": False,
+        "use_thumbnail": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": l.hidden_size,
+            "intermediate_size": l.intermediate_size,
+            "num_hidden_layers": l.num_layers,
+            "num_attention_heads": l.num_heads,
+            "num_key_value_heads": l.num_kv_heads,
+            "vocab_size": l.vocab_size,
+            "rope_theta": l.rope_theta,
+            "rms_norm_eps": l.rms_norm_eps,
+            "max_position_embeddings": l.max_position_embeddings,
+            "tie_word_embeddings": l.tie_word_embeddings,
+            "hidden_act": "silu",
+            "eos_token_id": token_ids.get("<|im_end|>"),
+        },
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.mlp_size,
+            "num_hidden_layers": v.num_layers,
+            "num_attention_heads": v.num_heads,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "layer_norm_eps": v.layer_norm_eps,
+            "qkv_bias": v.qkv_bias,
+            "norm_type": "layer_norm",
+            "qk_normalization": False,
+        },
+        # What pg_train needs beyond the released keys (SAM2 dims are implicit there).
+        "pg_train": {"preset": preset.to_dict(), "special_token_ids": token_ids},
+    }
+
+
+def save_pretrained(model: Sa2VAModel, directory: str | Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write `model` as a released-format checkpoint (LoRA merged, safetensors, tokenizer)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous().clone()
+        for k, v in to_sa2va_state_dict(model).items()
+    }
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    preset = dataclasses.replace(model.preset, lora=model.lora or model.preset.lora)
+    param_dtype = dtype or next(model.parameters()).dtype
+    (directory / CONFIG_NAME).write_text(json.dumps(_hf_config(preset, model.token_ids, param_dtype), indent=2))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a Sa2VA checkpoint directory needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def preset_from_config(config: dict, path: Path) -> ModelPreset:
+    """Model dims from config.json: pg_train's own section when present, else the released
+    `llm_config` / `vision_config` with SAM2 hiera-large (the only grounding encoder Sa2VA ships)."""
+    if "pg_train" in config:
+        return preset_from_dict(config["pg_train"]["preset"])
+    try:
+        llm, vis = config["llm_config"], config["vision_config"]
+        language = LanguageDims(
+            hidden_size=llm["hidden_size"], num_layers=llm["num_hidden_layers"],
+            num_heads=llm["num_attention_heads"], num_kv_heads=llm["num_key_value_heads"],
+            intermediate_size=llm["intermediate_size"], vocab_size=llm["vocab_size"],
+            rope_theta=llm.get("rope_theta", 1e6), rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=llm.get("max_position_embeddings", 32768),
+            tie_word_embeddings=llm.get("tie_word_embeddings", False),
+        )
+        vision = VisionDims(
+            hidden_size=vis["hidden_size"], num_layers=vis["num_hidden_layers"],
+            num_heads=vis["num_attention_heads"], mlp_size=vis["intermediate_size"],
+            image_size=vis.get("image_size", config.get("force_image_size", 448)),
+            patch_size=vis.get("patch_size", 14), layer_norm_eps=vis.get("layer_norm_eps", 1e-6),
+            qkv_bias=vis.get("qkv_bias", True), downsample_ratio=config.get("downsample_ratio", 0.5),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{path / CONFIG_NAME}: missing field {err}") from err
+    if config.get("ps_version", "v2") != "v2":
+        raise CheckpointError(f"{path / CONFIG_NAME}: ps_version {config['ps_version']!r} unsupported (expected 'v2')")
+    return ModelPreset(name="sa2va-hf", vision=vision, language=language, sam2=PRESETS["sa2va-4b"].sam2,
+                       template=config.get("template", "phi3_chat"))
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> file holding it."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: unreadable index ({err})") from err
+        files = {name: directory / fname for name, fname in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(f"{index}: lists shard files that do not exist: {missing}")
+        return files
+    single = directory / SINGLE_FILE
+    if not single.is_file():
+        raise CheckpointError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE} (only safetensors are read)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{path}: the index maps {name!r} here but the file does not hold it")
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _list(items: list[str], limit: int = 30) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n    {shown}{more}"
+
+
+def check_state_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: Path) -> None:
+    """Raise one error listing every missing, unexpected and wrongly shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(found) if tuple(expected[n]) != tuple(found[n]))
+    if not (missing or unexpected or wrong):
+        return
+    parts = [f"{where}: checkpoint does not match the model (nothing was loaded)"]
+    if missing:
+        parts.append(f"  {len(missing)} missing tensors:" + _list([f"{n} {list(expected[n])}" for n in missing]))
+    if unexpected:
+        parts.append(f"  {len(unexpected)} unexpected tensors:" + _list([f"{n} {list(found[n])}" for n in unexpected]))
+    if wrong:
+        parts.append(f"  {len(wrong)} tensors with the wrong shape:" + _list([f"{n}: checkpoint {list(found[n])}, model {list(expected[n])}" for n in wrong]))
+    raise CheckpointError("\n".join(parts))
+
+
+def _check_vocab(preset: ModelPreset, shapes: dict[str, tuple], tokenizer, directory: Path) -> None:
+    vocab = preset.language.vocab_size
+    rows = {n: shapes[n][0] for n in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight") if n in shapes}
+    problems = [f"{n} has {r} rows" for n, r in rows.items() if r != vocab]
+    if len(tokenizer) > vocab:
+        problems.append(f"the tokenizer has {len(tokenizer)} tokens")
+    if problems:
+        raise CheckpointError(
+            f"{directory}: vocabulary size mismatch: config.json says {vocab}, but " + "; ".join(problems)
+        )
+
+
+def from_pretrained(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lora: LoraDims | None | bool = True,
+    template: str = "sa2va",
+) -> Sa2VAModel:
+    """Load a released-format Sa2VA checkpoint strictly, then add fresh LoRA adapters.
+
+    The weights are loaded into the plain model *before* LoRA wrapping (the released weights
+    have LoRA merged in), cast to `dtype`. Fresh adapters start with B = 0, so the loaded model's
+    outputs are unchanged by them.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config = _read_config(directory)
+    preset = preset_from_config(config, directory)
+    tokenizer = load_tokenizer(directory)
+    files = _weight_files(directory)
+    shapes = _read_shapes(files)
+    _check_vocab(preset, shapes, tokenizer, directory)
+
+    expected_ids = config.get("pg_train", {}).get("special_token_ids") or preset.special_token_ids
+    preset = dataclasses.replace(preset, special_token_ids=expected_ids)
+    model = build_model(preset, device=device, dtype=dtype, lora=False, tokenizer=tokenizer, template=template)
+    expected = {released_name(n): tuple(t.shape) for n, t in model.state_dict().items()}
+    check_state_shapes(expected, shapes, directory)
+
+    targets = model.state_dict()
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                ours = module_name(name)
+                state[ours] = f.get_tensor(name).to(device=targets[ours].device, dtype=targets[ours].dtype)
+    model.load_state_dict(state, strict=True)
+
+    lora_dims = preset.lora if lora is True else (lora or None)
+    if lora_dims is not None:
+        apply_lora(model, lora_dims)
+        model.to(device=device, dtype=dtype)
+    model.lora = lora_dims
+    set_trainable(model, lora_dims)
+    return model

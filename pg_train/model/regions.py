@@ -1,0 +1,39 @@
+"""Region mask -> cells of the image-token grid (the visual prompt's K slots)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def region_coverage(masks: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """masks [B, H, W] (any dtype, nonzero = inside) -> fraction of each grid cell covered [B, G, G]."""
+    if masks.dim() != 3:
+        raise ValueError(f"region masks must be [B, H, W], got shape {tuple(masks.shape)}")
+    return F.adaptive_avg_pool2d((masks > 0).float()[:, None], grid_size)[:, 0]
+
+
+def region_cells(masks: torch.Tensor, grid_size: int, threshold: float = 0.5, empty_policy: str = "largest") -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the grid cells of each region: coverage >= threshold.
+
+    A small region can cover no cell that far (the seed's nearest-neighbour resize then gives
+    K = 0 and the region silently vanishes from the prompt). `empty_policy`:
+      - "largest": keep the single cell of largest coverage (K = 1), counted in the second output;
+      - "error": raise.
+    Returns (cells [B, G, G] bool, fallback [B] bool — which samples needed the policy).
+    A mask with no pixel at all is an error either way: there is no region to describe.
+    """
+    coverage = region_coverage(masks, grid_size)
+    cells = coverage >= threshold
+    empty = ~cells.flatten(1).any(dim=1)
+    if empty.any():
+        no_pixels = coverage.flatten(1).amax(dim=1) == 0
+        if no_pixels.any():
+            raise ValueError(f"region masks of samples {no_pixels.nonzero().flatten().tolist()} are empty")
+        if empty_policy == "error":
+            raise ValueError(f"regions of samples {empty.nonzero().flatten().tolist()} select no grid cell at threshold {threshold}")
+        if empty_policy != "largest":
+            raise ValueError(f"unknown empty_policy {empty_policy!r}; expected 'largest' or 'error'")
+        flat = coverage.flatten(1)
+        best = F.one_hot(flat.argmax(dim=1), flat.shape[1]).bool().view_as(cells)
+        cells = torch.where(empty[:, None, None], best, cells)
+    return cells, empty

@@ -1,0 +1,137 @@
+"""The Sa2VA model: InternViT + mlp1 + Qwen2 (+ LoRA) + SAM2 grounding + text_hidden_fcs.
+
+Module names are the released checkpoint's names (`vision_model`, `mlp1`, `language_model`,
+`grounding_encoder.sam2_model`, `text_hidden_fcs`), so loading is a prefix mapping.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from .presets import ModelPreset
+from .sam2_grounding import GroundingEncoder
+from .templates import PromptBuilder
+from .vision import InternVisionModel, build_mlp1, pixel_shuffle_v2
+
+
+def build_language_model(preset: ModelPreset):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dims = preset.language
+    config = Qwen2Config(
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.num_heads,
+        num_key_value_heads=dims.num_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=dims.max_position_embeddings,
+        rms_norm_eps=dims.rms_norm_eps,
+        rope_theta=dims.rope_theta,
+        tie_word_embeddings=dims.tie_word_embeddings,
+        use_sliding_window=False,
+        attention_dropout=0.0,
+    )
+    config._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(config)
+
+
+class Sa2VAModel(nn.Module):
+    def __init__(self, preset: ModelPreset, token_ids: dict[str, int], tokenizer=None, template: str = "sa2va"):
+        super().__init__()
+        self.preset = preset
+        self.tokenizer = tokenizer
+        self.token_ids = dict(token_ids)
+        self.img_context_id = token_ids["<IMG_CONTEXT>"]
+        self.seg_token_id = token_ids["[SEG]"]
+        self.eos_token_id = token_ids["<|im_end|>"]
+        self.vision_model = InternVisionModel(preset.vision)
+        self.mlp1 = build_mlp1(preset.vision, preset.language.hidden_size)
+        self.language_model = build_language_model(preset)
+        # SAM2 cannot be constructed on the meta device (Hiera calls .item()); build_model moves it.
+        with torch.device("cpu"):
+            self.grounding_encoder = GroundingEncoder(preset.sam2)
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(preset.language.hidden_size, preset.language.hidden_size),
+            nn.ReLU(inplace=True),
+            nn.Linear(preset.language.hidden_size, preset.sam2.d_model),
+            nn.Dropout(0.0),
+        )
+        self.prompts = (
+            PromptBuilder(tokenizer, token_ids, preset.vision.num_image_tokens, template) if tokenizer is not None else None
+        )
+
+    # ---- vision ---------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        return self.preset.vision.grid_size
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, 448, 448] -> projected image tokens [B, G*G, D_llm], row-major.
+
+        The frozen ViT runs without building a graph; only mlp1 is differentiable.
+        """
+        frozen = not any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            vit = self.vision_model(pixel_values)[:, 1:]  # drop CLS
+        B, N, C = vit.shape
+        side = math.isqrt(N)
+        vit = pixel_shuffle_v2(vit.reshape(B, side, side, C), self.preset.vision.downsample_ratio)
+        return self.mlp1(vit.reshape(B, -1, vit.shape[-1]).to(self.mlp1[0].weight.dtype))
+
+    # ---- language -------------------------------------------------------------------------
+    def embed_tokens(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def embed_with_images(self, input_ids: torch.Tensor, image_features: torch.Tensor, region_cells: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with every `<IMG_CONTEXT>` slot filled, in order: the G*G image tokens,
+        then (visual prompt) the image tokens of the region's set cells, row-major.
+
+        input_ids [B, L]; image_features [B, G*G, D]; region_cells [B, G, G] bool or None.
+        Raises if a row's number of slots differs from G*G + K: a silent mismatch would shift
+        every image feature.
+        """
+        B = input_ids.shape[0]
+        slots = input_ids == self.img_context_id
+        n_img = image_features.shape[1]
+        cell_counts = region_cells.flatten(1).sum(1) if region_cells is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        expected = n_img + cell_counts.to(input_ids.device)
+        found = slots.sum(1)
+        if not torch.equal(found, expected):
+            bad = (found != expected).nonzero().flatten().tolist()
+            raise ValueError(
+                "<IMG_CONTEXT> slots do not match image tokens + region cells for samples "
+                + ", ".join(f"{i}: {int(found[i])} slots, expected {n_img}+{int(cell_counts[i])}" for i in bad)
+            )
+        fills = []
+        for b in range(B):
+            fills.append(image_features[b])
+            if region_cells is not None:
+                fills.append(image_features[b][region_cells[b].flatten()])
+        embeds = self.embed_tokens()(input_ids)
+        embeds = embeds.clone()
+        embeds[slots] = torch.cat(fills).to(embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids, attention_mask, pixel_values, region_cells=None, logits_to_keep=0, **kwargs):
+        """Teacher-forced forward of a tokenised prompt with its image (and optional region)."""
+        embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            logits_to_keep=logits_to_keep, **kwargs,
+        )
+
+    # ---- grounding ------------------------------------------------------------------------
+    def seg_hidden_states(self, last_hidden: torch.Tensor, seg_positions: torch.Tensor) -> torch.Tensor:
+        """The final-norm hidden state at each sample's [SEG] input position (no shift) [B, D]."""
+        return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), seg_positions]
+
+    def predict_masks(self, seg_hidden: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """[SEG] states [B, D_llm] + SAM2 images [B, 3, S, S] -> mask logits [B, S/4, S/4]."""
+        language_embd = self.text_hidden_fcs(seg_hidden)
+        return self.grounding_encoder(sam_pixel_values, language_embd)
