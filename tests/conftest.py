@@ -1,0 +1,36 @@
+import os
+import sys
+from pathlib import Path
+
+# DeepSpeed's JIT ops are warmed into the venv by scripts/setup.sh; point every test (and every
+# process a test launches) there so none pays the compile.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def tiny_model():
+    from pg_train.model import build_model
+
+    return build_model("tiny", seed=0).eval()
+
+
+def make_batch(model, batch_size: int = 2, seed: int = 0):
+    """Random images plus region masks of different sizes (so K differs per sample)."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.preset.vision.image_size
+    sam = model.preset.sam2.image_size
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=g)
+    sam_pixel_values = torch.randn(batch_size, 3, sam, sam, generator=g)
+    masks = torch.zeros(batch_size, size, size)
+    for b in range(batch_size):
+        extent = 40 + 90 * b
+        top = 20 * b
+        masks[b, top : top + extent, 10 : 10 + extent] = 1
+    return pixel_values, sam_pixel_values, masks
