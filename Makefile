@@ -1,0 +1,24 @@
+# Two commands for a fresh machine:
+#   make train   set up .venv and run the default training job (tiny model, synthetic data, CPU ok)
+#   make test    set up .venv and run the test suite
+VENV := .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup train test test-fast clean-venv
+
+setup:
+	bash scripts/setup.sh
+
+train: setup
+	$(VENV)/bin/accelerate launch launch/train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
