@@ -28,7 +28,7 @@ def outputs(model, seed=0):
     cells, _ = region_cells(masks, model.grid_size)
     ids, attention = left_pad([model.prompts.region_prompt(int(k)) for k in cells.flatten(1).sum(1)], model.tokenizer.pad_token_id)
     with torch.no_grad():
-        out = model(ids, attention, pixel_values, cells, output_hidden_states=True)
+        out = model(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, region_cells=cells, output_hidden_states=True)
         seg = model.seg_hidden_states(out.hidden_states[-1], torch.tensor([ids.shape[1] - 1] * 2))
         mask_logits = model.predict_masks(seg, sam_pixel_values)
     return out.logits, mask_logits

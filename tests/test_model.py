@@ -79,7 +79,7 @@ def test_shapes_of_every_stage(tiny_model):
     features = m.extract_feature(pixel_values)
     assert features.shape == (2, 256, m.preset.language.hidden_size)
     ids, attention, cells = region_inputs(m, pixel_values, masks)
-    out = m(ids, attention, pixel_values, cells, output_hidden_states=True)
+    out = m(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, region_cells=cells, output_hidden_states=True)
     assert out.logits.shape == (2, ids.shape[1], m.preset.language.vocab_size)
     seg = m.seg_hidden_states(out.hidden_states[-1], torch.tensor([5, 7]))
     assert seg.shape == (2, m.preset.language.hidden_size)
@@ -149,7 +149,7 @@ def test_teacher_forced_forward_reproduces_greedy_generation(tiny_model):
     full = torch.cat([ids, tokens], dim=1)
     full_attention = torch.cat([attention, torch.ones_like(tokens)], dim=1)
     with torch.no_grad():
-        logits = m(full, full_attention, pixel_values, cells).logits
+        logits = m(input_ids=full, attention_mask=full_attention, pixel_values=pixel_values, region_cells=cells).logits
     P = ids.shape[1]
     # The row that predicts caption token t is P - 1 + t.
     predicted = logits[:, P - 1 : P - 1 + tokens.shape[1]].argmax(-1)

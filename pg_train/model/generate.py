@@ -11,6 +11,7 @@ def generate_from_embeds(
     attention_mask: torch.Tensor,
     *,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     eos_token_id: int,
     pad_token_id: int,
     suppress_token_ids: torch.Tensor | None = None,
@@ -24,8 +25,8 @@ def generate_from_embeds(
 
     inputs_embeds [B, P, D], attention_mask [B, P] (left padding: every row ends with a real
     token). Returns (tokens [B, T] padded with `pad_token_id` after each row's stop, lengths [B]).
-    The stop token itself (eos, or the last id of a stop sequence such as the template's end
-    text) is not part of the returned caption. Suppressed ids get -inf logits before selection.
+    The stop token itself (eos, or a stop sequence such as the template's end text) is not part
+    of the returned caption; `min_new_tokens` forbids stopping earlier. Suppressed ids get -inf logits before selection.
     """
     from transformers import DynamicCache
 
@@ -48,6 +49,8 @@ def generate_from_embeds(
         logits = out.logits[:, -1].float()
         if suppress_token_ids is not None and suppress_token_ids.numel():
             logits[:, suppress_token_ids.to(device)] = float("-inf")
+        if t < min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
         if do_sample:
             logits = logits / max(temperature, 1e-5)
             if top_k:
@@ -64,6 +67,7 @@ def generate_from_embeds(
             n = len(seq)
             if n and t + 1 >= n:
                 hit = (tokens[:, t + 1 - n : t + 1] == torch.tensor(seq, device=device)).all(dim=1) & ~finished
+                hit &= t + 1 - n >= min_new_tokens  # a stop may not make the caption shorter than the minimum
                 stop_at = torch.where(hit & ~stop_now, torch.full_like(stop_at, t + 1 - n), stop_at)
                 stop_now |= hit
         lengths = torch.where(stop_now, stop_at, lengths)

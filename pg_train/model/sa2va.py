@@ -117,14 +117,68 @@ class Sa2VAModel(nn.Module):
         embeds[slots] = torch.cat(fills).to(embeds.dtype)
         return embeds
 
-    def forward(self, input_ids, attention_mask, pixel_values, region_cells=None, logits_to_keep=0, **kwargs):
+    def forward(self, mode: str = "lm", **kwargs):
+        """One entry point for every student computation, so a wrapped model (DDP, DeepSpeed)
+        sees each pass: calling submodules of the unwrapped model would skip gradient sync.
+
+        mode "lm": teacher-forced language-model forward (`lm_forward`);
+        "caption_logits": logits of selected rows only (`caption_logits`);
+        "segment": [SEG] state -> SAM2 mask logits from caption embeddings (`segment_from_embeds`).
+        """
+        if mode == "lm":
+            return self.lm_forward(**kwargs)
+        if mode == "caption_logits":
+            return self.caption_logits(**kwargs)
+        if mode == "segment":
+            return self.segment_from_embeds(**kwargs)
+        raise ValueError(f"unknown forward mode {mode!r}; expected 'lm', 'caption_logits' or 'segment'")
+
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions that skip padding anywhere in the row (left padding, or padded caption
+        slots in the middle), so a padded sample sees the positions it would see alone."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def lm_forward(self, input_ids, attention_mask, pixel_values, region_cells=None, logits_to_keep=0, **kwargs):
         """Teacher-forced forward of a tokenised prompt with its image (and optional region)."""
         embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self.position_ids(attention_mask),
             logits_to_keep=logits_to_keep, **kwargs,
         )
+
+    def caption_logits(self, input_ids, attention_mask, pixel_values, region_cells, first_row: int, num_rows: int) -> torch.Tensor:
+        """Logits [B, num_rows, V] of rows first_row .. first_row+num_rows-1 only.
+
+        lm_head runs on the selected hidden states: the [B, L, V] tensor of a full forward
+        (L ~ 350, V = 151,679: 212 MB per sample in fp32) is never built.
+        """
+        embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells)
+        hidden = self.language_model.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self.position_ids(attention_mask),
+        ).last_hidden_state
+        return self.language_model.lm_head(hidden[:, first_row : first_row + num_rows])
+
+    def segment_from_embeds(self, prefix_ids, caption_embeds, caption_mask, suffix_ids, seg_index: int, pixel_values, sam_pixel_values) -> torch.Tensor:
+        """Mask logits [B, S/4, S/4] for the prompt prefix + caption embeddings + suffix.
+
+        prefix_ids [B, P] (with the image slots), caption_embeds [B, T, D], caption_mask [B, T]
+        (0 = padded caption slot, excluded from attention), suffix_ids [B, Q] with the answer's
+        [SEG] at suffix index `seg_index`. Only the LLM's final-norm hidden state is needed, so
+        lm_head does not run at all.
+        """
+        B, P = prefix_ids.shape
+        prefix = self.embed_with_images(prefix_ids, self.extract_feature(pixel_values), None)
+        suffix = self.embed_tokens()(suffix_ids)
+        embeds = torch.cat([prefix, caption_embeds.to(prefix.dtype), suffix], dim=1)
+        attention_mask = torch.cat(
+            [torch.ones_like(prefix_ids), caption_mask.to(prefix_ids.dtype), torch.ones_like(suffix_ids)], dim=1
+        )
+        hidden = self.language_model.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self.position_ids(attention_mask),
+        ).last_hidden_state
+        seg_position = torch.full((B,), P + caption_embeds.shape[1] + seg_index, device=hidden.device)
+        return self.predict_masks(self.seg_hidden_states(hidden, seg_position), sam_pixel_values)
 
     # ---- grounding ------------------------------------------------------------------------
     def seg_hidden_states(self, last_hidden: torch.Tensor, seg_positions: torch.Tensor) -> torch.Tensor:

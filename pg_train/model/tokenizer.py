@@ -96,6 +96,19 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 
+def special_id_mask(tokenizer, vocab_size: int) -> "torch.Tensor":
+    """Bool [vocab_size]: True for every id that is not ordinary text — special and added tokens
+    (image, region, [SEG], chat control, padding) and lm_head rows beyond the tokenizer."""
+    import torch
+
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[len(tokenizer):] = True
+    added = list(getattr(tokenizer, "added_tokens_decoder", {}).keys())
+    ids = [i for i in added + list(tokenizer.all_special_ids) if i is not None and 0 <= i < vocab_size]
+    mask[ids] = True
+    return mask
+
+
 class SpecialTokenError(ValueError):
     pass
 

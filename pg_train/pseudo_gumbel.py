@@ -1,0 +1,329 @@
+"""Pseudo-Gumbel V2 self-training: the six steps of SPEC §3, top to bottom.
+
+    1. generate_pseudo_tokens_with_ema   teacher captions region 1 of image 1 (no grad)
+    2. random_mask_tokens                25% of the caption replaced by random ordinary tokens
+    3. forward_for_logits                student logits of the rows that predict each caption token
+    4. topk_gumbel_softmax               top-k straight-through Gumbel-softmax -> text_embeds
+    5. forward_mask_with_text_embeds     student segments image 2 from the caption embeddings
+    6. mask_loss                         2.0 * BCE + 0.5 * Dice against mask 2
+
+`pseudo_gumbel_step` runs all six and returns the loss with the diagnostics the logs and audits
+need. The student may be wrapped (DDP / DeepSpeed): every student computation is a call of the
+wrapper (`student(mode=...)`) so gradients are synchronised; attributes (token ids, prompts) are
+read from the unwrapped module. The teacher is any Sa2VA model (the EMA supplies the real one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .model.generate import generate_from_embeds
+from .model.regions import region_cells as select_region_cells
+from .model.templates import left_pad
+from .model.tokenizer import special_id_mask
+
+
+@dataclass
+class PseudoGumbelConfig:
+    max_caption_len: int = 64
+    min_caption_len: int = 1  # an empty caption carries no gradient to the language side
+    mask_ratio: float = 0.25
+    tau: float = 0.7
+    topk: int = 128
+    # teacher decoding: greedy unless do_sample
+    do_sample: bool = False
+    temperature: float = 1.0
+    sample_top_k: int = 0
+    # loss (computed at the SAM2 decoder's resolution, see mask_loss)
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    # region -> grid cells (K policy)
+    region_threshold: float = 0.5
+    empty_region_policy: str = "largest"
+
+
+def unwrap(model):
+    """The Sa2VA module inside a DDP / DeepSpeed / compiled wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def special_ids(model) -> torch.Tensor:
+    """Bool [V] of ids that must never appear in a caption (cached on the module)."""
+    model = unwrap(model)
+    cached = getattr(model, "_special_id_mask", None)
+    if cached is None:
+        if model.tokenizer is None:
+            raise ValueError("the objective needs the model's tokenizer to know its special ids")
+        cached = special_id_mask(model.tokenizer, model.preset.language.vocab_size)
+        model._special_id_mask = cached
+    return cached
+
+
+# ---- 1. teacher captions -----------------------------------------------------------------------
+@torch.no_grad()
+def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher captions of each sample's region.
+
+    pixel_values [B, 3, 448, 448]; region_cells [B, G, G] bool (K_b = cells per sample).
+    Prompts of different K are left-padded so every row ends where its answer starts; decoding
+    uses a KV cache, suppresses every special id, and stops per sample at eos or the template's
+    end text. Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
+    the device of `pixel_values` (the teacher may live elsewhere).
+    """
+    model = unwrap(teacher)
+    device = next(model.parameters()).device
+    prompts = [model.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]
+    prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    embeds = model.embed_with_images(prompt_ids, model.extract_feature(pixel_values.to(device)), region_cells.to(device))
+    suppress = special_ids(model).clone()
+    suppress[model.eos_token_id] = False  # eos is how a caption ends
+    captions, lengths = generate_from_embeds(
+        model.language_model, embeds, prompt_mask,
+        max_new_tokens=cfg.max_caption_len,
+        min_new_tokens=cfg.min_caption_len,
+        eos_token_id=model.eos_token_id,
+        pad_token_id=model.tokenizer.pad_token_id,
+        suppress_token_ids=suppress.nonzero().flatten().to(device),
+        stop_sequences=[model.prompts.end_text_ids],
+        do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
+        generator=generator,
+    )
+    return captions.to(pixel_values.device), lengths.to(pixel_values.device)
+
+
+# ---- 2. random masking -------------------------------------------------------------------------
+def sample_generators(seeds: torch.Tensor, stream: int) -> list[torch.Generator]:
+    """One CPU generator per sample and purpose (`stream`: 0 masking, 1 Gumbel noise). Every
+    random draw is made per sample, row-major over caption positions, so a sample gets the same
+    noise whatever batch (and padding) it is in."""
+    return [torch.Generator().manual_seed((int(seed) + stream * 0x9E3779B97F4A7C15) % 2**63) for seed in seeds.tolist()]
+
+
+def random_mask_tokens(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, mask_ratio: float, special: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each real caption token with probability `mask_ratio` by a uniformly drawn
+    ordinary text id (never a special, added or padding id — the seed drew from the whole
+    vocabulary, so an `<IMG_CONTEXT>` or `[SEG]` could land inside a caption).
+
+    caption_ids [B, T], caption_lengths [B], special [V] bool, one generator per sample.
+    Returns (masked_ids [B, T], replaced [B, T] bool).
+    """
+    B, T = caption_ids.shape
+    ordinary = (~special).nonzero().flatten()
+    # Per position: column 0 decides whether to replace, column 1 picks the replacement.
+    draws = torch.stack([torch.rand(T, 2, generator=g) for g in generators]) if B else torch.empty(0, T, 2)
+    picks = ordinary[(draws[..., 1] * len(ordinary)).long().clamp(max=len(ordinary) - 1)]
+    real = torch.arange(T)[None] < caption_lengths.cpu()[:, None]
+    replaced = (draws[..., 0] < mask_ratio) & real
+    masked = torch.where(replaced.to(caption_ids.device), picks.to(caption_ids.device), caption_ids)
+    return masked, replaced.to(caption_ids.device)
+
+
+# ---- 3. student caption logits -----------------------------------------------------------------
+def forward_for_logits(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, caption_ids: torch.Tensor, caption_lengths: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced student pass over prompt + (masked) caption -> caption logits [B, T, V].
+
+    Row layout: [left padding | region prompt (P columns in all) | caption T | ...]. The logit
+    that predicts caption token t sits at row P - 1 + t (the seed sliced [-(T+1):-1], one row
+    late). Only those T rows reach lm_head.
+    """
+    model = unwrap(student)
+    prompts = [model.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]
+    prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(caption_ids.device), prompt_mask.to(caption_ids.device)
+    T = caption_ids.shape[1]
+    caption_mask = (torch.arange(T, device=caption_ids.device)[None] < caption_lengths[:, None]).long()
+    P = prompt_ids.shape[1]
+    return student(
+        mode="caption_logits",
+        input_ids=torch.cat([prompt_ids, caption_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, caption_mask], dim=1),
+        pixel_values=pixel_values, region_cells=region_cells, first_row=P - 1, num_rows=T,
+    )
+
+
+# ---- 4. top-k straight-through Gumbel-softmax --------------------------------------------------
+class _StraightThroughEmbedding(torch.autograd.Function):
+    """Forward: the embedding rows of the hard ids, exactly. Backward: the gradient of the soft
+    mixture sum_k y_soft[k] * E[topk_ids[k]], without keeping the [N, k, D] gather.
+
+    d loss / d y_soft[n, k] = <grad_out[n], E[topk_ids[n, k]]>   (computed in row chunks)
+    d loss / d E[hard_ids[n]] += grad_out[n]                       (the straight-through value is one-hot)
+    """
+
+    @staticmethod
+    def forward(ctx, y_soft, topk_ids, hard_ids, weight, chunk_elems):
+        ctx.save_for_backward(topk_ids, hard_ids, weight)
+        ctx.chunk_elems = chunk_elems
+        ctx.soft_dtype = y_soft.dtype
+        return weight[hard_ids]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        topk_ids, hard_ids, weight = ctx.saved_tensors
+        grad_soft = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            N, k = topk_ids.shape[0], topk_ids.shape[1]
+            grad_soft = torch.empty(N, k, dtype=torch.float32, device=grad_out.device)
+            rows = max(1, ctx.chunk_elems // (k * weight.shape[1]))
+            for start in range(0, N, rows):
+                end = min(N, start + rows)
+                gathered = weight[topk_ids[start:end]]  # [n, k, D], bounded by chunk_elems
+                grad_soft[start:end] = torch.bmm(gathered, grad_out[start:end, :, None].to(weight.dtype)).squeeze(-1).float()
+            grad_soft = grad_soft.to(ctx.soft_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_weight = torch.zeros_like(weight).index_add_(0, hard_ids, grad_out.to(weight.dtype))
+        return grad_soft, None, None, grad_weight, None
+
+
+def uniform_noise(generators: list[torch.Generator], T: int, k: int) -> torch.Tensor:
+    """[B, T, k] fp32 uniforms, drawn per sample (see sample_generators)."""
+    return torch.stack([torch.rand(T, k, generator=g) for g in generators])
+
+
+def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Tensor, special: torch.Tensor, uniform: torch.Tensor, tau: float = 0.7, topk: int = 128, chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """caption_logits [B, T, V] -> (text_embeds [B, T, D], hard_ids [B, T]).
+
+    Special ids are excluded before the top-k. `uniform` [B, T, k] (fp32, from uniform_noise)
+    becomes the Gumbel noise; noise and softmax are fp32 (a bf16 softmax over 128 candidates at
+    tau 0.7 loses the small probabilities). The forward value is exactly E[hard_ids]; the
+    backward is that of the soft mixture (see _StraightThroughEmbedding). `chunk_elems` bounds
+    the backward's temporary gather.
+    """
+    B, T, V = caption_logits.shape
+    logits = caption_logits.masked_fill(special.to(caption_logits.device), float("-inf"))
+    top_values, top_ids = logits.topk(min(topk, V), dim=-1)
+    gumbel = -torch.log(-torch.log(uniform.to(top_values.device, torch.float32) + 1e-10) + 1e-10)
+    y_soft = F.softmax((top_values.float() + gumbel) / tau, dim=-1)
+    hard_ids = top_ids.gather(-1, y_soft.argmax(-1, keepdim=True)).squeeze(-1)
+    k = top_ids.shape[-1]
+    text_embeds = _StraightThroughEmbedding.apply(
+        y_soft.reshape(B * T, k), top_ids.reshape(B * T, k), hard_ids.reshape(B * T), embedding_weight, chunk_elems
+    )
+    return text_embeds.reshape(B, T, -1), hard_ids
+
+
+# ---- 5. student segments image 2 from the caption ----------------------------------------------
+def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel_values: torch.Tensor, text_embeds: torch.Tensor, caption_lengths: torch.Tensor) -> torch.Tensor:
+    """Segmentation prompt with the caption as embeddings -> mask logits [B, S/4, S/4].
+
+    prefix (image 2 + instruction) | text_embeds [B, T, D], padded slots masked out of
+    attention | suffix with exactly one [SEG] (the answer's; the seed's suffix had two).
+    """
+    model = unwrap(student)
+    B, T = text_embeds.shape[:2]
+    device = text_embeds.device
+    prefix = torch.tensor(model.prompts.segment_prefix(), device=device).expand(B, -1)
+    suffix_ids, seg_index = model.prompts.segment_suffix()
+    suffix = torch.tensor(suffix_ids, device=device).expand(B, -1)
+    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()
+    return student(
+        mode="segment", prefix_ids=prefix, caption_embeds=text_embeds, caption_mask=caption_mask,
+        suffix_ids=suffix, seg_index=seg_index, pixel_values=pixel_values, sam_pixel_values=sam_pixel_values,
+    )
+
+
+# ---- 6. loss -------------------------------------------------------------------------------------
+def resize_target(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """masks [B, H, W] -> [B, h, w] area fractions in [0, 1] (a small object stays visible as a
+    soft target instead of vanishing under nearest-neighbour resizing)."""
+    return F.adaptive_avg_pool2d((masks > 0).float()[:, None], size)[:, 0]
+
+
+def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 2.0, dice_weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """Per-sample BCE-with-logits and Dice at the **decoder's resolution** (256x256 for SAM2 at
+    1024 px; S/4 in general): the target is area-downsampled to the logits, not the logits
+    upsampled to the target. Dice uses Sa2VA's +1 smoothing.
+
+    Returns per-sample `bce` [B], `dice` [B] and the scalar `loss` = mean(w_bce*bce + w_dice*dice).
+    """
+    logits = mask_logits.float().flatten(1)
+    target = target.float().flatten(1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+    prob = logits.sigmoid()
+    dice = 1 - (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+    loss = (bce_weight * bce + dice_weight * dice).mean()
+    return {"loss": loss, "bce": bce, "dice": dice}
+
+
+# ---- the step ------------------------------------------------------------------------------------
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    bce: torch.Tensor  # [B]
+    dice: torch.Tensor  # [B]
+    mask_logits: torch.Tensor  # [B, h, w]
+    text_embeds: torch.Tensor  # [B, T, D], grad retained for audits
+    caption_ids: torch.Tensor  # teacher captions [B, T]
+    caption_lengths: torch.Tensor  # [B]
+    masked_ids: torch.Tensor  # after step 2
+    replaced: torch.Tensor  # [B, T] bool
+    hard_ids: torch.Tensor  # Gumbel picks [B, T]
+    region_k: torch.Tensor  # [B] cells in each region prompt
+    region_fallback: torch.Tensor  # [B] bool: K came from the empty-region policy
+    metrics: dict = field(default_factory=dict)
+
+
+def mask_iou(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample IoU of (logits > 0) vs (target >= 0.5) at the logits' resolution."""
+    pred = mask_logits.detach() > 0
+    truth = target >= 0.5
+    inter = (pred & truth).flatten(1).sum(1).float()
+    union = (pred | truth).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: PseudoGumbelConfig, generator: torch.Generator | None = None) -> StepOutput:
+    """One Pseudo-Gumbel step (forward only; the caller runs backward on `.loss`).
+
+    batch: `pixel_values1` [B, 3, 448, 448] and `region_masks1` [B, H, W] (image 1 and its
+    region), `pixel_values2` [B, 3, 448, 448], `sam_pixel_values2` [B, 3, S, S] and `masks2`
+    [B, H', W'] (image 2 and the same object's mask); optional `sample_seeds` [B] (else drawn
+    from `generator`) seed each sample's masking and Gumbel noise.
+    """
+    model = unwrap(student)
+    special = special_ids(model)
+    B = batch["pixel_values1"].shape[0]
+    seeds = batch.get("sample_seeds")
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (B,), generator=generator)
+    cells, fallback = select_region_cells(
+        batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy
+    )
+
+    caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator)  # 1
+    masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
+    caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths)  # 3
+    uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))
+    text_embeds, hard_ids = topk_gumbel_softmax(  # 4
+        caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk
+    )
+    if text_embeds.requires_grad:
+        text_embeds.retain_grad()
+    mask_logits = forward_mask_with_text_embeds(  # 5
+        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths
+    )
+    target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
+    losses = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)  # 6
+
+    real = caption_lengths.sum().clamp(min=1)
+    metrics = {
+        "loss": losses["loss"].detach(),
+        "bce": losses["bce"].detach().mean(),
+        "dice": losses["dice"].detach().mean(),
+        "iou": mask_iou(mask_logits, target).mean(),
+        "caption_len_mean": caption_lengths.float().mean(),
+        "replaced_fraction": replaced.sum() / real,
+        "region_k_mean": cells.flatten(1).sum(1).float().mean(),
+        "region_fallbacks": fallback.sum(),
+    }
+    return StepOutput(
+        loss=losses["loss"], bce=losses["bce"], dice=losses["dice"], mask_logits=mask_logits,
+        text_embeds=text_embeds, caption_ids=caption_ids, caption_lengths=caption_lengths,
+        masked_ids=masked_ids, replaced=replaced, hard_ids=hard_ids,
+        region_k=cells.flatten(1).sum(1), region_fallback=fallback, metrics=metrics,
+    )
