@@ -268,3 +268,52 @@ def test_loss_weights_and_resolution():
     losses = mask_loss(torch.zeros(1, 32, 32), small, bce_weight=2.0, dice_weight=0.5)
     torch.testing.assert_close(losses["loss"], 2.0 * losses["bce"][0] + 0.5 * losses["dice"][0])
     torch.testing.assert_close(losses["bce"][0], torch.log(torch.tensor(2.0)))
+
+
+def _step_grads(student, teacher, batch, cfg):
+    out = pseudo_gumbel_step(student, teacher, batch, cfg)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from pg_train.model import enable_gradient_checkpointing
+
+    student = with_lora_weights(build_model("tiny", seed=0)).train()
+    teacher = copy.deepcopy(student).eval()
+    batch = make_step_batch(student)
+    cfg = PseudoGumbelConfig(max_caption_len=8, topk=16)
+    loss, grads = _step_grads(student, teacher, batch, cfg)
+    enable_gradient_checkpointing(student)
+    assert student.language_model.model.gradient_checkpointing
+    loss_ckpt, grads_ckpt = _step_grads(student, teacher, batch, cfg)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads.keys() == grads_ckpt.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_step_is_finite_and_keeps_fp32_noise():
+    student = with_lora_weights(build_model("tiny", seed=0))
+    teacher = copy.deepcopy(student).eval()
+    batch = make_step_batch(student)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pseudo_gumbel_step(student, teacher, batch, PseudoGumbelConfig(max_caption_len=8, topk=16))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    assert out.text_embeds.grad.abs().sum() > 0
+
+
+def test_bf16_weights_step_runs_with_bf16_embeds_and_finite_grads():
+    """DeepSpeed bf16 casts the whole model (buffers included); the step must still run."""
+    student = with_lora_weights(build_model("tiny", seed=0, dtype=torch.bfloat16))
+    teacher = copy.deepcopy(student).eval()
+    batch = {k: v.bfloat16() if v.is_floating_point() else v for k, v in make_step_batch(student).items()}
+    out = pseudo_gumbel_step(student, teacher, batch, PseudoGumbelConfig(max_caption_len=8, topk=16))
+    out.loss.backward()
+    assert out.text_embeds.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert out.text_embeds.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)

@@ -90,6 +90,15 @@ def build_model(
     return model.to(dtype=dtype)
 
 
+def enable_gradient_checkpointing(model: Sa2VAModel) -> None:
+    """Recompute the LLM's layer activations in backward (both student passes).
+
+    Non-reentrant checkpointing: the reentrant variant drops gradients when a layer's inputs do
+    not require grad (frozen embeddings + LoRA), which would silently cut pass 1 off.
+    """
+    model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

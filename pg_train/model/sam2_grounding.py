@@ -137,23 +137,40 @@ class GroundingEncoder(nn.Module):
         predicts 3 masks and the one with the best predicted IoU is kept.
         """
         sam = self.sam2_model
+        pe_layer = sam.sam_prompt_encoder.pe_layer
+        gaussian = pe_layer.positional_encoding_gaussian_matrix
+        if gaussian.dtype == torch.float32:
+            return self._decode(sam_states, language_embd)
+        # sam2 computes point/grid coordinates in fp32 and multiplies them with this buffer; in a
+        # bf16 model (DeepSpeed casts buffers too) the product fails, so it runs with an fp32 copy.
+        pe_layer.positional_encoding_gaussian_matrix = gaussian.float()
+        try:
+            return self._decode(sam_states, language_embd)
+        finally:
+            pe_layer.positional_encoding_gaussian_matrix = gaussian
+
+    def _decode(self, sam_states: dict, language_embd: torch.Tensor) -> torch.Tensor:
+        sam = self.sam2_model
         B = language_embd.shape[0]
-        image_embed = sam_states["image_embed"]
+        # sam2's FPN upcasts its top-down levels to fp32; the decoder runs in its own dtype.
+        dtype = sam.sam_mask_decoder.iou_token.weight.dtype
+        image_embed = sam_states["image_embed"].to(dtype)
+        high_res = [f.to(dtype) for f in sam_states["high_res_feats"]]
         if image_embed.shape[0] != B:
             raise ValueError(f"{image_embed.shape[0]} SAM2 images but {B} language embeddings")
         device = image_embed.device
         points = torch.zeros(B, 1, 2, device=device)
         labels = -torch.ones(B, 1, dtype=torch.int32, device=device)
         sparse, dense = sam.sam_prompt_encoder(points=(points, labels), boxes=None, masks=None)
-        sparse = torch.cat([sparse, language_embd[:, None, :].to(sparse.dtype)], dim=1)
+        sparse = torch.cat([sparse.to(dtype), language_embd[:, None, :].to(dtype)], dim=1)
         masks, iou_pred, _, _ = sam.sam_mask_decoder(
             image_embeddings=image_embed,
-            image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse.to(image_embed.dtype),
-            dense_prompt_embeddings=dense.to(image_embed.dtype),
+            image_pe=sam.sam_prompt_encoder.get_dense_pe().to(dtype),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.to(dtype),
             multimask_output=True,
             repeat_image=False,
-            high_res_features=sam_states["high_res_feats"],
+            high_res_features=high_res,
         )
         best = iou_pred.argmax(dim=-1)
         return masks[torch.arange(B, device=device), best]
