@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import make_batch
+from pg_train.bench.gumbel import naive_topk_gumbel_softmax
 from pg_train.model import build_model
 from pg_train.model.regions import region_cells
 from pg_train.pseudo_gumbel import (
@@ -136,18 +137,6 @@ def test_gradient_flow_from_mask_loss_through_text_embeds():
     pass1 = torch.autograd.grad(out.text_embeds, params, grad_outputs=grad_embeds, allow_unused=True)
     for name, grad in zip(names, pass1):
         assert grad is not None and grad.abs().sum() > 0, f"{name}: no gradient from pass 1"
-
-
-def naive_topk_gumbel_softmax(logits, weight, special, uniform, tau, topk):
-    """The design note's version: dense [B, T, k, D] gather and a soft mixture (reference only)."""
-    logits = logits.masked_fill(special, float("-inf"))
-    values, ids = logits.topk(topk, dim=-1)
-    gumbel = -torch.log(-torch.log(uniform + 1e-10) + 1e-10)
-    y_soft = torch.softmax((values.float() + gumbel) / tau, dim=-1)
-    index = y_soft.argmax(-1, keepdim=True)
-    y_hard = torch.zeros_like(y_soft).scatter_(-1, index, 1.0)
-    y = y_hard - y_soft.detach() + y_soft
-    return (y.unsqueeze(-1) * weight[ids]).sum(-2), ids.gather(-1, index).squeeze(-1)
 
 
 def test_straight_through_forward_is_exact_and_backward_matches_dense_reference():
