@@ -10,15 +10,17 @@
 `pseudo_gumbel_step` runs all six and returns the loss with the diagnostics the logs and audits
 need. The student may be wrapped (DDP / DeepSpeed): every student computation is a call of the
 wrapper (`student(mode=...)`) so gradients are synchronised; attributes (token ids, prompts) are
-read from the unwrapped module. The teacher is any Sa2VA model (the EMA supplies the real one).
+read from the unwrapped module. The teacher is any Sa2VA model or an `EMATeacher` (pg_train.ema).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .distributed import unwrap
 from .model.generate import generate_from_embeds
 from .model.regions import region_cells as select_region_cells
 from .model.templates import left_pad
@@ -44,11 +46,13 @@ class PseudoGumbelConfig:
     empty_region_policy: str = "largest"
 
 
-def unwrap(model):
-    """The Sa2VA module inside a DDP / DeepSpeed / compiled wrapper."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+def teacher_model(teacher, student):
+    """Context that yields the model to generate with: an EMA teacher (`as_teacher`) swaps its
+    weights into the student for the duration (or hands out its separate copy); any other model
+    is used as it is."""
+    if hasattr(teacher, "as_teacher"):
+        return teacher.as_teacher(student)
+    return contextlib.nullcontext(teacher)
 
 
 def special_ids(model) -> torch.Tensor:
@@ -65,34 +69,36 @@ def special_ids(model) -> torch.Tensor:
 
 # ---- 1. teacher captions -----------------------------------------------------------------------
 @torch.no_grad()
-def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher captions of each sample's region.
 
-    pixel_values [B, 3, 448, 448]; region_cells [B, G, G] bool (K_b = cells per sample).
+    `teacher`: a Sa2VA model, or an EMA teacher (then `student` is the model its weights are
+    swapped into). pixel_values [B, 3, 448, 448]; region_cells [B, G, G] bool (K_b cells).
     Prompts of different K are left-padded so every row ends where its answer starts; decoding
     uses a KV cache, suppresses every special id, and stops per sample at eos or the template's
     end text. Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
     the device of `pixel_values` (the teacher may live elsewhere).
     """
-    model = unwrap(teacher)
-    device = next(model.parameters()).device
-    prompts = [model.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]
-    prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    embeds = model.embed_with_images(prompt_ids, model.extract_feature(pixel_values.to(device)), region_cells.to(device))
-    suppress = special_ids(model).clone()
-    suppress[model.eos_token_id] = False  # eos is how a caption ends
-    captions, lengths = generate_from_embeds(
-        model.language_model, embeds, prompt_mask,
-        max_new_tokens=cfg.max_caption_len,
-        min_new_tokens=cfg.min_caption_len,
-        eos_token_id=model.eos_token_id,
-        pad_token_id=model.tokenizer.pad_token_id,
-        suppress_token_ids=suppress.nonzero().flatten().to(device),
-        stop_sequences=[model.prompts.end_text_ids],
-        do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
-        generator=generator,
-    )
+    with teacher_model(teacher, student) as model:
+        model = unwrap(model)
+        device = next(model.parameters()).device
+        prompts = [model.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]
+        prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        embeds = model.embed_with_images(prompt_ids, model.extract_feature(pixel_values.to(device)), region_cells.to(device))
+        suppress = special_ids(model).clone()
+        suppress[model.eos_token_id] = False  # eos is how a caption ends
+        captions, lengths = generate_from_embeds(
+            model.language_model, embeds, prompt_mask,
+            max_new_tokens=cfg.max_caption_len,
+            min_new_tokens=cfg.min_caption_len,
+            eos_token_id=model.eos_token_id,
+            pad_token_id=model.tokenizer.pad_token_id,
+            suppress_token_ids=suppress.nonzero().flatten().to(device),
+            stop_sequences=[model.prompts.end_text_ids],
+            do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
+            generator=generator,
+        )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 
 
@@ -295,7 +301,7 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
         batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy
     )
 
-    caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator)  # 1
+    caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator, student)  # 1
     masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
     caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths)  # 3
     uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))

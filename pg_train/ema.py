@@ -1,0 +1,188 @@
+"""EMA teacher: an fp32 shadow of the student's trainable tensors, placed where memory allows.
+
+Why a shadow and not a copy: the teacher differs from the student only in its trainable tensors
+(LoRA, mlp1, text_hidden_fcs, the SAM2 decoder; embed/lm_head when trainable). The frozen base —
+96% of Sa2VA-4B — is the same in both, so it is shared, never copied.
+
+Why fp32: at decay 0.999 an update moves the shadow by 0.001 * (student - shadow); in bf16 (8
+bits of mantissa) that step rounds away and the EMA never moves — the public implementation's
+teacher stayed at its initial weights.
+
+Placements:
+    same          shadow on the training device; swapped into the student's modules to generate.
+    cpu           shadow in host memory (pinned when CUDA exists), copied in non-blocking.
+    full:<device> a complete teacher model on another device (e.g. cuda:1, or cpu); its trainable
+                  tensors are refreshed from the shadow (kept on that device) before generating.
+The EMA knows nothing of data or losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .distributed import unwrap
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: str  # "same" | "cpu" | "full"
+    device: torch.device | None = None  # only for "full"
+
+    @classmethod
+    def parse(cls, text: str) -> "Placement":
+        if text in ("same", "cpu"):
+            return cls(text)
+        if text.startswith("full:"):
+            return cls("full", torch.device(text.split(":", 1)[1]))
+        raise ValueError(f"EMA placement {text!r}: expected 'same', 'cpu' or 'full:<device>' (e.g. full:cuda:1, full:cpu)")
+
+
+class EMATeacher:
+    def __init__(self, student, decay: float = 0.999, placement: str = "same", warmup: bool = False):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        module = unwrap(student)
+        self.decay = decay
+        self.warmup = warmup
+        self.placement = Placement.parse(placement)
+        self.num_updates = 0
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("the student has no trainable parameters: nothing for an EMA to follow")
+        params = self._params(module)
+        self.teacher_model = None
+        if self.placement.kind == "full":
+            device = self.placement.device
+            self.teacher_model = copy.deepcopy(module).to(device).eval().requires_grad_(False)
+            shadow_device = device
+        elif self.placement.kind == "cpu":
+            shadow_device = torch.device("cpu")
+        else:
+            shadow_device = params[0].device
+        pin = shadow_device.type == "cpu" and torch.cuda.is_available()
+        self.shadow = [self._new_buffer(p, shadow_device, torch.float32, pin).copy_(p.detach()) for p in params]
+        self._teacher_synced_at = -1
+
+    @staticmethod
+    def _new_buffer(like: torch.Tensor, device: torch.device, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        buffer = torch.empty(like.shape, dtype=dtype, device=device)
+        return buffer.pin_memory() if pin else buffer
+
+    def _params(self, module) -> list[torch.nn.Parameter]:
+        named = dict(module.named_parameters())
+        missing = [n for n in self.names if n not in named]
+        if missing:
+            raise KeyError(f"EMA: the model lacks tensors the shadow follows: {missing[:5]}")
+        return [named[n] for n in self.names]
+
+    # ---- the update --------------------------------------------------------------------------
+    def current_decay(self) -> float:
+        """The decay for the next update: fixed, or with warm-up min(decay, (1+n)/(10+n)) so
+        early teachers follow the fast-changing student more closely."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, student) -> None:
+        """shadow <- decay * shadow + (1 - decay) * student, in fp32 with one `_foreach` call.
+        Call once per optimizer step (see `update_if_stepped`)."""
+        params = self._params(unwrap(student))
+        device = self.shadow[0].device
+        current = [p.detach().to(device=device, dtype=torch.float32, non_blocking=True) for p in params]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
+        self.num_updates += 1
+
+    def update_if_stepped(self, student, accelerator) -> bool:
+        """Update only when the optimizer really stepped: at the end of a gradient-accumulation
+        cycle (`sync_gradients`) and not skipped by the loss scaler. Returns whether it did."""
+        if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:
+            return False
+        self.update(student)
+        return True
+
+    # ---- the teacher ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def as_teacher(self, student):
+        """Yield a model that carries the EMA weights, for generation only (no grad).
+
+        same / cpu: the shadow is copied into the student's own trainable tensors, and the
+        student's values are restored bitwise on exit (even on error). full: the separate
+        teacher model, refreshed from the shadow when it changed.
+        """
+        if self.teacher_model is not None:
+            if self._teacher_synced_at != self.num_updates:
+                with torch.no_grad():
+                    for p, s in zip(self._params(self.teacher_model), self.shadow):
+                        p.copy_(s.to(p.dtype))
+                self._teacher_synced_at = self.num_updates
+            yield self.teacher_model
+            return
+        module = unwrap(student)
+        params = self._params(module)
+        pin = self.placement.kind == "cpu" and torch.cuda.is_available()
+        backup_device = torch.device("cpu") if self.placement.kind == "cpu" else params[0].device
+        with torch.no_grad():
+            backup = [self._new_buffer(p, backup_device, p.dtype, pin) for p in params]
+            for b, p in zip(backup, params):
+                b.copy_(p.detach(), non_blocking=True)
+            for p, s in zip(params, self.shadow):
+                p.copy_(s.to(p.device, non_blocking=True).to(p.dtype))
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b.to(p.device, non_blocking=True))
+            if params[0].device.type == "cuda":
+                torch.cuda.current_stream(params[0].device).synchronize()
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+            "names": list(self.names),
+            "shadow": [s.detach().cpu().clone() for s in self.shadow],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != self.names:
+            missing = sorted(set(self.names) - set(state["names"]))
+            extra = sorted(set(state["names"]) - set(self.names))
+            raise ValueError(f"EMA state does not match the model's trainable tensors: missing {missing[:5]}, unexpected {extra[:5]}")
+        for s, saved in zip(self.shadow, state["shadow"]):
+            if s.shape != saved.shape:
+                raise ValueError(f"EMA state shape {tuple(saved.shape)} does not match {tuple(s.shape)}")
+            s.copy_(saved)
+        self.decay = state["decay"]
+        self.warmup = state["warmup"]
+        self.num_updates = state["num_updates"]
+        self._teacher_synced_at = -1
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this EMA holds per device: the shadow, plus a full teacher model if placed so."""
+        held: dict[str, int] = defaultdict(int)
+        for s in self.shadow:
+            held[str(s.device)] += s.numel() * s.element_size()
+        if self.teacher_model is not None:
+            for t in list(self.teacher_model.parameters()) + list(self.teacher_model.buffers()):
+                held[str(t.device)] += t.numel() * t.element_size()
+        return dict(held)
+
+    def distance_to(self, student) -> float:
+        """L2 distance between shadow and student (a log metric: is the teacher moving?)."""
+        params = self._params(unwrap(student))
+        total = 0.0
+        for p, s in zip(params, self.shadow):
+            total += float((p.detach().to(s.device, torch.float32) - s).pow(2).sum())
+        return total**0.5
+
+    def checksum(self) -> float:
+        return float(sum(s.double().sum() for s in self.shadow))
