@@ -155,3 +155,21 @@ def test_checkpoint_state_resumes_in_a_fresh_process(tmp_path):
     other = EMATeacher(build_model("tiny", seed=0, lora=False))
     with pytest.raises(ValueError, match="does not match"):
         other.load_state_dict(ema.state_dict())
+
+
+@pytest.mark.slow
+def test_ranks_hold_identical_shadows_under_zero2_on_two_processes(tmp_path):
+    import json
+
+    from conftest import accelerate_launch
+
+    accelerate_launch("tests/dist/ema_ranks.py", str(tmp_path / "result"))
+    ranks = [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["ema_updates"] == ranks[1]["ema_updates"] == 3
+    assert ranks[0]["ema_checksum"] == ranks[1]["ema_checksum"]
+    assert ranks[0]["trainable_checksum"] == ranks[1]["trainable_checksum"]  # gradients were reduced
+    # ZeRO-2: each rank holds about half of the two Adam moments.
+    for r in ranks:
+        assert r["optimizer_state_elements"] < 1.2 * r["trainable_elements"]
+    assert sum(r["optimizer_state_elements"] for r in ranks) >= 2 * ranks[0]["trainable_elements"]
