@@ -176,6 +176,20 @@ class EMATeacher:
                 held[str(t.device)] += t.numel() * t.element_size()
         return dict(held)
 
+    @staticmethod
+    def predicted_bytes(student, placement: str, training_device: str = "cuda:0", model_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+        """What `memory_bytes` will report for `placement`, without allocating (meta models too)."""
+        module = unwrap(student)
+        where = Placement.parse(placement)
+        shadow = sum(p.numel() for p in module.parameters() if p.requires_grad) * 4
+        if where.kind == "same":
+            return {training_device: shadow}
+        if where.kind == "cpu":
+            return {"cpu": shadow}
+        elem = torch.finfo(model_dtype).bits // 8
+        copy_bytes = sum(t.numel() * (elem if t.is_floating_point() else t.element_size()) for t in list(module.parameters()) + list(module.buffers()))
+        return {str(where.device): shadow + copy_bytes}
+
     def distance_to(self, student) -> float:
         """L2 distance between shadow and student (a log metric: is the teacher moving?)."""
         params = self._params(unwrap(student))

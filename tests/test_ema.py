@@ -173,3 +173,10 @@ def test_ranks_hold_identical_shadows_under_zero2_on_two_processes(tmp_path):
     for r in ranks:
         assert r["optimizer_state_elements"] < 1.2 * r["trainable_elements"]
     assert sum(r["optimizer_state_elements"] for r in ranks) >= 2 * ranks[0]["trainable_elements"]
+
+
+@pytest.mark.parametrize("placement", ["same", "cpu", "full:cpu"])
+def test_predicted_bytes_equal_held_bytes(placement):
+    student = build_model("tiny", seed=0)
+    ema = EMATeacher(student, placement=placement)
+    assert ema.memory_bytes() == EMATeacher.predicted_bytes(student, placement, training_device="cpu", model_dtype=torch.float32)
