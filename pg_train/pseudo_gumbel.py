@@ -235,9 +235,9 @@ def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel
 
 # ---- 6. loss -------------------------------------------------------------------------------------
 def resize_target(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """masks [B, H, W] -> [B, h, w] area fractions in [0, 1] (a small object stays visible as a
-    soft target instead of vanishing under nearest-neighbour resizing)."""
-    return F.adaptive_avg_pool2d((masks > 0).float()[:, None], size)[:, 0]
+    """masks [B, H, W] of per-pixel coverage in [0, 1] -> [B, h, w] area fractions (a small
+    object stays visible as a soft target instead of vanishing under nearest resizing)."""
+    return F.adaptive_avg_pool2d(masks.float().clamp(0, 1)[:, None], size)[:, 0]
 
 
 def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 2.0, dice_weight: float = 0.5) -> dict[str, torch.Tensor]:

@@ -6,10 +6,13 @@ import torch.nn.functional as F
 
 
 def region_coverage(masks: torch.Tensor, grid_size: int) -> torch.Tensor:
-    """masks [B, H, W] (any dtype, nonzero = inside) -> fraction of each grid cell covered [B, G, G]."""
+    """masks [B, H, W] -> fraction of each grid cell covered [B, G, G].
+
+    Mask values are per-pixel coverage in [0, 1]: binary masks, or the area fractions the data
+    pipeline produces when it resizes a mask."""
     if masks.dim() != 3:
         raise ValueError(f"region masks must be [B, H, W], got shape {tuple(masks.shape)}")
-    return F.adaptive_avg_pool2d((masks > 0).float()[:, None], grid_size)[:, 0]
+    return F.adaptive_avg_pool2d(masks.float().clamp(0, 1)[:, None], grid_size)[:, 0]
 
 
 def region_cells(masks: torch.Tensor, grid_size: int, threshold: float = 0.5, empty_policy: str = "largest") -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,171 @@
+"""From a source of RawPairs to batches: preprocessing, skipping bad samples, rank shards, resume.
+
+A source is anything with `__len__` and `load(index) -> RawPair` that raises `BadSample` for a
+sample it cannot produce (synthetic.py, manifest.py, coco.py).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import image_tensor, mask_tensor
+from .types import BadSample
+
+TENSOR_KEYS = ("pixel_values1", "region_masks1", "pixel_values2", "sam_pixel_values2", "masks2")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    mllm_size: int = 448  # InternViT input
+    sam_size: int = 1024  # SAM2 input (direct resize)
+
+
+class PairDataset(Dataset):
+    """Preprocessed pairs. A bad sample is replaced by the next good one of the source (up to
+    `max_refill` tries) and its reason travels with the item, so batches stay full, counts stay
+    exact across workers, and a single bad file never stops a run. `strict` raises instead."""
+
+    def __init__(self, source, preprocess: Preprocess, strict: bool = False, max_refill: int = 16):
+        self.source = source
+        self.preprocess = preprocess
+        self.strict = strict
+        self.max_refill = max_refill
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for attempt in range(self.max_refill + 1):
+            candidate = (index + attempt) % len(self.source)
+            try:
+                raw = self.source.load(candidate)
+            except BadSample as err:
+                if self.strict:
+                    raise
+                skipped.append((err.reason, str(err)))
+                continue
+            p = self.preprocess
+            return {
+                "pixel_values1": image_tensor(raw.image1, p.mllm_size),
+                "region_masks1": mask_tensor(raw.mask1, p.mllm_size),
+                "pixel_values2": image_tensor(raw.image2, p.mllm_size),
+                "sam_pixel_values2": image_tensor(raw.image2, p.sam_size),
+                "masks2": mask_tensor(raw.mask2, p.sam_size),
+                "caption": raw.caption,
+                "index": index,
+                "skipped": skipped,
+            }
+        return {"index": index, "skipped": skipped}
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    good = [item for item in items if "pixel_values1" in item]
+    batch: dict = {key: torch.stack([item[key] for item in good]) for key in TENSOR_KEYS} if good else {}
+    batch["captions"] = [item["caption"] for item in good]
+    batch["indices"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
+    batch["skipped"] = [s for item in items for s in item["skipped"]]
+    return batch
+
+
+class NoValidSamplesError(RuntimeError):
+    pass
+
+
+class PairLoader:
+    """Endless, resumable iteration over this rank's shard, epoch after epoch.
+
+    Order: a permutation of the source drawn from (seed, epoch); rank r takes positions
+    r, r+W, r+2W, ... of its first W*floor(N/W) entries, so shards are disjoint, equally long
+    (every rank runs the same number of steps), and the N mod W left over differ per epoch.
+    `state_dict()` records (epoch, batches consumed): a resumed loader yields exactly the
+    batches that would have come next.
+    """
+
+    def __init__(self, dataset: PairDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0, shuffle: bool = True):
+        if len(dataset) < world_size:
+            raise ValueError(f"{len(dataset)} samples cannot be shared by {world_size} ranks")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.batches_done = 0
+        self.skip_counts: Counter = Counter()
+        self.epoch_skip_counts: Counter = Counter()
+        self.epoch_valid = 0
+        self.epoch_summaries: list[dict] = []
+
+    def shard(self, epoch: int) -> list[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        else:
+            order = torch.arange(n)
+        usable = (n // self.world_size) * self.world_size
+        return order[:usable][self.rank :: self.world_size].tolist()
+
+    def batches_per_epoch(self) -> int:
+        per_rank = len(self.dataset) // self.world_size
+        return -(-per_rank // self.batch_size)
+
+    def sample_seeds(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
+        """A seed per (data seed, epoch, sample) for the objective's per-sample noise."""
+        return torch.tensor(
+            [int(np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1, np.uint64)[0] % 2**62) for i in indices.tolist()],
+            dtype=torch.long,
+        )
+
+    def __iter__(self):
+        while True:
+            order = self.shard(self.epoch)[self.batches_done * self.batch_size :]
+            loader = DataLoader(
+                self.dataset, batch_size=self.batch_size, sampler=order, collate_fn=collate_pairs,
+                num_workers=self.num_workers, persistent_workers=False,
+            )
+            for batch in loader:
+                self.batches_done += 1
+                reasons = Counter(reason for reason, _ in batch["skipped"])
+                self.skip_counts.update(reasons)
+                self.epoch_skip_counts.update(reasons)
+                self.epoch_valid += len(batch["indices"])
+                batch["sample_seeds"] = self.sample_seeds(batch["indices"], self.epoch)
+                batch["epoch"] = self.epoch
+                yield batch
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        summary = {"epoch": self.epoch, "valid": self.epoch_valid, "skipped": dict(self.epoch_skip_counts)}
+        self.epoch_summaries.append(summary)
+        if self.epoch_valid == 0:
+            raise NoValidSamplesError(
+                f"epoch {self.epoch}: no valid sample on rank {self.rank} "
+                f"(skipped: {dict(self.epoch_skip_counts) or 'none'}); check the data source"
+            )
+        self.epoch += 1
+        self.batches_done = 0
+        self.epoch_valid = 0
+        self.epoch_skip_counts = Counter()
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
+            "skip_counts": dict(self.skip_counts), "epoch_skip_counts": dict(self.epoch_skip_counts),
+            "epoch_valid": self.epoch_valid,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, this loader uses {self.seed}")
+        self.epoch = state["epoch"]
+        self.batches_done = state["batches_done"]
+        self.skip_counts = Counter(state["skip_counts"])
+        self.epoch_skip_counts = Counter(state["epoch_skip_counts"])
+        self.epoch_valid = state["epoch_valid"]
