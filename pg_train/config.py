@@ -1,0 +1,219 @@
+"""Training configuration: plain dataclasses, YAML files and `key=value` overrides.
+
+Every key is checked before anything is built: an unknown key, a value of the wrong type or an
+impossible combination is an error that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DataConfig
+from .pseudo_gumbel import PseudoGumbelConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | sa2va-4b
+    checkpoint: str | None = None  # a released-format Sa2VA directory to start from
+    template: str = "sa2va"  # prompt template set: sa2va | seed
+    lora_r: int | None = None  # None: the preset's LoRA
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    lora_targets: list[str] | None = None
+    train_embed_tokens: bool = False
+    train_lm_head: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    placement: str = "same"  # same | cpu | full:<device>
+    warmup: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    max_steps: int = 120
+    batch_size: int = 2  # per process, per micro-step
+    grad_accum: int = 1
+    log_every: int = 1
+    save_every: int = 50
+    keep_last: int = 3
+    max_nonfinite_in_a_row: int = 5
+    resume: str | None = None  # None | auto | <checkpoint dir>
+    stop_at_step: int | None = None  # behave as if preempted after this step (checkpoint, exit 75)
+    tensorboard: bool = True
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: PseudoGumbelConfig = field(default_factory=lambda: PseudoGumbelConfig(max_caption_len=24, topk=64))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(num_samples=256))
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check (and gently convert: int -> float) `value` against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _apply(obj, values: dict, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; known keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if raw.strip().lower() in ("none", "null", "~"):
+        value = None
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> TrainConfig:
+    cfg = TrainConfig()
+    for path in files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from err
+        try:
+            _apply(cfg, values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Combinations that cannot work, caught before any model is built."""
+    from .ema import Placement
+    from .model.presets import PRESETS
+    from .model.templates import TEMPLATE_SETS
+
+    checks = [
+        (cfg.model.preset in PRESETS or cfg.model.checkpoint, "model.preset", f"unknown preset {cfg.model.preset!r}; known: {sorted(PRESETS)}"),
+        (cfg.model.template in TEMPLATE_SETS, "model.template", f"unknown template set {cfg.model.template!r}; known: {sorted(TEMPLATE_SETS)}"),
+        (cfg.max_steps >= 1, "max_steps", "must be >= 1"),
+        (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
+        (cfg.grad_accum >= 1, "grad_accum", "must be >= 1"),
+        (cfg.save_every >= 1, "save_every", "must be >= 1"),
+        (cfg.keep_last >= 1, "keep_last", "must be >= 1"),
+        (0.0 <= cfg.objective.mask_ratio <= 1.0, "objective.mask_ratio", "must be in [0, 1]"),
+        (cfg.objective.tau > 0, "objective.tau", "must be > 0"),
+        (cfg.objective.topk >= 1, "objective.topk", "must be >= 1"),
+        (1 <= cfg.objective.min_caption_len <= cfg.objective.max_caption_len, "objective.min_caption_len", "must be in [1, objective.max_caption_len]"),
+        (cfg.objective.empty_region_policy in ("largest", "error"), "objective.empty_region_policy", "must be 'largest' or 'error'"),
+        (0.0 <= cfg.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
+        (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),
+        (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (cfg.data.source in ("synthetic", "manifest", "coco"), "data.source", "must be synthetic, manifest or coco"),
+        (cfg.data.source != "manifest" or cfg.data.manifest, "data.manifest", "required when data.source=manifest"),
+        (cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images), "data.coco_instances", "data.coco_instances and data.coco_images are required when data.source=coco"),
+        (cfg.resume in (None, "auto") or Path(cfg.resume).is_dir(), "resume", f"{cfg.resume!r} is neither 'auto' nor an existing checkpoint directory"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    try:
+        Placement.parse(cfg.ema.placement)
+    except ValueError as err:
+        raise ConfigError(f"ema.placement: {err}") from err
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,286 @@
+"""The training loop: build -> prepare -> for step: batch -> pseudo_gumbel_step -> backward ->
+optimizer step -> EMA -> log -> checkpoint. Read top to bottom; `launch/train.py` is the CLI.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import yaml
+
+from .accel import build_accelerator, configure_environment
+from .checkpointing import load_trainer_state, newest_checkpoint, save_checkpoint
+from .config import TrainConfig, to_dict
+from .data import Preprocess, build_loader
+from .distributed import unwrap
+from .ema import EMATeacher
+from .model import build_model, enable_gradient_checkpointing, from_pretrained
+from .model.presets import get_preset
+from .pseudo_gumbel import pseudo_gumbel_step
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
+TENSOR_KEYS = ("pixel_values1", "region_masks1", "pixel_values2", "sam_pixel_values2", "masks2", "sample_seeds")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run leaves behind in-process (the CLI only uses `exit_code`)."""
+
+    exit_code: int
+    step: int
+    history: list
+    model: object = None
+    optimizer: object = None
+    ema: object = None
+    loader: object = None
+
+
+def build_student(cfg: TrainConfig):
+    m = cfg.model
+    lora = get_preset(m.preset).lora if m.preset in ("tiny", "sa2va-4b") else None
+    if lora is not None:
+        lora = dataclasses.replace(
+            lora,
+            **{k: v for k, v in {"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout}.items() if v is not None},
+            **({"target_modules": tuple(m.lora_targets)} if m.lora_targets else {}),
+            train_embed_tokens=m.train_embed_tokens, train_lm_head=m.train_lm_head,
+        )
+    if m.checkpoint:
+        model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template)
+    else:
+        model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed)
+    if m.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps (a function of the
+    step, so resuming needs no scheduler state)."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def grad_norms(model) -> dict[str, float]:
+    """Gradient norms per trainable group (available when the optimizer is not ZeRO-sharded)."""
+    groups: dict[str, float] = Counter()
+    for name, p in unwrap(model).named_parameters():
+        if p.grad is None:
+            continue
+        group = "lora" if "lora_" in name else "decoder" if "sam_mask_decoder" in name else name.split(".")[0]
+        groups[group] += float(p.grad.detach().float().pow(2).sum())
+    return {f"grad_norm/{k}": v**0.5 for k, v in groups.items()}
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 ask the run to finish its current optimizer step, checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    configure_environment()
+    out_dir = Path(cfg.output_dir)
+    accelerator = build_accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, micro_batch_size=cfg.batch_size,
+        gradient_clipping=cfg.optim.grad_clip, log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out_dir),
+    )
+    main = accelerator.is_main_process
+    say = accelerator.print
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    say(f"[pg_train] {accelerator.num_processes} process(es) on {accelerator.device}"
+        f"{' with DeepSpeed ZeRO-' + str(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else ''}; output in {out_dir}")
+
+    # ---- build ------------------------------------------------------------------------------
+    model = build_student(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    say(f"[pg_train] model {model.preset.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{sum(p.numel() for p in trainable):,} trainable")
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = EMATeacher(model, decay=cfg.ema.decay, placement=cfg.ema.placement, warmup=cfg.ema.warmup)
+    accelerator.register_for_checkpointing(ema)
+    module = unwrap(model)
+    loader = build_loader(
+        cfg.data, Preprocess(module.preset.vision.image_size, module.preset.sam2.image_size), cfg.batch_size,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
+    )
+    if cfg.tensorboard:
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
+        accelerator.init_trackers("tensorboard", config=flat)
+
+    # ---- resume -----------------------------------------------------------------------------
+    step, nonfinite_total, nonfinite_in_a_row = 0, 0, 0
+    checkpoint = newest_checkpoint(out_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    if cfg.resume == "auto" and checkpoint is None:
+        say("[pg_train] --resume auto: no complete checkpoint yet, starting from step 0")
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = load_trainer_state(checkpoint, accelerator.process_index)
+        step, nonfinite_total = state["step"], state["nonfinite_total"]
+        loader.load_state_dict(state["data"])
+        say(f"[pg_train] resumed from {checkpoint} at step {step}")
+    metrics_path = out_dir / "metrics.jsonl"
+    if main and metrics_path.exists():  # drop lines of steps the resumed run will redo
+        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def trainer_state() -> dict:
+        return {"step": step, "nonfinite_total": nonfinite_total, "data": loader.state_dict(), "ema_updates": ema.num_updates}
+
+    # ---- loop -------------------------------------------------------------------------------
+    stop = StopFlag()
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), dynamic_ncols=True, desc="train")
+    batches = iter(loader)
+    history = []
+    started = time.perf_counter()
+    first_step = step
+    while step < cfg.max_steps:
+        step_start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        skipped_update = False
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)  # consumed even when the window is already lost: ranks stay in step
+            if skipped_update:
+                continue
+            inputs = {k: batch[k].to(accelerator.device) for k in TENSOR_KEYS}
+            with accelerator.accumulate(model):
+                out = pseudo_gumbel_step(model, ema, inputs, cfg.objective)
+                # Every rank must agree before backward: a rank that skipped alone would hang the others.
+                finite = accelerator.reduce(torch.isfinite(out.loss.detach()).float().reshape(1).to(accelerator.device), "min")
+                if finite.item() < 1:
+                    skipped_update = True
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(out.loss)
+                norms = {}
+                if accelerator.sync_gradients and not skipped_update:
+                    if not deepspeed:
+                        norms = grad_norms(model)
+                        if cfg.optim.grad_clip > 0:
+                            accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if skipped_update:
+            nonfinite_total += 1
+            nonfinite_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (step {step}); "
+                    f"stopping. Lower optim.lr, check the data, or raise max_nonfinite_in_a_row."
+                )
+        else:
+            nonfinite_in_a_row = 0
+            ema.update_if_stepped(model, accelerator)
+        step += 1
+
+        # ---- log ------------------------------------------------------------------------------
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            keys = ("loss", "bce", "dice", "iou", "caption_len_mean", "replaced_fraction", "region_k_mean")
+            local = torch.stack([out.metrics[k].float().reshape(()) for k in keys]).to(accelerator.device)
+            mean = accelerator.reduce(local, "mean") if accelerator.num_processes > 1 else local
+            record = {"step": step, **{k: float(v) for k, v in zip(keys, mean)}}
+            if skipped_update:
+                record.update(loss=None, bce=None, dice=None)
+            record.update(
+                lr=lr,
+                skipped_nonfinite=int(skipped_update),
+                nonfinite_total=nonfinite_total,
+                region_k_min=int(out.region_k.min()), region_k_max=int(out.region_k.max()),
+                region_fallbacks=int(out.region_fallback.sum()),
+                caption_len_min=int(out.caption_lengths.min()), caption_len_max=int(out.caption_lengths.max()),
+                ema_distance=ema.distance_to(model), ema_updates=ema.num_updates,
+                skipped_samples=dict(loader.skip_counts), epoch=loader.epoch,
+                step_time_s=time.perf_counter() - step_start,
+            )
+            record["samples_per_s"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes / record["step_time_s"]
+            if out.text_embeds.grad is not None:
+                record["grad_norm/text_embeds"] = float(out.text_embeds.grad.float().norm())
+            record.update(norms)
+            if deepspeed and hasattr(model, "get_global_grad_norm"):
+                global_norm = model.get_global_grad_norm()
+                record["grad_norm/global"] = float(global_norm) if global_norm is not None else None
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if cfg.tensorboard:
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=step)
+            history.append(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "skip", iou=f"{record['iou']:.3f}", refresh=False)
+        progress.update(1)
+
+        # ---- checkpoint / stop ------------------------------------------------------------------
+        requested = stop.requested or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
+        stop_now = accelerator.reduce(torch.tensor([float(requested)], device=accelerator.device), "max").item() > 0
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
+            path = save_checkpoint(accelerator, out_dir, step, trainer_state(), cfg.keep_last)
+            progress.write(f"[pg_train] checkpoint {path}") if main else None
+        if stop_now:
+            progress.close()
+            say(f"[pg_train] stop requested by signal: checkpointed at step {step}; exiting with {REQUEUE_EXIT_CODE} (requeue and resume)")
+            accelerator.end_training()
+            return TrainResult(REQUEUE_EXIT_CODE, step, history, model, optimizer, ema, loader)
+
+    progress.close()
+    elapsed = time.perf_counter() - started
+    accelerator.end_training()
+    if main:
+        _summary(history, step - first_step, elapsed, loader, nonfinite_total, out_dir)
+    return TrainResult(0, step, history, model, optimizer, ema, loader)
+
+
+def _summary(history, steps, elapsed, loader, nonfinite_total, out_dir) -> None:
+    tail = [r for r in history[-10:] if r["loss"] is not None]
+    mean = lambda key: sum(r[key] for r in tail) / max(1, len(tail))  # noqa: E731
+    lines = [
+        f"[pg_train] done: {steps} steps in {elapsed:.1f} s ({steps / max(elapsed, 1e-9):.2f} steps/s)",
+        f"[pg_train] last {len(tail)} steps: loss {mean('loss'):.4f}, mask IoU {mean('iou'):.3f}, caption length {mean('caption_len_mean'):.1f}",
+        f"[pg_train] skipped samples: {dict(loader.skip_counts) or 'none'}; non-finite steps skipped: {nonfinite_total}",
+        f"[pg_train] metrics: {out_dir / 'metrics.jsonl'}; checkpoints: {out_dir / 'checkpoints'}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+if __name__ == "__main__":
+    sys.exit("run training with: accelerate launch launch/train.py [--config F] [key=value ...]")

@@ -1,0 +1,52 @@
+"""Launched by tests/test_train.py under `accelerate launch` (2 CPU processes, ZeRO-2).
+
+Runs the real training loop (`pg_train.train.train`) with the overrides given on the command
+line, then writes what each rank holds: the sample indices it consumed, a checksum of its
+trainable weights and of its EMA, and the number of optimizer-state elements it keeps.
+"""
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pg_train.accel import configure_environment  # noqa: E402
+
+configure_environment()
+import torch  # noqa: E402
+
+from pg_train.config import load_config  # noqa: E402
+from pg_train.train import train  # noqa: E402
+
+
+def main(out_path: str, overrides: list[str]) -> None:
+    result = train(load_config([], overrides))
+    loader = result.loader
+    consumed = []
+    for epoch in range(loader.epoch + 1):
+        order = loader.shard(epoch)
+        done = loader.batches_done if epoch == loader.epoch else loader.batches_per_epoch()
+        consumed += order[: done * loader.batch_size]
+    module = result.model.module
+    trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    state_elements = sum(
+        t.numel() for s in result.optimizer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+    )
+    rank = int(os.environ["RANK"])  # end_training() has destroyed the process group
+    Path(f"{out_path}.rank{rank}.json").write_text(json.dumps({
+        "rank": rank,
+        "exit_code": result.exit_code,
+        "consumed": consumed,
+        "trainable_checksum": [float(t.double().sum()) for t in trainable.values()],
+        "trainable_bytes_hash": hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in trainable.values())).hexdigest(),
+        "trainable_elements": sum(t.numel() for t in trainable.values()),
+        "optimizer_state_elements": state_elements,
+        "ema_checksum": result.ema.checksum(),
+        "losses": [r["loss"] for r in result.history],
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,155 @@
+"""The training application: default run, ZeRO-2 on 2 CPU processes, exact resume, signals,
+non-finite losses and configuration errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, accelerate_launch
+from pg_train.config import ConfigError, load_config
+from pg_train.train import REQUEUE_EXIT_CODE, NonFiniteLossError, train
+
+FAST = ["batch_size=2", "objective.max_caption_len=6", "objective.topk=16", "data.num_samples=24", "tensorboard=false", "progress=false"]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_default_job_runs_five_steps_with_finite_losses_and_a_checkpoint(tmp_path):
+    cmd = [str(Path(sys.prefix) / "bin" / "accelerate"), "launch", "--num_processes", "1", "launch/train.py",
+           "--max-steps", "5", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = metrics(tmp_path)
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    assert (tmp_path / "checkpoints" / "step-00000005" / "trainer_state_rank0.json").is_file()
+    assert (tmp_path / "config.yaml").is_file() and any((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
+    assert "done: 5 steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_shard_data_partition_optimizer_and_agree_on_weights(tmp_path):
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=4", *FAST)
+    ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
+    assert not set(ranks[0]["consumed"]) & set(ranks[1]["consumed"])
+    assert len(ranks[0]["consumed"]) == len(ranks[1]["consumed"]) == 4 * 2
+    assert ranks[0]["trainable_checksum"] == ranks[1]["trainable_checksum"]
+    assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]  # bitwise equal
+    assert ranks[0]["ema_checksum"] == ranks[1]["ema_checksum"]
+    for r in ranks:  # Adam's two moments, split in half across the two ranks
+        assert 0.9 * r["trainable_elements"] <= r["optimizer_state_elements"] <= 1.1 * r["trainable_elements"]
+    # and the optimizer state really is sharded on disk: one file per rank
+    shards = list((tmp_path / "run" / "checkpoints").rglob("*optim_states.pt"))
+    assert len(shards) == 2
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted_run_under_zero2(tmp_path):
+    args = [*FAST, "max_steps=6", "save_every=100"]
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "full"), f"output_dir={tmp_path / 'full_run'}", *args)
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "cut"), f"output_dir={tmp_path / 'cut_run'}", *args, "stop_at_step=3")
+    cut = json.loads((tmp_path / "cut.rank0.json").read_text())
+    assert cut["exit_code"] == REQUEUE_EXIT_CODE
+    assert (tmp_path / "cut_run" / "checkpoints" / "step-00000003").is_dir()
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "resumed"), f"output_dir={tmp_path / 'cut_run'}", *args, "resume=auto")
+    full = [json.loads((tmp_path / f"full.rank{r}.json").read_text()) for r in (0, 1)]
+    resumed = [json.loads((tmp_path / f"resumed.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["loss"] for r in metrics(tmp_path / "cut_run")] == [r["loss"] for r in metrics(tmp_path / "full_run")]
+    for f, r in zip(full, resumed):
+        assert r["trainable_bytes_hash"] == f["trainable_bytes_hash"]
+        assert r["ema_checksum"] == f["ema_checksum"]
+        assert r["consumed"] == f["consumed"]
+
+
+def test_signal_usr1_checkpoints_and_exits_with_requeue_code_then_resumes(tmp_path):
+    cmd = [sys.executable, "launch/train.py", "--output-dir", str(tmp_path), "--max-steps", "500", "save_every=1000", *FAST]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        path = tmp_path / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
+    stopped_at = metrics(tmp_path)[-1]["step"]
+    assert (tmp_path / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
+    assert stopped_at < 500
+    resumed = subprocess.run([sys.executable, "launch/train.py", "--output-dir", str(tmp_path), "--max-steps", str(stopped_at + 2),
+                              "--resume", "auto", "save_every=1000", *FAST], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step-{stopped_at:08d}'} at step {stopped_at}" in resumed.stdout
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, stopped_at + 3))
+
+
+def test_nonfinite_loss_skips_the_update_and_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
+    import pg_train.train as train_module
+
+    real_step = train_module.pseudo_gumbel_step
+    calls = {"n": 0}
+    poisoned = {2, 3, 6, 7, 8}  # 1-based call numbers that return a NaN loss
+
+    def flaky_step(*args, **kwargs):
+        calls["n"] += 1
+        out = real_step(*args, **kwargs)
+        if calls["n"] in poisoned:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "pseudo_gumbel_step", flaky_step)
+    cfg = load_config([], [*FAST, f"output_dir={tmp_path}", "max_steps=5", "max_nonfinite_in_a_row=3"])
+    result = train(cfg)
+    lines = metrics(tmp_path)
+    assert [r["skipped_nonfinite"] for r in lines] == [0, 1, 1, 0, 0]
+    assert [r["loss"] is None for r in lines] == [False, True, True, False, False]
+    assert [r["ema_updates"] for r in lines] == [1, 1, 1, 2, 3]  # no EMA update without an optimizer step
+    assert result.exit_code == 0 and lines[-1]["nonfinite_total"] == 2
+    calls["n"] = 0
+    cfg = load_config([], [*FAST, f"output_dir={tmp_path / 'b'}", "max_steps=10", "max_nonfinite_in_a_row=3"])
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("batch_size=two", "batch_size: expected an integer"),
+    ("ema.placement=gpu", "ema.placement"),
+    ("data.source=manifest", "data.manifest: required"),
+    ("objective.min_caption_len=100", "objective.min_caption_len"),
+    ("model.preset=huge", "model.preset: unknown preset"),
+    ("resume=/does/not/exist", "resume:"),
+])
+def test_config_error_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config([], [override])
+
+
+def test_config_error_from_cli_exits_2_before_building_anything(tmp_path):
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: 1e-4\n  momentum: 0.9\n")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "bad.yaml"), "--output-dir", str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "bad.yaml: unknown config key 'optim.momentum'" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_files_and_overrides_compose(tmp_path):
+    (tmp_path / "a.yaml").write_text("max_steps: 7\noptim:\n  lr: 0.001\nobjective:\n  tau: 0.5\n")
+    (tmp_path / "b.yaml").write_text("optim:\n  lr: 0.002\n")
+    cfg = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"], ["objective.tau=0.9", "model.lora_targets=[q_proj,v_proj]"])
+    assert cfg.max_steps == 7 and cfg.optim.lr == 0.002 and cfg.objective.tau == 0.9
+    assert cfg.model.lora_targets == ["q_proj", "v_proj"]
+
+
+def test_scientific_notation_without_a_dot_is_a_number():
+    assert load_config([], ["optim.lr=1e-4"]).optim.lr == 1e-4
