@@ -153,3 +153,24 @@ def test_yaml_files_and_overrides_compose(tmp_path):
 
 def test_scientific_notation_without_a_dot_is_a_number():
     assert load_config([], ["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
+@pytest.mark.slow
+def test_zero2_with_optimizer_offload_trains_on_two_processes(tmp_path):
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3", *FAST,
+                      config="accelerate_configs/cpu_zero2_offload_2proc.yaml")
+    ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
+    assert all(loss is not None for loss in ranks[0]["losses"]) and len(ranks[0]["losses"]) == 3
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_accelerate_configs_are_consistent(name):
+    import yaml
+
+    config = yaml.safe_load((REPO / "accelerate_configs" / name).read_text())
+    assert config["num_processes"] >= config["num_machines"] >= 1
+    if config["distributed_type"] == "DEEPSPEED":
+        ds = json.loads((REPO / config["deepspeed_config"]["deepspeed_config_file"]).read_text())
+        assert ds["zero_optimization"]["stage"] == 2
+        assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["gradient_accumulation_steps"] == "auto"
