@@ -57,7 +57,7 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/default"
-    max_steps: int = 120
+    max_steps: int = 200
     batch_size: int = 2  # per process, per micro-step
     grad_accum: int = 1
     log_every: int = 1

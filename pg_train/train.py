@@ -158,7 +158,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     stop = StopFlag()
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), dynamic_ncols=True, desc="train")
+    progress = tqdm(
+        total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), dynamic_ncols=True, desc="train",
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s, not every step
+    )
     batches = iter(loader)
     history = []
     started = time.perf_counter()

@@ -306,3 +306,17 @@ def test_bf16_weights_step_runs_with_bf16_embeds_and_finite_grads():
     assert out.text_embeds.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     assert out.text_embeds.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_mask_iou_of_empty_prediction_against_a_tiny_object_is_zero():
+    from pg_train.pseudo_gumbel import mask_iou
+
+    target = torch.zeros(2, 8, 8)
+    target[0, 3, 3] = 0.2  # smaller than half a pixel at this resolution
+    target[1, 2:6, 2:6] = 1.0
+    empty = torch.full((2, 8, 8), -5.0)
+    assert mask_iou(empty, target).tolist() == [0.0, 0.0]
+    hit = empty.clone()
+    hit[0, 3, 3] = 5.0
+    hit[1, 2:6, 2:4] = 5.0
+    assert mask_iou(hit, target).tolist() == [1.0, 0.5]
