@@ -67,6 +67,18 @@ def special_ids(model) -> torch.Tensor:
     return cached
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The teacher generates without dropout (LoRA dropout 0.05 in Sa2VA-4B), even when it is
+    the training student with the EMA weights swapped in; the mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 # ---- 1. teacher captions -----------------------------------------------------------------------
 @torch.no_grad()
 def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +91,7 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
     end text. Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
     the device of `pixel_values` (the teacher may live elsewhere).
     """
-    with teacher_model(teacher, student) as model:
+    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):
         model = unwrap(model)
         device = next(model.parameters()).device
         prompts = [model.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]

@@ -180,3 +180,24 @@ def test_predicted_bytes_equal_held_bytes(placement):
     student = build_model("tiny", seed=0)
     ema = EMATeacher(student, placement=placement)
     assert ema.memory_bytes() == EMATeacher.predicted_bytes(student, placement, training_device="cpu", model_dtype=torch.float32)
+
+
+def test_teacher_generates_without_dropout_and_restores_train_mode():
+    import dataclasses
+
+    from pg_train.model.presets import PRESETS
+
+    lora = dataclasses.replace(PRESETS["tiny"].lora, dropout=0.5)
+    student = build_model("tiny", seed=0, lora=lora).train()
+    perturb_trainable(student, seed=4, scale=0.3)
+    ema = EMATeacher(student, placement="same")
+    pixel_values, _, masks = make_batch(student)
+    cells, _ = region_cells(masks, student.grid_size)
+    cfg = PseudoGumbelConfig(max_caption_len=12)
+    first, _ = generate_pseudo_tokens_with_ema(ema, pixel_values, cells, cfg, student=student)
+    second, _ = generate_pseudo_tokens_with_ema(ema, pixel_values, cells, cfg, student=student)
+    assert student.training and torch.equal(first, second)
+    student.eval()
+    with ema.as_teacher(student) as teacher:
+        reference, _ = generate_pseudo_tokens_with_ema(teacher, pixel_values, cells, cfg)
+    assert torch.equal(first, reference)

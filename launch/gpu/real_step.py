@@ -93,7 +93,7 @@ def step(model, ema, batch, cfg, report):
         ema.update(model)
     report["caption_len_mean"] = float(lengths.float().mean())
     report["region_k"] = cells.flatten(1).sum(1).tolist()
-    report["loss"] = float(losses["loss"])
+    report["loss"] = float(losses["loss"].detach())
     model.zero_grad(set_to_none=True)
 
 
@@ -132,10 +132,9 @@ def main():
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 step(model, ema, batch, cfg, report)
-                if CUDA:
-                    torch.cuda.synchronize()
-                    report["step_peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
                 report["step_s"] = round(time.perf_counter() - t0, 4)
+                if CUDA:  # each stage resets the allocator's peak: the step's peak is the largest stage peak
+                    report["step_peak_gib"] = max(v["peak_total_gib"] for v in report.values() if isinstance(v, dict))
             except torch.cuda.OutOfMemoryError as err:
                 report["oom"] = str(err)[:200]
                 model.zero_grad(set_to_none=True)
