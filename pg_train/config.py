@@ -34,6 +34,7 @@ class ModelConfig:
     train_embed_tokens: bool = False
     train_lm_head: bool = False
     gradient_checkpointing: bool = False
+    quantize_4bit: bool = False  # QLoRA: frozen LLM projections in NF4 (bitsandbytes)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class EMAConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -201,6 +203,7 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (cfg.optim.name in ("adamw", "adamw8bit"), "optim.name", "must be adamw or adamw8bit"),
         (cfg.data.source in ("synthetic", "manifest", "coco"), "data.source", "must be synthetic, manifest or coco"),
         (cfg.data.source != "manifest" or cfg.data.manifest, "data.manifest", "required when data.source=manifest"),
         (cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images), "data.coco_instances", "data.coco_instances and data.coco_images are required when data.source=coco"),

@@ -57,12 +57,21 @@ def build_student(cfg: TrainConfig):
             train_embed_tokens=m.train_embed_tokens, train_lm_head=m.train_lm_head,
         )
     if m.checkpoint:
-        model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template)
+        model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit)
     else:
-        model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed)
+        model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adamw8bit":  # bitsandbytes: 2 bytes of Adam state per parameter instead of 8
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -122,7 +131,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(f"[pg_train] model {model.preset.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trainable")
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(trainable, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMATeacher(model, decay=cfg.ema.decay, placement=cfg.ema.placement, warmup=cfg.ema.warmup)
     accelerator.register_for_checkpointing(ema)

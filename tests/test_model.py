@@ -205,3 +205,19 @@ def test_generation_stops_at_eos_stop_sequences_and_suppresses_ids(tiny_model):
     )
     assert lengths.tolist() == [8, 8]
     assert not torch.isin(tokens, suppressed).any()
+
+
+def test_4bit_base_state_loads_only_into_the_same_base():
+    model = build_model("tiny", seed=0, quantize_4bit=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    same = build_model("tiny", seed=0, quantize_4bit=True)
+    with torch.no_grad():
+        same.mlp1[1].weight.zero_()
+    assert same.load_state_dict(state).missing_keys == []
+    assert torch.equal(same.mlp1[1].weight, model.mlp1[1].weight)
+    other = build_model("tiny", seed=1, quantize_4bit=True)
+    with pytest.raises(RuntimeError, match="4-bit base tensor .* differs"):
+        other.load_state_dict(state)
+    del state["mlp1.1.weight"]
+    with pytest.raises(RuntimeError, match="missing"):
+        same.load_state_dict(state)

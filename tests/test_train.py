@@ -174,3 +174,31 @@ def test_accelerate_configs_are_consistent(name):
         ds = json.loads((REPO / config["deepspeed_config"]["deepspeed_config_file"]).read_text())
         assert ds["zero_optimization"]["stage"] == 2
         assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["gradient_accumulation_steps"] == "auto"
+
+
+def test_bitsandbytes_8bit_adamw_and_4bit_base_train_and_resume(tmp_path):
+    args = [*FAST, f"output_dir={tmp_path}", "optim.name=adamw8bit", "model.quantize_4bit=true", "save_every=2"]
+    first = train(load_config([], [*args, "max_steps=2"]))
+    module = first.model
+    q_proj = module.language_model.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.uint8  # NF4 storage
+    assert type(first.optimizer.optimizer).__name__ == "AdamW8bit"
+    lora_before = q_proj.lora_B.default.weight.detach().clone()
+    resumed = train(load_config([], [*args, "max_steps=4", "resume=auto"]))
+    lines = metrics(tmp_path)
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in lines)
+    assert not torch.equal(resumed.model.language_model.model.layers[0].self_attn.q_proj.lora_B.default.weight, lora_before)
+    from pg_train.model import to_sa2va_state_dict
+
+    with pytest.raises(ValueError, match="4-bit"):
+        to_sa2va_state_dict(resumed.model)
+
+
+@pytest.mark.slow
+def test_zero2_with_8bit_adamw_on_two_processes(tmp_path):
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3", *FAST, "optim.name=adamw8bit")
+    ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
+    for r in ranks:  # two 1-byte moments, half of the parameters each (+ block scales)
+        assert r["optimizer_state_elements"] < 1.1 * r["trainable_elements"]

@@ -55,6 +55,7 @@ def build_model(
     tokenizer=None,
     template: str = "sa2va",
     seed: int | None = None,
+    quantize_4bit: bool = False,
 ) -> Sa2VAModel:
     """Build a randomly initialised Sa2VA model.
 
@@ -62,6 +63,7 @@ def build_model(
     `tokenizer`: defaults to the offline tiny tokenizer for `tiny`; `sa2va-4b` has no tokenizer
     offline, so its special-token ids come from the preset (from_pretrained verifies the real one).
     `device="meta"` builds the full architecture without memory (for counts and budgets).
+    `quantize_4bit`: the frozen LLM projections in NF4 (QLoRA; bitsandbytes), before LoRA.
     """
     name = preset if isinstance(preset, str) else preset.name
     if tokenizer is None and name == "tiny":
@@ -82,12 +84,27 @@ def build_model(
     device = torch.device(device)
     with torch.device(device):
         model = Sa2VAModel(preset, token_ids, tokenizer=tokenizer, template=template)
-        if lora_dims is not None:
-            apply_lora(model, lora_dims)
     model.grounding_encoder.to(device)
+    model.to(dtype=dtype)
+    if quantize_4bit:
+        from .quantize import quantize_llm_base_4bit
+
+        quantize_llm_base_4bit(model, compute_dtype=dtype)
+    if lora_dims is not None:
+        with torch.device(device):
+            apply_lora(model, lora_dims)
+        _cast_floating(model, dtype)
     model.lora = lora_dims
+    model.quantized_4bit = quantize_4bit
     set_trainable(model, lora_dims)
-    return model.to(dtype=dtype)
+    return model
+
+
+def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters (the new LoRA adapters) to `dtype`, leaving 4-bit storage alone."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def enable_gradient_checkpointing(model: Sa2VAModel) -> None:

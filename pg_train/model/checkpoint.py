@@ -52,6 +52,11 @@ def to_sa2va_state_dict(model: Sa2VAModel) -> dict[str, torch.Tensor]:
     """
     from peft.tuners.lora import LoraLayer
 
+    if getattr(model, "quantized_4bit", False):
+        raise ValueError(
+            "this model's LLM base is 4-bit (model.quantize_4bit): the released format holds "
+            "full-precision weights; load the trained adapters into a model built without quantize_4bit to export"
+        )
     merged: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules():
         if isinstance(module, LoraLayer):
@@ -277,6 +282,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     lora: LoraDims | None | bool = True,
     template: str = "sa2va",
+    quantize_4bit: bool = False,
 ) -> Sa2VAModel:
     """Load a released-format Sa2VA checkpoint strictly, then add fresh LoRA adapters.
 
@@ -314,10 +320,18 @@ def from_pretrained(
                 state[ours] = f.get_tensor(name).to(device=targets[ours].device, dtype=targets[ours].dtype)
     model.load_state_dict(state, strict=True)
 
+    if quantize_4bit:
+        from .quantize import quantize_llm_base_4bit
+
+        quantize_llm_base_4bit(model, compute_dtype=dtype)
     lora_dims = preset.lora if lora is True else (lora or None)
     if lora_dims is not None:
-        apply_lora(model, lora_dims)
-        model.to(device=device, dtype=dtype)
+        with torch.device(device):
+            apply_lora(model, lora_dims)
+        for param in model.parameters():  # the new adapters in the model's dtype (4-bit storage untouched)
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
     model.lora = lora_dims
+    model.quantized_4bit = quantize_4bit
     set_trainable(model, lora_dims)
     return model

@@ -180,6 +180,31 @@ class Sa2VAModel(nn.Module):
         seg_position = torch.full((B,), P + caption_embeds.shape[1] + seg_index, device=hidden.device)
         return self.predict_masks(self.seg_hidden_states(hidden, seg_position), sam_pixel_values)
 
+    # ---- state -----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, except for a 4-bit LLM base: its NF4 storage and quantisation state are
+        frozen and rebuilt identically with the model, so they are compared bitwise with the
+        incoming tensors (any difference is an error) instead of loaded — torch's loader cannot
+        load them into bitsandbytes parameters. Every other tensor loads strictly as usual."""
+        if not getattr(self, "quantized_4bit", False):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        import bitsandbytes as bnb
+
+        prefixes = tuple(f"{name}.weight" for name, m in self.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+        current = self.state_dict()
+        rest = {}
+        for key, value in state_dict.items():
+            if key.startswith(prefixes):
+                if key not in current or not torch.equal(current[key].cpu(), value.cpu()):
+                    raise RuntimeError(f"4-bit base tensor {key} differs from this model's: the checkpoint belongs to another base")
+            else:
+                rest[key] = value
+        result = super().load_state_dict(rest, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict: missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}")
+        return type(result)(missing, result.unexpected_keys)
+
     # ---- grounding ------------------------------------------------------------------------
     def seg_hidden_states(self, last_hidden: torch.Tensor, seg_positions: torch.Tensor) -> torch.Tensor:
         """The final-norm hidden state at each sample's [SEG] input position (no shift) [B, D]."""
