@@ -1,0 +1,240 @@
+"""Measure a few real steps phase by phase, account for every tensor, and run the three audits.
+
+The step is the objective's six functions called one by one (so each is a measured phase),
+followed by backward, the optimizer step and the EMA update — the same calls
+`pseudo_gumbel_step` and the training loop make. `inject` reproduces the design note's three
+suspected bugs on purpose, to show that the audits catch them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..bench.memory import PeakMemory, SavedTensorBytes
+from ..ema import EMATeacher
+from ..model.regions import region_cells
+from .predict import gradient_free
+from ..pseudo_gumbel import (
+    PseudoGumbelConfig, forward_for_logits, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema,
+    mask_loss, random_mask_tokens, resize_target, sample_generators, special_ids, topk_gumbel_softmax, uniform_noise,
+)
+
+BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step")
+
+
+@dataclass
+class Audit:
+    name: str
+    passed: bool
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Measurement:
+    device: str
+    static: dict[str, int] = field(default_factory=dict)  # component -> bytes held (exact)
+    phases: dict[str, dict] = field(default_factory=dict)  # phase -> {"s", "peak_bytes", ...}
+    peak_bytes: int = 0  # highest memory seen during the measured step, above the step's start (CPU) or absolute (CUDA)
+    audits: list[Audit] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or t.device.type == "meta":
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def tensor_accounting(model, optimizer, ema) -> dict[str, int]:
+    """Exact bytes of the unique storages each component holds."""
+    params = list(model.parameters())
+    optimizer_tensors = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return {
+        "frozen weights": _storage_bytes(p for p in params if not p.requires_grad),
+        "buffers": _storage_bytes(model.buffers()),
+        "trainable weights": _storage_bytes(p for p in params if p.requires_grad),
+        "gradients": _storage_bytes(p.grad for p in params),
+        "optimizer state": _storage_bytes(optimizer_tensors),
+        "EMA": sum(ema.memory_bytes().values()) if ema is not None else 0,
+    }
+
+
+class _Phase:
+    """Time, memory peak above entry, and (exactly) the bytes autograd saves for backward."""
+
+    def __init__(self, measurement: Measurement, name: str, device: torch.device, params: tuple = ()):
+        self.m, self.name, self.device, self.params = measurement, name, device, params
+
+    def __enter__(self):
+        self.saved = SavedTensorBytes(exclude=self.params).__enter__()
+        self.meter = PeakMemory(self.device).__enter__()
+        self.start = time.perf_counter()
+        self.entry = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        return self
+
+    def __exit__(self, *exc):
+        self.meter.__exit__(*exc)
+        self.saved.__exit__(*exc)
+        record = {"s": round(time.perf_counter() - self.start, 4), "peak_above_entry": self.meter.peak_bytes, "saved_for_backward": self.saved.bytes}
+        if self.device.type == "cuda":
+            record["peak_allocated"] = self.entry + self.meter.peak_bytes
+            record["reserved"] = torch.cuda.memory_reserved(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            record["non_pytorch"] = (total - free) - torch.cuda.memory_reserved(self.device)
+        self.m.phases[self.name] = record
+        return False
+
+
+def build_batch(model, batch_size: int, device: torch.device, seed: int = 0) -> dict:
+    """Real preprocessing of synthetic pairs at the preset's sizes."""
+    from ..data import PairDataset, Preprocess, SyntheticPairs, collate_pairs
+
+    preset = model.preset
+    dataset = PairDataset(SyntheticPairs(batch_size, seed=seed), Preprocess(preset.vision.image_size, preset.sam2.image_size))
+    batch = collate_pairs([dataset[i] for i in range(batch_size)])
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    out = {k: batch[k].to(device) for k in ("region_masks1", "masks2")}
+    out.update({k: batch[k].to(device, dtype) for k in ("pixel_values1", "pixel_values2", "sam_pixel_values2")})
+    return out
+
+
+def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, batch: dict, steps: int = 2, inject: tuple[str, ...] = ()) -> Measurement:
+    """Run `steps` training steps; phases and audits come from the last one (the first warms up)."""
+    device = next(model.parameters()).device
+    m = Measurement(device=str(device))
+    teacher = ema if ema is not None else model  # "no-ema": the student teaches itself
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    pass1_params = {n: p for n, p in model.named_parameters() if p.requires_grad and ("lora_" in n or n.startswith("mlp1."))}
+    special = special_ids(model)
+    B = batch["pixel_values1"].shape[0]
+    params = tuple(model.parameters()) + tuple(model.buffers())
+
+    def phase(name):
+        return _Phase(m, name, device, params)
+
+    for step in range(steps):
+        last = step == steps - 1
+        m.phases = {}
+        seeds = torch.arange(B) + 1000 * step
+        overall = PeakMemory(device).__enter__()
+        cells, _ = region_cells(batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy)
+        with phase("teacher generation"):
+            captions, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, student=model)
+        masked, _ = random_mask_tokens(captions, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
+        with phase("pass 1 (caption logits)"):
+            logits = forward_for_logits(model, batch["pixel_values1"], cells, masked, lengths)
+        with phase("gumbel"):
+            uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], min(cfg.topk, logits.shape[-1]))
+            text_embeds, _ = topk_gumbel_softmax(logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk)
+            if "detach-text-embeds" in inject:
+                text_embeds = text_embeds.detach()
+        with phase("pass 2 (segment)"):
+            mask_logits = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
+            loss = mask_loss(mask_logits, resize_target(batch["masks2"], mask_logits.shape[-2:]), cfg.bce_weight, cfg.dice_weight)["loss"]
+        if last:
+            m.audits.append(_audit_gradients(loss, text_embeds, pass1_params, ema))
+        with phase("backward"):
+            loss.backward()
+        shadow_before = [s.detach().clone() for s in ema.shadow] if (last and ema is not None) else None
+        with phase("optimizer step"):
+            if "no-optimizer-step" not in inject:
+                optimizer.step()
+        with phase("EMA update"):
+            if ema is not None:
+                ema.update(model)
+        if last:
+            m.static = tensor_accounting(model, optimizer, ema)  # gradients still held, as at the peak
+        optimizer.zero_grad(set_to_none=True)
+        overall.__exit__(None, None, None)
+        m.losses.append(float(loss.detach()))
+        if last:
+            m.peak_bytes = overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
+            m.audits.insert(0, _audit_ema(ema, model, shadow_before))
+            m.audits.append(_audit_optimizer(optimizer, trainable))
+    return m
+
+
+def _audit_ema(ema: EMATeacher | None, model, shadow_before) -> Audit:
+    audit = Audit("EMA exists, is fp32, follows the trainable tensors and moves by the decay rule", False)
+    if ema is None:
+        audit.evidence.append("no EMA object: the teacher is the student itself (EMA absent)")
+        return audit
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    checks = {
+        "holds exactly the trainable tensors": ema.names == trainable,
+        "shadow is fp32": all(s.dtype == torch.float32 for s in ema.shadow),
+        "holds bytes": sum(ema.memory_bytes().values()) > 0,
+    }
+    # One update: shadow_after == d * shadow_before + (1 - d) * student
+    decay = ema.decay if not ema.warmup else min(ema.decay, ema.num_updates / (9 + ema.num_updates))
+    named = dict(model.named_parameters())
+    worst, moved, gap = 0.0, 0.0, 0.0
+    for name, before, after in zip(ema.names, shadow_before, ema.shadow):
+        student = named[name].detach().to(before.device, torch.float32)
+        expected = decay * before + (1 - decay) * student
+        worst = max(worst, float((after - expected).abs().max()))
+        moved = max(moved, float((after - before).abs().max()))
+        gap = max(gap, float((student - before).abs().max()))
+    # A shadow that equals an unchanged student cannot move; that is the optimizer's audit to flag.
+    checks["moves by the decay rule"] = worst <= 1e-5 and (moved > 0 or gap == 0)
+    audit.evidence.append(f"placement {ema.placement.kind}, {ema.memory_bytes()} bytes, decay {ema.decay}, {len(ema.names)} tensors")
+    audit.evidence.append(f"largest move in the checked update {moved:.3e}, largest deviation from the decay rule {worst:.3e}")
+    audit.evidence += [f"{'ok  ' if ok else 'FAIL'} {what}" for what, ok in checks.items()]
+    audit.passed = all(checks.values())
+    return audit
+
+
+def _audit_gradients(loss, text_embeds, pass1_params: dict, ema) -> Audit:
+    audit = Audit("gradients reach LoRA and mlp1 through text_embeds, none reach the teacher", False)
+    if not text_embeds.requires_grad:
+        audit.evidence.append("text_embeds does not require grad: the mask loss cannot reach the first pass (detached)")
+        return audit
+    (grad_embeds,) = torch.autograd.grad(loss, text_embeds, retain_graph=True)
+    names = list(pass1_params)
+    grads = torch.autograd.grad(text_embeds, [pass1_params[n] for n in names], grad_outputs=grad_embeds, retain_graph=True, allow_unused=True)
+    reached = {n for n, g in zip(names, grads) if g is not None and bool(g.abs().sum() > 0)}
+    # An adapter is reached when A or B gets a gradient: while B is still 0 (initialisation,
+    # before the first optimizer step) A's gradient is exactly 0 by construction.
+    adapters: dict[str, bool] = {}
+    for n in names:
+        if "lora_" in n:
+            key = n.split(".lora_")[0]
+            adapters[key] = adapters.get(key, False) or n in reached
+    lora = list(adapters)
+    mlp1 = [n for n in names if n.startswith("mlp1.")]
+    teacher_grads = 0
+    if ema is not None:
+        teacher_grads += sum(1 for s in ema.shadow if s.requires_grad or s.grad is not None)
+        if ema.teacher_model is not None:
+            teacher_grads += sum(1 for p in ema.teacher_model.parameters() if p.grad is not None or p.requires_grad)
+    audit.evidence.append(f"|dL/d text_embeds| = {float(grad_embeds.norm()):.3e}")
+    audit.evidence.append(f"through text_embeds: {sum(adapters.values())}/{len(lora)} LoRA adapters, {sum(n in reached for n in mlp1)}/{len(mlp1)} mlp1 tensors non-zero")
+    audit.evidence.append(f"teacher tensors that require or hold a gradient: {teacher_grads}")
+    audit.passed = bool(lora) and all(adapters.values()) and all(n in reached for n in mlp1) and teacher_grads == 0 and float(grad_embeds.abs().sum()) > 0
+    return audit
+
+
+def _audit_optimizer(optimizer, trainable: dict) -> Audit:
+    audit = Audit("optimizer holds state for every trainable tensor that gets a gradient", False)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    expected = {n: p for n, p in trainable.items() if not gradient_free(n)}
+    with_state = [n for n, p in expected.items() if len(inner.state.get(p, {})) > 0]
+    state_bytes = _storage_bytes(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
+    audit.evidence.append(f"{len(with_state)}/{len(expected)} trainable tensors have optimizer state ({state_bytes:,} bytes); "
+                          f"{len(trainable) - len(expected)} more (SAM2's IoU and object-score heads) never get a gradient by design")
+    if not with_state:
+        audit.evidence.append("no optimizer state at all: the optimizer never stepped (or was never given the parameters)")
+    missing = [n for n in expected if n not in with_state]
+    if with_state and missing:
+        audit.evidence.append(f"without state: {missing[:5]}")
+    audit.passed = bool(expected) and not missing
+    return audit

@@ -1,0 +1,241 @@
+"""The predicted memory budget of one training process, from the real module tree on `meta`.
+
+Static components (weights, gradients, optimizer state, EMA) are exact byte counts of the
+tensors the run will hold. Activations are estimated per phase from the model's dimensions
+(what autograd keeps per token and layer); the peak is the largest phase on top of the static
+components, not the sum of everything.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..distributed import unwrap
+from ..ema import EMATeacher
+
+GiB = 2**30
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
+
+
+@dataclass
+class Deployment:
+    """What the run looks like, as far as memory is concerned."""
+
+    batch_size: int = 1
+    caption_len: int = 64
+    region_cells: int = 32  # K, typical visual-prompt length
+    topk: int = 128
+    world_size: int = 1
+    zero_stage: int = 0  # 0: no DeepSpeed (single process / DDP), 2: ZeRO-2
+    offload_optimizer: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit
+    ema_placement: str = "same"
+    gradient_checkpointing: bool = False
+    dtype: str = "bf16"  # the model's weights: bf16 (GPU) or fp32 (CPU)
+    device: str = "cuda:0"
+    reduce_bucket_size: int = 200_000_000
+    allgather_bucket_size: int = 200_000_000
+    overlap_comm: bool = True
+
+    @property
+    def elem(self) -> int:
+        return 2 if self.dtype == "bf16" else 4
+
+
+@dataclass
+class Row:
+    component: str
+    device: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Prediction:
+    deployment: Deployment
+    static: list[Row] = field(default_factory=list)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # per phase: saved / transient / total activation bytes
+    host: list[Row] = field(default_factory=list)
+
+    def static_bytes(self, device: str | None = None) -> int:
+        return sum(r.bytes for r in self.static if device is None or r.device == device)
+
+    def component(self, name: str) -> int:
+        return sum(r.bytes for r in self.static if r.component == name)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda name: self.phases[name]["total"])
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.static_bytes(self.deployment.device) + self.phases[self.peak_phase]["total"]
+
+    def to_dict(self) -> dict:
+        return {
+            "deployment": asdict(self.deployment),
+            "static": [asdict(r) for r in self.static],
+            "host": [asdict(r) for r in self.host],
+            "phases": dict(self.phases),
+            "peak_phase": self.peak_phase,
+            "peak_bytes": self.peak_bytes,
+        }
+
+
+def _nbytes(t: torch.Tensor, elem: int) -> int:
+    if t.dtype == torch.uint8:  # 4-bit storage, packed two per byte (quant state is small)
+        return t.numel()
+    return t.numel() * (elem if t.is_floating_point() else t.element_size())
+
+
+def optimizer_state_bytes(trainable: int, n_tensors: int, d: Deployment) -> tuple[int, str]:
+    """Bytes of optimizer state for `trainable` parameters in `n_tensors` tensors."""
+    if d.zero_stage >= 1:
+        # fp32 master copy + Adam moments (fp32, or 1 byte each with bitsandbytes), split 1/N
+        moments = 2 if d.optimizer == "adamw8bit" else 8
+        return (4 + moments) * trainable // d.world_size, f"fp32 master + Adam moments, 1/{d.world_size} (ZeRO-{d.zero_stage})"
+    if d.optimizer == "adamw8bit":
+        return 2 * trainable + 4 * n_tensors, "two 8-bit moments (bitsandbytes) + step counters"
+    # torch AdamW: moments in the parameter dtype, plus a 4-byte step counter per tensor
+    return 2 * d.elem * trainable + 4 * n_tensors, "Adam moments in the weights' dtype + step counters"
+
+
+def gradient_bytes(trainable: int, d: Deployment) -> tuple[int, str]:
+    if d.zero_stage >= 2:
+        # reduced gradients kept only for this rank's partition (param dtype + fp32 copy for
+        # the optimizer) + the reduce buckets (two with overlap_comm) and the allgather bucket.
+        buckets = d.reduce_bucket_size * d.elem * (2 if d.overlap_comm else 1) + min(d.allgather_bucket_size, trainable) * d.elem
+        return (d.elem + 4) * trainable // d.world_size + min(buckets, 3 * trainable * d.elem), "partition + reduce/allgather buckets"
+    return d.elem * trainable, "full gradients of the trainable tensors"
+
+
+def predict(model, d: Deployment) -> Prediction:
+    """The budget for `model` (any device, `meta` included) deployed as `d`."""
+    module = unwrap(model)
+    pred = Prediction(d)
+    frozen_by_dtype: dict[str, int] = {}
+    trainable, n_trainable, with_grad, n_with_grad = 0, 0, 0, 0
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            n_trainable += 1
+            if not gradient_free(name):
+                with_grad += p.numel()
+                n_with_grad += 1
+        else:
+            key = "4-bit" if p.dtype == torch.uint8 else d.dtype if p.is_floating_point() else str(p.dtype)
+            frozen_by_dtype[key] = frozen_by_dtype.get(key, 0) + _nbytes(p, d.elem)
+    buffers = sum(_nbytes(b, d.elem) for b in module.buffers())
+    dev = d.device
+    for dtype, nbytes in sorted(frozen_by_dtype.items()):
+        pred.static.append(Row("frozen weights", dev, nbytes, dtype))
+    pred.static.append(Row("buffers", dev, buffers))
+    pred.static.append(Row("trainable weights", dev, trainable * d.elem, f"{trainable:,} parameters"))
+    # ZeRO allocates for every trainable tensor; torch only for those that get a gradient.
+    grads, note = gradient_bytes(trainable if d.zero_stage else with_grad, d)
+    pred.static.append(Row("gradients", dev, grads, note))
+    optim, note = optimizer_state_bytes(trainable if d.zero_stage else with_grad, n_trainable if d.zero_stage else n_with_grad, d)
+    (pred.host if d.offload_optimizer else pred.static).append(Row("optimizer state", "cpu" if d.offload_optimizer else dev, optim, note))
+    for where, nbytes in EMATeacher.predicted_bytes(module, d.ema_placement, training_device=dev, model_dtype=torch.bfloat16 if d.elem == 2 else torch.float32).items():
+        row = Row("EMA", where, nbytes, d.ema_placement)
+        (pred.static if where == dev else pred.host).append(row)
+    if dev.startswith("cuda"):
+        pred.static.append(Row("CUDA context", dev, CUDA_CONTEXT_BYTES, "driver, cuBLAS workspace; outside the allocator"))
+    pred.phases = activation_phases(module, d)
+    return pred
+
+
+def _lora(module):
+    return getattr(module, "lora", None)
+
+
+# Trainable heads the loss never reaches: SAM2 picks the best of 3 masks by predicted IoU with an
+# argmax (no gradient to the IoU head) and the object-score head's output is unused. They hold
+# weights (and ZeRO partitions) but never a gradient or torch optimizer state.
+GRADIENT_FREE = ("sam_mask_decoder.iou_prediction_head.", "sam_mask_decoder.pred_obj_score_head.")
+
+
+def gradient_free(name: str) -> bool:
+    return any(part in name for part in GRADIENT_FREE)
+
+
+def saved_per_token_layer(module, elem: int) -> int:
+    """Bytes autograd keeps per token and decoder layer in a training forward.
+
+    Measured structure (elements): ~11h (norm inputs/outputs in fp32 for RMSNorm, q/k/v/o and
+    attention inputs/outputs, residuals) + 5I (MLP gate, up, activation, product, down input) +
+    7r (LoRA A outputs), plus 6h for LoRA's dropout copies when dropout > 0. Calibrated on the
+    tiny preset on CPU and on Sa2VA-4B on an H200 (docs/measurements); an estimate, ±20%.
+    """
+    lang = module.preset.language
+    lora = _lora(module)
+    r = lora.r if lora else 0
+    dropout = 6 * lang.hidden_size if (lora and lora.dropout > 0) else 0
+    return (11 * lang.hidden_size + 5 * lang.intermediate_size + 7 * r + dropout) * elem
+
+
+def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
+    """Per phase: `saved` = bytes autograd holds for backward at the end of the phase
+    (cumulative: pass 1's graph is alive until backward), `transient` = temporaries at the phase's
+    peak, `total` = saved + transient."""
+    lang, vis, sam = module.preset.language, module.preset.vision, module.preset.sam2
+    h, layers, V = lang.hidden_size, lang.num_layers, lang.vocab_size
+    e, B, T = d.elem, d.batch_size, d.caption_len
+    image_tokens = vis.num_image_tokens
+    prompt = image_tokens + 40 + d.region_cells  # template text ~40 tokens
+    segment = image_tokens + 30 + T
+    per_layer = saved_per_token_layer(module, e)
+    if d.gradient_checkpointing:  # one hidden state per layer and token; a layer is recomputed at a time
+        def llm_saved(tokens):
+            return layers * tokens * h * e
+
+        recompute = per_layer * B * max(prompt + T, segment)
+    else:
+        def llm_saved(tokens):
+            return layers * tokens * per_layer
+
+        recompute = 0
+    # mlp1 keeps its LayerNorm/Linear/GELU inputs for the image tokens of each pass
+    mlp1_saved = B * image_tokens * (3 * vis.shuffled_size + 3 * h) * e
+    logits = B * T * V * e
+    kv = 2 * layers * lang.num_kv_heads * (h // lang.num_heads) * e
+    vit_transient = B * (vis.image_size // vis.patch_size) ** 2 * (vis.hidden_size * 6 + vis.mlp_size) * e
+    sam_transient = B * (sam.image_size // 4) ** 2 * sam.embed_dim * 12 * e
+    decoder_saved = B * (sam.image_size // 4) ** 2 * (sam.d_model // 8) * 6 * e
+
+    pass1 = llm_saved(B * (prompt + T)) + mlp1_saved + B * T * h * e
+    gumbel = B * T * d.topk * (4 + 8)  # y_soft (fp32) and top-k ids (int64)
+    pass2 = llm_saved(B * segment) + mlp1_saved + decoder_saved
+    phases = {
+        "teacher generation": (0, B * (prompt + T) * kv + B * V * 4 + vit_transient),
+        "pass 1 (caption logits)": (pass1, 2 * logits + vit_transient),
+        "gumbel": (pass1 + gumbel, 2 * logits),
+        "pass 2 (segment)": (pass1 + gumbel + pass2, max(vit_transient, sam_transient)),
+        "backward": (pass1 + gumbel + pass2, logits + recompute),
+    }
+    return {name: {"saved": saved, "transient": transient, "total": saved + transient} for name, (saved, transient) in phases.items()}
+
+
+SEED_TABLE_GB = [  # the design note's hand estimate (问题3), per GPU, in GB
+    ("vision encoder (frozen)", 2.0),
+    ("LLM with LoRA", 8.0),
+    ("SAM2 encoder (frozen)", 3.0),
+    ("SAM2 decoder", 1.0),
+    ("projectors", 1.0),
+    ("EMA full copy", 15.0),
+    ("gradients", 4.0),
+    ("optimizer states", 8.0),
+    ("activations", 4.0),
+]
+
+
+def alternative_estimates(model, d: Deployment) -> dict[str, int]:
+    """What two common rules of thumb would say, to show why they differ from `predict`."""
+    module = unwrap(model)
+    total = sum(p.numel() for p in module.parameters())
+    return {
+        "weights x dtype (all parameters, bf16)": total * 2,
+        f"DeepSpeed ZeRO-2 formula (2P + 18P/N, N={d.world_size}, all parameters trainable)": 2 * total + 18 * total // max(1, d.world_size),
+        "design note (43-47 GB table, midpoint)": int(45e9),
+    }

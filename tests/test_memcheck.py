@@ -1,0 +1,66 @@
+"""memcheck: exact static prediction on the tiny preset, the reference prediction, and the
+audits catching each of the design note's three suspected bugs."""
+import json
+
+import pytest
+import torch
+
+from pg_train.memcheck import Deployment, predict
+from pg_train.memcheck.__main__ import main
+from pg_train.model import build_model
+
+
+def run(tmp_path, *args):
+    path = tmp_path / "report.json"
+    code = main(["--json", str(path), *args])
+    return code, json.loads(path.read_text())
+
+
+def test_healthy_tiny_run_matches_prediction_exactly_and_passes(tmp_path, capsys):
+    code, report = run(tmp_path)
+    assert code == 0 and report["exit_code"] == 0
+    rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
+    for component in ("frozen weights", "trainable weights", "gradients", "optimizer state", "EMA"):
+        assert rows[component]["measured"] > 0
+        assert abs(rows[component]["error"]) <= 0.01, component
+    assert abs(rows["activations saved for backward"]["error"]) <= 0.5
+    assert all(a["passed"] for a in report["audits"]) and len(report["audits"]) == 3
+    out = capsys.readouterr().out
+    assert "design note" in out and "memcheck: PASS (exit 0)" in out
+
+
+@pytest.mark.parametrize("bug, failing_audit, diagnosis", [
+    ("no-ema", "EMA exists", "EMA is absent"),
+    ("detach-text-embeds", "gradients reach LoRA", "detached"),
+    ("no-optimizer-step", "optimizer holds state", "optimizer state is absent"),
+])
+def test_broken_runs_exit_1_with_the_right_diagnosis(tmp_path, capsys, bug, failing_audit, diagnosis):
+    code, report = run(tmp_path, "--inject", bug)
+    assert code == 1
+    failed = [a for a in report["audits"] if not a["passed"]]
+    assert [a["name"] for a in failed] and all(a["name"].startswith(failing_audit) for a in failed)
+    assert diagnosis in capsys.readouterr().out
+
+
+def test_out_of_tolerance_exits_2(tmp_path):
+    code, report = run(tmp_path, "--peak-tolerance", "0.0001")
+    assert code == 2 and all(a["passed"] for a in report["audits"])
+
+
+def test_reference_prediction_for_sa2va_4b_zero2():
+    model = build_model("sa2va-4b", device="meta", dtype=torch.bfloat16)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    pred = predict(model, Deployment(world_size=8, zero_stage=2))
+    assert pred.component("trainable weights") == 2 * trainable
+    assert pred.component("optimizer state") == 12 * trainable // 8
+    assert pred.component("EMA") == 4 * trainable
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) * 2
+    assert pred.component("frozen weights") == frozen
+    offload = predict(model, Deployment(world_size=8, zero_stage=2, offload_optimizer=True))
+    assert offload.component("optimizer state") == 0 and any(r.component == "optimizer state" for r in offload.host)
+    cpu_ema = predict(model, Deployment(ema_placement="cpu"))
+    assert cpu_ema.component("EMA") == 0 and sum(r.bytes for r in cpu_ema.host if r.component == "EMA") == 4 * trainable
+    ckpt = predict(model, Deployment(batch_size=8, gradient_checkpointing=True))
+    full = predict(model, Deployment(batch_size=8))
+    assert ckpt.phases["pass 2 (segment)"]["saved"] < full.phases["pass 2 (segment)"]["saved"] / 4
+    assert pred.peak_phase in pred.phases and pred.peak_bytes > pred.static_bytes("cuda:0")
