@@ -47,7 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--measure-preset", help="preset of the measured run (default: tiny on CPU, the predicted preset on CUDA)")
     parser.add_argument("--json", help="write the full report here")
     parser.add_argument("--tolerance", type=float, default=0.05, help="relative error allowed per static component (default 0.05)")
-    parser.add_argument("--peak-tolerance", type=float, default=0.5, help="relative error allowed for the peak (default 0.5)")
+    parser.add_argument("--peak-tolerance", type=float, default=0.5, help="relative error allowed for the peak / saved activations (default 0.5)")
+    parser.add_argument("--rss-tolerance", type=float, default=1.0, help="CPU: relative error allowed for the first step's RSS growth (default 1.0)")
     parser.add_argument("--inject", action="append", default=[], choices=BUGS, help="reproduce a suspected bug in the measured run (self-test)")
     return parser.parse_args(argv)
 
@@ -126,7 +127,7 @@ def print_seed_comparison(pred) -> None:
     print(f"   {'total':28} {'43-47':>6}   predicted peak {fmt(pred.peak_bytes).strip()}")
 
 
-def compare(pred, meas, tolerance: float, peak_tolerance: float) -> tuple[list[dict], bool]:
+def compare(pred, meas, tolerance: float, peak_tolerance: float, rss_tolerance: float = 1.0) -> tuple[list[dict], bool]:
     rows, ok = [], True
     for component, measured in meas.static.items():
         predicted = pred.component(component)
@@ -145,7 +146,13 @@ def compare(pred, meas, tolerance: float, peak_tolerance: float) -> tuple[list[d
         # the peak check uses exact accounting of what autograd keeps for backward.
         name = "activations saved for backward"
         predicted_peak, measured_peak = saved_predicted, saved_measured
-    for label, predicted, measured, tol in ((name, predicted_peak, measured_peak, peak_tolerance),):
+    checks = [(name, predicted_peak, measured_peak, peak_tolerance)]
+    if not meas.device.startswith("cuda"):
+        # The first step allocates gradients and optimizer state and runs every phase; its RSS
+        # growth also holds library warm-up (kernel caches), hence the loose default tolerance.
+        first = pred.component("gradients") + pred.component("optimizer state") + pred.phases[pred.peak_phase]["total"]
+        checks.append(("peak RSS growth, first step", first, meas.first_step_growth, rss_tolerance))
+    for label, predicted, measured, tol in checks:
         error = (measured - predicted) / predicted
         within = abs(error) <= tol
         ok &= within
@@ -197,7 +204,7 @@ def run_measured(args, cfg, report) -> int:
     d = dataclasses.replace(deployment_from(args, cfg), world_size=1, zero_stage=0, offload_optimizer=False,
                             dtype="bf16" if cuda else "fp32", device=device)
     if not cuda:
-        d = dataclasses.replace(d, batch_size=args.batch_size or (cfg.batch_size if cfg else 2), caption_len=args.caption_len or 16)
+        d = dataclasses.replace(d, batch_size=args.batch_size or (cfg.batch_size if cfg else 4), caption_len=args.caption_len or 16)
     model = build(preset, cfg, device, dtype)
     if d.gradient_checkpointing:
         from ..model import enable_gradient_checkpointing
@@ -212,7 +219,7 @@ def run_measured(args, cfg, report) -> int:
     pred = predict(model, d)
     batch = build_batch(model, d.batch_size, torch.device(device))
     meas = measure(model, optimizer, ema, objective, batch, steps=args.steps, inject=tuple(args.inject))
-    rows, within = compare(pred, meas, args.tolerance, args.peak_tolerance)
+    rows, within = compare(pred, meas, args.tolerance, args.peak_tolerance, args.rss_tolerance)
 
     print_prediction(f"measured run: {preset} on {device}{' (injected: ' + ', '.join(args.inject) + ')' if args.inject else ''}", pred)
     print(f"\n== predicted vs measured ({args.steps} steps, the last one measured)")
@@ -224,7 +231,7 @@ def run_measured(args, cfg, report) -> int:
     for name, ph in meas.phases.items():
         print(f"     {name:25} {ph['s']:7.3f} s {fmt(ph['peak_above_entry']):>17} {fmt(ph['saved_for_backward']):>19}")
     if not cuda:
-        print(f"   process RSS grew by {fmt(meas.peak_bytes).strip()} during the measured step (allocator reuse; not checked)")
+        print(f"   process RSS grew by {fmt(meas.peak_bytes).strip()} during the warm measured step (the allocator reuses step 1's memory)")
     for reason in diagnose(rows):
         print(f"   diagnosis: {reason}")
     print("\n== audits (the design note's three suspicions)")

@@ -37,6 +37,7 @@ class Measurement:
     static: dict[str, int] = field(default_factory=dict)  # component -> bytes held (exact)
     phases: dict[str, dict] = field(default_factory=dict)  # phase -> {"s", "peak_bytes", ...}
     peak_bytes: int = 0  # highest memory seen during the measured step, above the step's start (CPU) or absolute (CUDA)
+    first_step_growth: int = 0  # CPU: RSS growth over the first step (gradients and optimizer state are allocated then)
     audits: list[Audit] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
@@ -155,6 +156,8 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
             m.static = tensor_accounting(model, optimizer, ema)  # gradients still held, as at the peak
         optimizer.zero_grad(set_to_none=True)
         overall.__exit__(None, None, None)
+        if step == 0:
+            m.first_step_growth = overall.peak_bytes
         m.losses.append(float(loss.detach()))
         if last:
             m.peak_bytes = overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
