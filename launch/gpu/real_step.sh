@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels (.whl: transformers 5.24, peft, sam2, hydra, ...),
-# then time Sa2VA-4B Pseudo-Gumbel steps on the GPU; the report lands in $OUT/real_step.json.
+# then sweep Sa2VA-4B steps over batch sizes on the GPU; the report lands in $OUT/real_step.json.
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1

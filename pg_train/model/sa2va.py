@@ -156,6 +156,7 @@ class Sa2VAModel(nn.Module):
         embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells)
         hidden = self.language_model.model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self.position_ids(attention_mask),
+            use_cache=False,  # training passes never decode: no KV cache to build
         ).last_hidden_state
         return self.language_model.lm_head(hidden[:, first_row : first_row + num_rows])
 
@@ -176,6 +177,7 @@ class Sa2VAModel(nn.Module):
         )
         hidden = self.language_model.model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self.position_ids(attention_mask),
+            use_cache=False,  # training passes never decode: no KV cache to build
         ).last_hidden_state
         seg_position = torch.full((B,), P + caption_embeds.shape[1] + seg_index, device=hidden.device)
         return self.predict_masks(self.seg_hidden_states(hidden, seg_position), sam_pixel_values)
