@@ -12,7 +12,7 @@ setup:
 	bash scripts/setup.sh
 
 train: setup
-	$(VENV)/bin/accelerate launch launch/train.py $(ARGS)
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no launch/train.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
