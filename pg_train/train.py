@@ -181,6 +181,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
         skipped_update = False
+        norms: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             batch = next(batches)  # consumed even when the window is already lost: ranks stay in step
             if skipped_update:
@@ -188,14 +189,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             inputs = {k: batch[k].to(accelerator.device) for k in TENSOR_KEYS}
             with accelerator.accumulate(model):
                 out = pseudo_gumbel_step(model, ema, inputs, cfg.objective)
-                # Every rank must agree before backward: a rank that skipped alone would hang the others.
-                finite = accelerator.reduce(torch.isfinite(out.loss.detach()).float().reshape(1).to(accelerator.device), "min")
-                if finite.item() < 1:
+                # Every rank must agree before backward: a rank that skipped alone would hang the
+                # others, and one that did not would all-reduce NaN gradients into everyone.
+                bad = (~torch.isfinite(out.loss.detach())).float().reshape(1).to(accelerator.device)
+                if accelerator.reduce(bad, "max").item() > 0:
                     skipped_update = True
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 accelerator.backward(out.loss)
-                norms = {}
                 if accelerator.sync_gradients and not skipped_update:
                     if not deepspeed:
                         norms = grad_norms(model)

@@ -202,3 +202,13 @@ def test_zero2_with_8bit_adamw_on_two_processes(tmp_path):
     assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
     for r in ranks:  # two 1-byte moments, half of the parameters each (+ block scales)
         assert r["optimizer_state_elements"] < 1.1 * r["trainable_elements"]
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2(tmp_path):
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3", *FAST,
+                      env={"PG_POISON": "1:2"})  # rank 1's second step returns NaN
+    ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [[0, 1, 0], [0, 1, 0]]
+    assert ranks[0]["finite_weights"] and ranks[1]["finite_weights"]
+    assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]

@@ -21,7 +21,27 @@ from pg_train.config import load_config  # noqa: E402
 from pg_train.train import train  # noqa: E402
 
 
+def poison(rank: int, call: int) -> None:
+    """Make the `call`-th objective evaluation on `rank` return a NaN loss (only that rank)."""
+    import pg_train.train as train_module
+
+    if int(os.environ["RANK"]) != rank:
+        return
+    real, calls = train_module.pseudo_gumbel_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] == call:
+            out.loss = out.loss * float("nan")
+        return out
+
+    train_module.pseudo_gumbel_step = step
+
+
 def main(out_path: str, overrides: list[str]) -> None:
+    if "PG_POISON" in os.environ:  # "rank:call"
+        poison(*(int(x) for x in os.environ["PG_POISON"].split(":")))
     result = train(load_config([], overrides))
     loader = result.loader
     consumed = []
@@ -45,6 +65,8 @@ def main(out_path: str, overrides: list[str]) -> None:
         "optimizer_state_elements": state_elements,
         "ema_checksum": result.ema.checksum(),
         "losses": [r["loss"] for r in result.history],
+        "skipped": [r["skipped_nonfinite"] for r in result.history],
+        "finite_weights": all(bool(torch.isfinite(t).all()) for t in trainable.values()),
     }))
 
 
