@@ -55,6 +55,7 @@ def main(out_path: str, overrides: list[str]) -> None:
         t.numel() for s in result.optimizer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
     )
     rank = int(os.environ["RANK"])  # end_training() has destroyed the process group
+    torch.save({n: t.float().cpu() for n, t in trainable.items()}, f"{out_path}.rank{rank}.weights.pt")
     Path(f"{out_path}.rank{rank}.json").write_text(json.dumps({
         "rank": rank,
         "exit_code": result.exit_code,
