@@ -16,6 +16,7 @@ import yaml
 
 from .data import DataConfig
 from .pseudo_gumbel import PseudoGumbelConfig
+from .supervised import SupervisedConfig
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,11 @@ class TrainConfig:
     stop_at_step: int | None = None  # behave as if preempted after this step (checkpoint, exit 75)
     tensorboard: bool = True
     progress: bool = True
+    objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0: off)
+    eval_samples: int = 16  # held-out synthetic scenes (a different seed than training)
     model: ModelConfig = field(default_factory=ModelConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     objective: PseudoGumbelConfig = field(default_factory=lambda: PseudoGumbelConfig(max_caption_len=24, topk=64))
     ema: EMAConfig = field(default_factory=EMAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -204,6 +209,8 @@ def validate(cfg: TrainConfig) -> None:
         (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
         (cfg.optim.name in ("adamw", "adamw8bit"), "optim.name", "must be adamw or adamw8bit"),
+        (cfg.objective_kind in ("pseudo_gumbel", "supervised", "mixed"), "objective_kind", "must be pseudo_gumbel, supervised or mixed"),
+        (cfg.eval_every >= 0 and cfg.eval_samples >= 1, "eval_every", "eval_every must be >= 0 and eval_samples >= 1"),
         (cfg.data.source in ("synthetic", "manifest", "coco"), "data.source", "must be synthetic, manifest or coco"),
         (cfg.data.source != "manifest" or cfg.data.manifest, "data.manifest", "required when data.source=manifest"),
         (cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images), "data.coco_instances", "data.coco_instances and data.coco_images are required when data.source=coco"),

@@ -286,8 +286,9 @@ class StepOutput:
     metrics: dict = field(default_factory=dict)
 
 
-def mask_iou(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample IoU of (logits > 0) vs the target at the logits' resolution.
+def iou_counts(mask_logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (intersection, union) pixel counts of (logits > 0) vs the target, at the
+    logits' resolution.
 
     The true region is where the target covers at least half a pixel; an object smaller than
     that (possible at 256x256, common at the tiny preset's 32x32) is its most-covered pixel(s),
@@ -298,8 +299,12 @@ def mask_iou(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     truth = target >= 0.5
     peak = (target == target.amax(dim=1, keepdim=True)) & (target > 0)
     truth = torch.where(truth.any(dim=1, keepdim=True), truth, peak).view_as(pred)
-    inter = (pred & truth).flatten(1).sum(1).float()
-    union = (pred | truth).flatten(1).sum(1).float()
+    return (pred & truth).flatten(1).sum(1).float(), (pred | truth).flatten(1).sum(1).float()
+
+
+def mask_iou(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample IoU (see iou_counts); an empty prediction of an empty target counts as 1."""
+    inter, union = iou_counts(mask_logits, target)
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 

@@ -24,6 +24,7 @@ from .ema import EMATeacher
 from .model import build_model, enable_gradient_checkpointing, from_pretrained
 from .model.presets import get_preset
 from .pseudo_gumbel import pseudo_gumbel_step
+from .supervised import supervised_step
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
 TENSOR_KEYS = ("pixel_values1", "region_masks1", "pixel_values2", "sam_pixel_values2", "masks2", "sample_seeds")
@@ -72,6 +73,20 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
         return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def objective_step(model, ema, batch: dict, cfg: TrainConfig):
+    """The configured objective's forward: Pseudo-Gumbel, supervised (ground-truth text), or both."""
+    if cfg.objective_kind == "supervised":
+        return supervised_step(model, batch, cfg.objective, cfg.supervised)
+    out = pseudo_gumbel_step(model, ema, batch, cfg.objective)
+    if cfg.objective_kind == "mixed":
+        sup = supervised_step(model, batch, cfg.objective, cfg.supervised)
+        out.loss = out.loss + cfg.supervised.mix_weight * sup.loss
+        out.metrics["loss"] = out.loss.detach()
+        out.metrics["lm_loss"] = sup.metrics["lm_loss"]
+        out.metrics["supervised_iou"] = sup.metrics["iou"]
+    return out
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -140,6 +155,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.data, Preprocess(module.preset.vision.image_size, module.preset.sam2.image_size), cfg.batch_size,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
     )
+    heldout = []
+    if cfg.eval_every:
+        from .evaluate import heldout_batches
+
+        heldout = heldout_batches(module, cfg.eval_samples, max(2, cfg.batch_size), seed=cfg.seed + 10_000, device=accelerator.device)
     if cfg.tensorboard:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=flat)
@@ -187,8 +207,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             if skipped_update:
                 continue
             inputs = {k: batch[k].to(accelerator.device) for k in TENSOR_KEYS}
+            inputs["captions"] = batch["captions"]
             with accelerator.accumulate(model):
-                out = pseudo_gumbel_step(model, ema, inputs, cfg.objective)
+                out = objective_step(model, ema, inputs, cfg)
                 # Every rank must agree before backward: a rank that skipped alone would hang the
                 # others, and one that did not would all-reduce NaN gradients into everyone.
                 bad = (~torch.isfinite(out.loss.detach())).float().reshape(1).to(accelerator.device)
@@ -218,12 +239,20 @@ def train(cfg: TrainConfig) -> TrainResult:
             ema.update_if_stepped(model, accelerator)
         step += 1
 
-        # ---- log ------------------------------------------------------------------------------
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        # ---- evaluate and log ------------------------------------------------------------------
+        evaluation = {}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            from .evaluate import evaluate
+
+            numbers = evaluate(model, heldout, cfg.objective)
+            evaluation = {f"eval/{kind}_{m}": numbers[kind][m] for kind in ("referring", "cycle", "shuffled", "empty") for m in ("cIoU", "gIoU")}
+            evaluation["eval/caption_len"] = numbers["captions"]["mean_length"]
+        if step % cfg.log_every == 0 or step == cfg.max_steps or evaluation:
             keys = ("loss", "bce", "dice", "iou", "caption_len_mean", "replaced_fraction", "region_k_mean")
             local = torch.stack([out.metrics[k].float().reshape(()) for k in keys]).to(accelerator.device)
             mean = accelerator.reduce(local, "mean") if accelerator.num_processes > 1 else local
             record = {"step": step, **{k: float(v) for k, v in zip(keys, mean)}}
+            record.update({k: float(out.metrics[k]) for k in ("lm_loss", "supervised_iou") if k in out.metrics})
             if skipped_update:
                 record.update(loss=None, bce=None, dice=None)
             record.update(
@@ -241,6 +270,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if out.text_embeds.grad is not None:
                 record["grad_norm/text_embeds"] = float(out.text_embeds.grad.float().norm())
             record.update(norms)
+            record.update(evaluation)
             if deepspeed and hasattr(model, "get_global_grad_norm"):
                 global_norm = model.get_global_grad_norm()
                 record["grad_norm/global"] = float(global_norm) if global_norm is not None else None

@@ -212,3 +212,12 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2(tmp
     assert [r["skipped"] for r in ranks] == [[0, 1, 0], [0, 1, 0]]
     assert ranks[0]["finite_weights"] and ranks[1]["finite_weights"]
     assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
+
+
+@pytest.mark.parametrize("kind", ["supervised", "mixed"])
+def test_supervised_and_mixed_objectives_train_with_periodic_evaluation(tmp_path, kind):
+    result = train(load_config([], [*FAST, f"output_dir={tmp_path}", "max_steps=2", f"objective_kind={kind}", "eval_every=2", "eval_samples=4"]))
+    lines = metrics(tmp_path)
+    assert result.exit_code == 0 and [r["step"] for r in lines] == [1, 2]
+    assert all(r["loss"] is not None and r["lm_loss"] > 0 for r in lines)
+    assert "eval/cycle_gIoU" in lines[1] and "eval/shuffled_gIoU" in lines[1] and "eval/cycle_gIoU" not in lines[0]

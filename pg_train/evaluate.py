@@ -1,0 +1,227 @@
+"""Does the model ground language? Referring segmentation, the caption cycle, and controls.
+
+    python -m pg_train.evaluate --checkpoint DIR [--manifest PAIRS.jsonl | --samples N] [--output DIR]
+
+- referring: segment image 2 from the ground-truth expression — cIoU (sum of intersections /
+  sum of unions) and gIoU (mean per-sample IoU), the RefCOCO convention;
+- cycle: the model captions region 1 of image 1 (greedy), then segments image 2 from its own
+  caption — what Pseudo-Gumbel trains;
+- controls on the same samples: another sample's caption (shuffled) and an empty caption. The
+  gap between cycle and shuffled is what the captions carry about the object.
+Also caption statistics, a JSON of every number and a PNG gallery.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .distributed import unwrap
+from .model.regions import region_cells
+from .pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema, iou_counts, resize_target
+from .supervised import tokenize_captions
+
+KINDS = ("referring", "cycle", "shuffled", "empty")
+
+
+def caption_inputs(model, batch: dict, cfg: PseudoGumbelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Caption ids and lengths per kind. shuffled = the cycle caption of the next sample in the
+    batch (another object); empty = no caption at all."""
+    device = batch["pixel_values1"].device
+    cells, _ = region_cells(batch["region_masks1"], unwrap(model).grid_size, cfg.region_threshold, cfg.empty_region_policy)
+    generated, generated_len = generate_pseudo_tokens_with_ema(model, batch["pixel_values1"], cells, cfg)
+    truth, truth_len = tokenize_captions(model, batch["captions"], cfg.max_caption_len)
+    B = generated.shape[0]
+    order = torch.roll(torch.arange(B), 1)
+    return {
+        "referring": (truth.to(device), truth_len.to(device)),
+        "cycle": (generated, generated_len),
+        "shuffled": (generated[order], generated_len[order]),
+        "empty": (torch.full((B, 1), unwrap(model).tokenizer.pad_token_id, device=device), torch.zeros(B, dtype=torch.long, device=device)),
+    }
+
+
+def ciou_giou(inter: torch.Tensor, union: torch.Tensor) -> dict[str, float]:
+    """RefCOCO's two numbers from per-sample pixel counts: cIoU = sum(I) / sum(U) (large objects
+    weigh more), gIoU = mean(I / U) (every sample weighs the same; U = 0 counts as IoU 1)."""
+    inter, union = inter.double(), union.double()
+    per_sample = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return {
+        "cIoU": float(inter.sum() / union.sum()) if float(union.sum()) > 0 else 0.0,
+        "gIoU": float(per_sample.mean()) if len(per_sample) else 0.0,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path | None = None, gallery_size: int = 8) -> dict:
+    """Numbers over all `batches` (dicts as the data loader yields, on the model's device)."""
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    inter = {k: [] for k in KINDS}
+    union = {k: [] for k in KINDS}
+    lengths, tokens, rows = [], [], []
+    try:
+        for batch in batches:
+            if batch["pixel_values1"].shape[0] < 2:
+                raise ValueError("evaluation batches need at least 2 samples (the shuffled control swaps captions within a batch)")
+            inputs = caption_inputs(model, batch, cfg)
+            target = None
+            predictions = {}
+            for kind, (ids, lens) in inputs.items():
+                embeds = module.embed_tokens()(ids)
+                logits = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens)
+                if target is None:
+                    target = resize_target(batch["masks2"].to(logits.device), logits.shape[-2:])
+                i, u = iou_counts(logits, target)
+                inter[kind].append(i.cpu())
+                union[kind].append(u.cpu())
+                predictions[kind] = logits
+            ids, lens = inputs["cycle"]
+            for row, n in zip(ids.tolist(), lens.tolist()):
+                lengths.append(n)
+                tokens += row[:n]
+            if gallery_path is not None and len(rows) < gallery_size:
+                rows += _gallery_rows(module, batch, inputs, predictions, target, gallery_size - len(rows))
+    finally:
+        module.train(was_training)
+    results = {k: ciou_giou(torch.cat(inter[k]) if inter[k] else torch.zeros(0), torch.cat(union[k]) if union[k] else torch.zeros(0)) for k in KINDS}
+    results["samples"] = sum(len(t) for t in inter["cycle"])
+    results["cycle_minus_shuffled_gIoU"] = results["cycle"]["gIoU"] - results["shuffled"]["gIoU"]
+    results["captions"] = {
+        "mean_length": float(np.mean(lengths)) if lengths else 0.0,
+        "distinct_token_fraction": len(set(tokens)) / max(1, len(tokens)),
+        "cut_at_limit_fraction": float(np.mean([n >= cfg.max_caption_len for n in lengths])) if lengths else 0.0,
+    }
+    if gallery_path is not None:
+        write_gallery(rows, gallery_path)
+        results["gallery"] = str(gallery_path)
+    return results
+
+
+# ---- gallery --------------------------------------------------------------------------------------
+TILE = 224
+TEXT_HEIGHT = 44
+MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+
+
+def _to_image(pixel_values: torch.Tensor) -> Image.Image:
+    array = ((pixel_values.float().cpu() * STD + MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((TILE, TILE))
+
+
+def _overlay(image: Image.Image, mask: torch.Tensor, colour: tuple[int, int, int], alpha: float = 0.45) -> Image.Image:
+    mask_image = Image.fromarray((mask.float().cpu().numpy() > 0.5).astype(np.uint8) * int(255 * alpha)).resize(image.size)
+    return Image.composite(Image.new("RGB", image.size, colour), image, mask_image)
+
+
+def _gallery_rows(module, batch, inputs, predictions, target, limit) -> list[tuple]:
+    rows = []
+    tokenizer = module.tokenizer
+    ids, lens = inputs["cycle"]
+    for b in range(min(limit, batch["pixel_values1"].shape[0])):
+        left = _overlay(_to_image(batch["pixel_values1"][b]), batch["region_masks1"][b], (255, 200, 0))
+        right = _overlay(_to_image(batch["pixel_values2"][b]), target[b], (0, 200, 0))
+        right = _overlay(right, (predictions["cycle"][b] > 0).float(), (220, 0, 0), alpha=0.5)
+        caption = tokenizer.decode(ids[b, : int(lens[b])].tolist())
+        rows.append((left, right, f"model: {caption}"[:90], f"truth: {batch['captions'][b] or ''}"[:90]))
+    return rows
+
+
+def write_gallery(rows: list[tuple], path: str | Path) -> None:
+    """One row per sample: image 1 with its region (yellow) | image 2 with the true mask (green)
+    and the mask predicted from the model's own caption (red); the caption underneath."""
+    canvas = Image.new("RGB", (2 * TILE, max(1, len(rows)) * (TILE + TEXT_HEIGHT)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (left, right, caption, truth) in enumerate(rows):
+        top = i * (TILE + TEXT_HEIGHT)
+        canvas.paste(left, (0, top))
+        canvas.paste(right, (TILE, top))
+        draw.text((4, top + TILE + 4), caption, fill="black")
+        draw.text((4, top + TILE + 24), truth, fill="gray")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+# ---- loading and CLI -------------------------------------------------------------------------------
+def heldout_batches(model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None) -> list[dict]:
+    from .data import ManifestPairs, PairDataset, Preprocess, SyntheticPairs, collate_pairs
+
+    preset = unwrap(model).preset
+    source = ManifestPairs(manifest) if manifest else SyntheticPairs(samples, seed=seed)
+    dataset = PairDataset(source, Preprocess(preset.vision.image_size, preset.sam2.image_size))
+    count = min(samples, len(dataset))
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    batches, step = [], max(2, batch_size)
+    for start in range(0, count, step):
+        batch = collate_pairs([dataset[i] for i in range(start, min(count, start + step))])
+        if len(batch["captions"]) < 2:  # the shuffled control needs a second sample
+            continue
+        tensors = {k: batch[k].to(device) for k in ("region_masks1", "masks2")}
+        tensors.update({k: batch[k].to(device, dtype) for k in ("pixel_values1", "pixel_values2", "sam_pixel_values2")})
+        tensors["captions"] = batch["captions"]
+        batches.append(tensors)
+    return batches
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """A training checkpoint (`runs/x/checkpoints/step-N`, next to the run's config.yaml) or a
+    released-format Sa2VA directory (config.json + safetensors)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from .model import from_pretrained
+
+        return from_pretrained(path, device=device), None
+    config = path.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path}: neither a released checkpoint (config.json) nor a training checkpoint next to {config}")
+    from safetensors.torch import load_file
+
+    from .config import load_config
+    from .train import build_student
+
+    cfg = load_config([config], ["resume=null"])
+    model = build_student(cfg)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)")
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.to(device), cfg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pg_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--manifest", help="JSONL pairs to evaluate on (default: held-out synthetic scenes)")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=10_000, help="synthetic held-out seed (training uses its own, small seed)")
+    parser.add_argument("--output", default="eval")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_checkpoint(args.checkpoint, device)
+    objective = cfg.objective if cfg else PseudoGumbelConfig()
+    batches = heldout_batches(model, args.samples, args.batch_size, args.seed, device, args.manifest)
+    out = Path(args.output)
+    results = evaluate(model, batches, objective, gallery_path=out / "gallery.png")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    print(f"{results['samples']} samples from {args.manifest or 'held-out synthetic scenes'}")
+    print(f"{'':12} {'cIoU':>7} {'gIoU':>7}")
+    for kind in KINDS:
+        print(f"{kind:12} {results[kind]['cIoU']:7.3f} {results[kind]['gIoU']:7.3f}")
+    c = results["captions"]
+    print(f"cycle - shuffled gIoU: {results['cycle_minus_shuffled_gIoU']:+.3f}; captions: {c['mean_length']:.1f} tokens, "
+          f"{c['distinct_token_fraction']:.2f} distinct, {c['cut_at_limit_fraction']:.2f} cut at the limit")
+    print(f"wrote {out / 'eval.json'} and {out / 'gallery.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The supervised objective, as the base Sa2VA model was trained: a region-caption language-model
+loss and a referring-segmentation loss, both with the ground-truth text of the data.
+
+A model from random weights cannot caption anything, so Pseudo-Gumbel has nothing to start
+from: the supervised objective warms it up, and `mixed` keeps it in the mix as the original
+recipe does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .distributed import unwrap
+from .model.regions import region_cells as select_region_cells
+from .pseudo_gumbel import (
+    PseudoGumbelConfig, StepOutput, forward_for_logits, forward_mask_with_text_embeds, mask_iou, mask_loss, resize_target,
+)
+
+
+@dataclass
+class SupervisedConfig:
+    lm_weight: float = 1.0  # region-caption cross-entropy
+    seg_weight: float = 1.0  # referring segmentation (2 BCE + 0.5 Dice, as the objective)
+    mix_weight: float = 1.0  # objective=mixed: loss = pseudo_gumbel + mix_weight * supervised
+
+
+def tokenize_captions(model, captions: list[str | None], max_len: int, with_end: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and lengths [B] of the captions (optionally followed by the
+    template's end text, which teaches the model where a caption stops)."""
+    module = unwrap(model)
+    tokenizer = module.tokenizer
+    end = module.prompts.end_text_ids if with_end else []
+    rows = [tokenizer.encode(text or "", add_special_tokens=False)[:max_len] + end for text in captions]
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
+
+
+def caption_lm_loss(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, target_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean cross-entropy of the region prompt's answer (teacher forcing) [B]."""
+    logits = forward_for_logits(student, pixel_values, region_cells, target_ids, lengths)
+    real = torch.arange(target_ids.shape[1], device=target_ids.device)[None] < lengths[:, None]
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")
+    return (token_loss * real).sum(1) / lengths.clamp(min=1)
+
+
+def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: SupervisedConfig) -> StepOutput:
+    """batch: the objective's tensors plus `captions` (ground-truth text per sample)."""
+    module = unwrap(student)
+    device = batch["pixel_values1"].device
+    cells, fallback = select_region_cells(batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy)
+    targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, with_end=True)
+    lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device))
+
+    caption_ids, lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len)
+    caption_ids, lengths = caption_ids.to(device), lengths.to(device)
+    text_embeds = module.embed_tokens()(caption_ids)
+    mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
+    target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
+    seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)
+    loss = sup.lm_weight * lm.mean() + sup.seg_weight * seg["loss"]
+    metrics = {
+        "loss": loss.detach(), "lm_loss": lm.detach().mean(), "bce": seg["bce"].detach().mean(), "dice": seg["dice"].detach().mean(),
+        "iou": mask_iou(mask_logits, target).mean(), "caption_len_mean": lengths.float().mean(),
+        "replaced_fraction": torch.zeros(()), "region_k_mean": cells.flatten(1).sum(1).float().mean(), "region_fallbacks": fallback.sum(),
+    }
+    return StepOutput(
+        loss=loss, bce=seg["bce"], dice=seg["dice"], mask_logits=mask_logits, text_embeds=text_embeds, caption_ids=caption_ids,
+        caption_lengths=lengths, masked_ids=caption_ids, replaced=torch.zeros_like(caption_ids, dtype=torch.bool),
+        hard_ids=caption_ids, region_k=cells.flatten(1).sum(1), region_fallback=fallback, metrics=metrics,
+    )

@@ -1,0 +1,81 @@
+"""Evaluation: RefCOCO-style metrics, the caption controls, and the gallery."""
+import pytest
+import torch
+from PIL import Image
+
+from pg_train.evaluate import TEXT_HEIGHT, TILE, caption_inputs, ciou_giou, evaluate, heldout_batches
+from pg_train.model import build_model
+from pg_train.pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, iou_counts
+
+
+def lively(seed=0):
+    model = build_model("tiny", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def test_metrics_ciou_and_giou_on_hand_made_masks():
+    target = torch.zeros(3, 4, 4)
+    target[0, :2, :2] = 1  # 4 px
+    target[1, :, :1] = 1  # 4 px
+    target[2, :, :] = 1  # 16 px
+    logits = torch.full((3, 4, 4), -1.0)
+    logits[0, :1, :2] = 1  # 2 of the 4 px, nothing else -> I 2, U 4
+    logits[1, :, 3] = 1  # disjoint -> I 0, U 8
+    logits[2, :, :3] = 1  # 12 of 16 -> I 12, U 16
+    inter, union = iou_counts(logits, target)
+    assert inter.tolist() == [2, 0, 12] and union.tolist() == [4, 8, 16]
+    numbers = ciou_giou(inter, union)
+    assert numbers["cIoU"] == pytest.approx(14 / 28)
+    assert numbers["gIoU"] == pytest.approx((0.5 + 0.0 + 0.75) / 3)
+
+
+def test_controls_change_the_caption_input_and_the_prediction():
+    model = lively()
+    cfg = PseudoGumbelConfig(max_caption_len=8)
+    (batch,) = heldout_batches(model, samples=3, batch_size=3, seed=5, device="cpu")
+    inputs = caption_inputs(model, batch, cfg)
+    cycle_ids, cycle_len = inputs["cycle"]
+    shuffled_ids, shuffled_len = inputs["shuffled"]
+    assert torch.equal(shuffled_ids, cycle_ids[[2, 0, 1]]) and torch.equal(shuffled_len, cycle_len[[2, 0, 1]])
+    assert inputs["empty"][1].tolist() == [0, 0, 0]
+    truth_ids, truth_len = inputs["referring"]
+    decoded = model.tokenizer.decode(truth_ids[0, : truth_len[0]].tolist())
+    assert truth_len[0] == 8 and decoded and batch["captions"][0].startswith(decoded)  # cut at max_caption_len
+    with torch.no_grad():
+        masks = {
+            kind: forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], model.embed_tokens()(ids), lens)
+            for kind, (ids, lens) in inputs.items()
+        }
+    assert not torch.allclose(masks["cycle"], masks["empty"])
+    assert not torch.allclose(masks["cycle"], masks["referring"])
+    if not torch.equal(cycle_ids, shuffled_ids):
+        assert not torch.allclose(masks["cycle"], masks["shuffled"])
+
+
+def test_gallery_png_is_written_with_the_expected_size(tmp_path):
+    model = lively()
+    batches = heldout_batches(model, samples=4, batch_size=2, seed=7, device="cpu")
+    results = evaluate(model, batches, PseudoGumbelConfig(max_caption_len=6), gallery_path=tmp_path / "gallery.png", gallery_size=3)
+    with Image.open(tmp_path / "gallery.png") as image:
+        assert image.size == (2 * TILE, 3 * (TILE + TEXT_HEIGHT))
+    assert results["samples"] == 4
+    for kind in ("referring", "cycle", "shuffled", "empty"):
+        assert 0.0 <= results[kind]["cIoU"] <= 1.0 and 0.0 <= results[kind]["gIoU"] <= 1.0
+    assert 0 < results["captions"]["mean_length"] <= 6 and model.training is False
+
+
+def test_evaluate_cli_on_a_training_checkpoint(tmp_path):
+    from pg_train.config import load_config
+    from pg_train.evaluate import main as evaluate_main
+    from pg_train.train import train
+
+    train(load_config([], [f"output_dir={tmp_path / 'run'}", "max_steps=1", "objective_kind=supervised", "tensorboard=false", "progress=false",
+                           "objective.max_caption_len=6", "data.num_samples=8"]))
+    assert evaluate_main(["--checkpoint", str(tmp_path / "run" / "checkpoints" / "step-00000001"), "--samples", "4", "--batch-size", "2",
+                          "--output", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "eval.json").is_file() and (tmp_path / "eval" / "gallery.png").is_file()
