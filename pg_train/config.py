@@ -36,6 +36,9 @@ class ModelConfig:
     train_lm_head: bool = False
     gradient_checkpointing: bool = False
     quantize_4bit: bool = False  # QLoRA: frozen LLM projections in NF4 (bitsandbytes)
+    # Extra parameter-name prefixes to train, e.g. ["vision_model.", "grounding_encoder.sam2_model.image_encoder."]:
+    # a tiny preset's random frozen encoders may be unable to learn; the real recipe keeps them frozen.
+    extra_trainable: list[str] = field(default_factory=list)
 
 
 @dataclass

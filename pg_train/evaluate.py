@@ -150,11 +150,14 @@ def write_gallery(rows: list[tuple], path: str | Path) -> None:
 
 
 # ---- loading and CLI -------------------------------------------------------------------------------
-def heldout_batches(model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None) -> list[dict]:
+def heldout_batches(model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None, source=None) -> list[dict]:
+    """Preprocessed evaluation batches: `source` if given, else the manifest, else synthetic
+    scenes of `seed` (training uses small seeds; the default held-out seed is 10,000+)."""
     from .data import ManifestPairs, PairDataset, Preprocess, SyntheticPairs, collate_pairs
 
     preset = unwrap(model).preset
-    source = ManifestPairs(manifest) if manifest else SyntheticPairs(samples, seed=seed)
+    if source is None:
+        source = ManifestPairs(manifest) if manifest else SyntheticPairs(samples, seed=seed)
     dataset = PairDataset(source, Preprocess(preset.vision.image_size, preset.sam2.image_size))
     count = min(samples, len(dataset))
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype

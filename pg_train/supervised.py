@@ -59,6 +59,8 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     caption_ids, lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len)
     caption_ids, lengths = caption_ids.to(device), lengths.to(device)
     text_embeds = module.embed_tokens()(caption_ids)
+    if text_embeds.requires_grad:
+        text_embeds.retain_grad()  # its gradient norm is logged, as for the Pseudo-Gumbel embeddings
     mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
     target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
     seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)

@@ -61,6 +61,10 @@ def build_student(cfg: TrainConfig):
         model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit)
     else:
         model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
+    if m.extra_trainable:
+        unfrozen = [p.requires_grad_(True) for n, p in model.named_parameters() if n.startswith(tuple(m.extra_trainable))]
+        if not unfrozen:
+            raise ValueError(f"model.extra_trainable {m.extra_trainable} matches no parameter name")
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -157,9 +161,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     heldout = []
     if cfg.eval_every:
+        from .data import DataConfig, build_source
         from .evaluate import heldout_batches
 
-        heldout = heldout_batches(module, cfg.eval_samples, max(2, cfg.batch_size), seed=cfg.seed + 10_000, device=accelerator.device)
+        # Held-out synthetic scenes drawn like the training ones (sizes, object counts), another seed.
+        synthetic = cfg.data if cfg.data.source == "synthetic" else DataConfig()
+        source = build_source(dataclasses.replace(synthetic, num_samples=cfg.eval_samples), seed=cfg.seed + 10_000)
+        heldout = heldout_batches(module, cfg.eval_samples, max(2, cfg.batch_size), seed=cfg.seed + 10_000, device=accelerator.device, source=source)
     if cfg.tensorboard:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=flat)

@@ -221,3 +221,13 @@ def test_supervised_and_mixed_objectives_train_with_periodic_evaluation(tmp_path
     assert result.exit_code == 0 and [r["step"] for r in lines] == [1, 2]
     assert all(r["loss"] is not None and r["lm_loss"] > 0 for r in lines)
     assert "eval/cycle_gIoU" in lines[1] and "eval/shuffled_gIoU" in lines[1] and "eval/cycle_gIoU" not in lines[0]
+
+
+def test_extra_trainable_prefixes_unfreeze_named_parts_only():
+    from pg_train.train import build_student
+
+    model = build_student(load_config([], ["model.extra_trainable=[vision_model.]"]))
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("vision_model."))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("grounding_encoder.sam2_model.image_encoder."))
+    with pytest.raises(ValueError, match="matches no parameter"):
+        build_student(load_config([], ["model.extra_trainable=[nothing.]"]))

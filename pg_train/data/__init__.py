@@ -2,7 +2,7 @@
 manifest or COCO/RefCOCO annotations, preprocessed for the MLLM and SAM2."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .coco import CocoPairs
 from .loader import NoValidSamplesError, PairDataset, PairLoader, Preprocess, collate_pairs
@@ -16,6 +16,9 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | manifest | coco
     num_samples: int = 256  # synthetic: scenes per epoch
     image_size: int = 448  # synthetic: canvas size
+    sizes: list[str] = field(default_factory=lambda: ["tiny", "small", "medium", "large"])  # synthetic object sizes
+    min_objects: int = 2  # synthetic: objects per scene
+    max_objects: int = 5
     manifest: str | None = None
     coco_instances: str | None = None
     coco_images: str | None = None
@@ -29,7 +32,8 @@ class DataConfig:
 
 def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.source == "synthetic":
-        return SyntheticPairs(cfg.num_samples, seed=seed, image_size=cfg.image_size, min_pixels=cfg.min_pixels)
+        return SyntheticPairs(cfg.num_samples, seed=seed, image_size=cfg.image_size, min_pixels=cfg.min_pixels,
+                              min_objects=cfg.min_objects, max_objects=cfg.max_objects, sizes=tuple(cfg.sizes))
     if cfg.source == "manifest":
         if not cfg.manifest:
             raise ValueError("data.source=manifest needs data.manifest=<path to .jsonl>")

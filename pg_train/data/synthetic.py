@@ -107,7 +107,12 @@ def _texture(obj: SceneObject, width: int, height: int) -> np.ndarray:
 class SyntheticPairs:
     """`len` scenes; `load(i)` -> RawPair of image/mask, augmented image/mask, description."""
 
-    def __init__(self, num_samples: int = 512, seed: int = 0, image_size: int = 448, min_objects: int = 2, max_objects: int = 5, min_pixels: int = 16):
+    def __init__(self, num_samples: int = 512, seed: int = 0, image_size: int = 448, min_objects: int = 2, max_objects: int = 5,
+                 min_pixels: int = 16, sizes: tuple[str, ...] = tuple(SIZES)):
+        unknown = set(sizes) - set(SIZES)
+        if unknown or not sizes:
+            raise ValueError(f"synthetic sizes {sorted(unknown) or sizes}: expected a non-empty subset of {list(SIZES)}")
+        self.sizes = tuple(sizes)
         self.num_samples = num_samples
         self.seed = seed
         self.image_size = image_size
@@ -132,7 +137,7 @@ class SyntheticPairs:
         pixels = background * shade + rng.normal(0, 6, size=(size, size, 3))
         objects, masks = [], []
         for _ in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
-            size_name = str(rng.choice(list(SIZES)))
+            size_name = str(rng.choice(list(self.sizes)))
             low, high = SIZES[size_name]
             extent = float(rng.uniform(low, high)) * scale
             margin = extent / 2
