@@ -108,20 +108,34 @@ def print_prediction(title: str, pred, alternatives: dict | None = None) -> None
             print(f"     {name:80} {fmt(nbytes):>12}")
 
 
-def print_seed_comparison(pred) -> None:
-    print("\n== the design note's table (问题3) beside this prediction, per GPU")
-    print(f"   {'design note':28} {'GB':>6}   what the module tree says")
+def print_seed_comparison(pred, model) -> None:
+    """The design note's hand estimate line by line, beside what the module tree holds."""
+    e = pred.deployment.elem
+
+    def params(prefix: str) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+
+    def weights(count: int) -> str:
+        return f"{count / 1e6:,.1f}M x {e} bytes = {count * e / GB:.3f} GB"
+
+    sam = "grounding_encoder.sam2_model."
+    sam_decoder = params(sam + "sam_mask_decoder.")
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = pred.component("optimizer state") + sum(r.bytes for r in pred.host if r.component == "optimizer state")
     explanations = {
-        "vision encoder (frozen)": "InternViT 304M params x 2 bytes = 0.61 GB",
-        "LLM with LoRA": "Qwen2.5-3B 3.40B x 2 = 6.79 GB + LoRA 239M x 2 = 0.48 GB",
-        "SAM2 encoder (frozen)": "hiera-l + memory modules 220M x 2 = 0.44 GB (not 3 GB)",
-        "SAM2 decoder": "4.2M x 2 = 0.008 GB",
-        "projectors": "mlp1 12.6M + text_hidden_fcs 4.7M, x 2 = 0.035 GB",
+        "vision encoder (frozen)": "InternViT " + weights(params("vision_model.")),
+        "LLM with LoRA": f"base {weights(params('language_model.') - lora)}; LoRA {weights(lora)}",
+        "SAM2 encoder (frozen)": "everything but the decoder " + weights(params(sam) - sam_decoder),
+        "SAM2 decoder": weights(sam_decoder),
+        "projectors": "mlp1 + text_hidden_fcs " + weights(params("mlp1.") + params("text_hidden_fcs.")),
         "EMA full copy": f"fp32 shadow of the trainable tensors only: {fmt(pred.component('EMA')).strip()}",
-        "gradients": f"{fmt(pred.component('gradients')).strip()} (trainable only, ZeRO-2 partition + buckets)",
-        "optimizer states": f"{fmt(pred.component('optimizer state') + sum(r.bytes for r in pred.host if r.component == 'optimizer state')).strip()} (fp32 master + moments of 261M trainable, 1/N)",
+        "gradients": f"{fmt(pred.component('gradients')).strip()} (trainable tensors only; {pred.rows_note('gradients')})",
+        "optimizer states": f"{fmt(optimizer).strip()} for {trainable / 1e6:,.0f}M trainable parameters ({pred.rows_note('optimizer state')})",
         "activations": f"{fmt(pred.phases[pred.peak_phase]['total']).strip()} at the peak phase ({pred.peak_phase})",
     }
+    print("\n== the design note's table (问题3) beside this prediction, per GPU")
+    print(f"   {'design note':28} {'GB':>6}   what the module tree says")
     for name, gb in SEED_TABLE_GB:
         print(f"   {name:28} {gb:6.1f}   {explanations.get(name, '')}")
     print(f"   {'total':28} {'43-47':>6}   predicted peak {fmt(pred.peak_bytes).strip()}")
@@ -180,7 +194,7 @@ def main(argv=None) -> int:
     reference = predict(meta_model, deployment)
     print_prediction(f"predicted budget per GPU: {reference_preset}", reference, alternative_estimates(meta_model, deployment))
     if reference_preset == "sa2va-4b":
-        print_seed_comparison(reference)
+        print_seed_comparison(reference, meta_model)
     report["reference"] = reference.to_dict()
     exit_code = 0
     if not args.no_measure:

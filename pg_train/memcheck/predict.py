@@ -64,6 +64,9 @@ class Prediction:
     def component(self, name: str) -> int:
         return sum(r.bytes for r in self.static if r.component == name)
 
+    def rows_note(self, name: str) -> str:
+        return "; ".join(r.note for r in self.static + self.host if r.component == name and r.note)
+
     @property
     def peak_phase(self) -> str:
         return max(self.phases, key=lambda name: self.phases[name]["total"])
