@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the development machine (with .venv set up): put into .whl/ the wheels the GPU image
 # lacks (Python 3.12 there). The device scripts install them with --no-deps into /tmp/site.
-# `.whl/` is kept out of git (add `/.whl/` to .git/info/exclude) and carried by the device call.
+# `.whl/` is git-ignored and carried by the device call (`carry: [".whl"]`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PIP=".venv/bin/python -m pip"
