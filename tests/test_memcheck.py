@@ -65,3 +65,18 @@ def test_reference_prediction_for_sa2va_4b_zero2():
     full = predict(model, Deployment(batch_size=8))
     assert ckpt.phases["pass 2 (segment)"]["saved"] < full.phases["pass 2 (segment)"]["saved"] / 4
     assert pred.peak_phase in pred.phases and pred.peak_bytes > pred.static_bytes("cuda:0")
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_partition_is_measured_and_audited(tmp_path):
+    from conftest import accelerate_launch
+
+    accelerate_launch("-m", "pg_train.memcheck", "--distributed", "--json", str(tmp_path / "report.json"))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["exit_code"] == 0
+    rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
+    assert abs(rows["optimizer state"]["error"]) <= 1e-3 and "gradients" not in rows  # padding only; ZeRO frees grads in its step
+    deployment = report["measured_config"]["prediction"]["deployment"]
+    assert deployment["world_size"] == 2 and deployment["zero_stage"] == 2
+    partition = [a for a in report["audits"] if a["name"].startswith("optimizer state is partitioned")]
+    assert len(partition) == 1 and partition[0]["passed"]

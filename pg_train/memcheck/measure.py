@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bench.memory import PeakMemory, SavedTensorBytes
+from ..distributed import unwrap
 from ..ema import EMATeacher
 from ..model.regions import region_cells
 from .predict import gradient_free
@@ -55,18 +56,38 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
+def zero_optimizer(optimizer):
+    """DeepSpeed's ZeRO optimizer inside Accelerate's wrapper, or None."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if inner is not None and hasattr(inner, "single_partition_of_fp32_groups") else None
+
+
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """Everything the optimizer holds for training: its state, and under ZeRO the fp32 master
+    partition of this rank."""
+    zero = zero_optimizer(optimizer)
+    inner = zero.optimizer if zero is not None else getattr(optimizer, "optimizer", optimizer)
+    tensors = [v for state in inner.state.values() for v in state.values() if torch.is_tensor(v)]
+    if zero is not None:
+        tensors += list(zero.single_partition_of_fp32_groups)
+    return tensors
+
+
 def tensor_accounting(model, optimizer, ema) -> dict[str, int]:
-    """Exact bytes of the unique storages each component holds."""
+    """Exact bytes of the unique storages each component holds. Under ZeRO the reduced gradient
+    partitions are released by DeepSpeed's own step, so gradients are not counted there."""
     params = list(model.parameters())
-    optimizer_tensors = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return {
+    counted = {
         "frozen weights": _storage_bytes(p for p in params if not p.requires_grad),
         "buffers": _storage_bytes(model.buffers()),
         "trainable weights": _storage_bytes(p for p in params if p.requires_grad),
         "gradients": _storage_bytes(p.grad for p in params),
-        "optimizer state": _storage_bytes(optimizer_tensors),
+        "optimizer state": _storage_bytes(optimizer_tensors(optimizer)),
         "EMA": sum(ema.memory_bytes().values()) if ema is not None else 0,
     }
+    if zero_optimizer(optimizer) is not None:
+        del counted["gradients"]
+    return counted
 
 
 class _Phase:
@@ -108,8 +129,16 @@ def build_batch(model, batch_size: int, device: torch.device, seed: int = 0) -> 
     return out
 
 
-def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, batch: dict, steps: int = 2, inject: tuple[str, ...] = ()) -> Measurement:
-    """Run `steps` training steps; phases and audits come from the last one (the first warms up)."""
+def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, batch: dict, steps: int = 2, inject: tuple[str, ...] = (),
+            backward=None) -> Measurement:
+    """Run `steps` training steps; phases and audits come from the last one (the first warms up).
+
+    `model` may be a prepared (DeepSpeed) model: the passes go through it, attributes are read
+    from the module inside, and `backward` (e.g. `accelerator.backward`) replaces `loss.backward`.
+    """
+    student = model
+    model = unwrap(model)
+    backward = backward or (lambda loss: loss.backward())
     device = next(model.parameters()).device
     m = Measurement(device=str(device))
     teacher = ema if ema is not None else model  # "no-ema": the student teaches itself
@@ -132,19 +161,19 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
             captions, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, student=model)
         masked, _ = random_mask_tokens(captions, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
         with phase("pass 1 (caption logits)"):
-            logits = forward_for_logits(model, batch["pixel_values1"], cells, masked, lengths)
+            logits = forward_for_logits(student, batch["pixel_values1"], cells, masked, lengths)
         with phase("gumbel"):
             uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], min(cfg.topk, logits.shape[-1]))
             text_embeds, _ = topk_gumbel_softmax(logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk)
             if "detach-text-embeds" in inject:
                 text_embeds = text_embeds.detach()
         with phase("pass 2 (segment)"):
-            mask_logits = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
+            mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
             loss = mask_loss(mask_logits, resize_target(batch["masks2"], mask_logits.shape[-2:]), cfg.bce_weight, cfg.dice_weight)["loss"]
         if last:
             m.audits.append(_audit_gradients(loss, text_embeds, pass1_params, ema))
         with phase("backward"):
-            loss.backward()
+            backward(loss)
         shadow_before = [s.detach().clone() for s in ema.shadow] if (last and ema is not None) else None
         with phase("optimizer step"):
             if "no-optimizer-step" not in inject:
@@ -162,7 +191,7 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
         if last:
             m.peak_bytes = overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
             m.audits.insert(0, _audit_ema(ema, model, shadow_before))
-            m.audits.append(_audit_optimizer(optimizer, trainable))
+            m.audits.append(_audit_zero_partition(optimizer, trainable) if zero_optimizer(optimizer) is not None else _audit_optimizer(optimizer, trainable))
     return m
 
 
@@ -223,6 +252,26 @@ def _audit_gradients(loss, text_embeds, pass1_params: dict, ema) -> Audit:
     audit.evidence.append(f"through text_embeds: {sum(adapters.values())}/{len(lora)} LoRA adapters, {sum(n in reached for n in mlp1)}/{len(mlp1)} mlp1 tensors non-zero")
     audit.evidence.append(f"teacher tensors that require or hold a gradient: {teacher_grads}")
     audit.passed = bool(lora) and all(adapters.values()) and all(n in reached for n in mlp1) and teacher_grads == 0 and float(grad_embeds.abs().sum()) > 0
+    return audit
+
+
+def _audit_zero_partition(optimizer, trainable: dict) -> Audit:
+    """Under ZeRO: this rank's fp32 master partition and Adam moments each hold 1/N of the
+    trainable parameters (DeepSpeed pads partitions to an alignment, hence the tolerance)."""
+    import torch.distributed as dist
+
+    zero = zero_optimizer(optimizer)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = sum(p.numel() for p in trainable.values())
+    master = sum(t.numel() for t in zero.single_partition_of_fp32_groups)
+    moments = [t.numel() for s in zero.optimizer.state.values() for k, t in s.items() if torch.is_tensor(t) and t.dim() > 0]
+    share = total / world
+    audit = Audit(f"optimizer state is partitioned: this rank holds 1/{world} of it (ZeRO)", False)
+    audit.evidence.append(f"{total:,} trainable parameters; this rank: fp32 master {master:,}, moments {moments} (1/{world} = {share:,.0f})")
+    within = lambda n: 0.99 * share <= n <= 1.01 * share + 64  # noqa: E731
+    audit.passed = within(master) and len(moments) >= 2 and all(within(n) for n in moments)
+    if not moments:
+        audit.evidence.append("no optimizer state at all: the optimizer never stepped")
     return audit
 
 
