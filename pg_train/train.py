@@ -47,16 +47,24 @@ class TrainResult:
     loader: object = None
 
 
+def lora_from_config(m, preset: str):
+    """The preset's LoRA with the config's overrides (rank, alpha, dropout, targets, trainable
+    embeddings / lm_head); None for a preset name the registry does not know (a checkpoint)."""
+    from .model.presets import PRESETS
+
+    if preset not in PRESETS:
+        return None
+    return dataclasses.replace(
+        get_preset(preset).lora,
+        **{k: v for k, v in {"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout}.items() if v is not None},
+        **({"target_modules": tuple(m.lora_targets)} if m.lora_targets else {}),
+        train_embed_tokens=m.train_embed_tokens, train_lm_head=m.train_lm_head,
+    )
+
+
 def build_student(cfg: TrainConfig):
     m = cfg.model
-    lora = get_preset(m.preset).lora if m.preset in ("tiny", "sa2va-4b") else None
-    if lora is not None:
-        lora = dataclasses.replace(
-            lora,
-            **{k: v for k, v in {"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout}.items() if v is not None},
-            **({"target_modules": tuple(m.lora_targets)} if m.lora_targets else {}),
-            train_embed_tokens=m.train_embed_tokens, train_lm_head=m.train_lm_head,
-        )
+    lora = lora_from_config(m, m.preset)
     if m.checkpoint:
         model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit)
     else:

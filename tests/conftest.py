@@ -21,6 +21,28 @@ def tiny_model():
     return build_model("tiny", seed=0).eval()
 
 
+def with_lora_weights(model, seed: int = 1, scale: float = 0.05):
+    """LoRA B starts at zero (so A gets no gradient and merging changes nothing); give the
+    adapters values so every path is live."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def wait_for_metric_lines(path: Path, count: int, proc=None, timeout: float = 300) -> None:
+    """Poll a run's metrics.jsonl until it has `count` lines (or the process ended)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.2)
+
+
 def make_batch(model, batch_size: int = 2, seed: int = 0):
     """Random images plus region masks of different sizes (so K differs per sample)."""
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_batch
+from conftest import make_batch, with_lora_weights
 from pg_train.model import CheckpointError, build_model, from_pretrained, save_pretrained, to_sa2va_state_dict
 from pg_train.model.regions import region_cells
 from pg_train.model.templates import left_pad
@@ -14,13 +14,7 @@ from pg_train.model.tokenizer import SpecialTokenError
 
 def trained_tiny(seed=0):
     """A tiny model whose LoRA adapters are non-zero, so merging actually changes weights."""
-    model = build_model("tiny", seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return with_lora_weights(build_model("tiny", seed=seed), seed=seed + 1).eval()
 
 
 def outputs(model, seed=0):

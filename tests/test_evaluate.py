@@ -3,19 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import with_lora_weights
 from pg_train.evaluate import TEXT_HEIGHT, TILE, caption_inputs, ciou_giou, evaluate, heldout_batches
 from pg_train.model import build_model
 from pg_train.pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, iou_counts
 
 
 def lively(seed=0):
-    model = build_model("tiny", seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
+    return with_lora_weights(build_model("tiny", seed=seed), seed=seed + 1, scale=0.2).eval()
 
 
 def test_metrics_ciou_and_giou_on_hand_made_masks():

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import make_batch
+from conftest import make_batch, with_lora_weights
 from pg_train.bench.gumbel import naive_topk_gumbel_softmax
 from pg_train.model import build_model
 from pg_train.model.regions import region_cells
@@ -12,16 +12,6 @@ from pg_train.pseudo_gumbel import (
     PseudoGumbelConfig, forward_for_logits, generate_pseudo_tokens_with_ema, pseudo_gumbel_step,
     random_mask_tokens, sample_generators, special_ids, topk_gumbel_softmax, uniform_noise,
 )
-
-
-def with_lora_weights(model, seed=1, scale=0.05):
-    """LoRA B starts at zero (then A gets no gradient); give it values so every path is live."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def make_step_batch(model, batch_size=2, seed=0):

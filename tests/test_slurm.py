@@ -7,12 +7,11 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, accelerate_launch
+from conftest import REPO, accelerate_launch, wait_for_metric_lines
 from pg_train.slurm import main as slurm_main
 from pg_train.slurm import render
 
@@ -107,12 +106,7 @@ def test_preempt_usr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path
     args = ["--output-dir", str(out), "--max-steps", "500", "save_every=1000", *FAST]
     proc = subprocess.Popen(["bash", "launch/slurm/train.sbatch", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_metric_lines(out / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGUSR1)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-4000:]

@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, accelerate_launch
+from conftest import REPO, accelerate_launch, wait_for_metric_lines
 from pg_train.config import ConfigError, load_config
 from pg_train.train import REQUEUE_EXIT_CODE, NonFiniteLossError, train
 
@@ -72,12 +71,7 @@ def test_resume_after_interruption_equals_uninterrupted_run_under_zero2(tmp_path
 def test_signal_usr1_checkpoints_and_exits_with_requeue_code_then_resumes(tmp_path):
     cmd = [sys.executable, "launch/train.py", "--output-dir", str(tmp_path), "--max-steps", "500", "save_every=1000", *FAST]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        path = tmp_path / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    wait_for_metric_lines(tmp_path / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, stderr[-3000:]
@@ -135,7 +129,6 @@ def test_config_error_names_the_key(override, message):
 
 def test_config_error_from_cli_exits_2_before_building_anything(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim:\n  lr: 1e-4\n  momentum: 0.9\n")
-    start = time.time()
     proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "bad.yaml"), "--output-dir", str(tmp_path / "run")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -29,16 +29,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: str | Path, where: str) -> Image.Image:
+def _read(path: str | Path, where: str, convert) -> object:
+    """Open an image file fully (so truncation is found here) and convert it, or raise
+    BadSample: missing_file / unreadable_image, naming the path."""
     path = Path(path)
     if not path.is_file():
         raise BadSample("missing_file", where, str(path))
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return convert(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise BadSample("unreadable_image", where, f"{path}: {err}") from err
+
+
+def open_image(path: str | Path, where: str) -> Image.Image:
+    return _read(path, where, to_rgb)
 
 
 def mask_from_array(array: np.ndarray, where: str) -> np.ndarray:
@@ -55,17 +61,8 @@ def mask_from_array(array: np.ndarray, where: str) -> np.ndarray:
 
 
 def open_mask(path: str | Path, where: str) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise BadSample("missing_file", where, str(path))
-    try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            array = np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise BadSample("unreadable_image", where, f"{path}: {err}") from err
-    return mask_from_array(array, f"{where} ({path.name})")
+    array = _read(path, where, lambda image: np.asarray(ImageOps.exif_transpose(image)))
+    return mask_from_array(array, f"{where} ({Path(path).name})")
 
 
 def decode_rle(rle: dict, where: str) -> np.ndarray:

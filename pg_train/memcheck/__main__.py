@@ -76,13 +76,9 @@ def build(preset: str, cfg, device: str, dtype: torch.dtype):
 
     kwargs = {}
     if cfg is not None:
-        m = cfg.model
-        lora = dataclasses.replace(
-            get_preset(preset).lora,
-            **{k: v for k, v in {"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout}.items() if v is not None},
-            train_embed_tokens=m.train_embed_tokens, train_lm_head=m.train_lm_head,
-        )
-        kwargs.update(lora=lora, quantize_4bit=m.quantize_4bit)
+        from ..train import lora_from_config
+
+        kwargs.update(lora=lora_from_config(cfg.model, preset), quantize_4bit=cfg.model.quantize_4bit)
     spec = get_preset(preset)
     if preset != "tiny" and device != "meta":
         # No real tokenizer offline: the tiny one stands in (captions use its ordinary ids; every
