@@ -66,6 +66,9 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
     inter = {k: [] for k in KINDS}
     union = {k: [] for k in KINDS}
     lengths, tokens, rows = [], [], []
+    language = {k: [] for k in KINDS}  # the [SEG] language embedding SAM2 receives, per kind
+    hook = module.text_hidden_fcs.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().cpu()))
+    captured: list[torch.Tensor] = []
     try:
         for batch in batches:
             if batch["pixel_values1"].shape[0] < 2:
@@ -75,7 +78,9 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
             predictions = {}
             for kind, (ids, lens) in inputs.items():
                 embeds = module.embed_tokens()(ids)
+                captured.clear()
                 logits = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens)
+                language[kind] += captured
                 if target is None:
                     target = resize_target(batch["masks2"].to(logits.device), logits.shape[-2:])
                 i, u = iou_counts(logits, target)
@@ -89,10 +94,12 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
             if gallery_path is not None and len(rows) < gallery_size:
                 rows += _gallery_rows(module, batch, inputs, predictions, target, gallery_size - len(rows))
     finally:
+        hook.remove()
         module.train(was_training)
     results = {k: ciou_giou(torch.cat(inter[k]) if inter[k] else torch.zeros(0), torch.cat(union[k]) if union[k] else torch.zeros(0)) for k in KINDS}
     results["samples"] = sum(len(t) for t in inter["cycle"])
     results["cycle_minus_shuffled_gIoU"] = results["cycle"]["gIoU"] - results["shuffled"]["gIoU"]
+    results["language_embedding"] = caption_sensitivity(torch.cat(language["cycle"]), torch.cat(language["shuffled"])) if language["cycle"] else {}
     results["captions"] = {
         "mean_length": float(np.mean(lengths)) if lengths else 0.0,
         "distinct_token_fraction": len(set(tokens)) / max(1, len(tokens)),
@@ -102,6 +109,18 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
         write_gallery(rows, gallery_path)
         results["gallery"] = str(gallery_path)
     return results
+
+
+def caption_sensitivity(own: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """How much the language embedding SAM2 receives moves when only the caption changes
+    (same image 2, another sample's caption) compared with how much it moves across images.
+
+    A ratio near 0 means the [SEG] state ignores the caption: every mask is then a caption-free
+    guess, whatever the IoU, which is what a model that only learned saliency looks like.
+    """
+    caption_effect = float((own - other).norm(dim=1).mean())
+    image_spread = float((own - own.mean(0)).norm(dim=1).mean())
+    return {"caption_effect": caption_effect, "image_spread": image_spread, "ratio": caption_effect / max(image_spread, 1e-12)}
 
 
 # ---- gallery --------------------------------------------------------------------------------------
@@ -220,6 +239,8 @@ def main(argv=None) -> int:
     for kind in KINDS:
         print(f"{kind:12} {results[kind]['cIoU']:7.3f} {results[kind]['gIoU']:7.3f}")
     c = results["captions"]
+    lang = results["language_embedding"]
+    print(f"language embedding: caption effect / image spread = {lang['ratio']:.3f} (near 0: masks ignore the caption)")
     print(f"cycle - shuffled gIoU: {results['cycle_minus_shuffled_gIoU']:+.3f}; captions: {c['mean_length']:.1f} tokens, "
           f"{c['distinct_token_fraction']:.2f} distinct, {c['cut_at_limit_fraction']:.2f} cut at the limit")
     print(f"wrote {out / 'eval.json'} and {out / 'gallery.png'}")

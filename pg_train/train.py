@@ -263,6 +263,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             numbers = evaluate(model, heldout, cfg.objective)
             evaluation = {f"eval/{kind}_{m}": numbers[kind][m] for kind in ("referring", "cycle", "shuffled", "empty") for m in ("cIoU", "gIoU")}
             evaluation["eval/caption_len"] = numbers["captions"]["mean_length"]
+            evaluation["eval/caption_sensitivity"] = numbers["language_embedding"]["ratio"]
         if step % cfg.log_every == 0 or step == cfg.max_steps or evaluation:
             keys = ("loss", "bce", "dice", "iou", "caption_len_mean", "replaced_fraction", "region_k_mean")
             local = torch.stack([out.metrics[k].float().reshape(()) for k in keys]).to(accelerator.device)

@@ -248,3 +248,19 @@ def test_preprocessed_shapes_and_normalisation():
     assert item["region_masks1"].shape == (448, 448) and item["masks2"].shape == (128, 128)
     assert 0 <= float(item["masks2"].min()) and float(item["masks2"].max()) <= 1
     assert -2.2 < float(item["pixel_values1"].min()) and float(item["pixel_values1"].max()) < 2.7
+
+
+def test_synthetic_attribute_subsets_and_distinct_colours():
+    source = SyntheticPairs(30, seed=3, colours=("red", "blue", "green"), textures=("plain",), distinct_colours=True,
+                            min_objects=2, max_objects=3, sizes=("large",))
+    for i in range(30):
+        _, objects, _ = source.scene(i)
+        colours = [o.colour for o in objects]
+        assert set(colours) <= {"red", "blue", "green"} and len(set(colours)) == len(colours)
+        assert {o.texture for o in objects} == {"plain"} and {o.size for o in objects} == {"large"}
+    repeats = SyntheticPairs(30, seed=3, colours=("red", "blue", "green"), min_objects=3, max_objects=3)
+    assert any(len({o.colour for o in repeats.scene(i)[1]}) < 3 for i in range(30))  # without the option colours repeat
+    with pytest.raises(ValueError, match="colours"):
+        SyntheticPairs(4, colours=("red", "mauve"))
+    with pytest.raises(ValueError, match="distinct_colours needs at least max_objects=5"):
+        SyntheticPairs(4, colours=("red", "blue"), distinct_colours=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .coco import CocoPairs
 from .loader import NoValidSamplesError, PairDataset, PairLoader, Preprocess, collate_pairs
 from .manifest import ManifestPairs
-from .synthetic import SyntheticPairs
+from .synthetic import COLOURS, TEXTURES, SyntheticPairs
 from .types import REASONS, BadSample, RawPair
 
 
@@ -19,6 +19,9 @@ class DataConfig:
     sizes: list[str] = field(default_factory=lambda: ["tiny", "small", "medium", "large"])  # synthetic object sizes
     min_objects: int = 2  # synthetic: objects per scene
     max_objects: int = 5
+    colours: list[str] | None = None  # synthetic: colour names to draw from (default: all 12)
+    textures: list[str] | None = None  # synthetic: plain | striped | dotted | checkered (default: all)
+    distinct_colours: bool = False  # synthetic: no two objects of a scene share a colour
     manifest: str | None = None
     coco_instances: str | None = None
     coco_images: str | None = None
@@ -33,7 +36,9 @@ class DataConfig:
 def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.source == "synthetic":
         return SyntheticPairs(cfg.num_samples, seed=seed, image_size=cfg.image_size, min_pixels=cfg.min_pixels,
-                              min_objects=cfg.min_objects, max_objects=cfg.max_objects, sizes=tuple(cfg.sizes))
+                              min_objects=cfg.min_objects, max_objects=cfg.max_objects, sizes=tuple(cfg.sizes),
+                              colours=tuple(cfg.colours or COLOURS), textures=tuple(cfg.textures or TEXTURES),
+                              distinct_colours=cfg.distinct_colours)
     if cfg.source == "manifest":
         if not cfg.manifest:
             raise ValueError("data.source=manifest needs data.manifest=<path to .jsonl>")

@@ -108,11 +108,18 @@ class SyntheticPairs:
     """`len` scenes; `load(i)` -> RawPair of image/mask, augmented image/mask, description."""
 
     def __init__(self, num_samples: int = 512, seed: int = 0, image_size: int = 448, min_objects: int = 2, max_objects: int = 5,
-                 min_pixels: int = 16, sizes: tuple[str, ...] = tuple(SIZES)):
-        unknown = set(sizes) - set(SIZES)
-        if unknown or not sizes:
-            raise ValueError(f"synthetic sizes {sorted(unknown) or sizes}: expected a non-empty subset of {list(SIZES)}")
+                 min_pixels: int = 16, sizes: tuple[str, ...] = tuple(SIZES), colours: tuple[str, ...] = tuple(COLOURS),
+                 textures: tuple[str, ...] = TEXTURES, distinct_colours: bool = False):
+        for field, chosen, known in (("sizes", sizes, SIZES), ("colours", colours, COLOURS), ("textures", textures, TEXTURES)):
+            unknown = set(chosen) - set(known)
+            if unknown or not chosen:
+                raise ValueError(f"synthetic {field} {sorted(unknown) or list(chosen)}: expected a non-empty subset of {list(known)}")
+        if distinct_colours and len(colours) < max_objects:
+            raise ValueError(f"synthetic distinct_colours needs at least max_objects={max_objects} colours, got {len(colours)}")
         self.sizes = tuple(sizes)
+        self.colours = tuple(colours)
+        self.textures = tuple(textures)
+        self.distinct_colours = distinct_colours
         self.num_samples = num_samples
         self.seed = seed
         self.image_size = image_size
@@ -136,13 +143,17 @@ class SyntheticPairs:
         shade = (0.85 + 0.3 * (xx + yy) / (2 * size))[..., None]
         pixels = background * shade + rng.normal(0, 6, size=(size, size, 3))
         objects, masks = [], []
-        for _ in range(int(rng.integers(self.min_objects, self.max_objects + 1))):
+        count = int(rng.integers(self.min_objects, self.max_objects + 1))
+        # distinct colours: the colour word alone then names the object (an easier grounding task)
+        palette = [str(c) for c in rng.permutation(self.colours)[:count]] if self.distinct_colours else None
+        for n in range(count):
             size_name = str(rng.choice(list(self.sizes)))
             low, high = SIZES[size_name]
             extent = float(rng.uniform(low, high)) * scale
             margin = extent / 2
             obj = SceneObject(
-                shape=str(rng.choice(SHAPES)), colour=str(rng.choice(list(COLOURS))), texture=str(rng.choice(TEXTURES)),
+                shape=str(rng.choice(SHAPES)), colour=palette[n] if palette else str(rng.choice(self.colours)),
+                texture=str(rng.choice(self.textures)),
                 size=size_name, center=(float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin))),
                 extent=extent, angle=float(rng.uniform(0, 2 * math.pi)),
             )
