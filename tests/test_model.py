@@ -221,3 +221,27 @@ def test_4bit_base_state_loads_only_into_the_same_base():
     del state["mlp1.1.weight"]
     with pytest.raises(RuntimeError, match="missing"):
         same.load_state_dict(state)
+
+
+def test_frozen_vision_output_is_reused_for_the_same_image_only():
+    """Teacher generation and pass 1 see the same image tensor: the frozen ViT runs once. A new
+    tensor, an in-place change of the image, or changed tower weights must run it again."""
+    model = build_model("tiny", seed=0)
+    calls = []
+    model.vision_model.register_forward_hook(lambda *_: calls.append(1))
+    image = torch.randn(2, 3, 448, 448)
+    first = model.extract_feature(image)
+    again = model.extract_feature(image)
+    assert len(calls) == 1 and torch.equal(first, again)
+    model.extract_feature(image.clone())
+    assert len(calls) == 2
+    image.mul_(0.5)  # same object, new content
+    assert not torch.equal(model.extract_feature(image), first) and len(calls) == 3
+    with torch.no_grad():
+        next(model.vision_model.parameters()).add_(0.1)  # e.g. weights loaded in place
+    model.extract_feature(image)
+    assert len(calls) == 4
+    model.vision_model.requires_grad_(True)  # a trainable tower is never cached (it needs its graph)
+    model.extract_feature(image)
+    model.extract_feature(image)
+    assert len(calls) == 6

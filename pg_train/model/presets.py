@@ -122,6 +122,14 @@ SA2VA_4B_SPECIAL_TOKEN_IDS = {
     "<|im_end|>": 151645,
 }
 
+TINY_VISION = VisionDims(hidden_size=32, num_layers=2, num_heads=2, mlp_size=64)
+TINY_SAM2 = Sam2Dims(
+    embed_dim=8, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
+    window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4),
+    d_model=32, mem_dim=16, memory_attention_layers=1, memory_attention_ffn=64,
+    fuser_layers=1, image_size=128,
+)
+
 PRESETS: dict[str, ModelPreset] = {
     "sa2va-4b": ModelPreset(
         name="sa2va-4b",
@@ -138,19 +146,27 @@ PRESETS: dict[str, ModelPreset] = {
     ),
     "tiny": ModelPreset(
         name="tiny",
-        vision=VisionDims(hidden_size=32, num_layers=2, num_heads=2, mlp_size=64),
+        vision=TINY_VISION,
         language=LanguageDims(
             hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             intermediate_size=128, vocab_size=0,  # 0: taken from the tiny tokenizer
             max_position_embeddings=2048,
         ),
-        sam2=Sam2Dims(
-            embed_dim=8, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
-            window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4),
-            d_model=32, mem_dim=16, memory_attention_layers=1, memory_attention_ffn=64,
-            fuser_layers=1, image_size=128,
-        ),
+        sam2=TINY_SAM2,
         lora=LoraDims(r=8, alpha=16, dropout=0.0),
+    ),
+    # CPU benchmark preset (pg_train.bench.step): Sa2VA-4B's vocabulary (151,679) and LLM width
+    # (2048) so vocabulary-sized costs (lm_head rows, top-k over V, the Gumbel mixture at D=2048)
+    # are real, with two LLM layers and the tiny vision / SAM2 towers so a step fits a CPU.
+    "bench": ModelPreset(
+        name="bench",
+        vision=TINY_VISION,
+        language=LanguageDims(
+            hidden_size=2048, num_layers=2, num_heads=16, num_kv_heads=2,
+            intermediate_size=11008, vocab_size=151_679, max_position_embeddings=4096,
+        ),
+        sam2=TINY_SAM2,
+        lora=LoraDims(r=16, alpha=32, dropout=0.0),
     ),
 }
 

@@ -5,7 +5,6 @@ Module names are the released checkpoint's names (`vision_model`, `mlp1`, `langu
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -76,12 +75,32 @@ class Sa2VAModel(nn.Module):
         The frozen ViT runs without building a graph; only mlp1 is differentiable.
         """
         frozen = not any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
+        if frozen:
+            vit = self._frozen_vit(pixel_values)
+        else:
             vit = self.vision_model(pixel_values)[:, 1:]  # drop CLS
         B, N, C = vit.shape
         side = math.isqrt(N)
         vit = pixel_shuffle_v2(vit.reshape(B, side, side, C), self.preset.vision.downsample_ratio)
         return self.mlp1(vit.reshape(B, -1, vit.shape[-1]).to(self.mlp1[0].weight.dtype))
+
+    def _frozen_vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen ViT's output, reused when the same image tensor comes again.
+
+        A step runs image 1 through the vision tower twice — for the teacher's generation and for
+        pass 1 — and with a frozen tower (and an EMA teacher that shares it) only mlp1 differs
+        between the two (the tower has no dropout, so train/eval mode does not change its
+        output). One entry is kept, keyed by the tensor object and its in-place version
+        and by the versions of the tower's weights, so a changed image or loaded weights miss.
+        """
+        key = (pixel_values._version, pixel_values.dtype, tuple(p._version for p in self.vision_model.parameters()))
+        cached = getattr(self, "_vit_cache", None)
+        if cached is not None and cached[0] is pixel_values and cached[1] == key:
+            return cached[2]
+        with torch.no_grad():
+            vit = self.vision_model(pixel_values)[:, 1:]  # drop CLS
+        self._vit_cache = (pixel_values, key, vit)
+        return vit
 
     # ---- language -------------------------------------------------------------------------
     def embed_tokens(self) -> nn.Embedding:

@@ -1,0 +1,72 @@
+"""The design note's Pseudo-Gumbel step, written literally — a baseline for pg_train.bench.step only.
+
+What makes it the seed's step (each is what our step avoids):
+- the teacher is a full copy of the student, and its EMA update walks every parameter of that
+  copy (ours: an fp32 shadow of the trainable tensors, swapped in to generate);
+- pass 1 computes full-vocabulary logits for the whole sequence and slices the caption rows
+  (ours: lm_head on the caption rows only);
+- the Gumbel step gathers a dense [B, T, k, D] tensor (ours: a custom straight-through function);
+- every use of an image runs its vision tower again.
+Fairness: the teacher generates with the same batched, left-padded, KV-cached decoder as ours
+(the note's padding was wrong and a per-sample loop would inflate the ratio), the row slicing is
+the corrected one, and masking, pass 2 and the loss are the same functions, so with equal
+weights and noise both steps give the same captions and the same loss.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..model.regions import region_cells as select_region_cells
+from ..model.templates import left_pad
+from ..pseudo_gumbel import (
+    PseudoGumbelConfig, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema, mask_loss, random_mask_tokens,
+    resize_target, sample_generators, special_ids, uniform_noise,
+)
+from .gumbel import naive_topk_gumbel_softmax
+
+
+def full_vocab_caption_logits(student, pixel_values, region_cells, caption_ids, caption_lengths) -> torch.Tensor:
+    """Pass 1 as the note writes it: logits [B, L, V] for every row, then the caption rows."""
+    prompts = [student.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]
+    prompt_ids, prompt_mask = left_pad(prompts, student.tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(caption_ids.device), prompt_mask.to(caption_ids.device)
+    T, P = caption_ids.shape[1], prompt_ids.shape[1]
+    caption_mask = (torch.arange(T, device=caption_ids.device)[None] < caption_lengths[:, None]).long()
+    out = student(
+        mode="lm", input_ids=torch.cat([prompt_ids, caption_ids], dim=1), attention_mask=torch.cat([prompt_mask, caption_mask], dim=1),
+        pixel_values=pixel_values, region_cells=region_cells, use_cache=False,
+    )
+    return out.logits[:, P - 1 : P - 1 + T]
+
+
+@torch.no_grad()
+def full_copy_ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """The note's EMA: every parameter of the teacher copy, one tensor at a time."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
+
+
+def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, clock=None) -> dict:
+    """One forward of the note's step; `clock(name)` (a context manager) times each stage."""
+    clock = clock or (lambda name: contextlib.nullcontext())
+    special = special_ids(student)
+    seeds = batch["sample_seeds"]
+    cells, _ = select_region_cells(batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy)
+    with clock("teacher"):
+        caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg)
+    with clock("mask"):
+        masked_ids, _ = random_mask_tokens(caption_ids, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
+    with clock("pass1"):
+        logits = full_vocab_caption_logits(student, batch["pixel_values1"], cells, masked_ids, lengths)
+    with clock("gumbel"):
+        k = min(cfg.topk, logits.shape[-1])
+        uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], k)
+        text_embeds, hard_ids = naive_topk_gumbel_softmax(logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k)
+    with clock("pass2"):
+        mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
+    with clock("loss"):
+        target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
+        loss = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)["loss"]
+    return {"loss": loss, "caption_ids": caption_ids, "caption_lengths": lengths, "hard_ids": hard_ids}

@@ -1,0 +1,316 @@
+"""A whole Pseudo-Gumbel training step, stage by stage: ours vs the design note's literal step.
+
+    python -m pg_train.bench.step [--preset tiny|bench|sa2va-4b] [--batch 8] [--steps 3]
+
+Both variants start from identical weights (same seed) and run the same batches with the same
+per-sample noise, each in a fresh process of this command (on CPU, a process that already ran
+the other variant keeps its freed heap, which would bias the second one's RSS); the first step of each is checked for
+equal teacher captions and equal loss, and the timings are medians over the steps after the
+first (warm-up). Stages: teacher generation, masking, pass 1, Gumbel, pass 2, loss, backward,
+optimizer, EMA update; `vision` and `sam2 encoder` are the time inside the passes spent in
+those towers (forward hooks), shown as parts of the stages that contain them.
+Memory: on CUDA the allocator's peak over a step (everything resident: weights, teacher, Adam
+state, activations); on CPU the exact bytes of persistent state (weights + teacher + optimizer
+state, by tensor storage) plus the peak RSS growth during a step (sampled every millisecond).
+MFU (CUDA only): model FLOPs counted as 2 x parameters x tokens for each forward matmul (LLM,
+lm_head rows actually computed, vision tower, SAM2 ignored) and 2x that for backward through
+the trainable path, over the step time and the card's dense bf16 peak given by --peak-tflops.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
+import json
+import multiprocessing as mp
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from ..ema import EMATeacher
+from ..pseudo_gumbel import PseudoGumbelConfig
+from .memory import PeakMemory
+
+STAGES = ("teacher", "mask", "pass1", "gumbel", "pass2", "loss", "backward", "optimizer", "ema")
+PARTS = ("vision", "sam2_encoder")
+
+
+class StageClock:
+    """Accumulates wall time per named stage (synchronising CUDA around each)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = defaultdict(float)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.times[name] += time.perf_counter() - start
+
+    def watch(self, module: torch.nn.Module, name: str) -> list:
+        """Time every forward of `module` under `name` (a part of whichever stage runs it)."""
+        starts = []
+
+        def pre(_m, _i):
+            self._sync()
+            starts.append(time.perf_counter())
+
+        def post(_m, _i, _o):
+            self._sync()
+            self.times[name] += time.perf_counter() - starts.pop()
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+@contextlib.contextmanager
+def timed_objective(clock: StageClock):
+    """Run pg_train's own `pseudo_gumbel_step` with each of its six functions timed: the step
+    benchmarked is the production one, not a copy of it."""
+    from .. import pseudo_gumbel as pg
+
+    names = {"generate_pseudo_tokens_with_ema": "teacher", "random_mask_tokens": "mask", "forward_for_logits": "pass1",
+             "topk_gumbel_softmax": "gumbel", "forward_mask_with_text_embeds": "pass2", "mask_loss": "loss"}
+    originals = {name: getattr(pg, name) for name in names}
+
+    def timed(fn, stage):
+        def run(*args, **kwargs):
+            with clock(stage):
+                return fn(*args, **kwargs)
+        return run
+
+    for name, stage in names.items():
+        setattr(pg, name, timed(originals[name], stage))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(pg, name, fn)
+
+
+def build(preset: str, device: str, dtype: torch.dtype):
+    from ..model import build_model
+    from ..model.presets import get_preset
+    from ..model.tokenizer import load_tiny_tokenizer
+
+    # No real tokenizer offline: the tiny one stands in; vocabulary-sized tensors keep the preset's size.
+    spec = dataclasses.replace(get_preset(preset), special_token_ids=None)
+    return build_model(spec, device=device, dtype=dtype, seed=0, tokenizer=load_tiny_tokenizer())
+
+
+def make_batches(model, batch_size: int, steps: int, device) -> list[dict]:
+    from ..memcheck.measure import build_batch
+
+    batches = []
+    for step in range(steps):
+        batch = build_batch(model, batch_size, device, seed=step)
+        batch["sample_seeds"] = torch.arange(batch_size) + 1000 * step
+        batches.append(batch)
+    return batches
+
+
+def tensor_bytes(*objects) -> int:
+    """Bytes of the distinct tensor storages reachable from modules, optimizers and EMA teachers."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            for t in list(obj.parameters()) + list(obj.buffers()):
+                add(t)
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for t in state.values():
+                    add(t)
+        elif isinstance(obj, EMATeacher):
+            for t in obj.shadow:
+                add(t)
+            if obj.teacher_model is not None:
+                add_all = list(obj.teacher_model.parameters()) + list(obj.teacher_model.buffers())
+                for t in add_all:
+                    add(t)
+    return total
+
+
+def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from ..pseudo_gumbel import pseudo_gumbel_step
+    from .seed_step import full_copy_ema_update, seed_literal_step
+
+    torch.manual_seed(0)
+    model = build(args.preset, str(device), dtype)
+    batches = make_batches(model, args.batch, args.steps, device)
+    cfg = PseudoGumbelConfig(max_caption_len=args.caption_len, min_caption_len=args.caption_len, topk=args.topk)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    if variant == "ours":
+        teacher = EMATeacher(model, decay=0.999, placement="same")
+    else:
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    clock = StageClock(device)
+    hooks = clock.watch(model.vision_model, "vision") + clock.watch(model.grounding_encoder.sam2_model.image_encoder, "sam2_encoder")
+    if variant == "seed":
+        hooks += clock.watch(teacher.vision_model, "vision")
+    steps, first = [], None
+    peak_bytes = []
+    for batch in batches:
+        clock.times.clear()
+        gc.collect()
+        with PeakMemory(device) as peak:
+            start = time.perf_counter()
+            if variant == "ours":
+                with timed_objective(clock):
+                    out = pseudo_gumbel_step(model, teacher, batch, cfg)
+                result = {"loss": out.loss, "caption_ids": out.caption_ids, "caption_lengths": out.caption_lengths, "hard_ids": out.hard_ids}
+            else:
+                result = seed_literal_step(model, teacher, batch, cfg, clock)
+            with clock("backward"):
+                result["loss"].backward()
+            with clock("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            with clock("ema"):
+                teacher.update(model) if variant == "ours" else full_copy_ema_update(teacher, model, 0.999)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            total = time.perf_counter() - start
+        peak_bytes.append(peak.peak_bytes)
+        if first is None:
+            first = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in result.items()}
+        steps.append({"total": total, **dict(clock.times)})
+        del result
+    for h in hooks:
+        h.remove()
+    persistent = tensor_bytes(model, optimizer, teacher)
+    timed = steps[1:] or steps
+    median = {k: statistics.median(s.get(k, 0.0) for s in timed) for k in ("total",) + STAGES + PARTS}
+    caption_tokens = int(first["caption_lengths"].sum())
+    report = {
+        "variant": variant, "times_s": median, "first_loss": float(first["loss"]), "first_captions": first["caption_ids"].tolist(),
+        "first_hard_ids": first["hard_ids"].tolist(), "samples_per_s": args.batch / median["total"],
+        "persistent_bytes": persistent, "step_peak_bytes": max(peak_bytes[1:] or peak_bytes), "caption_tokens_first": caption_tokens,
+    }
+    if device.type == "cuda":
+        report["peak_bytes"] = torch.cuda.max_memory_allocated(device)  # absolute: everything resident
+        report["mfu"] = model_flops(model, args.batch, args.caption_len) / median["total"] / (args.peak_tflops * 1e12)
+    else:
+        report["peak_bytes"] = persistent + report["step_peak_bytes"]
+    del model, optimizer, teacher, batches
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report
+
+
+def _run_in_child(queue, variant, args, device, dtype) -> None:
+    try:
+        queue.put(run_variant(variant, args, torch.device(device), dtype))
+    except Exception:  # the parent prints it and exits 1
+        import traceback
+
+        queue.put(f"{variant} failed:\n{traceback.format_exc()}")
+
+
+def model_flops(model, batch: int, caption_len: int) -> float:
+    """Analytic FLOPs of one step: 2 * params * tokens for each matmul-dominated forward, with
+    the backward counted as 2x the forward of pass 1 and pass 2 (activation gradients flow
+    through the frozen LLM; weight gradients exist only for the small trainable part, so this
+    over-counts slightly). The teacher's generation: prompt + caption_len tokens through the LLM."""
+    lm = model.language_model.model
+    llm_params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    vision_params = sum(p.numel() for p in model.vision_model.parameters())
+    D, V = model.preset.language.hidden_size, model.preset.language.vocab_size
+    region = len(model.prompts.region_prompt(8))
+    segment = len(model.prompts.segment_prefix()) + caption_len + len(model.prompts.segment_suffix()[0])
+    vision_tokens = (model.preset.vision.image_size // model.preset.vision.patch_size) ** 2 + 1
+    per_sample = (
+        2 * llm_params * (region + caption_len)  # teacher generation (prefill + decode, KV cache)
+        + 2 * D * V * caption_len  # teacher lm_head rows
+        + 3 * 2 * llm_params * (region + caption_len)  # pass 1 forward + backward
+        + 3 * 2 * D * V * caption_len  # pass 1 lm_head rows forward + backward
+        + 3 * 2 * llm_params * segment  # pass 2 forward + backward
+        + 3 * 2 * vision_params * vision_tokens  # vision tower (three image passes)
+    )
+    return float(per_sample * batch)
+
+
+def print_table(ours: dict, seed: dict, args, device) -> None:
+    print(f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
+          f"median of {max(1, args.steps - 1)} step(s) after a warm-up step")
+    print(f"{'stage':16} {'ours s':>9} {'seed s':>9} {'seed/ours':>10}")
+    for stage in STAGES + PARTS + ("total",):
+        o, s = ours["times_s"][stage], seed["times_s"][stage]
+        label = f"  ({stage} part)" if stage in PARTS else stage
+        print(f"{label:16} {o:9.3f} {s:9.3f} {s / o if o > 0 else float('nan'):10.2f}")
+    print(f"{'samples/s':16} {ours['samples_per_s']:9.2f} {seed['samples_per_s']:9.2f} {ours['samples_per_s'] / seed['samples_per_s']:10.2f}")
+    gib = 2**30
+    if device.type == "cpu":
+        print(f"{'persistent GiB':16} {ours['persistent_bytes'] / gib:9.3f} {seed['persistent_bytes'] / gib:9.3f} "
+              f"{seed['persistent_bytes'] / ours['persistent_bytes']:10.2f}   (weights + teacher + Adam state)")
+        print(f"{'step RSS GiB':16} {ours['step_peak_bytes'] / gib:9.3f} {seed['step_peak_bytes'] / gib:9.3f} "
+              f"{seed['step_peak_bytes'] / max(ours['step_peak_bytes'], 1):10.2f}   (peak RSS growth during a step)")
+    print(f"{'peak GiB':16} {ours['peak_bytes'] / gib:9.3f} {seed['peak_bytes'] / gib:9.3f} {seed['peak_bytes'] / ours['peak_bytes']:10.2f}")
+    if "mfu" in ours:
+        print(f"{'MFU':16} {ours['mfu']:9.1%} {seed['mfu']:9.1%}   (analytic FLOPs / {args.peak_tflops} TFLOP/s)")
+    same_captions = ours["first_captions"] == seed["first_captions"]
+    same_picks = ours["first_hard_ids"] == seed["first_hard_ids"]
+    print(f"first step, same weights and noise: captions equal {same_captions}, Gumbel picks equal {same_picks}, "
+          f"loss ours {ours['first_loss']:.6f} vs seed {seed['first_loss']:.6f} (|diff| {abs(ours['first_loss'] - seed['first_loss']):.1e})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pg_train.bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "bench", "sa2va-4b"))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="steps per variant; the first is a warm-up")
+    parser.add_argument("--caption-len", type=int, default=16, help="teacher captions are forced to this length (min = max)")
+    parser.add_argument("--topk", type=int, default=128)
+    parser.add_argument("--dtype", default=None, help="fp32 | bf16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)")
+    parser.add_argument("--variants", default="ours,seed")
+    parser.add_argument("--json", help="write both reports here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    reports = {}
+    context = mp.get_context("spawn")
+    for variant in args.variants.split(","):
+        print(f"running {variant} ...", flush=True)
+        queue = context.Queue()
+        process = context.Process(target=_run_in_child, args=(queue, variant, args, str(device), dtype))
+        process.start()
+        reports[variant] = queue.get()
+        process.join()
+        if isinstance(reports[variant], str):
+            print(reports[variant])
+            return 1
+    if "ours" in reports and "seed" in reports:
+        print_table(reports["ours"], reports["seed"], args, device)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": str(device), **reports}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
