@@ -77,6 +77,7 @@ class TrainConfig:
     objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: off)
     eval_samples: int = 16  # held-out synthetic scenes (a different seed than training)
+    cudnn_attention: bool = False  # CUDA: allow SDPA's cuDNN backend (slow for shapes that change every step)
     model: ModelConfig = field(default_factory=ModelConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     objective: PseudoGumbelConfig = field(default_factory=lambda: PseudoGumbelConfig(max_caption_len=24, topk=64))

@@ -214,6 +214,7 @@ def test_supervised_and_mixed_objectives_train_with_periodic_evaluation(tmp_path
     assert result.exit_code == 0 and [r["step"] for r in lines] == [1, 2]
     assert all(r["loss"] is not None and r["lm_loss"] > 0 for r in lines)
     assert "eval/cycle_gIoU" in lines[1] and "eval/shuffled_gIoU" in lines[1] and "eval/cycle_gIoU" not in lines[0]
+    assert 0 <= lines[1]["eval/caption_sensitivity"] and not torch.backends.cuda.cudnn_sdp_enabled()  # off unless cudnn_attention=true
 
 
 def test_extra_trainable_prefixes_unfreeze_named_parts_only():

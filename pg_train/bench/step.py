@@ -221,6 +221,8 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
 
 
 def _run_in_child(queue, variant, args, device, dtype) -> None:
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         queue.put(run_variant(variant, args, torch.device(device), dtype))
     except Exception:  # the parent prints it and exits 1
@@ -255,7 +257,8 @@ def model_flops(model, batch: int, caption_len: int) -> float:
 def print_table(ours: dict, seed: dict, args, device) -> None:
     print(f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
-          f"median of {max(1, args.steps - 1)} step(s) after a warm-up step")
+          f"median of {max(1, args.steps - 1)} step(s) after a warm-up step"
+          f"{'; cuDNN attention off' if args.no_cudnn_attention else ''}")
     print(f"{'stage':16} {'ours s':>9} {'seed s':>9} {'seed/ours':>10}")
     for stage in STAGES + PARTS + ("total",):
         o, s = ours["times_s"][stage], seed["times_s"][stage]
@@ -288,6 +291,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)")
     parser.add_argument("--variants", default="ours,seed")
+    parser.add_argument("--no-cudnn-attention", action="store_true",
+                        help="CUDA: keep SDPA off the cuDNN backend (it builds a graph per new shape, on the host)")
     parser.add_argument("--json", help="write both reports here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
