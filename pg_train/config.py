@@ -27,6 +27,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "tiny"  # tiny | sa2va-4b
     checkpoint: str | None = None  # a released-format Sa2VA directory to start from
+    # A training checkpoint (runs/x/checkpoints/step-N) whose weights start this run, loaded
+    # strictly; unlike `resume`, step, optimizer, EMA and data order start fresh (a new stage).
+    init_from: str | None = None
     template: str = "sa2va"  # prompt template set: sa2va | seed
     lora_r: int | None = None  # None: the preset's LoRA
     lora_alpha: int | None = None

@@ -203,17 +203,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     config = path.parent.parent / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{path}: neither a released checkpoint (config.json) nor a training checkpoint next to {config}")
-    from safetensors.torch import load_file
-
     from .config import load_config
-    from .train import build_student
+    from .train import build_student, load_training_weights
 
-    cfg = load_config([config], ["resume=null"])
+    cfg = load_config([config], ["resume=null", "model.init_from=null"])
     model = build_student(cfg)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)")
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    load_training_weights(model, path)
     return model.to(device), cfg
 
 

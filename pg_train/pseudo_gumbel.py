@@ -226,7 +226,8 @@ def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Te
 
 
 # ---- 5. student segments image 2 from the caption ----------------------------------------------
-def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel_values: torch.Tensor, text_embeds: torch.Tensor, caption_lengths: torch.Tensor) -> torch.Tensor:
+def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel_values: torch.Tensor, text_embeds: torch.Tensor, caption_lengths: torch.Tensor,
+                                  return_seg_hidden: bool = False):
     """Segmentation prompt with the caption as embeddings -> mask logits [B, S/4, S/4].
 
     prefix (image 2 + instruction) | text_embeds [B, T, D], padded slots masked out of
@@ -242,6 +243,7 @@ def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel
     return student(
         mode="segment", prefix_ids=prefix, caption_embeds=text_embeds, caption_mask=caption_mask,
         suffix_ids=suffix, seg_index=seg_index, pixel_values=pixel_values, sam_pixel_values=sam_pixel_values,
+        return_seg_hidden=return_seg_hidden,
     )
 
 

@@ -24,6 +24,12 @@ class SupervisedConfig:
     lm_weight: float = 1.0  # region-caption cross-entropy
     seg_weight: float = 1.0  # referring segmentation (2 BCE + 0.5 Dice, as the objective)
     mix_weight: float = 1.0  # objective=mixed: loss = pseudo_gumbel + mix_weight * supervised
+    # Request summary (0 = off): lm_head at the [SEG] state predicts the caption's words (a bag
+    # of words). A pretrained LLM already summarises the request at its last token; a random one
+    # mixes the caption into [SEG] at a few percent of the image's influence, and segmentation
+    # training then removes even that (masks ignore the text). This teaches the tiny preset's
+    # LLM to carry the caption to [SEG]; a pretrained model does not need it.
+    summary_weight: float = 0.0
 
 
 def tokenize_captions(model, captions: list[str | None], max_len: int, with_end: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +54,15 @@ def caption_lm_loss(student, pixel_values: torch.Tensor, region_cells: torch.Ten
     return (token_loss * real).sum(1) / lengths.clamp(min=1)
 
 
+def request_summary_loss(module, seg_hidden: torch.Tensor, caption_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy [B] between lm_head(seg_hidden) and the uniform distribution over
+    the sample's caption tokens (repeated tokens weigh more); 0 for an empty caption."""
+    logp = torch.log_softmax(module.language_model.lm_head(seg_hidden).float(), dim=-1)
+    real = (torch.arange(caption_ids.shape[1], device=caption_ids.device)[None] < lengths[:, None]).float()
+    picked = logp.gather(1, caption_ids)  # [B, T] log-probabilities of each caption token
+    return -(picked * real).sum(1) / lengths.clamp(min=1)
+
+
 def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: SupervisedConfig) -> StepOutput:
     """batch: the objective's tensors plus `captions` (ground-truth text per sample)."""
     module = unwrap(student)
@@ -61,12 +76,16 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     text_embeds = module.embed_tokens()(caption_ids)
     if text_embeds.requires_grad:
         text_embeds.retain_grad()  # its gradient norm is logged, as for the Pseudo-Gumbel embeddings
-    mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
+    mask_logits, seg_hidden = forward_mask_with_text_embeds(
+        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, return_seg_hidden=True
+    )
     target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
     seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)
     loss = sup.lm_weight * lm.mean() + sup.seg_weight * seg["loss"]
+    summary = request_summary_loss(module, seg_hidden, caption_ids, lengths).mean() if sup.summary_weight else torch.zeros(())
+    loss = loss + sup.summary_weight * summary
     metrics = {
-        "loss": loss.detach(), "lm_loss": lm.detach().mean(), "bce": seg["bce"].detach().mean(), "dice": seg["dice"].detach().mean(),
+        "loss": loss.detach(), "lm_loss": lm.detach().mean(), "summary_loss": summary.detach(), "bce": seg["bce"].detach().mean(), "dice": seg["dice"].detach().mean(),
         "iou": mask_iou(mask_logits, target).mean(), "caption_len_mean": lengths.float().mean(),
         "replaced_fraction": torch.zeros(()), "region_k_mean": cells.flatten(1).sum(1).float().mean(), "region_fallbacks": fallback.sum(),
     }

@@ -73,9 +73,21 @@ def build_student(cfg: TrainConfig):
         unfrozen = [p.requires_grad_(True) for n, p in model.named_parameters() if n.startswith(tuple(m.extra_trainable))]
         if not unfrozen:
             raise ValueError(f"model.extra_trainable {m.extra_trainable} matches no parameter name")
+    if m.init_from:
+        load_training_weights(model, m.init_from)
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def load_training_weights(model, checkpoint: str | Path) -> None:
+    """Weights of a training checkpoint, strictly (a name or shape mismatch is an error)."""
+    from safetensors.torch import load_file
+
+    weights = Path(checkpoint) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"model.init_from: {weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)")
+    model.load_state_dict(load_file(str(weights)), strict=True)
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -99,6 +111,17 @@ def objective_step(model, ema, batch: dict, cfg: TrainConfig):
         out.metrics["lm_loss"] = sup.metrics["lm_loss"]
         out.metrics["supervised_iou"] = sup.metrics["iou"]
     return out
+
+
+def held_out_evaluation(model, heldout: list[dict], cfg: TrainConfig) -> dict[str, float]:
+    """pg_train.evaluate's numbers on the held-out batches, as `eval/*` metrics."""
+    from .evaluate import KINDS, evaluate
+
+    numbers = evaluate(model, heldout, cfg.objective)
+    record = {f"eval/{kind}_{m}": numbers[kind][m] for kind in KINDS for m in ("cIoU", "gIoU")}
+    record["eval/caption_len"] = numbers["captions"]["mean_length"]
+    record["eval/caption_sensitivity"] = numbers["language_embedding"]["ratio"]
+    return record
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -213,6 +236,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     batches = iter(loader)
     history = []
+    if cfg.eval_every and step == 0:  # the starting point, so a run shows what training changed
+        record = {"step": 0, **held_out_evaluation(model, heldout, cfg)}
+        if main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.tensorboard:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=0)
     started = time.perf_counter()
     first_step = step
     while step < cfg.max_steps:
@@ -262,12 +292,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         # ---- evaluate and log ------------------------------------------------------------------
         evaluation = {}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            from .evaluate import evaluate
-
-            numbers = evaluate(model, heldout, cfg.objective)
-            evaluation = {f"eval/{kind}_{m}": numbers[kind][m] for kind in ("referring", "cycle", "shuffled", "empty") for m in ("cIoU", "gIoU")}
-            evaluation["eval/caption_len"] = numbers["captions"]["mean_length"]
-            evaluation["eval/caption_sensitivity"] = numbers["language_embedding"]["ratio"]
+            evaluation = held_out_evaluation(model, heldout, cfg)
         if step % cfg.log_every == 0 or step == cfg.max_steps or evaluation:
             keys = ("loss", "bce", "dice", "iou", "caption_len_mean", "replaced_fraction", "region_k_mean")
             local = torch.stack([out.metrics[k].float().reshape(()) for k in keys]).to(accelerator.device)

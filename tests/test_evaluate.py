@@ -87,10 +87,38 @@ def test_controls_caption_sensitivity_is_zero_when_the_seg_state_ignores_the_cap
 
     original = model.segment_from_embeds
 
-    def caption_blind(prefix_ids, caption_embeds, caption_mask, suffix_ids, seg_index, pixel_values, sam_pixel_values):
-        return original(prefix_ids, torch.zeros_like(caption_embeds), torch.ones_like(caption_mask), suffix_ids, seg_index, pixel_values, sam_pixel_values)
+    def caption_blind(caption_embeds, caption_mask, **kwargs):
+        return original(caption_embeds=torch.zeros_like(caption_embeds), caption_mask=torch.ones_like(caption_mask), **kwargs)
 
     model.segment_from_embeds = caption_blind
     blind = evaluate(model, batches, cfg)
     assert blind["language_embedding"]["caption_effect"] == 0.0 and blind["language_embedding"]["image_spread"] > 0
     assert blind["cycle"] == blind["shuffled"]  # identical masks: the controls expose it too
+
+
+def test_controls_request_summary_loss_reads_the_caption_at_the_seg_state():
+    """The supervised objective's request-summary term: lm_head at [SEG] scored against the
+    caption's words. Hand-made: a state whose logits put all mass on the caption's tokens scores
+    ~0; the gradient reaches the caption embeddings through [SEG]."""
+    from pg_train.supervised import request_summary_loss, tokenize_captions
+
+    model = lively()
+    ids, lens = torch.tensor([[30, 31, 32], [40, 0, 0]]), torch.tensor([3, 1])
+    head = model.language_model.lm_head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[ids[1, 0]] = 1.0
+    state = torch.zeros(2, head.in_features)
+    state[1] = 50.0
+    loss = request_summary_loss(model, state, ids, lens)
+    assert loss[1] < 1e-3 and loss[0] > 1.0  # sample 1 puts its mass on its only word, sample 0 spreads it
+    assert request_summary_loss(model, state, ids, torch.tensor([0, 1]))[0] == 0  # empty caption: no loss
+
+    model = lively()
+    (batch,) = heldout_batches(model, samples=2, batch_size=2, seed=3, device="cpu")
+    cfg = PseudoGumbelConfig(max_caption_len=6)
+    ids, lens = tokenize_captions(model, batch["captions"], cfg.max_caption_len)
+    embeds = model.embed_tokens()(ids).detach().requires_grad_()
+    _, seg_hidden = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens, return_seg_hidden=True)
+    request_summary_loss(model, seg_hidden, ids, lens).sum().backward()
+    assert embeds.grad is not None and embeds.grad[0, : lens[0]].abs().sum() > 0

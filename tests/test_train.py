@@ -211,7 +211,9 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2(tmp
 def test_supervised_and_mixed_objectives_train_with_periodic_evaluation(tmp_path, kind):
     result = train(load_config([], [*FAST, f"output_dir={tmp_path}", "max_steps=2", f"objective_kind={kind}", "eval_every=2", "eval_samples=4"]))
     lines = metrics(tmp_path)
-    assert result.exit_code == 0 and [r["step"] for r in lines] == [1, 2]
+    assert result.exit_code == 0 and [r["step"] for r in lines] == [0, 1, 2]  # step 0: the starting point, evaluation only
+    assert "loss" not in lines[0] and "eval/cycle_gIoU" in lines[0]
+    lines = lines[1:]
     assert all(r["loss"] is not None and r["lm_loss"] > 0 for r in lines)
     assert "eval/cycle_gIoU" in lines[1] and "eval/shuffled_gIoU" in lines[1] and "eval/cycle_gIoU" not in lines[0]
     assert 0 <= lines[1]["eval/caption_sensitivity"] and not torch.backends.cuda.cudnn_sdp_enabled()  # off unless cudnn_attention=true
@@ -225,3 +227,21 @@ def test_extra_trainable_prefixes_unfreeze_named_parts_only():
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("grounding_encoder.sam2_model.image_encoder."))
     with pytest.raises(ValueError, match="matches no parameter"):
         build_student(load_config([], ["model.extra_trainable=[nothing.]"]))
+
+
+def test_init_from_a_training_checkpoint_loads_its_weights_and_starts_a_new_stage(tmp_path):
+    from safetensors.torch import load_file
+
+    from pg_train.train import build_student
+
+    first = train(load_config([], [*FAST, f"output_dir={tmp_path / 'a'}", "max_steps=2", "save_every=2"]))
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-00000002"
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    model = build_student(load_config([], [f"model.init_from={checkpoint}"]))
+    state = model.state_dict()
+    assert first.exit_code == 0 and state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    fresh = build_student(load_config([], []))
+    assert any(not torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)  # training moved something
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        build_student(load_config([], [f"model.init_from={tmp_path}"]))

@@ -66,7 +66,7 @@ def build_model(
     `quantize_4bit`: the frozen LLM projections in NF4 (QLoRA; bitsandbytes), before LoRA.
     """
     name = preset if isinstance(preset, str) else preset.name
-    if tokenizer is None and name in ("tiny", "bench"):
+    if tokenizer is None and name in ("tiny", "tiny-112", "bench"):
         tokenizer = load_tiny_tokenizer()
     preset = resolve_preset(preset, tokenizer)
     if tokenizer is not None:

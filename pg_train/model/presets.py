@@ -7,6 +7,7 @@ so that it builds in well under a second and runs on two CPU cores.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields, asdict
 from typing import Any
 
@@ -130,6 +131,18 @@ TINY_SAM2 = Sam2Dims(
     fuser_layers=1, image_size=128,
 )
 
+TINY = ModelPreset(
+    name="tiny",
+    vision=TINY_VISION,
+    language=LanguageDims(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=128, vocab_size=0,  # 0: taken from the tiny tokenizer
+        max_position_embeddings=2048,
+    ),
+    sam2=TINY_SAM2,
+    lora=LoraDims(r=8, alpha=16, dropout=0.0),
+)
+
 PRESETS: dict[str, ModelPreset] = {
     "sa2va-4b": ModelPreset(
         name="sa2va-4b",
@@ -144,17 +157,10 @@ PRESETS: dict[str, ModelPreset] = {
         ),
         special_token_ids=SA2VA_4B_SPECIAL_TOKEN_IDS,
     ),
-    "tiny": ModelPreset(
-        name="tiny",
-        vision=TINY_VISION,
-        language=LanguageDims(
-            hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-            intermediate_size=128, vocab_size=0,  # 0: taken from the tiny tokenizer
-            max_position_embeddings=2048,
-        ),
-        sam2=TINY_SAM2,
-        lora=LoraDims(r=8, alpha=16, dropout=0.0),
-    ),
+    "tiny": TINY,
+    # The tiny preset at 112 px: a 4x4 token grid (16 image tokens instead of 256) for learning
+    # experiments on a CPU (configs/learn_tiny_*.yaml). Everything else is the tiny preset's.
+    "tiny-112": dataclasses.replace(TINY, name="tiny-112", vision=dataclasses.replace(TINY_VISION, image_size=112)),
     # CPU benchmark preset (pg_train.bench.step): Sa2VA-4B's vocabulary (151,679) and LLM width
     # (2048) so vocabulary-sized costs (lm_head rows, top-k over V, the Gumbel mixture at D=2048)
     # are real, with two LLM layers and the tiny vision / SAM2 towers so a step fits a CPU.

@@ -179,13 +179,15 @@ class Sa2VAModel(nn.Module):
         ).last_hidden_state
         return self.language_model.lm_head(hidden[:, first_row : first_row + num_rows])
 
-    def segment_from_embeds(self, prefix_ids, caption_embeds, caption_mask, suffix_ids, seg_index: int, pixel_values, sam_pixel_values) -> torch.Tensor:
+    def segment_from_embeds(self, prefix_ids, caption_embeds, caption_mask, suffix_ids, seg_index: int, pixel_values, sam_pixel_values,
+                            return_seg_hidden: bool = False):
         """Mask logits [B, S/4, S/4] for the prompt prefix + caption embeddings + suffix.
 
         prefix_ids [B, P] (with the image slots), caption_embeds [B, T, D], caption_mask [B, T]
         (0 = padded caption slot, excluded from attention), suffix_ids [B, Q] with the answer's
         [SEG] at suffix index `seg_index`. Only the LLM's final-norm hidden state is needed, so
-        lm_head does not run at all.
+        lm_head does not run at all. `return_seg_hidden`: also return the [SEG] state [B, D] (the
+        supervised objective's request-summary loss reads it).
         """
         B, P = prefix_ids.shape
         prefix = self.embed_with_images(prefix_ids, self.extract_feature(pixel_values), None)
@@ -199,7 +201,9 @@ class Sa2VAModel(nn.Module):
             use_cache=False,  # training passes never decode: no KV cache to build
         ).last_hidden_state
         seg_position = torch.full((B,), P + caption_embeds.shape[1] + seg_index, device=hidden.device)
-        return self.predict_masks(self.seg_hidden_states(hidden, seg_position), sam_pixel_values)
+        seg_hidden = self.seg_hidden_states(hidden, seg_position)
+        masks = self.predict_masks(seg_hidden, sam_pixel_values)
+        return (masks, seg_hidden) if return_seg_hidden else masks
 
     # ---- state -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
