@@ -224,7 +224,15 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_checkpoint(args.checkpoint, device)
     objective = cfg.objective if cfg else PseudoGumbelConfig()
-    batches = heldout_batches(model, args.samples, args.batch_size, args.seed, device, args.manifest)
+    source = None
+    if cfg is not None and not args.manifest and cfg.data.source == "synthetic":
+        import dataclasses
+
+        from .data import build_source
+
+        # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
+        source = build_source(dataclasses.replace(cfg.data, num_samples=args.samples), seed=args.seed)
+    batches = heldout_batches(model, args.samples, args.batch_size, args.seed, device, args.manifest, source=source)
     out = Path(args.output)
     results = evaluate(model, batches, objective, gallery_path=out / "gallery.png")
     out.mkdir(parents=True, exist_ok=True)
