@@ -53,7 +53,7 @@ def draw(curves: dict[str, list[tuple[int, float, float]]], path: Path, size=(90
                 for t in range(0, 10, 2):
                     d.line([(a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10),
                             (a[0] + (b[0] - a[0]) * (t + 1) / 10, a[1] + (b[1] - a[1]) * (t + 1) / 10)], fill=colour, width=2)
-        d.text((margin + w - 230, margin + 10 + 16 * i), f"— {name}", fill=colour)
+        d.text((margin + w - 230, margin + 10 + 16 * i), f"-- {name}", fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
