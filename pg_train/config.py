@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | sa2va-4b
+    preset: str = "tiny"  # tiny | tiny-112 | bench | sa2va-4b
     checkpoint: str | None = None  # a released-format Sa2VA directory to start from
     # A training checkpoint (runs/x/checkpoints/step-N) whose weights start this run, loaded
     # strictly; unlike `resume`, step, optimizer, EMA and data order start fresh (a new stage).
