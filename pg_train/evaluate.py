@@ -67,8 +67,8 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
     union = {k: [] for k in KINDS}
     lengths, tokens, rows = [], [], []
     language = {k: [] for k in KINDS}  # the [SEG] language embedding SAM2 receives, per kind
-    hook = module.text_hidden_fcs.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().cpu()))
     captured: list[torch.Tensor] = []
+    hook = module.text_hidden_fcs.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().cpu()))
     try:
         for batch in batches:
             if batch["pixel_values1"].shape[0] < 2:
@@ -169,14 +169,20 @@ def write_gallery(rows: list[tuple], path: str | Path) -> None:
 
 
 # ---- loading and CLI -------------------------------------------------------------------------------
-def heldout_batches(model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None, source=None) -> list[dict]:
-    """Preprocessed evaluation batches: `source` if given, else the manifest, else synthetic
-    scenes of `seed` (training uses small seeds; the default held-out seed is 10,000+)."""
-    from .data import ManifestPairs, PairDataset, Preprocess, SyntheticPairs, collate_pairs
+def heldout_batches(model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None, data=None) -> list[dict]:
+    """Preprocessed evaluation batches: the manifest if given, else synthetic scenes of `seed`
+    drawn like `data`'s (a DataConfig: sizes, colours, object counts — the defaults when it is
+    None or not synthetic). Training uses small seeds; the default held-out seed is 10,000+."""
+    import dataclasses
+
+    from .data import DataConfig, ManifestPairs, PairDataset, Preprocess, build_source, collate_pairs
 
     preset = unwrap(model).preset
-    if source is None:
-        source = ManifestPairs(manifest) if manifest else SyntheticPairs(samples, seed=seed)
+    if manifest:
+        source = ManifestPairs(manifest)
+    else:
+        synthetic = data if data is not None and data.source == "synthetic" else DataConfig()
+        source = build_source(dataclasses.replace(synthetic, num_samples=samples), seed=seed)
     dataset = PairDataset(source, Preprocess(preset.vision.image_size, preset.sam2.image_size))
     count = min(samples, len(dataset))
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -224,15 +230,8 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_checkpoint(args.checkpoint, device)
     objective = cfg.objective if cfg else PseudoGumbelConfig()
-    source = None
-    if cfg is not None and not args.manifest and cfg.data.source == "synthetic":
-        import dataclasses
-
-        from .data import build_source
-
-        # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
-        source = build_source(dataclasses.replace(cfg.data, num_samples=args.samples), seed=args.seed)
-    batches = heldout_batches(model, args.samples, args.batch_size, args.seed, device, args.manifest, source=source)
+    # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
+    batches = heldout_batches(model, args.samples, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None)
     out = Path(args.output)
     results = evaluate(model, batches, objective, gallery_path=out / "gallery.png")
     out.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,14 @@ def held_out_evaluation(model, heldout: list[dict], cfg: TrainConfig) -> dict[st
     return record
 
 
+def write_record(record: dict, metrics_path: Path, tracker=None) -> None:
+    """One metrics.jsonl line; its numbers also to TensorBoard when a tracker (the accelerator) is given."""
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if tracker is not None:
+        tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=record["step"])
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps (a function of the
     step, so resuming needs no scheduler state)."""
@@ -196,13 +204,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     heldout = []
     if cfg.eval_every:
-        from .data import DataConfig, build_source
         from .evaluate import heldout_batches
 
-        # Held-out synthetic scenes drawn like the training ones (sizes, object counts), another seed.
-        synthetic = cfg.data if cfg.data.source == "synthetic" else DataConfig()
-        source = build_source(dataclasses.replace(synthetic, num_samples=cfg.eval_samples), seed=cfg.seed + 10_000)
-        heldout = heldout_batches(module, cfg.eval_samples, max(2, cfg.batch_size), seed=cfg.seed + 10_000, device=accelerator.device, source=source)
+        # Held-out synthetic scenes drawn like the training ones (sizes, colours, object counts), another seed.
+        heldout = heldout_batches(module, cfg.eval_samples, max(2, cfg.batch_size), seed=cfg.seed + 10_000, device=accelerator.device, data=cfg.data)
     if cfg.tensorboard:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=flat)
@@ -237,12 +242,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     batches = iter(loader)
     history = []
     if cfg.eval_every and step == 0:  # the starting point, so a run shows what training changed
-        record = {"step": 0, **held_out_evaluation(model, heldout, cfg)}
+        record = {"step": 0, **held_out_evaluation(model, heldout, cfg)}  # every rank evaluates, as in the loop
         if main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if cfg.tensorboard:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=0)
+            write_record(record, metrics_path, accelerator if cfg.tensorboard else None)
     started = time.perf_counter()
     first_step = step
     while step < cfg.max_steps:
@@ -321,10 +323,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 global_norm = model.get_global_grad_norm()
                 record["grad_norm/global"] = float(global_norm) if global_norm is not None else None
             if main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if cfg.tensorboard:
-                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=step)
+                write_record(record, metrics_path, accelerator if cfg.tensorboard else None)
             history.append(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "skip", iou=f"{record['iou']:.3f}", refresh=False)
         progress.update(1)

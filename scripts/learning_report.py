@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR; NAME starting with + continues the first run's steps")
     parser.add_argument("--out", default="docs/learning")
     args = parser.parse_args(argv)
-    curves, rows, base_end = {}, [], None
+    curves, base_end = {}, None
     print("| run | steps | cycle gIoU | shuffled gIoU | cycle − shuffled | referring gIoU | cycle at its start |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for spec in args.runs:
@@ -76,7 +76,6 @@ def main(argv=None) -> int:
         first, last = evals[0], evals[-1]
         print(f"| {name.lstrip('+')} | {last['step']} | {last['eval/cycle_gIoU']:.3f} | {last['eval/shuffled_gIoU']:.3f} | "
               f"{last['eval/cycle_gIoU'] - last['eval/shuffled_gIoU']:+.3f} | {last['eval/referring_gIoU']:.3f} | {first['eval/cycle_gIoU']:.3f} |")
-        rows.append((name, last))
     out = Path(args.out)
     draw(curves, out / "curves.png")
     print(f"\nwrote {out / 'curves.png'}")

@@ -12,7 +12,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pg_train.bench.seed_step import full_copy_ema_update, seed_literal_step
-from pg_train.bench.step import build, make_batches
+from pg_train.bench.step import make_batches
+from pg_train.model import build_offline
 from pg_train.ema import EMATeacher
 from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
 
@@ -27,7 +28,7 @@ def main():
     device = torch.device("cuda")
     cfg = PseudoGumbelConfig(max_caption_len=16, min_caption_len=16, topk=128)
     for variant in ("ours", "seed"):
-        model = build(args.preset, "cuda", torch.bfloat16)
+        model = build_offline(args.preset, device="cuda", dtype=torch.bfloat16, seed=0)
         batches = make_batches(model, args.batch, 2, device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         teacher = EMATeacher(model, 0.999) if variant == "ours" else copy.deepcopy(model).eval().requires_grad_(False)

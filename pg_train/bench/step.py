@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import gc
 import json
 import multiprocessing as mp
@@ -32,6 +31,8 @@ from collections import defaultdict
 import torch
 
 from ..ema import EMATeacher
+from ..memcheck.measure import build_batch, optimizer_tensors, storage_bytes
+from ..model import build_offline
 from ..pseudo_gumbel import PseudoGumbelConfig
 from .memory import PeakMemory
 
@@ -100,19 +101,7 @@ def timed_objective(clock: StageClock):
             setattr(pg, name, fn)
 
 
-def build(preset: str, device: str, dtype: torch.dtype):
-    from ..model import build_model
-    from ..model.presets import get_preset
-    from ..model.tokenizer import load_tiny_tokenizer
-
-    # No real tokenizer offline: the tiny one stands in; vocabulary-sized tensors keep the preset's size.
-    spec = dataclasses.replace(get_preset(preset), special_token_ids=None)
-    return build_model(spec, device=device, dtype=dtype, seed=0, tokenizer=load_tiny_tokenizer())
-
-
 def make_batches(model, batch_size: int, steps: int, device) -> list[dict]:
-    from ..memcheck.measure import build_batch
-
     batches = []
     for step in range(steps):
         batch = build_batch(model, batch_size, device, seed=step)
@@ -121,34 +110,18 @@ def make_batches(model, batch_size: int, steps: int, device) -> list[dict]:
     return batches
 
 
-def tensor_bytes(*objects) -> int:
-    """Bytes of the distinct tensor storages reachable from modules, optimizers and EMA teachers."""
-    seen, total = set(), 0
+def persistent_bytes(model, optimizer, teacher) -> int:
+    """Bytes of the distinct storages a step keeps between steps: weights, optimizer state and
+    the teacher (an EMA shadow, plus its model for `full:` placement, or a full copy)."""
+    def module_tensors(module):
+        return list(module.parameters()) + list(module.buffers())
 
-    def add(t):
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-
-    for obj in objects:
-        if isinstance(obj, torch.nn.Module):
-            for t in list(obj.parameters()) + list(obj.buffers()):
-                add(t)
-        elif isinstance(obj, torch.optim.Optimizer):
-            for state in obj.state.values():
-                for t in state.values():
-                    add(t)
-        elif isinstance(obj, EMATeacher):
-            for t in obj.shadow:
-                add(t)
-            if obj.teacher_model is not None:
-                add_all = list(obj.teacher_model.parameters()) + list(obj.teacher_model.buffers())
-                for t in add_all:
-                    add(t)
-    return total
+    tensors = module_tensors(model) + optimizer_tensors(optimizer)
+    if isinstance(teacher, EMATeacher):
+        tensors += teacher.shadow + (module_tensors(teacher.teacher_model) if teacher.teacher_model is not None else [])
+    else:
+        tensors += module_tensors(teacher)
+    return storage_bytes(tensors)
 
 
 def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -156,7 +129,7 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
     from .seed_step import full_copy_ema_update, seed_literal_step
 
     torch.manual_seed(0)
-    model = build(args.preset, str(device), dtype)
+    model = build_offline(args.preset, device=str(device), dtype=dtype, seed=0)
     batches = make_batches(model, args.batch, args.steps, device)
     cfg = PseudoGumbelConfig(max_caption_len=args.caption_len, min_caption_len=args.caption_len, topk=args.topk)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,14 +172,13 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
         del result
     for h in hooks:
         h.remove()
-    persistent = tensor_bytes(model, optimizer, teacher)
+    persistent = persistent_bytes(model, optimizer, teacher)
     timed = steps[1:] or steps
     median = {k: statistics.median(s.get(k, 0.0) for s in timed) for k in ("total",) + STAGES + PARTS}
-    caption_tokens = int(first["caption_lengths"].sum())
     report = {
         "variant": variant, "times_s": median, "first_loss": float(first["loss"]), "first_captions": first["caption_ids"].tolist(),
         "first_hard_ids": first["hard_ids"].tolist(), "samples_per_s": args.batch / median["total"],
-        "persistent_bytes": persistent, "step_peak_bytes": max(peak_bytes[1:] or peak_bytes), "caption_tokens_first": caption_tokens,
+        "persistent_bytes": persistent, "step_peak_bytes": max(peak_bytes[1:] or peak_bytes),
     }
     if device.type == "cuda":
         report["peak_bytes"] = torch.cuda.max_memory_allocated(device)  # absolute: everything resident

@@ -70,22 +70,16 @@ def deployment_from(args, cfg) -> Deployment:
 
 
 def build(preset: str, cfg, device: str, dtype: torch.dtype):
-    from ..model import build_model
-    from ..model.presets import get_preset
-    from ..model.tokenizer import load_tiny_tokenizer
+    from ..model import build_model, build_offline
 
     kwargs = {}
     if cfg is not None:
         from ..train import lora_from_config
 
         kwargs.update(lora=lora_from_config(cfg.model, preset), quantize_4bit=cfg.model.quantize_4bit)
-    spec = get_preset(preset)
-    if preset != "tiny" and device != "meta":
-        # No real tokenizer offline: the tiny one stands in (captions use its ordinary ids; every
-        # vocabulary-sized tensor keeps the preset's real size).
-        spec = dataclasses.replace(spec, special_token_ids=None)
-        kwargs["tokenizer"] = load_tiny_tokenizer()
-    return build_model(spec, device=device, dtype=dtype, seed=0, **kwargs)
+    # On meta nothing runs, so the preset keeps its real special ids; otherwise the tiny tokenizer stands in.
+    builder = build_model if device == "meta" else build_offline
+    return builder(preset, device=device, dtype=dtype, seed=0, **kwargs)
 
 
 def print_prediction(title: str, pred, alternatives: dict | None = None) -> None:

@@ -43,7 +43,7 @@ class Measurement:
     losses: list[float] = field(default_factory=list)
 
 
-def _storage_bytes(tensors) -> int:
+def storage_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
         if t is None or not torch.is_tensor(t) or t.device.type == "meta":
@@ -78,11 +78,11 @@ def tensor_accounting(model, optimizer, ema) -> dict[str, int]:
     partitions are released by DeepSpeed's own step, so gradients are not counted there."""
     params = list(model.parameters())
     counted = {
-        "frozen weights": _storage_bytes(p for p in params if not p.requires_grad),
-        "buffers": _storage_bytes(model.buffers()),
-        "trainable weights": _storage_bytes(p for p in params if p.requires_grad),
-        "gradients": _storage_bytes(p.grad for p in params),
-        "optimizer state": _storage_bytes(optimizer_tensors(optimizer)),
+        "frozen weights": storage_bytes(p for p in params if not p.requires_grad),
+        "buffers": storage_bytes(model.buffers()),
+        "trainable weights": storage_bytes(p for p in params if p.requires_grad),
+        "gradients": storage_bytes(p.grad for p in params),
+        "optimizer state": storage_bytes(optimizer_tensors(optimizer)),
         "EMA": sum(ema.memory_bytes().values()) if ema is not None else 0,
     }
     if zero_optimizer(optimizer) is not None:
@@ -280,7 +280,7 @@ def _audit_optimizer(optimizer, trainable: dict) -> Audit:
     inner = getattr(optimizer, "optimizer", optimizer)
     expected = {n: p for n, p in trainable.items() if not gradient_free(n)}
     with_state = [n for n, p in expected.items() if len(inner.state.get(p, {})) > 0]
-    state_bytes = _storage_bytes(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
+    state_bytes = storage_bytes(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
     audit.evidence.append(f"{len(with_state)}/{len(expected)} trainable tensors have optimizer state ({state_bytes:,} bytes); "
                           f"{len(trainable) - len(expected)} more (SAM2's IoU and object-score heads) never get a gradient by design")
     if not with_state:

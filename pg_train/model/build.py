@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .presets import LoraDims, ModelPreset, get_preset
+from .presets import PRESETS, LoraDims, ModelPreset, get_preset
 from .sa2va import Sa2VAModel
 from .tokenizer import load_tiny_tokenizer, special_token_ids
 
@@ -66,7 +66,7 @@ def build_model(
     `quantize_4bit`: the frozen LLM projections in NF4 (QLoRA; bitsandbytes), before LoRA.
     """
     name = preset if isinstance(preset, str) else preset.name
-    if tokenizer is None and name in ("tiny", "tiny-112", "bench"):
+    if tokenizer is None and name in PRESETS and PRESETS[name].special_token_ids is None:  # tiny, tiny-112, bench
         tokenizer = load_tiny_tokenizer()
     preset = resolve_preset(preset, tokenizer)
     if tokenizer is not None:
@@ -99,6 +99,14 @@ def build_model(
     set_trainable(model, lora_dims)
     return model
 
+
+
+def build_offline(preset: str, **kwargs) -> Sa2VAModel:
+    """A registered preset with the tiny offline tokenizer standing in for its real one (no real
+    tokenizer can be downloaded): captions use the tiny tokenizer's ordinary ids, and every
+    vocabulary-sized tensor keeps the preset's real size. For measurements (memcheck, benchmarks)."""
+    spec = dataclasses.replace(get_preset(preset), special_token_ids=None)
+    return build_model(spec, tokenizer=load_tiny_tokenizer(), **kwargs)
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters (the new LoRA adapters) to `dtype`, leaving 4-bit storage alone."""
