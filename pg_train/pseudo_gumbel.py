@@ -81,7 +81,8 @@ def _eval_mode(model):
 
 # ---- 1. teacher captions -----------------------------------------------------------------------
 @torch.no_grad()
-def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None,
+                                    trim_last_layer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher captions of each sample's region.
 
     `teacher`: a Sa2VA model, or an EMA teacher (then `student` is the model its weights are
@@ -89,7 +90,8 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
     Prompts of different K are left-padded so every row ends where its answer starts; decoding
     uses a KV cache, suppresses every special id, and stops per sample at eos or the template's
     end text. Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
-    the device of `pixel_values` (the teacher may live elsewhere).
+    the device of `pixel_values` (the teacher may live elsewhere). `trim_last_layer`: see
+    generate_from_embeds.
     """
     with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):
         model = unwrap(model)
@@ -109,7 +111,7 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
             suppress_token_ids=suppress.nonzero().flatten().to(device),
             stop_sequences=[model.prompts.end_text_ids],
             do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
-            generator=generator,
+            generator=generator, trim_last_layer=trim_last_layer,
         )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 
@@ -226,6 +228,17 @@ def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Te
 
 
 # ---- 5. student segments image 2 from the caption ----------------------------------------------
+def segment_prompt(model, caption_lengths: torch.Tensor, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Pass 2's token frame around T caption slots: (prefix ids [B, P], caption mask [B, T],
+    suffix ids [B, Q], index of the answer's [SEG] in the suffix)."""
+    B, caption_lengths = caption_lengths.shape[0], caption_lengths.to(device)
+    prefix = torch.tensor(model.prompts.segment_prefix(), device=device).expand(B, -1)
+    suffix_ids, seg_index = model.prompts.segment_suffix()
+    suffix = torch.tensor(suffix_ids, device=device).expand(B, -1)
+    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()
+    return prefix, caption_mask, suffix, seg_index
+
+
 def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel_values: torch.Tensor, text_embeds: torch.Tensor, caption_lengths: torch.Tensor,
                                   return_seg_hidden: bool = False):
     """Segmentation prompt with the caption as embeddings -> mask logits [B, S/4, S/4].
@@ -233,13 +246,7 @@ def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel
     prefix (image 2 + instruction) | text_embeds [B, T, D], padded slots masked out of
     attention | suffix with exactly one [SEG] (the answer's; the seed's suffix had two).
     """
-    model = unwrap(student)
-    B, T = text_embeds.shape[:2]
-    device = text_embeds.device
-    prefix = torch.tensor(model.prompts.segment_prefix(), device=device).expand(B, -1)
-    suffix_ids, seg_index = model.prompts.segment_suffix()
-    suffix = torch.tensor(suffix_ids, device=device).expand(B, -1)
-    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()
+    prefix, caption_mask, suffix, seg_index = segment_prompt(unwrap(student), caption_lengths, text_embeds.shape[1], text_embeds.device)
     return student(
         mode="segment", prefix_ids=prefix, caption_embeds=text_embeds, caption_mask=caption_mask,
         suffix_ids=suffix, seg_index=seg_index, pixel_values=pixel_values, sam_pixel_values=sam_pixel_values,

@@ -6,11 +6,15 @@ What makes it the seed's step (each is what our step avoids):
 - pass 1 computes full-vocabulary logits for the whole sequence and slices the caption rows
   (ours: lm_head on the caption rows only);
 - the Gumbel step gathers a dense [B, T, k, D] tensor (ours: a custom straight-through function);
+- pass 2 calls the causal LM (`language_model(inputs_embeds=...)`, hidden_states[-1] at
+  [SEG]), so lm_head runs on every row although no logit is read (ours: no lm_head in pass 2);
+- every LLM forward runs its last layer on every row (ours: only on the rows read,
+  pg_train.model.decoder);
 - every use of an image runs its vision tower again.
 Fairness: the teacher generates with the same batched, left-padded, KV-cached decoder as ours
 (the note's padding was wrong and a per-sample loop would inflate the ratio), the row slicing is
-the corrected one, and masking, pass 2 and the loss are the same functions, so with equal
-weights and noise both steps give the same captions and the same loss.
+the corrected one, and masking, the pass-2 prompt, SAM2 and the loss are the same functions, so
+with equal weights and noise both steps give the same captions and the same loss.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ import torch
 from ..model.regions import region_cells as select_region_cells
 from ..model.templates import left_pad
 from ..pseudo_gumbel import (
-    PseudoGumbelConfig, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema, mask_loss, random_mask_tokens,
-    resize_target, sample_generators, special_ids, uniform_noise,
+    PseudoGumbelConfig, generate_pseudo_tokens_with_ema, mask_loss, random_mask_tokens,
+    resize_target, sample_generators, segment_prompt, special_ids, uniform_noise,
 )
 from .gumbel import naive_topk_gumbel_softmax
 
@@ -41,6 +45,22 @@ def full_vocab_caption_logits(student, pixel_values, region_cells, caption_ids, 
     return out.logits[:, P - 1 : P - 1 + T]
 
 
+def literal_segment_pass(student, pixel_values, sam_pixel_values, text_embeds, caption_lengths) -> torch.Tensor:
+    """Pass 2 as the note writes it: the causal LM over prefix | caption embeddings | suffix
+    (logits [B, L, V] for every row, unused), then the last hidden state at the [SEG] row."""
+    T = text_embeds.shape[1]
+    prefix_ids, caption_mask, suffix_ids, seg_index = segment_prompt(student, caption_lengths, T, text_embeds.device)
+    prefix = student.embed_with_images(prefix_ids, student.extract_feature(pixel_values), None)
+    embeds = torch.cat([prefix, text_embeds.to(prefix.dtype), student.embed_tokens()(suffix_ids)], dim=1)
+    attention_mask = torch.cat([torch.ones_like(prefix_ids), caption_mask, torch.ones_like(suffix_ids)], dim=1)
+    out = student.language_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=student.position_ids(attention_mask),
+        output_hidden_states=True, use_cache=False,
+    )
+    seg_hidden = out.hidden_states[-1][:, prefix_ids.shape[1] + T + seg_index]
+    return student.predict_masks(seg_hidden, sam_pixel_values)
+
+
 @torch.no_grad()
 def full_copy_ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """The note's EMA: every parameter of the teacher copy, one tensor at a time."""
@@ -55,7 +75,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
     seeds = batch["sample_seeds"]
     cells, _ = select_region_cells(batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy)
     with clock("teacher"):
-        caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg)
+        caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, trim_last_layer=False)
     with clock("mask"):
         masked_ids, _ = random_mask_tokens(caption_ids, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
     with clock("pass1"):
@@ -65,7 +85,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
         uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], k)
         text_embeds, hard_ids = naive_topk_gumbel_softmax(logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k)
     with clock("pass2"):
-        mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
+        mask_logits = literal_segment_pass(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
     with clock("loss"):
         target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
         loss = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)["loss"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .decoder import decoder_hidden_states
+
 
 @torch.no_grad()
 def generate_from_embeds(
@@ -20,6 +22,7 @@ def generate_from_embeds(
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    trim_last_layer: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (or sampled) decoding of a left-padded batch.
 
@@ -27,6 +30,8 @@ def generate_from_embeds(
     token). Returns (tokens [B, T] padded with `pad_token_id` after each row's stop, lengths [B]).
     The stop token itself (eos, or a stop sequence such as the template's end text) is not part
     of the returned caption; `min_new_tokens` forbids stopping earlier. Suppressed ids get -inf logits before selection.
+    `trim_last_layer=False` runs the LLM's plain forward instead of `decoder_hidden_states`
+    (same captions; the benchmark's seed baseline).
     """
     from transformers import DynamicCache
 
@@ -42,11 +47,15 @@ def generate_from_embeds(
     step_embeds = inputs_embeds
     step_positions = position_ids
     for t in range(max_new_tokens):
-        out = language_model(
-            inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_positions,
-            cache=cache, use_cache=True, logits_to_keep=1,
-        )
-        logits = out.logits[:, -1].float()
+        # Only the last row's logits are read: its last layer runs on that row alone (keys and
+        # values for every row still go to the cache).
+        if trim_last_layer:
+            hidden = decoder_hidden_states(language_model.model, step_embeds, attention_mask, step_positions, slice(-1, None), cache=cache)
+        else:
+            hidden = language_model.model(
+                inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_positions, cache=cache, use_cache=True,
+            ).last_hidden_state
+        logits = language_model.lm_head(hidden[:, -1]).float()
         if suppress_token_ids is not None and suppress_token_ids.numel():
             logits[:, suppress_token_ids.to(device)] = float("-inf")
         if t < min_new_tokens:
