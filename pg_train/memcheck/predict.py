@@ -189,14 +189,19 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     prompt = image_tokens + 40 + d.region_cells  # template text ~40 tokens
     segment = image_tokens + 30 + T
     per_layer = saved_per_token_layer(module, e)
+    # The last layer runs only on the rows read (pg_train.model.decoder): full activations for
+    # those, ~4h per other row (its norm input and output, keys, values); never checkpointed.
+    def last_layer_saved(tokens, rows_read):
+        return rows_read * per_layer + (tokens - rows_read) * 4 * h * e
+
     if d.gradient_checkpointing:  # one hidden state per layer and token; a layer is recomputed at a time
-        def llm_saved(tokens):
-            return layers * tokens * h * e
+        def llm_saved(tokens, rows_read):
+            return (layers - 1) * tokens * h * e + last_layer_saved(tokens, rows_read)
 
         recompute = per_layer * B * max(prompt + T, segment)
     else:
-        def llm_saved(tokens):
-            return layers * tokens * per_layer
+        def llm_saved(tokens, rows_read):
+            return (layers - 1) * tokens * per_layer + last_layer_saved(tokens, rows_read)
 
         recompute = 0
     # mlp1 keeps its LayerNorm/Linear/GELU inputs for the image tokens of each pass
@@ -207,9 +212,9 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     sam_transient = B * (sam.image_size // 4) ** 2 * sam.embed_dim * 12 * e
     decoder_saved = B * (sam.image_size // 4) ** 2 * (sam.d_model // 8) * 6 * e
 
-    pass1 = llm_saved(B * (prompt + T)) + mlp1_saved + B * T * h * e
+    pass1 = llm_saved(B * (prompt + T), B * T) + mlp1_saved + B * T * h * e
     gumbel = B * T * d.topk * (4 + 8)  # y_soft (fp32) and top-k ids (int64)
-    pass2 = llm_saved(B * segment) + mlp1_saved + decoder_saved
+    pass2 = llm_saved(B * segment, B) + mlp1_saved + decoder_saved
     phases = {
         "teacher generation": (0, B * (prompt + T) * kv + B * V * 4 + vit_transient),
         "pass 1 (caption logits)": (pass1, 2 * logits + vit_transient),
