@@ -62,6 +62,16 @@ def lora_from_config(m, preset: str):
     )
 
 
+def unfreeze_extra(model, prefixes: list[str]) -> None:
+    """`model.extra_trainable`: parameters whose names start with one of `prefixes` train too
+    (shared by training and memcheck, so memcheck budgets the same trainable set)."""
+    if not prefixes:
+        return
+    unfrozen = [p.requires_grad_(True) for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
+    if not unfrozen:
+        raise ValueError(f"model.extra_trainable {prefixes} matches no parameter name")
+
+
 def build_student(cfg: TrainConfig):
     m = cfg.model
     lora = lora_from_config(m, m.preset)
@@ -69,10 +79,7 @@ def build_student(cfg: TrainConfig):
         model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit)
     else:
         model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
-    if m.extra_trainable:
-        unfrozen = [p.requires_grad_(True) for n, p in model.named_parameters() if n.startswith(tuple(m.extra_trainable))]
-        if not unfrozen:
-            raise ValueError(f"model.extra_trainable {m.extra_trainable} matches no parameter name")
+    unfreeze_extra(model, m.extra_trainable)
     if m.init_from:
         load_training_weights(model, m.init_from)
     if m.gradient_checkpointing:

@@ -80,3 +80,17 @@ def test_zero2_two_processes_partition_is_measured_and_audited(tmp_path):
     assert deployment["world_size"] == 2 and deployment["zero_stage"] == 2
     partition = [a for a in report["audits"] if a["name"].startswith("optimizer state is partitioned")]
     assert len(partition) == 1 and partition[0]["passed"]
+
+
+def test_budget_counts_the_configs_extra_trainable_tensors(tmp_path):
+    config = tmp_path / "extra.yaml"
+    config.write_text("model:\n  preset: tiny\n  extra_trainable: [language_model.model.norm]\n")
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  preset: tiny\n")
+
+    def trainable_bytes(path):
+        _, report = run(tmp_path, "--config", str(path), "--no-measure", "--zero-stage", "0", "--world-size", "1")
+        return {r["component"]: r["bytes"] for r in report["reference"]["static"]}["trainable weights"]
+
+    norm = build_model("tiny", device="meta").language_model.model.norm.weight
+    assert trainable_bytes(config) - trainable_bytes(base) == norm.numel() * 2  # bf16 on meta

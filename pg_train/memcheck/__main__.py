@@ -79,7 +79,12 @@ def build(preset: str, cfg, device: str, dtype: torch.dtype):
         kwargs.update(lora=lora_from_config(cfg.model, preset), quantize_4bit=cfg.model.quantize_4bit)
     # On meta nothing runs, so the preset keeps its real special ids; otherwise the tiny tokenizer stands in.
     builder = build_model if device == "meta" else build_offline
-    return builder(preset, device=device, dtype=dtype, seed=0, **kwargs)
+    model = builder(preset, device=device, dtype=dtype, seed=0, **kwargs)
+    if cfg is not None:
+        from ..train import unfreeze_extra
+
+        unfreeze_extra(model, cfg.model.extra_trainable)
+    return model
 
 
 def print_prediction(title: str, pred, alternatives: dict | None = None) -> None:
