@@ -72,7 +72,7 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 50
     keep_last: int = 3
-    max_nonfinite_in_a_row: int = 5
+    max_nonfinite_in_a_row: int = 5  # dropped (non-finite) micro-batches in a row before the run stops
     resume: str | None = None  # None | auto | <checkpoint dir>
     stop_at_step: int | None = None  # behave as if preempted after this step (checkpoint, exit 75)
     tensorboard: bool = True

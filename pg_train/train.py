@@ -259,43 +259,52 @@ def train(cfg: TrainConfig) -> TrainResult:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        skipped_update = False
+        dropped = 0  # micro-batches of this window with a non-finite loss (every rank agrees)
+        finite_out = None  # the window's last finite micro-batch, for logging
         norms: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            batch = next(batches)  # consumed even when the window is already lost: ranks stay in step
-            if skipped_update:
-                continue
+            batch = next(batches)
             inputs = {k: batch[k].to(accelerator.device) for k in TENSOR_KEYS}
             inputs["captions"] = batch["captions"]
+            # Entered for every micro-batch, lost ones too, so Accelerate's window (and DeepSpeed's
+            # accumulation boundary, which follows it) stays aligned with this loop's.
             with accelerator.accumulate(model):
                 out = objective_step(model, ema, inputs, cfg)
                 # Every rank must agree before backward: a rank that skipped alone would hang the
                 # others, and one that did not would all-reduce NaN gradients into everyone.
                 bad = (~torch.isfinite(out.loss.detach())).float().reshape(1).to(accelerator.device)
                 if accelerator.reduce(bad, "max").item() > 0:
-                    skipped_update = True
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and not skipped_update:
+                    dropped += 1
+                    nonfinite_total += 1
+                    nonfinite_in_a_row += 1
+                    if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_in_a_row} micro-batches in a row had a non-finite loss (step {step + 1}); "
+                            f"stopping. Lower optim.lr, check the data, or raise max_nonfinite_in_a_row."
+                        )
+                    if not (accelerator.sync_gradients and finite_out is not None):
+                        continue  # nothing of it reaches the gradients
+                    # The window's last micro-batch is lost but earlier ones left gradients. One
+                    # process steps on them as they are; several reduce them (and DeepSpeed steps)
+                    # inside the boundary's backward, so every rank runs a backward of exactly
+                    # zero (0 x the trainable weights; the NaN graph is never touched).
+                    if deepspeed or accelerator.num_processes > 1:
+                        accelerator.backward(sum(p.sum() for p in trainable) * 0.0)
+                else:
+                    nonfinite_in_a_row = 0
+                    finite_out = out
+                    accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
                     if not deepspeed:
                         norms = grad_norms(model)
                         if cfg.optim.grad_clip > 0:
                             accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        if skipped_update:
-            nonfinite_total += 1
-            nonfinite_in_a_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (step {step}); "
-                    f"stopping. Lower optim.lr, check the data, or raise max_nonfinite_in_a_row."
-                )
-        else:
-            nonfinite_in_a_row = 0
+        stepped = finite_out is not None  # a window with no finite micro-batch makes no update
+        if stepped:
             ema.update_if_stepped(model, accelerator)
+        out = finite_out or out
         step += 1
 
         # ---- evaluate and log ------------------------------------------------------------------
@@ -308,11 +317,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             mean = accelerator.reduce(local, "mean") if accelerator.num_processes > 1 else local
             record = {"step": step, **{k: float(v) for k, v in zip(keys, mean)}}
             record.update({k: float(out.metrics[k]) for k in ("lm_loss", "supervised_iou") if k in out.metrics})
-            if skipped_update:
+            if not stepped:
                 record.update(loss=None, bce=None, dice=None)
             record.update(
                 lr=lr,
-                skipped_nonfinite=int(skipped_update),
+                skipped_nonfinite=dropped,
                 nonfinite_total=nonfinite_total,
                 region_k_min=int(out.region_k.min()), region_k_max=int(out.region_k.max()),
                 region_fallbacks=int(out.region_fallback.sum()),

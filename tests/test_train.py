@@ -85,12 +85,11 @@ def test_signal_usr1_checkpoints_and_exits_with_requeue_code_then_resumes(tmp_pa
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, stopped_at + 3))
 
 
-def test_nonfinite_loss_skips_the_update_and_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
+def poison_calls(monkeypatch, poisoned: set[int]) -> None:
+    """Make the objective's listed (1-based) calls return a NaN loss."""
     import pg_train.train as train_module
 
-    real_step = train_module.pseudo_gumbel_step
-    calls = {"n": 0}
-    poisoned = {2, 3, 6, 7, 8}  # 1-based call numbers that return a NaN loss
+    real_step, calls = train_module.pseudo_gumbel_step, {"n": 0}
 
     def flaky_step(*args, **kwargs):
         calls["n"] += 1
@@ -100,6 +99,10 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many_in_a_row(tmp_p
         return out
 
     monkeypatch.setattr(train_module, "pseudo_gumbel_step", flaky_step)
+
+
+def test_nonfinite_loss_skips_the_update_and_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
+    poison_calls(monkeypatch, {2, 3})
     cfg = load_config([], [*FAST, f"output_dir={tmp_path}", "max_steps=5", "max_nonfinite_in_a_row=3"])
     result = train(cfg)
     lines = metrics(tmp_path)
@@ -107,10 +110,39 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many_in_a_row(tmp_p
     assert [r["loss"] is None for r in lines] == [False, True, True, False, False]
     assert [r["ema_updates"] for r in lines] == [1, 1, 1, 2, 3]  # no EMA update without an optimizer step
     assert result.exit_code == 0 and lines[-1]["nonfinite_total"] == 2
-    calls["n"] = 0
+    poison_calls(monkeypatch, {1, 2, 3})
     cfg = load_config([], [*FAST, f"output_dir={tmp_path / 'b'}", "max_steps=10", "max_nonfinite_in_a_row=3"])
-    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 micro-batches in a row"):
         train(cfg)
+
+
+@pytest.mark.parametrize("poisoned, dropped, ema_updates", [
+    ({1}, [1, 0, 0, 0], [1, 2, 3, 4]),  # first micro-batch lost: the window steps on the second
+    ({1, 2}, [2, 0, 0, 0], [0, 1, 2, 3]),  # the whole window lost: no update, and later windows stay aligned
+    ({4}, [0, 1, 0, 0], [1, 2, 3, 4]),  # the boundary micro-batch lost: the first one's gradients still apply
+])
+def test_nonfinite_micro_batches_under_gradient_accumulation_keep_windows_aligned(tmp_path, monkeypatch, poisoned, dropped, ema_updates):
+    poison_calls(monkeypatch, poisoned)
+    result = train(load_config([], [*FAST, f"output_dir={tmp_path}", "max_steps=4", "grad_accum=2"]))
+    lines = metrics(tmp_path)
+    assert [r["skipped_nonfinite"] for r in lines] == dropped
+    assert [r["ema_updates"] for r in lines] == ema_updates
+    assert [r["loss"] is None for r in lines] == [d == 2 for d in dropped]
+    adam_steps = {int(state["step"]) for state in result.optimizer.optimizer.state.values()}
+    assert adam_steps == {ema_updates[-1]}  # the optimizer stepped exactly when the EMA did
+    assert result.exit_code == 0 and all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.slow
+def test_lost_boundary_micro_batch_under_zero2_gradient_accumulation_applies_the_rest_on_every_rank(tmp_path):
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3",
+                      "grad_accum=2", *FAST, env={"PG_POISON": "1:4"})  # rank 1, step 2's last micro-batch returns NaN
+    ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [[0, 1, 0], [0, 1, 0]]
+    assert [r["ema_updates"] for r in ranks] == [[1, 2, 3], [1, 2, 3]]
+    assert [r["optimizer_steps"] for r in ranks] == [3, 3]  # DeepSpeed itself stepped at every window's end
+    assert ranks[0]["finite_weights"] and ranks[1]["finite_weights"]
+    assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
 
 
 @pytest.mark.parametrize("override, message", [

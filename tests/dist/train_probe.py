@@ -67,6 +67,8 @@ def main(out_path: str, overrides: list[str]) -> None:
         "ema_checksum": result.ema.checksum(),
         "losses": [r["loss"] for r in result.history],
         "skipped": [r["skipped_nonfinite"] for r in result.history],
+        "ema_updates": [r["ema_updates"] for r in result.history],
+        "optimizer_steps": getattr(result.model, "global_steps", None),  # DeepSpeed's own count
         "finite_weights": all(bool(torch.isfinite(t).all()) for t in trainable.values()),
     }))
 
