@@ -12,9 +12,14 @@ def test_seed_literal_baseline_agrees_with_our_step_on_the_first_step():
     args = argparse.Namespace(preset="tiny", batch=3, steps=1, caption_len=6, topk=32, peak_tflops=1.0)
     ours = run_variant("ours", args, torch.device("cpu"), torch.float32)
     seed = run_variant("seed", args, torch.device("cpu"), torch.float32)
-    assert ours["first_captions"] == seed["first_captions"]
-    assert ours["first_hard_ids"] == seed["first_hard_ids"]
-    assert abs(ours["first_loss"] - seed["first_loss"]) < 1e-5
+    untrimmed = run_variant("untrimmed", args, torch.device("cpu"), torch.float32)
+    for other in (seed, untrimmed):
+        assert ours["first_captions"] == other["first_captions"]
+        assert ours["first_hard_ids"] == other["first_hard_ids"]
+        assert abs(ours["first_loss"] - other["first_loss"]) < 1e-5
+    from pg_train.model import decoder
+
+    assert decoder.TRIM_LAST_LAYER  # the untrimmed variant puts the switch back
     assert ours["persistent_bytes"] < seed["persistent_bytes"]  # shadow of trainables vs a full copy
     for report in (ours, seed):
         assert report["times_s"]["total"] > 0 and report["times_s"]["teacher"] > 0 and report["times_s"]["pass2"] > 0

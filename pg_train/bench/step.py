@@ -1,8 +1,10 @@
 """A whole Pseudo-Gumbel training step, stage by stage: ours vs the design note's literal step.
 
     python -m pg_train.bench.step [--preset tiny|bench|sa2va-4b] [--batch 8] [--steps 3]
+                                  [--variants ours,untrimmed,seed]
 
-Both variants start from identical weights (same seed) and run the same batches with the same
+`untrimmed` is our step with the last decoder layer run on every row (pg_train.model.decoder),
+to show what that one optimisation is worth on the preset at hand. Both variants start from identical weights (same seed) and run the same batches with the same
 per-sample noise, each in a fresh process of this command (on CPU, a process that already ran
 the other variant keeps its freed heap, which would bias the second one's RSS); the first step of each is checked for
 equal teacher captions and equal loss, and the timings are medians over the steps after the
@@ -125,6 +127,18 @@ def persistent_bytes(model, optimizer, teacher) -> int:
 
 
 def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """One variant's report: "ours", "untrimmed" (ours with every layer on every row) or "seed"."""
+    from ..model import decoder
+
+    trim = decoder.TRIM_LAST_LAYER
+    decoder.TRIM_LAST_LAYER = variant != "untrimmed"
+    try:
+        return _run_variant(variant, args, device, dtype)
+    finally:
+        decoder.TRIM_LAST_LAYER = trim
+
+
+def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     from ..pseudo_gumbel import pseudo_gumbel_step
     from .seed_step import full_copy_ema_update, seed_literal_step
 
@@ -134,7 +148,7 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
     cfg = PseudoGumbelConfig(max_caption_len=args.caption_len, min_caption_len=args.caption_len, topk=args.topk)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    if variant == "ours":
+    if variant in ("ours", "untrimmed"):
         teacher = EMATeacher(model, decay=0.999, placement="same")
     else:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -149,7 +163,7 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
         gc.collect()
         with PeakMemory(device) as peak:
             start = time.perf_counter()
-            if variant == "ours":
+            if variant != "seed":
                 with timed_objective(clock):
                     out = pseudo_gumbel_step(model, teacher, batch, cfg)
                 result = {"loss": out.loss, "caption_ids": out.caption_ids, "caption_lengths": out.caption_lengths, "hard_ids": out.hard_ids}
@@ -161,7 +175,7 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             with clock("ema"):
-                teacher.update(model) if variant == "ours" else full_copy_ema_update(teacher, model, 0.999)
+                teacher.update(model) if variant != "seed" else full_copy_ema_update(teacher, model, 0.999)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             total = time.perf_counter() - start
@@ -226,30 +240,42 @@ def model_flops(model, batch: int, caption_len: int) -> float:
     return float(per_sample * batch)
 
 
-def print_table(ours: dict, seed: dict, args, device) -> None:
+def print_table(reports: dict[str, dict], args, device) -> None:
+    """Stage times of each variant and seed/variant ratios; `reports` holds "ours" and "seed",
+    and "untrimmed" (ours with every layer on every row) when it was run."""
+    seed = reports["seed"]
+    mine = [name for name in ("ours", "untrimmed") if name in reports]
     print(f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
           f"median of {max(1, args.steps - 1)} step(s) after a warm-up step"
           f"{'; cuDNN attention off' if args.no_cudnn_attention else ''}")
-    print(f"{'stage':16} {'ours s':>9} {'seed s':>9} {'seed/ours':>10}")
+    print(f"{'stage':16}" + "".join(f" {name + ' s':>12}" for name in mine + ["seed"]) + "".join(f" {'seed/' + name:>15}" for name in mine))
+
+    def row(label, values, ratios, note=""):
+        print(f"{label:16}" + "".join(f" {v:12.3f}" for v in values) + "".join(f" {r:15.2f}" for r in ratios) + note)
+
     for stage in STAGES + PARTS + ("total",):
-        o, s = ours["times_s"][stage], seed["times_s"][stage]
+        values = [reports[name]["times_s"][stage] for name in mine + ["seed"]]
         label = f"  ({stage} part)" if stage in PARTS else stage
-        print(f"{label:16} {o:9.3f} {s:9.3f} {s / o if o > 0 else float('nan'):10.2f}")
-    print(f"{'samples/s':16} {ours['samples_per_s']:9.2f} {seed['samples_per_s']:9.2f} {ours['samples_per_s'] / seed['samples_per_s']:10.2f}")
+        row(label, values, [values[-1] / v if v > 0 else float("nan") for v in values[:-1]])
+    row("samples/s", [reports[n]["samples_per_s"] for n in mine + ["seed"]], [reports[n]["samples_per_s"] / seed["samples_per_s"] for n in mine])
     gib = 2**30
+
+    def memory_row(label, key, note=""):
+        values = [reports[n][key] / gib for n in mine + ["seed"]]
+        row(label, values, [values[-1] / max(v, 1e-12) for v in values[:-1]], note)
+
     if device.type == "cpu":
-        print(f"{'persistent GiB':16} {ours['persistent_bytes'] / gib:9.3f} {seed['persistent_bytes'] / gib:9.3f} "
-              f"{seed['persistent_bytes'] / ours['persistent_bytes']:10.2f}   (weights + teacher + Adam state)")
-        print(f"{'step RSS GiB':16} {ours['step_peak_bytes'] / gib:9.3f} {seed['step_peak_bytes'] / gib:9.3f} "
-              f"{seed['step_peak_bytes'] / max(ours['step_peak_bytes'], 1):10.2f}   (peak RSS growth during a step)")
-    print(f"{'peak GiB':16} {ours['peak_bytes'] / gib:9.3f} {seed['peak_bytes'] / gib:9.3f} {seed['peak_bytes'] / ours['peak_bytes']:10.2f}")
-    if "mfu" in ours:
-        print(f"{'MFU':16} {ours['mfu']:9.1%} {seed['mfu']:9.1%}   (analytic FLOPs / {args.peak_tflops} TFLOP/s)")
-    same_captions = ours["first_captions"] == seed["first_captions"]
-    same_picks = ours["first_hard_ids"] == seed["first_hard_ids"]
-    print(f"first step, same weights and noise: captions equal {same_captions}, Gumbel picks equal {same_picks}, "
-          f"loss ours {ours['first_loss']:.6f} vs seed {seed['first_loss']:.6f} (|diff| {abs(ours['first_loss'] - seed['first_loss']):.1e})")
+        memory_row("persistent GiB", "persistent_bytes", "   (weights + teacher + Adam state)")
+        memory_row("step RSS GiB", "step_peak_bytes", "   (peak RSS growth during a step)")
+    memory_row("peak GiB", "peak_bytes")
+    if "mfu" in reports["ours"]:
+        print(f"{'MFU':16}" + "".join(f" {reports[n]['mfu']:12.1%}" for n in mine + ["seed"]) + f"   (analytic FLOPs / {args.peak_tflops} TFLOP/s)")
+    for name in mine:
+        r = reports[name]
+        print(f"first step, same weights and noise, {name} vs seed: captions equal {r['first_captions'] == seed['first_captions']}, "
+              f"Gumbel picks equal {r['first_hard_ids'] == seed['first_hard_ids']}, loss {r['first_loss']:.6f} vs {seed['first_loss']:.6f} "
+              f"(|diff| {abs(r['first_loss'] - seed['first_loss']):.1e})")
 
 
 def main(argv=None) -> int:
@@ -262,7 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)")
-    parser.add_argument("--variants", default="ours,seed")
+    parser.add_argument("--variants", default="ours,seed",
+                        help="comma list of ours, seed and untrimmed (ours with the last layer on every row)")
     parser.add_argument("--no-cudnn-attention", action="store_true",
                         help="CUDA: keep SDPA off the cuDNN backend (it builds a graph per new shape, on the host)")
     parser.add_argument("--json", help="write both reports here")
@@ -282,7 +309,7 @@ def main(argv=None) -> int:
             print(reports[variant])
             return 1
     if "ours" in reports and "seed" in reports:
-        print_table(reports["ours"], reports["seed"], args, device)
+        print_table(reports, args, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": str(device), **reports}, f, indent=1)

@@ -20,6 +20,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward, rotate_half
 
 
+# False: every layer on every row, then the rows sliced out — the same values, for measuring
+# what the trim is worth (pg_train.bench.step's `untrimmed` variant); nothing else sets it.
+TRIM_LAST_LAYER = True
+
+
 def decoder_hidden_states(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                           keep: slice, cache=None) -> torch.Tensor:
     """Final-norm hidden states [B, R, D] of rows `keep` (a step-1 slice of the L input rows).
@@ -33,6 +38,9 @@ def decoder_hidden_states(decoder, inputs_embeds: torch.Tensor, attention_mask: 
     rows = range(inputs_embeds.shape[1])[keep]
     if rows.step != 1 or len(rows) == 0:
         raise ValueError(f"keep must select a non-empty run of consecutive rows, got {keep} of {inputs_embeds.shape[1]}")
+    if not TRIM_LAST_LAYER:
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                       use_cache=cache is not None).last_hidden_state[:, keep]
     mask = create_causal_mask(
         config=decoder.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids,
     )
