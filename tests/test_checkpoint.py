@@ -23,7 +23,7 @@ def outputs(model, seed=0):
     ids, attention = left_pad([model.prompts.region_prompt(int(k)) for k in cells.flatten(1).sum(1)], model.tokenizer.pad_token_id)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, region_cells=cells, output_hidden_states=True)
-        seg = model.seg_hidden_states(out.hidden_states[-1], torch.tensor([ids.shape[1] - 1] * 2))
+        seg = out.hidden_states[-1][:, -1]  # the last prompt row stands in for a [SEG] state
         mask_logits = model.predict_masks(seg, sam_pixel_values)
     return out.logits, mask_logits
 

@@ -81,7 +81,7 @@ def test_shapes_of_every_stage(tiny_model):
     ids, attention, cells = region_inputs(m, pixel_values, masks)
     out = m(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, region_cells=cells, output_hidden_states=True)
     assert out.logits.shape == (2, ids.shape[1], m.preset.language.vocab_size)
-    seg = m.seg_hidden_states(out.hidden_states[-1], torch.tensor([5, 7]))
+    seg = out.hidden_states[-1][torch.arange(2), torch.tensor([5, 7])]
     assert seg.shape == (2, m.preset.language.hidden_size)
     masks_out = m.predict_masks(seg, sam_pixel_values)
     assert masks_out.shape == (2, m.preset.sam2.mask_logits_size, m.preset.sam2.mask_logits_size)

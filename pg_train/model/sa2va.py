@@ -231,10 +231,6 @@ class Sa2VAModel(nn.Module):
         return type(result)(missing, result.unexpected_keys)
 
     # ---- grounding ------------------------------------------------------------------------
-    def seg_hidden_states(self, last_hidden: torch.Tensor, seg_positions: torch.Tensor) -> torch.Tensor:
-        """The final-norm hidden state at each sample's [SEG] input position (no shift) [B, D]."""
-        return last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), seg_positions]
-
     def predict_masks(self, seg_hidden: torch.Tensor, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """[SEG] states [B, D_llm] + SAM2 images [B, 3, S, S] -> mask logits [B, S/4, S/4]."""
         language_embd = self.text_hidden_fcs(seg_hidden)
