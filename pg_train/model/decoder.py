@@ -6,7 +6,8 @@ the last must run on every row (later rows attend to them), but in the last laye
 rows only supply keys and values: their query, attention output, o_proj, MLP and final norm
 are never read. `decoder_hidden_states` skips them — exact (the same function of the kept
 rows), with the saving 1/num_layers of the LLM's per-row work and of its stored activations
-(about 3% on Sa2VA-4B's 36 layers; about half on the 2-layer `bench` preset).
+(about 3% on Sa2VA-4B's 36 layers; on the 2-layer `bench` preset it took a CPU step from
+23.7 to 14.7 s — `python -m pg_train.bench.step --preset bench --variants ours,untrimmed,seed`).
 
 Layers are called through their modules (`layer(...)`, `attn.q_proj(...)`), so LoRA
 wrappers, 4-bit bases, forward hooks and DeepSpeed see them as in Qwen2Model.forward, whose
