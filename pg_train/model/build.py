@@ -121,7 +121,7 @@ def enable_gradient_checkpointing(model: Sa2VAModel) -> None:
     Non-reentrant checkpointing: the reentrant variant drops gradients when a layer's inputs do
     not require grad (frozen embeddings + LoRA), which would silently cut pass 1 off.
     """
-    model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
