@@ -370,7 +370,7 @@ def _summary(history, steps, elapsed, loader, nonfinite_total, out_dir) -> None:
     lines = [
         f"[pg_train] done: {steps} steps in {elapsed:.1f} s ({steps / max(elapsed, 1e-9):.2f} steps/s)",
         f"[pg_train] last {len(tail)} steps: loss {mean('loss'):.4f}, mask IoU {mean('iou'):.3f}, caption length {mean('caption_len_mean'):.1f}",
-        f"[pg_train] skipped samples: {dict(loader.skip_counts) or 'none'}; non-finite steps skipped: {nonfinite_total}",
+        f"[pg_train] skipped samples: {dict(loader.skip_counts) or 'none'}; non-finite micro-batches dropped: {nonfinite_total}",
         f"[pg_train] metrics: {out_dir / 'metrics.jsonl'}; checkpoints: {out_dir / 'checkpoints'}",
     ]
     print("\n".join(lines), flush=True)
