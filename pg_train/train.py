@@ -304,7 +304,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         stepped = finite_out is not None  # a window with no finite micro-batch makes no update
         if stepped:
             ema.update_if_stepped(model, accelerator)
-        out = finite_out or out
+        out = finite_out if finite_out is not None else out  # log the last finite micro-batch
         step += 1
 
         # ---- evaluate and log ------------------------------------------------------------------
