@@ -19,6 +19,7 @@ from .accel import build_accelerator, configure_environment
 from .checkpointing import load_trainer_state, newest_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .data import Preprocess, build_loader
+from .data.loader import to_device
 from .distributed import unwrap
 from .ema import EMATeacher
 from .model import build_model, enable_gradient_checkpointing, from_pretrained
@@ -264,7 +265,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         norms: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             batch = next(batches)
-            inputs = {k: batch[k].to(accelerator.device) for k in TENSOR_KEYS}
+            inputs = to_device(batch, TENSOR_KEYS, accelerator.device)
             inputs["captions"] = batch["captions"]
             # Entered for every micro-batch, lost ones too, so Accelerate's window (and DeepSpeed's
             # accumulation boundary, which follows it) stays aligned with this loop's.

@@ -264,3 +264,22 @@ def test_synthetic_attribute_subsets_and_distinct_colours():
         SyntheticPairs(4, colours=("red", "mauve"))
     with pytest.raises(ValueError, match="distinct_colours needs at least max_objects=5"):
         SyntheticPairs(4, colours=("red", "blue"), distinct_colours=True)
+
+
+def test_same_image_pairing_keeps_one_pixel_tensor_through_collate_and_the_device_move():
+    from pg_train.data import collate_pairs
+    from pg_train.data.loader import to_device
+
+    same = PairDataset(SyntheticPairs(3, pairing="same"), SMALL)
+    batch = collate_pairs([same[i] for i in range(3)])
+    assert batch["pixel_values2"] is batch["pixel_values1"]
+    pair = SyntheticPairs(3, pairing="same").load(0)
+    assert pair.image2 is pair.image1 and pair.mask2 is pair.mask1
+    moved = to_device(batch, ("pixel_values1", "pixel_values2", "masks2"), "cpu", torch.bfloat16)
+    assert moved["pixel_values2"] is moved["pixel_values1"] and moved["pixel_values1"].dtype == torch.bfloat16
+    assert moved["masks2"].dtype == torch.bfloat16
+    augmented = PairDataset(SyntheticPairs(3, pairing="augment"), SMALL)
+    batch = collate_pairs([augmented[i] for i in range(3)])
+    assert batch["pixel_values2"] is not batch["pixel_values1"] and not torch.equal(batch["pixel_values2"], batch["pixel_values1"])
+    with pytest.raises(ValueError, match="pairing must be 'same' or 'augment'"):
+        SyntheticPairs(3, pairing="shuffled")

@@ -310,3 +310,20 @@ def test_mask_iou_of_empty_prediction_against_a_tiny_object_is_zero():
     hit[0, 3, 3] = 5.0
     hit[1, 2:6, 2:4] = 5.0
     assert mask_iou(hit, target).tolist() == [1.0, 0.5]
+
+
+def test_the_frozen_vit_runs_once_per_step_when_image_2_is_image_1():
+    from pg_train.ema import EMATeacher
+    from pg_train.memcheck.measure import build_batch
+
+    torch.manual_seed(0)
+    student = build_model("tiny", seed=0)
+    teacher = EMATeacher(student, placement="same")
+    cfg = PseudoGumbelConfig(max_caption_len=4, min_caption_len=4, topk=8)
+    calls = []
+    student.vision_model.register_forward_hook(lambda *_: calls.append(1))
+    for pairing, expected in (("same", 1), ("augment", 2)):
+        batch = build_batch(student, 2, torch.device("cpu"), seed=5, pairing=pairing)
+        calls.clear()
+        pseudo_gumbel_step(student, teacher, batch, cfg).loss.backward()
+        assert len(calls) == expected, pairing

@@ -78,12 +78,14 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
         caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, trim_last_layer=False)
     with clock("mask"):
         masked_ids, _ = random_mask_tokens(caption_ids, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
+    student._vit_cache = None  # the note runs the vision tower for every use of an image
     with clock("pass1"):
         logits = full_vocab_caption_logits(student, batch["pixel_values1"], cells, masked_ids, lengths)
     with clock("gumbel"):
         k = min(cfg.topk, logits.shape[-1])
         uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], k)
         text_embeds, hard_ids = naive_topk_gumbel_softmax(logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k)
+    student._vit_cache = None
     with clock("pass2"):
         mask_logits = literal_segment_pass(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
     with clock("loss"):

@@ -103,10 +103,10 @@ def timed_objective(clock: StageClock):
             setattr(pg, name, fn)
 
 
-def make_batches(model, batch_size: int, steps: int, device) -> list[dict]:
+def make_batches(model, batch_size: int, steps: int, device, pairing: str = "augment") -> list[dict]:
     batches = []
     for step in range(steps):
-        batch = build_batch(model, batch_size, device, seed=step)
+        batch = build_batch(model, batch_size, device, seed=step, pairing=pairing)
         batch["sample_seeds"] = torch.arange(batch_size) + 1000 * step
         batches.append(batch)
     return batches
@@ -144,7 +144,7 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
 
     torch.manual_seed(0)
     model = build_offline(args.preset, device=str(device), dtype=dtype, seed=0)
-    batches = make_batches(model, args.batch, args.steps, device)
+    batches = make_batches(model, args.batch, args.steps, device, getattr(args, "pairing", "augment"))
     cfg = PseudoGumbelConfig(max_caption_len=args.caption_len, min_caption_len=args.caption_len, topk=args.topk)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
@@ -245,7 +245,7 @@ def print_table(reports: dict[str, dict], args, device) -> None:
     and "untrimmed" (ours with every layer on every row) when it was run."""
     seed = reports["seed"]
     mine = [name for name in ("ours", "untrimmed") if name in reports]
-    print(f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, {device}"
+    print(f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, pairing {getattr(args, 'pairing', 'augment')}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
           f"median of {max(1, args.steps - 1)} step(s) after a warm-up step"
           f"{'; cuDNN attention off' if args.no_cudnn_attention else ''}")
@@ -285,6 +285,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per variant; the first is a warm-up")
     parser.add_argument("--caption-len", type=int, default=16, help="teacher captions are forced to this length (min = max)")
     parser.add_argument("--topk", type=int, default=128)
+    parser.add_argument("--pairing", default="augment", choices=("augment", "same"),
+                        help="image 2 = an augmented view of image 1, or image 1 itself (ours then runs the ViT once per step)")
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)")

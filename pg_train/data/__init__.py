@@ -26,7 +26,7 @@ class DataConfig:
     coco_instances: str | None = None
     coco_images: str | None = None
     coco_refs: str | None = None
-    pairing: str = "augment"  # coco: same | augment
+    pairing: str = "augment"  # coco and synthetic: same (image 2 is image 1) | augment (an augmented view)
     min_pixels: int = 16
     strict: bool = False
     num_workers: int = 0
@@ -38,7 +38,7 @@ def build_source(cfg: DataConfig, seed: int = 0):
         return SyntheticPairs(cfg.num_samples, seed=seed, image_size=cfg.image_size, min_pixels=cfg.min_pixels,
                               min_objects=cfg.min_objects, max_objects=cfg.max_objects, sizes=tuple(cfg.sizes),
                               colours=tuple(cfg.colours or COLOURS), textures=tuple(cfg.textures or TEXTURES),
-                              distinct_colours=cfg.distinct_colours)
+                              distinct_colours=cfg.distinct_colours, pairing=cfg.pairing)
     if cfg.source == "manifest":
         if not cfg.manifest:
             raise ValueError("data.source=manifest needs data.manifest=<path to .jsonl>")

@@ -50,10 +50,12 @@ class PairDataset(Dataset):
                 skipped.append((err.reason, str(err)))
                 continue
             p = self.preprocess
+            pixel_values1 = image_tensor(raw.image1, p.mllm_size)
             return {
-                "pixel_values1": image_tensor(raw.image1, p.mllm_size),
+                "pixel_values1": pixel_values1,
                 "region_masks1": mask_tensor(raw.mask1, p.mllm_size),
-                "pixel_values2": image_tensor(raw.image2, p.mllm_size),
+                # the same tensor when image 2 is image 1: the frozen ViT then runs once for both
+                "pixel_values2": pixel_values1 if raw.image2 is raw.image1 else image_tensor(raw.image2, p.mllm_size),
                 "sam_pixel_values2": image_tensor(raw.image2, p.sam_size),
                 "masks2": mask_tensor(raw.mask2, p.sam_size),
                 "caption": raw.caption,
@@ -66,10 +68,27 @@ class PairDataset(Dataset):
 def collate_pairs(items: list[dict]) -> dict:
     good = [item for item in items if "pixel_values1" in item]
     batch: dict = {key: torch.stack([item[key] for item in good]) for key in TENSOR_KEYS} if good else {}
+    if good and all(item["pixel_values2"] is item["pixel_values1"] for item in good):
+        batch["pixel_values2"] = batch["pixel_values1"]  # kept one tensor (see PairDataset)
     batch["captions"] = [item["caption"] for item in good]
     batch["indices"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
     batch["skipped"] = [s for item in items for s in item["skipped"]]
     return batch
+
+
+def to_device(batch: dict, keys, device, float_dtype: torch.dtype | None = None) -> dict:
+    """The tensors under `keys` on `device` (floating ones cast to `float_dtype` if given); a
+    tensor held under two keys stays one tensor, so the model's identity-keyed ViT reuse still
+    sees image 2 as image 1 after the move."""
+    moved: dict[int, torch.Tensor] = {}
+    out = {}
+    for key in keys:
+        tensor = batch[key]
+        if id(tensor) not in moved:
+            dtype = float_dtype if float_dtype is not None and tensor.is_floating_point() else None
+            moved[id(tensor)] = tensor.to(device, dtype) if dtype is not None else tensor.to(device)
+        out[key] = moved[id(tensor)]
+    return out
 
 
 class NoValidSamplesError(RuntimeError):

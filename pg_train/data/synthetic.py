@@ -105,21 +105,25 @@ def _texture(obj: SceneObject, width: int, height: int) -> np.ndarray:
 
 
 class SyntheticPairs:
-    """`len` scenes; `load(i)` -> RawPair of image/mask, augmented image/mask, description."""
+    """`len` scenes; `load(i)` -> RawPair of image/mask, augmented image/mask (the same image and
+    mask with `pairing="same"`), description."""
 
     def __init__(self, num_samples: int = 512, seed: int = 0, image_size: int = 448, min_objects: int = 2, max_objects: int = 5,
                  min_pixels: int = 16, sizes: tuple[str, ...] = tuple(SIZES), colours: tuple[str, ...] = tuple(COLOURS),
-                 textures: tuple[str, ...] = TEXTURES, distinct_colours: bool = False):
+                 textures: tuple[str, ...] = TEXTURES, distinct_colours: bool = False, pairing: str = "augment"):
         for field, chosen, known in (("sizes", sizes, SIZES), ("colours", colours, COLOURS), ("textures", textures, TEXTURES)):
             unknown = set(chosen) - set(known)
             if unknown or not chosen:
                 raise ValueError(f"synthetic {field} {sorted(unknown) or list(chosen)}: expected a non-empty subset of {list(known)}")
+        if pairing not in ("same", "augment"):
+            raise ValueError(f"synthetic pairing must be 'same' or 'augment', got {pairing!r}")
         if distinct_colours and len(colours) < max_objects:
             raise ValueError(f"synthetic distinct_colours needs at least max_objects={max_objects} colours, got {len(colours)}")
         self.sizes = tuple(sizes)
         self.colours = tuple(colours)
         self.textures = tuple(textures)
         self.distinct_colours = distinct_colours
+        self.pairing = pairing
         self.num_samples = num_samples
         self.seed = seed
         self.image_size = image_size
@@ -172,7 +176,10 @@ class SyntheticPairs:
         rng = self._rng(index, 1)
         visible = [i for i, m in enumerate(masks) if m.sum() >= self.min_pixels]
         target = int(rng.choice(visible)) if visible else int(np.argmax([m.sum() for m in masks]))
-        image2, mask2 = augmented_view(image, masks[target], rng, min_pixels=self.min_pixels)
+        if self.pairing == "same":
+            image2, mask2 = image, masks[target]
+        else:
+            image2, mask2 = augmented_view(image, masks[target], rng, min_pixels=self.min_pixels)
         return RawPair(
             image1=image, mask1=masks[target], image2=image2, mask2=mask2,
             caption=objects[target].describe(self.image_size, self.image_size),

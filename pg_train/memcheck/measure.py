@@ -116,17 +116,17 @@ class _Phase:
         return False
 
 
-def build_batch(model, batch_size: int, device: torch.device, seed: int = 0) -> dict:
-    """Real preprocessing of synthetic pairs at the preset's sizes."""
+def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pairing: str = "augment") -> dict:
+    """Real preprocessing of synthetic pairs at the preset's sizes (`pairing`: see DataConfig)."""
     from ..data import PairDataset, Preprocess, SyntheticPairs, collate_pairs
+    from ..data.loader import to_device
 
     preset = model.preset
-    dataset = PairDataset(SyntheticPairs(batch_size, seed=seed), Preprocess(preset.vision.image_size, preset.sam2.image_size))
+    dataset = PairDataset(SyntheticPairs(batch_size, seed=seed, pairing=pairing), Preprocess(preset.vision.image_size, preset.sam2.image_size))
     batch = collate_pairs([dataset[i] for i in range(batch_size)])
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    out = {k: batch[k].to(device) for k in ("region_masks1", "masks2")}
-    out.update({k: batch[k].to(device, dtype) for k in ("pixel_values1", "pixel_values2", "sam_pixel_values2")})
-    return out
+    pixels = to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype)
+    return {**{k: batch[k].to(device) for k in ("region_masks1", "masks2")}, **pixels}
 
 
 def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, batch: dict, steps: int = 2, inject: tuple[str, ...] = (),
