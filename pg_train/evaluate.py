@@ -176,6 +176,7 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
     import dataclasses
 
     from .data import DataConfig, ManifestPairs, PairDataset, Preprocess, build_source, collate_pairs
+    from .data.loader import to_device
 
     preset = unwrap(model).preset
     if manifest:
@@ -192,7 +193,7 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
         if len(batch["captions"]) < 2:  # the shuffled control needs a second sample
             continue
         tensors = {k: batch[k].to(device) for k in ("region_masks1", "masks2")}
-        tensors.update({k: batch[k].to(device, dtype) for k in ("pixel_values1", "pixel_values2", "sam_pixel_values2")})
+        tensors.update(to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype))  # keeps image 2 = image 1
         tensors["captions"] = batch["captions"]
         batches.append(tensors)
     return batches
