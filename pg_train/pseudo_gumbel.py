@@ -81,8 +81,7 @@ def _eval_mode(model):
 
 # ---- 1. teacher captions -----------------------------------------------------------------------
 @torch.no_grad()
-def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None,
-                                    trim_last_layer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher captions of each sample's region.
 
     `teacher`: a Sa2VA model, or an EMA teacher (then `student` is the model its weights are
@@ -90,8 +89,7 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
     Prompts of different K are left-padded so every row ends where its answer starts; decoding
     uses a KV cache, suppresses every special id, and stops per sample at eos or the template's
     end text. Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
-    the device of `pixel_values` (the teacher may live elsewhere). `trim_last_layer`: see
-    generate_from_embeds.
+    the device of `pixel_values` (the teacher may live elsewhere).
     """
     with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):
         model = unwrap(model)
@@ -111,7 +109,7 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
             suppress_token_ids=suppress.nonzero().flatten().to(device),
             stop_sequences=[model.prompts.end_text_ids],
             do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
-            generator=generator, trim_last_layer=trim_last_layer,
+            generator=generator,
         )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 

@@ -22,6 +22,7 @@ import contextlib
 
 import torch
 
+from ..model.decoder import untrimmed_last_layer
 from ..model.regions import region_cells as select_region_cells
 from ..model.templates import left_pad
 from ..pseudo_gumbel import (
@@ -74,8 +75,8 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
     special = special_ids(student)
     seeds = batch["sample_seeds"]
     cells, _ = select_region_cells(batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy)
-    with clock("teacher"):
-        caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, trim_last_layer=False)
+    with clock("teacher"), untrimmed_last_layer():
+        caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg)
     with clock("mask"):
         masked_ids, _ = random_mask_tokens(caption_ids, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
     student._vit_cache = None  # the note runs the vision tower for every use of an image

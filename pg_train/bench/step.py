@@ -128,14 +128,10 @@ def persistent_bytes(model, optimizer, teacher) -> int:
 
 def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     """One variant's report: "ours", "untrimmed" (ours with every layer on every row) or "seed"."""
-    from ..model import decoder
+    from ..model.decoder import untrimmed_last_layer
 
-    trim = decoder.TRIM_LAST_LAYER
-    decoder.TRIM_LAST_LAYER = variant != "untrimmed"
-    try:
+    with untrimmed_last_layer() if variant == "untrimmed" else contextlib.nullcontext():
         return _run_variant(variant, args, device, dtype)
-    finally:
-        decoder.TRIM_LAST_LAYER = trim
 
 
 def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:

@@ -15,15 +15,28 @@ layer loop this mirrors.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward, rotate_half
 
 
-# False: every layer on every row, then the rows sliced out — the same values, for measuring
-# what the trim is worth (pg_train.bench.step's `untrimmed` variant); nothing else sets it.
+# False inside `untrimmed_last_layer()` only.
 TRIM_LAST_LAYER = True
+
+
+@contextlib.contextmanager
+def untrimmed_last_layer():
+    """Inside: every layer on every row, then the rows sliced out — the same values. For the
+    benchmark: its `untrimmed` variant (what the trim is worth) and the literal baseline."""
+    global TRIM_LAST_LAYER
+    previous, TRIM_LAST_LAYER = TRIM_LAST_LAYER, False
+    try:
+        yield
+    finally:
+        TRIM_LAST_LAYER = previous
 
 
 def decoder_hidden_states(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

@@ -22,7 +22,6 @@ def generate_from_embeds(
     temperature: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
-    trim_last_layer: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (or sampled) decoding of a left-padded batch.
 
@@ -30,8 +29,6 @@ def generate_from_embeds(
     token). Returns (tokens [B, T] padded with `pad_token_id` after each row's stop, lengths [B]).
     The stop token itself (eos, or a stop sequence such as the template's end text) is not part
     of the returned caption; `min_new_tokens` forbids stopping earlier. Suppressed ids get -inf logits before selection.
-    `trim_last_layer=False` runs the LLM's plain forward instead of `decoder_hidden_states`
-    (same captions; the benchmark's seed baseline).
     """
     from transformers import DynamicCache
 
@@ -49,12 +46,7 @@ def generate_from_embeds(
     for t in range(max_new_tokens):
         # Only the last row's logits are read: its last layer runs on that row alone (keys and
         # values for every row still go to the cache).
-        if trim_last_layer:
-            hidden = decoder_hidden_states(language_model.model, step_embeds, attention_mask, step_positions, slice(-1, None), cache=cache)
-        else:
-            hidden = language_model.model(
-                inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_positions, cache=cache, use_cache=True,
-            ).last_hidden_state
+        hidden = decoder_hidden_states(language_model.model, step_embeds, attention_mask, step_positions, slice(-1, None), cache=cache)
         logits = language_model.lm_head(hidden[:, -1]).float()
         if suppress_token_ids is not None and suppress_token_ids.numel():
             logits[:, suppress_token_ids.to(device)] = float("-inf")
