@@ -100,13 +100,13 @@ def build_model(
     return model
 
 
-
 def build_offline(preset: str, **kwargs) -> Sa2VAModel:
     """A registered preset with the tiny offline tokenizer standing in for its real one (no real
     tokenizer can be downloaded): captions use the tiny tokenizer's ordinary ids, and every
     vocabulary-sized tensor keeps the preset's real size. For measurements (memcheck, benchmarks)."""
     spec = dataclasses.replace(get_preset(preset), special_token_ids=None)
     return build_model(spec, tokenizer=load_tiny_tokenizer(), **kwargs)
+
 
 def _cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters (the new LoRA adapters) to `dtype`, leaving 4-bit storage alone."""
