@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .data import DataConfig
+from .data import SOURCES, DataConfig
 from .pseudo_gumbel import PseudoGumbelConfig
 from .supervised import SupervisedConfig
 
@@ -218,7 +218,16 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.name in ("adamw", "adamw8bit"), "optim.name", "must be adamw or adamw8bit"),
         (cfg.objective_kind in ("pseudo_gumbel", "supervised", "mixed"), "objective_kind", "must be pseudo_gumbel, supervised or mixed"),
         (cfg.eval_every >= 0 and cfg.eval_samples >= 1, "eval_every", "eval_every must be >= 0 and eval_samples >= 1"),
-        (cfg.data.source in ("synthetic", "manifest", "coco"), "data.source", "must be synthetic, manifest or coco"),
+        (cfg.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}"),
+        (cfg.data.source != "refer" or (cfg.data.refer_dir and cfg.data.coco_images), "data.refer_dir", "data.refer_dir and data.coco_images (the train2014 folder) are required when data.source=refer"),
+        (cfg.data.refer_split_by in (None, "unc", "umd", "google"), "data.refer_split_by", "must be unc, umd, google or null"),
+        (cfg.data.refer_pairs in ("sentence", "ref"), "data.refer_pairs", "must be sentence or ref"),
+        (cfg.data.source != "hf" or cfg.data.hf_path, "data.hf_path", "required when data.source=hf"),
+        ((cfg.data.hf_image2 is None) == (cfg.data.hf_mask2 is None), "data.hf_image2", "data.hf_image2 and data.hf_mask2 go together"),
+        (cfg.data.source != "video" or cfg.data.video_dir, "data.video_dir", "required when data.source=video"),
+        ((cfg.data.source == "video") == (cfg.data.pairing == "other_frame"), "data.pairing", "other_frame is the pairing of data.source=video (and only of it)"),
+        (cfg.data.pairing in ("same", "augment", "other_frame"), "data.pairing", "must be same, augment or other_frame"),
+        (cfg.data.video_frame_distance >= 1 and cfg.data.sav_ann_every >= 1, "data.video_frame_distance", "video_frame_distance and sav_ann_every must be >= 1"),
         (cfg.data.source != "manifest" or cfg.data.manifest, "data.manifest", "required when data.source=manifest"),
         (cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images), "data.coco_instances", "data.coco_instances and data.coco_images are required when data.source=coco"),
         (cfg.resume in (None, "auto") or Path(cfg.resume).is_dir(), "resume", f"{cfg.resume!r} is neither 'auto' nor an existing checkpoint directory"),

@@ -223,16 +223,26 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pg_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--manifest", help="JSONL pairs to evaluate on (default: held-out synthetic scenes)")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=None, help="default: 32 (synthetic or manifest), the whole split (--refer-dir)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=10_000, help="synthetic held-out seed (training uses its own, small seed)")
     parser.add_argument("--output", default="eval")
+    refer = parser.add_argument_group("RefCOCO-family split (pg_train/eval_refcoco.py)")
+    refer.add_argument("--refer-dir", help="folder with instances.json and refs(unc|umd|google).p: evaluate its splits instead")
+    refer.add_argument("--images", help="the COCO train2014 image folder")
+    refer.add_argument("--splits", nargs="+", help="default: every split of the refs file except train")
+    refer.add_argument("--split-by", choices=("unc", "umd", "google"), help="default: the only refs(*).p in --refer-dir")
+    refer.add_argument("--workers", type=int, default=0, help="image-reading processes")
     args = parser.parse_args(argv)
+    if args.refer_dir:
+        from .eval_refcoco import run
+
+        return run(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_checkpoint(args.checkpoint, device)
     objective = cfg.objective if cfg else PseudoGumbelConfig()
     # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
-    batches = heldout_batches(model, args.samples, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None)
+    batches = heldout_batches(model, args.samples or 32, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None)
     out = Path(args.output)
     results = evaluate(model, batches, objective, gallery_path=out / "gallery.png")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,177 @@
+"""Referring segmentation on a RefCOCO-family split, scored as papers report it.
+
+    python -m pg_train.evaluate --checkpoint DIR --refer-dir refer_seg/refcoco --images coco/train2014 \\
+        [--splits val testA testB] [--split-by unc] [--samples N] [--output eval/]
+
+Every expression (ref, sentence) of a split is one sample, as in Sa2VA's evaluator:
+- referring: segment the image from the expression;
+- cycle: the model captions the ref's region (greedy), then segments the same image from its
+  own caption.
+The predicted mask logits are upsampled (bilinear) to the image's own resolution and
+thresholded at 0, then scored against the annotation's mask there: cIoU = ΣI / ΣU over the
+split, gIoU = mean per-expression I / U, an empty union scoring 1. An expression whose image or
+annotation cannot be read is counted under its reason, not scored.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .data.images import image_tensor, mask_tensor
+from .data.loader import Preprocess, to_device
+from .data.refer import ReferPairs
+from .data.types import BadSample
+from .evaluate import caption_inputs, ciou_giou
+
+KINDS = ("referring", "cycle")
+Predictor = Callable[[dict], dict]  # batch -> {"referring": logits [B, h, w], "cycle": ..., "cycle_captions": [str]}
+
+
+class ExpressionItems(Dataset):
+    """Model inputs for each expression plus its mask at the image's resolution (no refill:
+    a bad expression is reported, never replaced by another)."""
+
+    def __init__(self, source: ReferPairs, preprocess: Preprocess, limit: int | None = None):
+        self.source = source
+        self.preprocess = preprocess
+        self.count = len(source) if limit is None else min(limit, len(source))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image, mask, caption, where = self.source.load_target(index)
+        except BadSample as err:
+            return {"index": index, "skipped": err.reason, "detail": str(err)}
+        p = self.preprocess
+        pixel_values = image_tensor(image, p.mllm_size)
+        return {
+            "index": index, "caption": caption, "truth": torch.from_numpy(mask),
+            "pixel_values": pixel_values, "sam_pixel_values": image_tensor(image, p.sam_size),
+            "region_mask": mask_tensor(mask, p.mllm_size),
+        }
+
+
+def _collate(items: list[dict]) -> dict:
+    good = [item for item in items if "skipped" not in item]
+    batch = {"skipped": [(item["skipped"], item["detail"]) for item in items if "skipped" in item], "truths": [item["truth"] for item in good],
+             "captions": [item["caption"] for item in good], "indices": [item["index"] for item in good]}
+    if good:
+        batch["pixel_values1"] = torch.stack([item["pixel_values"] for item in good])
+        batch["pixel_values2"] = batch["pixel_values1"]  # the same image: the frozen ViT runs once
+        batch["sam_pixel_values2"] = torch.stack([item["sam_pixel_values"] for item in good])
+        batch["region_masks1"] = torch.stack([item["region_mask"] for item in good])
+    return batch
+
+
+def intersection_union(logits: torch.Tensor, truth: torch.Tensor) -> tuple[int, int]:
+    """Pixel counts of (logits > 0, upsampled bilinearly to the truth's [H, W]) vs the truth."""
+    upsampled = F.interpolate(logits.float()[None, None], size=tuple(truth.shape), mode="bilinear", align_corners=False)[0, 0]
+    pred = upsampled.cpu() > 0
+    truth = truth.bool()
+    return int((pred & truth).sum()), int((pred | truth).sum())
+
+
+def model_predictor(model, cfg, device, dtype: torch.dtype) -> Predictor:
+    """Referring and cycle mask logits for a batch from `model` (the teacher is the model)."""
+    from .distributed import unwrap
+    from .pseudo_gumbel import forward_mask_with_text_embeds
+
+    module = unwrap(model)
+
+    @torch.no_grad()
+    def predict(batch: dict) -> dict:
+        tensors = to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype)
+        tensors["region_masks1"] = batch["region_masks1"].to(device)
+        tensors["captions"] = batch["captions"]
+        inputs = caption_inputs(model, tensors, cfg)
+        out = {}
+        for kind in KINDS:
+            ids, lens = inputs[kind]
+            out[kind] = forward_mask_with_text_embeds(model, tensors["pixel_values2"], tensors["sam_pixel_values2"], module.embed_tokens()(ids), lens)
+        ids, lens = inputs["cycle"]
+        out["cycle_captions"] = [module.tokenizer.decode(row[:n]) for row, n in zip(ids.tolist(), lens.tolist())]
+        return out
+
+    return predict
+
+
+def evaluate_split(source: ReferPairs, predict: Predictor, preprocess: Preprocess, batch_size: int = 8, limit: int | None = None,
+                   workers: int = 0, progress: bool = True, examples: int = 8, desc: str = "") -> dict:
+    """cIoU / gIoU of each kind over the split's expressions (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    items = ExpressionItems(source, preprocess, limit)
+    loader = DataLoader(items, batch_size=batch_size, collate_fn=_collate, num_workers=workers)
+    inter = {k: [] for k in KINDS}
+    union = {k: [] for k in KINDS}
+    skipped: Counter = Counter()
+    samples = []
+    with tqdm(total=len(items), desc=desc, unit="expr", disable=not progress) as bar:
+        for batch in loader:
+            skipped.update(reason for reason, _ in batch["skipped"])
+            if batch["truths"]:
+                out = predict(batch)
+                for b, truth in enumerate(batch["truths"]):
+                    for kind in KINDS:
+                        i, u = intersection_union(out[kind][b], truth)
+                        inter[kind].append(i)
+                        union[kind].append(u)
+                    if len(samples) < examples:
+                        cycle_captions = out.get("cycle_captions")
+                        samples.append({"expression": batch["captions"][b], "cycle_caption": cycle_captions[b] if cycle_captions else None,
+                                        **{f"{kind}_IoU": inter[kind][-1] / union[kind][-1] if union[kind][-1] else 1.0 for kind in KINDS}})
+            bar.update(len(batch["truths"]) + len(batch["skipped"]))
+    results = {kind: ciou_giou(torch.tensor(inter[kind], dtype=torch.float64), torch.tensor(union[kind], dtype=torch.float64)) for kind in KINDS}
+    results.update(expressions=len(inter["referring"]), skipped=dict(skipped), examples=samples)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Per split: expressions, referring and cycle cIoU / gIoU in percent (as papers print them)."""
+    lines = [f"{'split':8} {'expressions':>11} {'referring cIoU':>15} {'gIoU':>6} {'cycle cIoU':>11} {'gIoU':>6}  skipped"]
+    for split, r in results["splits"].items():
+        lines.append(f"{split:8} {r['expressions']:>11} {100 * r['referring']['cIoU']:>15.1f} {100 * r['referring']['gIoU']:>6.1f} "
+                     f"{100 * r['cycle']['cIoU']:>11.1f} {100 * r['cycle']['gIoU']:>6.1f}  {sum(r['skipped'].values()) or '-'}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """`python -m pg_train.evaluate --refer-dir ...` (arguments parsed by pg_train.evaluate)."""
+    from .evaluate import load_checkpoint
+    from .pseudo_gumbel import PseudoGumbelConfig
+
+    if not args.images:
+        raise SystemExit("--refer-dir needs --images (the COCO train2014 folder the refs' images are in)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_checkpoint(args.checkpoint, device)
+    model.eval()
+    objective = cfg.objective if cfg else PseudoGumbelConfig()
+    from .distributed import unwrap
+
+    preset = unwrap(model).preset
+    preprocess = Preprocess(preset.vision.image_size, preset.sam2.image_size)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    predict = model_predictor(model, objective, device, dtype)
+    # every expression, the mask as annotated (no minimum size): the split as papers score it
+    everything = ReferPairs(args.refer_dir, args.images, args.split_by, split=None, per="sentence", pairing="same", min_pixels=0)
+    splits = args.splits or [s for s in everything.splits if s != "train"]
+    results = {"refer_dir": str(args.refer_dir), "refs": everything.refs_path.name, "checkpoint": str(args.checkpoint), "splits": {}}
+    for split in splits:
+        source = everything.subset(split)
+        results["splits"][split] = evaluate_split(source, predict, preprocess, args.batch_size, args.samples, args.workers, desc=split)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "refcoco.json").write_text(json.dumps(results, indent=2))
+    print(f"{Path(args.refer_dir).name} ({results['refs']}), checkpoint {args.checkpoint}; IoU in percent")
+    print(format_table(results))
+    print(f"wrote {out / 'refcoco.json'}")
+    return 0
