@@ -72,3 +72,52 @@ def write_refer(root, protocol=2):
     with open(refer_dir / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=protocol)
     return refer_dir, images
+
+
+# ---- pairs as a JSONL manifest and as a Hugging Face dataset with the same rows -------------------
+def png_bytes(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_pairs(root, count=7, bad_row=1):
+    """`count` pairs (image, box mask, caption) as PNG files + manifest.jsonl, row `bad_row`'s
+    image truncated. Returns (manifest path, rows): each row holds the image's PNG bytes, the
+    mask as PNG bytes, RLE and polygon, and the caption, in manifest order."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rows, lines = [], []
+    for i in range(count):
+        height, width = 40, 48 + 4 * i
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        top, left = 4 + i, 6 + i
+        mask = box_mask(height, width, top, top + 16, left, left + 20)
+        image_png = png_bytes(image)
+        if i == bad_row:
+            image_png = image_png[: len(image_png) // 3]
+        (root / f"img{i}.png").write_bytes(image_png)
+        (root / f"img{i}_mask.png").write_bytes(png_bytes(mask.astype(np.uint8) * 255))
+        caption = f"object number {i}"
+        lines.append(json.dumps({"image1": f"img{i}.png", "mask1": f"img{i}_mask.png", "image2": f"img{i}.png", "mask2": f"img{i}_mask.png", "caption": caption}))
+        rows.append({"image": {"bytes": image_png, "path": None}, "mask": {"bytes": png_bytes(mask.astype(np.uint8) * 255), "path": None},
+                     "mask_rle": rle_of(mask), "mask_polygon": [[left, top, left + 20, top, left + 20, top + 16, left, top + 16]],
+                     "mask_json": json.dumps(rle_of(mask)), "caption": caption})
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, rows
+
+
+def hf_dataset(rows):
+    """A datasets.Dataset of `rows` with image and mask as Image features (PNG bytes)."""
+    import datasets
+
+    features = datasets.Features({
+        "image": datasets.Image(), "mask": datasets.Image(),
+        "mask_rle": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
+        "mask_polygon": datasets.List(datasets.List(datasets.Value("float64"))),
+        "mask_json": datasets.Value("string"), "caption": datasets.Value("string"),
+    })
+    return datasets.Dataset.from_list(rows, features=features)
