@@ -87,8 +87,9 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
     `teacher`: a Sa2VA model, or an EMA teacher (then `student` is the model its weights are
     swapped into). pixel_values [B, 3, 448, 448]; region_cells [B, G, G] bool (K_b cells).
     Prompts of different K are left-padded so every row ends where its answer starts; decoding
-    uses a KV cache, suppresses every special id, and stops per sample at eos or the template's
-    end text. Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
+    uses a KV cache, suppresses every special id, and stops per sample at eos or when the
+    decoded caption contains the chat template's end text (cut before it, fragments included:
+    see model.stopping). Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
     the device of `pixel_values` (the teacher may live elsewhere).
     """
     with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):
@@ -107,7 +108,7 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
             eos_token_id=model.eos_token_id,
             pad_token_id=model.tokenizer.pad_token_id,
             suppress_token_ids=suppress.nonzero().flatten().to(device),
-            stop_sequences=[model.prompts.end_text_ids],
+            stop=model.prompts.stop,
             do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
             generator=generator,
         )
@@ -203,14 +204,17 @@ def uniform_noise(generators: list[torch.Generator], T: int, k: int) -> torch.Te
     return torch.stack([torch.rand(T, k, generator=g) for g in generators])
 
 
-def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Tensor, special: torch.Tensor, uniform: torch.Tensor, tau: float = 0.7, topk: int = 128, chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Tensor, special: torch.Tensor, uniform: torch.Tensor, tau: float = 0.7, topk: int = 128, chunk_elems: int = 1 << 24,
+                        first_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """caption_logits [B, T, V] -> (text_embeds [B, T, D], hard_ids [B, T]).
 
     Special ids are excluded before the top-k. `uniform` [B, T, k] (fp32, from uniform_noise)
     becomes the Gumbel noise; noise and softmax are fp32 (a bf16 softmax over 128 candidates at
     tau 0.7 loses the small probabilities). The forward value is exactly E[hard_ids]; the
     backward is that of the soft mixture (see _StraightThroughEmbedding). `chunk_elems` bounds
-    the backward's temporary gather.
+    the backward's temporary gather. `first_rows` [V]: the embedding row each id of caption
+    position 0 is read from (the leading-space twin of templates.LeadingSpace: the caption was
+    generated at the start of an answer and is read after `Please segment`).
     """
     B, T, V = caption_logits.shape
     logits = caption_logits.masked_fill(special.to(caption_logits.device), float("-inf"))
@@ -219,8 +223,13 @@ def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Te
     y_soft = F.softmax((top_values.float() + gumbel) / tau, dim=-1)
     hard_ids = top_ids.gather(-1, y_soft.argmax(-1, keepdim=True)).squeeze(-1)
     k = top_ids.shape[-1]
+    rows, hard_rows = top_ids, hard_ids
+    if first_rows is not None and T:
+        first_rows = first_rows.to(top_ids.device)
+        rows = torch.cat([first_rows[top_ids[:, :1]], top_ids[:, 1:]], dim=1)
+        hard_rows = torch.cat([first_rows[hard_ids[:, :1]], hard_ids[:, 1:]], dim=1)
     text_embeds = _StraightThroughEmbedding.apply(
-        y_soft.reshape(B * T, k), top_ids.reshape(B * T, k), hard_ids.reshape(B * T), embedding_weight, chunk_elems
+        y_soft.reshape(B * T, k), rows.reshape(B * T, k), hard_rows.reshape(B * T), embedding_weight, chunk_elems
     )
     return text_embeds.reshape(B, T, -1), hard_ids
 
@@ -237,14 +246,41 @@ def segment_prompt(model, caption_lengths: torch.Tensor, T: int, device: torch.d
     return prefix, caption_mask, suffix, seg_index
 
 
+def with_space_slot(model, text_embeds: torch.Tensor, caption_mask: torch.Tensor, space_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend one slot holding the space token's embedding, attended only where `space_slot`
+    [B] (the caption's first token has no single-token leading-space twin)."""
+    space = model.embed_tokens()(torch.tensor([model.prompts.leading_space.space_id], device=text_embeds.device))
+    embeds = torch.cat([space.to(text_embeds.dtype).expand(text_embeds.shape[0], 1, -1), text_embeds], dim=1)
+    return embeds, torch.cat([space_slot.to(caption_mask)[:, None], caption_mask], dim=1)
+
+
+def answer_caption_embeds(model, caption_ids: torch.Tensor, caption_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings [B, T, D] of captions given as answer-context ids (as the teacher generates
+    them) read inside the segment prompt: the first id through its leading-space twin, and the
+    space_slot [B] rows that need a separate space token (for forward_mask_with_text_embeds)."""
+    model = unwrap(model)
+    if caption_ids.shape[1] == 0:
+        return model.embed_tokens()(caption_ids), None
+    lead = model.prompts.leading_space
+    first = caption_ids[:, :1].cpu()
+    rows = torch.cat([lead.twin[first].to(caption_ids.device), caption_ids[:, 1:]], dim=1)
+    space_slot = lead.needs_slot[first[:, 0]].to(caption_ids.device) & (caption_lengths > 0)
+    return model.embed_tokens()(rows), space_slot
+
+
 def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel_values: torch.Tensor, text_embeds: torch.Tensor, caption_lengths: torch.Tensor,
-                                  return_seg_hidden: bool = False):
+                                  return_seg_hidden: bool = False, space_slot: torch.Tensor | None = None):
     """Segmentation prompt with the caption as embeddings -> mask logits [B, S/4, S/4].
 
     prefix (image 2 + instruction) | text_embeds [B, T, D], padded slots masked out of
     attention | suffix with exactly one [SEG] (the answer's; the seed's suffix had two).
+    The embeddings are of the caption as it reads after the instruction, its leading space
+    included; `space_slot` [B]: rows whose space is a separate token (see with_space_slot).
     """
-    prefix, caption_mask, suffix, seg_index = segment_prompt(unwrap(student), caption_lengths, text_embeds.shape[1], text_embeds.device)
+    model = unwrap(student)
+    prefix, caption_mask, suffix, seg_index = segment_prompt(model, caption_lengths, text_embeds.shape[1], text_embeds.device)
+    if space_slot is not None:
+        text_embeds, caption_mask = with_space_slot(model, text_embeds, caption_mask, space_slot)
     return student(
         mode="segment", prefix_ids=prefix, caption_embeds=text_embeds, caption_mask=caption_mask,
         suffix_ids=suffix, seg_index=seg_index, pixel_values=pixel_values, sam_pixel_values=sam_pixel_values,
@@ -337,13 +373,15 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
     masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
     caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths)  # 3
     uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))
+    lead = model.prompts.leading_space
     text_embeds, hard_ids = topk_gumbel_softmax(  # 4
-        caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk
+        caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk, first_rows=lead.twin
     )
     if text_embeds.requires_grad:
         text_embeds.retain_grad()
+    space_slot = lead.needs_slot.to(hard_ids.device)[hard_ids[:, 0]] & (caption_lengths > 0) if hard_ids.shape[1] else None
     mask_logits = forward_mask_with_text_embeds(  # 5
-        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths
+        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths, space_slot=space_slot
     )
     target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
     losses = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)  # 6

@@ -32,13 +32,25 @@ class SupervisedConfig:
     summary_weight: float = 0.0
 
 
-def tokenize_captions(model, captions: list[str | None], max_len: int, with_end: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and lengths [B] of the captions (optionally followed by the
-    template's end text, which teaches the model where a caption stops)."""
-    module = unwrap(model)
-    tokenizer = module.tokenizer
-    end = module.prompts.end_text_ids if with_end else []
-    rows = [tokenizer.encode(text or "", add_special_tokens=False)[:max_len] + end for text in captions]
+def tokenize_captions(model, captions: list[str | None], max_len: int, form: str = "answer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and lengths [B] of the captions, encoded as the released model
+    reads them (templates.PromptBuilder): `answer` after the region prompt, `answer_end` with
+    the chat template's end text in the same run (it teaches where a caption stops), `segment`
+    inside the segmentation prompt (with its leading space). A caption longer than `max_len`
+    ids is cut there first."""
+    prompts = unwrap(model).prompts
+    tokenizer = unwrap(model).tokenizer
+    encoders = {"answer": prompts.answer_ids, "answer_end": lambda text: prompts.answer_ids(text, with_end=True),
+                "segment": prompts.segment_caption_ids}
+    if form not in encoders:
+        raise ValueError(f"unknown caption form {form!r}; expected one of {sorted(encoders)}")
+    rows = []
+    for text in captions:
+        text = text or ""
+        ids = prompts.answer_ids(text)
+        if len(ids) > max_len:
+            text = tokenizer.decode(ids[:max_len])
+        rows.append(encoders[form](text))
     width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -68,10 +80,10 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     module = unwrap(student)
     device = batch["pixel_values1"].device
     cells, fallback = select_region_cells(batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy)
-    targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, with_end=True)
+    targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="answer_end")
     lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device))
 
-    caption_ids, lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len)
+    caption_ids, lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="segment")
     caption_ids, lengths = caption_ids.to(device), lengths.to(device)
     text_embeds = module.embed_tokens()(caption_ids)
     if text_embeds.requires_grad:

@@ -34,6 +34,11 @@ echo "[setup] installing requirements.txt"
 echo "[setup] installing sam2 (no build isolation, no CUDA extension)"
 SAM2_BUILD_CUDA=0 "$PIP" install -q --no-build-isolation sam2==1.1.0
 
+# The real Qwen BPE ranks (qwen.tiktoken) for the tests' real-vocabulary tokenizer; only the
+# data file is read, so none of the SDK's dependencies are installed.
+echo "[setup] installing dashscope (no dependencies: its qwen.tiktoken file only)"
+"$PIP" install -q --no-deps dashscope==2.0.2
+
 echo "[setup] installing pg_train (editable)"
 "$PIP" install -q --no-deps --no-build-isolation -e .
 

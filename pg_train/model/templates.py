@@ -1,64 +1,127 @@
-"""Prompt templates as configuration: named sets of fixed text pieces, tokenised once.
+"""Prompt templates as configuration: a chat template (how a turn starts and ends, from the
+checkpoint's config.json) times a wording set (what the user asks), tokenised once.
 
-Ids are spliced, never produced by tokenising a string that contains `<IMG_CONTEXT>` or `[SEG]`:
-the image slots, the region slots and the single [SEG] are inserted as ids, so their count and
-position are known exactly whatever the tokenizer does with the surrounding text.
+Two rules make the ids what the released model saw:
+- Special tokens are spliced as ids, never produced by tokenising a string that contains
+  `<IMG_CONTEXT>` or `[SEG]`: their count and position are known exactly.
+- The text between two special tokens is encoded as one run, as the tokenizer does with the
+  whole prompt string (it splits at added tokens, then runs BPE on each run). Encoding a run in
+  pieces is not the same: Qwen's BPE glues a space to the next word (`Please segment ` +
+  `a red circle` gives a stray `Ġ` and `a`, where the whole string has `Ġa`) and `<|end|>` to
+  the punctuation before it. Tests compare every prompt with the whole-string encoding using
+  the real Qwen vocabulary (tests/test_templates.py).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from .stopping import EndTextStop
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One conversation turn: `user_start` + input + `assistant_start` + answer + `end_text`."""
+
+    user_start: str
+    assistant_start: str  # end of the user turn and start of the assistant turn
+    end_text: str  # how an answer ends: the stop text
+
+
+# xtuner's templates as Sa2VA checkpoints name them in config.json["template"].
+CHAT_TEMPLATES: dict[str, ChatTemplate] = {
+    "phi3_chat": ChatTemplate("<|user|>\n", "<|end|>\n<|assistant|>\n", "<|end|>"),
+    "qwen_chat": ChatTemplate("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+    "internlm2_chat": ChatTemplate("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+}
+
 
 @dataclass(frozen=True)
 class TemplateSet:
-    """Text around the special-token slots. `{ctx}` = image tokens, `{vp}` = region tokens."""
+    """The user's words around the special-token slots.
 
-    user_start: str  # before <img>
-    region_between: str  # between </img> and <vp>
-    region_question: str  # after </vp>, end of user turn
-    segment_between: str  # between </img> and the caption
-    segment_after_caption: str  # after the caption, up to the answer's [SEG]
-    segment_after_seg: str  # after [SEG]
-    assistant_start: str  # end of the user turn + start of the assistant turn
-    end_text: str  # the template's end-of-turn text (a stop string for captions)
+    Region prompt: `<img>…</img>` + region_between + `<vp>…</vp>` + region_question.
+    Segment prompt: `<img>…</img>` + segment_between + " " + caption + segment_after_caption,
+    answered by answer_before_seg + `[SEG]` + answer_after_seg.
+    """
+
+    region_between: str
+    region_question: str
+    segment_between: str  # no trailing space: the caption's first word carries its own
+    segment_after_caption: str
+    answer_before_seg: str
+    answer_after_seg: str
+    answer_has_end: bool = True  # the answer ends with the chat template's end text
 
 
 TEMPLATE_SETS: dict[str, TemplateSet] = {
-    # What released Sa2VA checkpoints were trained on (phi3-style plain text for the 4B model).
+    # What released Sa2VA checkpoints were trained and evaluated with: the visual-prompt format
+    # of their predict_forward, the region-caption evaluation's question and the referring
+    # segmentation format.
     "sa2va": TemplateSet(
-        user_start="<|user|>\n",
         region_between="\nThere are 1 part regions in the picture: region1",
-        region_question=".\nPlease give me a short description of region1.",
-        segment_between="\nPlease segment ",
-        segment_after_caption=" in this image.<|end|>\n<|assistant|>\nIt is ",
-        segment_after_seg=".<|end|>",
-        assistant_start="<|end|>\n<|assistant|>\n",
-        end_text="<|end|>",
+        region_question=".\nPlease give me a short description of the region in the picture marked by region1.",
+        segment_between="\nPlease segment",
+        segment_after_caption=" in this image.",
+        answer_before_seg="It is ",
+        answer_after_seg=".",
     ),
     # The design note's strings, with its two-[SEG] suffix reduced to the answer's one.
     "seed": TemplateSet(
-        user_start="<|user|>\n",
         region_between=" Region: ",
         region_question=". Describe this region briefly.",
-        segment_between="Please segment: ",
-        segment_after_caption="<|end|>\n<|assistant|>\nIt is ",
-        segment_after_seg=".",
-        assistant_start="<|end|>\n<|assistant|>\n",
-        end_text="<|end|>",
+        segment_between="Please segment:",
+        segment_after_caption="",
+        answer_before_seg="It is ",
+        answer_after_seg=".",
+        answer_has_end=False,
     ),
 }
+
+
+class LeadingSpace:
+    """How a caption's first token reads after `Please segment`: the whole string has the space
+    glued to the first word (`Ġa`), while the teacher generated it at the start of an answer
+    (`a`). `twin[v]` is the single id of " " + text(v) where one exists; otherwise the segment
+    prompt keeps v and puts a separate space token (`space_id`) before it (`needs_slot[v]`)."""
+
+    def __init__(self, tokenizer, pieces: list[bytes], vocab_size: int):
+        texts, ids = [], []
+        for token_id, piece in enumerate(pieces):
+            try:
+                texts.append(" " + piece.decode("utf-8"))
+                ids.append(token_id)
+            except UnicodeDecodeError:
+                continue
+        self.twin = torch.arange(vocab_size)
+        self.needs_slot = torch.ones(vocab_size, dtype=torch.bool)
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        for token_id, twin in zip(ids, encoded):
+            if len(twin) == 1 and token_id not in special:
+                self.twin[token_id] = twin[0]
+                self.needs_slot[token_id] = False
+        (self.space_id,) = tokenizer(" ", add_special_tokens=False)["input_ids"]
 
 
 class PromptBuilder:
     """Builds id sequences for the region-caption prompt and the segmentation prompt."""
 
-    def __init__(self, tokenizer, token_ids: dict[str, int], num_image_tokens: int, template: str = "sa2va"):
+    def __init__(self, tokenizer, token_ids: dict[str, int], num_image_tokens: int, template: str = "sa2va",
+                 chat_template: str = "phi3_chat", vocab_size: int | None = None):
         if template not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {template!r}; known: {sorted(TEMPLATE_SETS)}")
+        if chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"unknown chat template {chat_template!r}; known: {sorted(CHAT_TEMPLATES)}")
+        self.tokenizer = tokenizer
         self.template = TEMPLATE_SETS[template]
+        self.chat = CHAT_TEMPLATES[chat_template]
+        self.chat_template = chat_template
         self.num_image_tokens = num_image_tokens
+        self.vocab_size = vocab_size or len(tokenizer)
+        self.eos_token_id = token_ids["<|im_end|>"]
         self.img_start = token_ids["<img>"]
         self.img_end = token_ids["</img>"]
         self.ctx = token_ids["<IMG_CONTEXT>"]
@@ -66,17 +129,38 @@ class PromptBuilder:
         self.vp_end = token_ids["</vp>"]
         self.seg = token_ids["[SEG]"]
 
-        def encode(text: str) -> list[int]:
-            return tokenizer.encode(text, add_special_tokens=False) if text else []
+        t, chat = self.template, self.chat
+        self._user_start = self._encode_template(chat.user_start)
+        self._region_between = self._encode_template(t.region_between)
+        self._region_end = self._encode_template(t.region_question + chat.assistant_start)
+        self._segment_between = self._encode_template(t.segment_between)
+        self._segment_after_caption = self._encode_template(t.segment_after_caption + chat.assistant_start + t.answer_before_seg)
+        self._segment_after_seg = self._encode_template(t.answer_after_seg + (chat.end_text if t.answer_has_end else ""))
+        end = self._encode_template(chat.end_text)
+        self._end_special_id = end[0] if len(end) == 1 and end[0] in set(tokenizer.all_special_ids) else None
 
-        t = self.template
-        self._user_start = encode(t.user_start)
-        self._region_between = encode(t.region_between)
-        self._region_end = encode(t.region_question + t.assistant_start)
-        self._segment_between = encode(t.segment_between)
-        self._segment_after_caption = encode(t.segment_after_caption)
-        self._segment_after_seg = encode(t.segment_after_seg)
-        self.end_text_ids = encode(t.end_text)
+    def _encode_template(self, text: str) -> list[int]:
+        """A template piece: its control tokens (`<|im_start|>` in qwen_chat) are special ids,
+        as in the official whole-string encoding."""
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def encode(self, text: str) -> list[int]:
+        """Caption text -> ids, as one run; special-token strings inside it stay plain text (a
+        caption may spell `<vp>`)."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+    @property
+    def end_text(self) -> str:
+        return self.chat.end_text
+
+    @functools.cached_property
+    def stop(self) -> EndTextStop:
+        """The caption stop rule (built on first use: a table over the vocabulary)."""
+        return EndTextStop(self.tokenizer, self.chat.end_text, self.eos_token_id, self.vocab_size)
+
+    @functools.cached_property
+    def leading_space(self) -> LeadingSpace:
+        return LeadingSpace(self.tokenizer, self.stop.pieces, self.vocab_size)
 
     def _image_ids(self) -> list[int]:
         return [self.img_start] + [self.ctx] * self.num_image_tokens + [self.img_end]
@@ -89,6 +173,19 @@ class PromptBuilder:
             self._user_start + self._image_ids() + self._region_between
             + [self.vp_start] + [self.ctx] * num_region_cells + [self.vp_end] + self._region_end
         )
+
+    def answer_ids(self, caption: str, with_end: bool = False) -> list[int]:
+        """A caption as the answer of the region prompt (optionally ended as the model was
+        trained to end it: the caption and end text encoded as one run)."""
+        if not with_end:
+            return self.encode(caption)
+        if self._end_special_id is not None:  # qwen_chat / internlm2_chat: <|im_end|> is one id
+            return self.encode(caption) + [self._end_special_id]
+        return self.encode(caption + self.chat.end_text)
+
+    def segment_caption_ids(self, caption: str) -> list[int]:
+        """A caption as it reads inside the segment prompt: with its leading space."""
+        return self.encode(" " + caption.strip()) if caption.strip() else []
 
     def segment_prefix(self) -> list[int]:
         """Ids before the caption in the segmentation prompt."""
