@@ -121,3 +121,58 @@ def hf_dataset(rows):
         "mask_json": datasets.Value("string"), "caption": datasets.Value("string"),
     })
     return datasets.Dataset.from_list(rows, features=features)
+
+
+# ---- video: a DAVIS-style folder with palette PNGs, an SA-V-style per-video JSON ------------------
+DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128] + [0] * (3 * 250)
+
+
+def davis_object(video, obj, t, height=40, width=56):
+    """The mask of object `obj` in frame t (moving boxes, each id its own place)."""
+    if video == "bear":
+        return box_mask(height, width, 4 + t, 14 + t, 4 + 2 * t, 16 + 2 * t) if obj == 1 else box_mask(height, width, 20, 34, 30 + t, 50 + t)
+    return box_mask(height, width, 10, 30, 10 + 3 * t, 25 + 3 * t)
+
+
+# video -> (frame count, {object id: frames it appears in}); bear's object 2 leaves in frame 3
+DAVIS_VIDEOS = {"bear": (4, {1: range(4), 2: range(3)}), "car": (3, {5: range(3)})}
+
+
+def write_davis(root, resolution="480p"):
+    """root/JPEGImages/480p/<video>/00000.jpg and root/Annotations/480p/<video>/00000.png (mode P,
+    pixel value = object id), as DAVIS 2017 ships them."""
+    rng = np.random.default_rng(2)
+    for video, (count, objects) in DAVIS_VIDEOS.items():
+        frames, annotations = root / "JPEGImages" / resolution / video, root / "Annotations" / resolution / video
+        frames.mkdir(parents=True)
+        annotations.mkdir(parents=True)
+        for t in range(count):
+            Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(frames / f"{t:05d}.jpg")
+            ids = np.zeros((40, 56), dtype=np.uint8)
+            for obj, present in objects.items():
+                if t in present:
+                    ids[davis_object(video, obj, t)] = obj
+            png = Image.fromarray(ids, mode="P")
+            png.putpalette(DAVIS_PALETTE)
+            png.save(annotations / f"{t:05d}.png")
+    return root
+
+
+def sav_object(obj, k, height=32, width=48):
+    return box_mask(height, width, 2 + 2 * k, 12 + 2 * k, 5 + obj * 20, 15 + obj * 20)
+
+
+def write_sav(root, ann_every=4):
+    """root/JPEGImages/sav_000001/{00000,00004,00008}.jpg and root/sav_000001_manual.json: 3
+    annotated frames x masklets 0 and 1; masklet 1 is empty (gone) in the last frame."""
+    frames = root / "JPEGImages" / "sav_000001"
+    frames.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    masklet = []
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(frames / f"{k * ann_every:05d}.jpg")
+        masklet.append([rle_of(sav_object(obj, k) if (obj, k) != (1, 2) else np.zeros((32, 48), dtype=bool)) for obj in (0, 1)])
+    record = {"video_id": "sav_000001", "video_frame_count": 9, "video_height": 32, "video_width": 48, "masklet": masklet,
+              "masklet_id": [0, 1], "masklet_num": 2, "masklet_type": ["manual", "manual"]}
+    (root / "sav_000001_manual.json").write_text(json.dumps(record))
+    return root
