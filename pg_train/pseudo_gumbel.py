@@ -41,9 +41,10 @@ class PseudoGumbelConfig:
     # loss (computed at the SAM2 decoder's resolution, see mask_loss)
     bce_weight: float = 2.0
     dice_weight: float = 0.5
-    # region -> grid cells (K policy)
-    region_threshold: float = 0.5
-    empty_region_policy: str = "largest"
+    # region -> grid cells: the released model's nearest-neighbour rule, or coverage >= threshold
+    region_rule: str = "nearest"
+    region_threshold: float = 0.5  # region_rule=coverage only
+    empty_region_policy: str = "largest"  # K = 0: fall back to the most-covered cell and count, or error
 
 
 def teacher_model(teacher, student):
@@ -366,7 +367,7 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,), generator=generator)
     cells, fallback = select_region_cells(
-        batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy
+        batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
     )
 
     caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator, student)  # 1

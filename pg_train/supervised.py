@@ -79,7 +79,7 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     """batch: the objective's tensors plus `captions` (ground-truth text per sample)."""
     module = unwrap(student)
     device = batch["pixel_values1"].device
-    cells, fallback = select_region_cells(batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy)
+    cells, fallback = select_region_cells(batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
     targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="answer_end")
     lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device))
 

@@ -74,7 +74,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
     clock = clock or (lambda name: contextlib.nullcontext())
     special = special_ids(student)
     seeds = batch["sample_seeds"]
-    cells, _ = select_region_cells(batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy)
+    cells, _ = select_region_cells(batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
     with clock("teacher"), untrimmed_last_layer():
         caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg)
     with clock("mask"):

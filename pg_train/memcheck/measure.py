@@ -156,7 +156,7 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
         m.phases = {}
         seeds = torch.arange(B) + 1000 * step
         overall = PeakMemory(device).__enter__()
-        cells, _ = region_cells(batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy)
+        cells, _ = region_cells(batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
         with phase("teacher generation"):
             captions, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, student=model)
         masked, _ = random_mask_tokens(captions, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
