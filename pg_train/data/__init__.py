@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .coco import CocoPairs
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .loader import NoValidSamplesError, PairDataset, PairLoader, Preprocess, collate_pairs
 from .manifest import ManifestPairs
 from .synthetic import COLOURS, TEXTURES, SyntheticPairs
@@ -52,6 +53,9 @@ class DataConfig:
     sav_ann_every: int = 4  # SA-V: masklet k is frame k * sav_ann_every
     pairing: str = "augment"  # coco, refer, hf, synthetic: same | augment (an augmented view); video: other_frame
     min_pixels: int = 16
+    # An image or mask with more pixels is skipped as image_too_large (checked from the file's
+    # header before decoding); default 8192x8192 (README, "Data").
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     strict: bool = False
     num_workers: int = 0
     shuffle: bool = True
@@ -66,11 +70,11 @@ def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.source == "manifest":
         if not cfg.manifest:
             raise ValueError("data.source=manifest needs data.manifest=<path to .jsonl>")
-        return ManifestPairs(cfg.manifest, min_pixels=cfg.min_pixels)
+        return ManifestPairs(cfg.manifest, min_pixels=cfg.min_pixels, max_pixels=cfg.max_image_pixels)
     if cfg.source == "coco":
         if not (cfg.coco_instances and cfg.coco_images):
             raise ValueError("data.source=coco needs data.coco_instances and data.coco_images")
-        return CocoPairs(cfg.coco_instances, cfg.coco_images, cfg.coco_refs, cfg.pairing, seed, cfg.min_pixels)
+        return CocoPairs(cfg.coco_instances, cfg.coco_images, cfg.coco_refs, cfg.pairing, seed, cfg.min_pixels, cfg.max_image_pixels)
     if cfg.source == "refer":
         from .refer import ReferPairs
 

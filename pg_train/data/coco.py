@@ -12,32 +12,47 @@ from pathlib import Path
 import numpy as np
 
 from .augment import augmented_view
-from .images import check_pair, open_image
-from .types import BadSample, RawPair
+from .images import DEFAULT_MAX_IMAGE_PIXELS, check_pair, decode_rle, is_int_value, open_image
+from .types import BadSample, RawPair, unforeseen_errors_as_bad_sample
 
 
-def annotation_mask(segmentation, height: int, width: int, where: str) -> np.ndarray:
-    """Polygons (list of [x0, y0, x1, y1, ...]) or RLE (compressed or not) -> bool [H, W]."""
+def _check_polygons(segmentation: list, where: str) -> list[list[float]]:
+    """Each polygon a flat list of >= 3 finite (x, y) points. pycocotools reads a first entry of
+    exactly 4 numbers as a box, and raises a bare Exception for shorter ones."""
+    import math
+
+    polygons = []
+    for i, polygon in enumerate(segmentation):
+        if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+            raise BadSample("malformed_record", where, f"polygon {i} must be a flat list of >= 3 (x, y) pairs")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in polygon):
+            raise BadSample("malformed_record", where, f"polygon {i} holds a value that is not a finite number")
+        polygons.append([float(v) for v in polygon])
+    if not polygons:
+        raise BadSample("malformed_record", where, "segmentation has no polygon")
+    return polygons
+
+
+def annotation_mask(segmentation, height: int, width: int, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Polygons (list of [x0, y0, x1, y1, ...]) or RLE (compressed or not) -> bool [H, W],
+    validated before pycocotools sees it (see images.validate_rle)."""
     from pycocotools import mask as mask_utils
 
-    try:
-        if isinstance(segmentation, list):
-            rles = mask_utils.frPyObjects(segmentation, height, width)
-            rle = mask_utils.merge(rles)
-        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        elif isinstance(segmentation, dict):
-            counts = segmentation["counts"]
-            rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-        else:
-            raise TypeError(f"segmentation of type {type(segmentation).__name__}")
-        return mask_utils.decode(rle).astype(bool)
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise BadSample("malformed_record", where, f"bad segmentation: {err}") from err
+    if isinstance(segmentation, dict):
+        return decode_rle(segmentation, where, max_pixels)
+    if not isinstance(segmentation, list):
+        raise BadSample("malformed_record", where, f"segmentation of type {type(segmentation).__name__}")
+    if not (is_int_value(height) and is_int_value(width) and height >= 1 and width >= 1):
+        raise BadSample("malformed_record", where, f"image size {height!r}x{width!r} is not two positive integers")
+    if height * width > max_pixels:
+        raise BadSample("image_too_large", where, f"{height}x{width} = {height * width:,} pixels > data.max_image_pixels = {max_pixels:,}")
+    rles = mask_utils.frPyObjects(_check_polygons(segmentation, where), height, width)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
 class CocoPairs:
-    def __init__(self, instances: str | Path, image_root: str | Path, refs: str | Path | None = None, pairing: str = "augment", seed: int = 0, min_pixels: int = 16):
+    def __init__(self, instances: str | Path, image_root: str | Path, refs: str | Path | None = None, pairing: str = "augment", seed: int = 0, min_pixels: int = 16,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if pairing not in ("same", "augment"):
             raise ValueError(f"pairing must be 'same' or 'augment', got {pairing!r}")
         self.instances_path = Path(instances)
@@ -48,6 +63,7 @@ class CocoPairs:
         self.pairing = pairing
         self.seed = seed
         self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
         self.expressions: dict[int, str] = {}
         if refs is not None:
             for ref in json.loads(Path(refs).read_text()):
@@ -60,13 +76,22 @@ class CocoPairs:
         return len(self.annotations)
 
     def load(self, index: int) -> RawPair:
+        """The pair of annotation `index`, or BadSample naming the annotation (anything else
+        that goes wrong reading it becomes `load_error`: one annotation never ends a run)."""
         ann = self.annotations[index]
         where = f"{self.instances_path} annotation {ann.get('id')}"
+        with unforeseen_errors_as_bad_sample(where):
+            return self._load(index, ann, where)
+
+    def _load(self, index: int, ann: dict, where: str) -> RawPair:
         info = self.images.get(ann.get("image_id"))
         if info is None:
             raise BadSample("malformed_record", where, f"image_id {ann.get('image_id')} not in images")
-        image = open_image(self.image_root / info["file_name"], where)
-        mask = annotation_mask(ann.get("segmentation"), info["height"], info["width"], where)
+        missing = [k for k in ("file_name", "height", "width") if k not in info]
+        if missing:
+            raise BadSample("malformed_record", where, f"image {ann.get('image_id')} lacks {missing}")
+        image = open_image(self.image_root / info["file_name"], where, self.max_pixels)
+        mask = annotation_mask(ann.get("segmentation"), info["height"], info["width"], where, self.max_pixels)
         check_pair(image, mask, where, self.min_pixels)
         if self.pairing == "same":
             image2, mask2 = image, mask

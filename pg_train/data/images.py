@@ -1,12 +1,13 @@
 """Reading images and masks robustly, and turning them into model inputs."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .types import BadSample
 
@@ -29,22 +30,62 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read(path: str | Path, where: str, convert) -> object:
+# 8192 x 8192 = 67 M pixels: an RGB decode of at most 192 MiB and a full-resolution float mask
+# of 256 MiB per worker, far above any Sa2VA training image (resized to 448 and 1024 anyway).
+# `data.max_image_pixels` changes it; PIL's own limit plays no part (see _pil_bomb_check_off).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+# Formats whose decoder never returns the pixels that were written: a mask in one is refused
+# rather than thresholded (see mask_from_array).
+LOSSY_MASK_FORMATS = frozenset({"JPEG", "MPO"})
+
+
+@contextlib.contextmanager
+def _pil_bomb_check_off():
+    """PIL's own decompression-bomb check off while a header is read: `_read` checks the size
+    against `data.max_image_pixels` itself, before decoding, so PIL's default (warn at 89.5 M,
+    raise at 179 M pixels, with a message naming no file) never decides. Restored at once; data
+    reading is single-threaded per process (DataLoader workers are processes)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read(path: str | Path, where: str, convert, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> object:
     """Open an image file fully (so truncation is found here) and convert it, or raise
-    BadSample: missing_file / unreadable_image, naming the path."""
+    BadSample naming the path: missing_file, image_too_large (checked from the header, before
+    any pixel is decoded), unreadable_image (anything the decoder raises: one bad file is its
+    sample's problem, never the run's)."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except (OSError, ValueError) as err:  # a NUL byte, a name too long for the file system
+        raise BadSample("missing_file", where, f"{path!r}: {err}") from err
+    if not exists:
         raise BadSample("missing_file", where, str(path))
     try:
-        with Image.open(path) as image:
+        with _pil_bomb_check_off():
+            image = Image.open(path)  # reads the header only
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadSample("image_too_large", where, f"{path}: {width}x{height} = {width * height:,} pixels > data.max_image_pixels = {max_pixels:,}")
+            if width == 0 or height == 0:
+                raise BadSample("unreadable_image", where, f"{path}: {width}x{height} image")
             image.load()
             return convert(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise BadSample("unreadable_image", where, f"{path}: {err}") from err
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as err:  # a later frame of a multi-frame file
+        raise BadSample("image_too_large", where, f"{path}: {err}") from err
+    except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, MemoryError...
+        raise BadSample("unreadable_image", where, f"{path}: {type(err).__name__}: {err}") from err
 
 
-def open_image(path: str | Path, where: str) -> Image.Image:
-    return _read(path, where, to_rgb)
+def open_image(path: str | Path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    return _read(path, where, to_rgb, max_pixels)
 
 
 def mask_from_array(array: np.ndarray, where: str) -> np.ndarray:
@@ -60,25 +101,99 @@ def mask_from_array(array: np.ndarray, where: str) -> np.ndarray:
     return array > 0
 
 
-def open_mask(path: str | Path, where: str) -> np.ndarray:
-    array = _read(path, where, lambda image: np.asarray(ImageOps.exif_transpose(image)))
-    return mask_from_array(array, f"{where} ({Path(path).name})")
+def _mask_pixels(image: Image.Image, where: str) -> np.ndarray:
+    if image.format in LOSSY_MASK_FORMATS:
+        # JPEG ringing puts values between 0 and 255 along every edge and may leave specks far
+        # from it; thresholding would move the boundary by an amount nobody chose.
+        raise BadSample("lossy_mask", where, f"{image.format} file; store masks as PNG or RLE")
+    return np.asarray(ImageOps.exif_transpose(image))
 
 
-def decode_rle(rle: dict, where: str) -> np.ndarray:
-    """COCO RLE (compressed string or uncompressed list counts) -> bool [H, W]."""
+def open_mask(path: str | Path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    where = f"{where} ({Path(path).name})"
+    return mask_from_array(_read(path, where, lambda image: _mask_pixels(image, where), max_pixels), where)
+
+
+def is_int_value(value) -> bool:
+    """An integer from JSON or numpy; not a bool (Python counts True as 1, a JSON true is no count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def rle_string_counts(counts: str | bytes) -> list[int]:
+    """The run lengths a COCO compressed RLE string encodes (pycocotools' rleFrString: 5 bits
+    per character offset by 48, a continuation bit 0x20, a sign bit 0x10 on the last character,
+    counts from the fourth on stored as differences to the count two before). Raises
+    ValueError for what the C decoder would read past the end of or wrap into a huge count."""
+    text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+    values: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(text):
+                raise ValueError(f"string ends inside count {len(values)}")
+            code = ord(text[position]) - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"character {text[position]!r} at {position} is not an RLE character ('0'..'o')")
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value -= 1 << shift
+        if len(values) > 2:
+            value += values[-2]
+        values.append(value)
+    return values
+
+
+def validate_rle(rle, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Check a COCO RLE completely before any decoder sees it, or raise BadSample
+    (malformed_record / image_too_large): `size` two ints >= 1, `counts` a list of ints >= 0 or
+    a compressed string, whose runs sum to exactly H x W. pycocotools checks none of it:
+    negative counts overflow, short or empty counts decode to a wrong (partly uninitialised)
+    mask. Returns (height, width)."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise BadSample("malformed_record", where, "an RLE must be an object with 'size' and 'counts'")
+    size, counts = rle["size"], rle["counts"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int_value(v) for v in size)):
+        raise BadSample("malformed_record", where, f"RLE size must be [height, width] integers, got {size!r}"[:200])
+    height, width = int(size[0]), int(size[1])
+    if height < 1 or width < 1:
+        raise BadSample("malformed_record", where, f"RLE size {height}x{width} is empty")
+    if height * width > max_pixels:
+        raise BadSample("image_too_large", where, f"RLE mask {height}x{width} = {height * width:,} pixels > data.max_image_pixels = {max_pixels:,}")
+    if isinstance(counts, (str, bytes)):
+        try:
+            runs = rle_string_counts(counts)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise BadSample("malformed_record", where, f"bad compressed RLE counts: {err}") from err
+    elif isinstance(counts, list):
+        wrong = [i for i, v in enumerate(counts) if not is_int_value(v)]
+        if wrong:
+            raise BadSample("malformed_record", where, f"RLE counts must be integers; entry {wrong[0]} is {counts[wrong[0]]!r}"[:200])
+        runs = [int(v) for v in counts]
+    else:
+        raise BadSample("malformed_record", where, f"RLE counts must be a list of integers or a compressed string, got {type(counts).__name__}")
+    negative = [i for i, v in enumerate(runs) if v < 0]
+    if negative:
+        raise BadSample("malformed_record", where, f"RLE count {negative[0]} is negative ({runs[negative[0]]})")
+    if sum(runs) != height * width:
+        raise BadSample("malformed_record", where, f"RLE counts sum to {sum(runs)}, size {height}x{width} needs {height * width}")
+    return height, width
+
+
+def decode_rle(rle: dict, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """COCO RLE (compressed string or uncompressed list counts) -> bool [H, W], validated first."""
     from pycocotools import mask as mask_utils
 
-    try:
-        height, width = rle["size"]
-        counts = rle["counts"]
-        if isinstance(counts, list):
-            rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-        else:
-            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
-        return mask_utils.decode(rle).astype(bool)
-    except (KeyError, TypeError, ValueError) as err:
-        raise BadSample("malformed_record", where, f"bad RLE: {err}") from err
+    height, width = validate_rle(rle, where, max_pixels)
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": [int(v) for v in counts]}, height, width)
+    else:
+        compressed = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return mask_utils.decode(compressed).astype(bool)
 
 
 def check_pair(image: Image.Image, mask: np.ndarray, where: str, min_pixels: int) -> None:
