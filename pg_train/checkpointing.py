@@ -2,16 +2,20 @@
 
 A checkpoint is `checkpoints/step-00000120/`. It is written as `step-00000120.partial/` by all
 ranks (Accelerate `save_state`: model + ZeRO optimizer shards + RNG + EMA; plus one
-`trainer_state_rank{r}.json` per rank) and renamed by the main process only after every rank
+`trainer_state_rank{r}.json` and `rng_state_rank{r}.pt` per rank) and renamed by the main process only after every rank
 finished, so a directory without `.partial` is always complete; a crash mid-save leaves a
 `.partial` that `--resume auto` ignores.
 """
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -43,9 +47,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
         root.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             shutil.rmtree(partial)
+    random_state = rng_state()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     (partial / f"trainer_state_rank{accelerator.process_index}.json").write_text(json.dumps(trainer_state))
+    torch.save(random_state, partial / f"rng_state_rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -55,6 +61,40 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def rng_state() -> dict:
+    """This process's global random state: Python, NumPy, torch CPU and the current CUDA device
+    (what LoRA dropout and a sampling teacher draw from). Tensors and plain values only, so it
+    loads with `weights_only=True`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of `rng_state`."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_state(checkpoint: Path, rank: int) -> dict | None:
+    """This rank's saved random state; None for a checkpoint written before pg_train saved it.
+
+    Accelerate's `load_state` restores its own copy too, but logs a failure only at info level
+    and goes on with the fresh seed; this file is read strictly, and a resumed run restores it
+    as the last thing before its first step, so nothing drawn while resuming can shift it."""
+    path = checkpoint / f"rng_state_rank{rank}.pt"
+    if not path.is_file():
+        return None
+    return torch.load(path, weights_only=True)
 
 
 def load_trainer_state(checkpoint: Path, rank: int) -> dict:

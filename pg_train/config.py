@@ -6,6 +6,7 @@ impossible combination is an error that names the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from .data import SOURCES, DataConfig
+from .model.presets import PRESETS, ModelPreset
 from .pseudo_gumbel import PseudoGumbelConfig
 from .supervised import SupervisedConfig
 
@@ -83,7 +85,8 @@ class TrainConfig:
     cudnn_attention: bool = False  # CUDA: allow SDPA's cuDNN backend (slow for shapes that change every step)
     model: ModelConfig = field(default_factory=ModelConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
-    objective: PseudoGumbelConfig = field(default_factory=lambda: PseudoGumbelConfig(max_caption_len=24, topk=64))
+    # the default preset's objective defaults; load_config re-applies the chosen preset's
+    objective: PseudoGumbelConfig = field(default_factory=lambda: objective_for(PRESETS[ModelConfig.preset]))
     ema: EMAConfig = field(default_factory=EMAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(num_samples=256))
@@ -173,8 +176,51 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def objective_for(preset: ModelPreset) -> PseudoGumbelConfig:
+    """The objective with `preset`'s scale-dependent defaults (presets.ObjectiveDefaults): what
+    a run gets when its config does not set them, and what `evaluate` and memcheck use for a
+    model without a training config, so all three agree."""
+    return PseudoGumbelConfig(**dataclasses.asdict(preset.objective))
+
+
+def model_preset(m: ModelConfig) -> ModelPreset | None:
+    """The preset the run's model will have: the checkpoint's (its config.json) when
+    `model.checkpoint` is set, else the registry's; None when neither can be read here (the
+    model build then reports the problem with its context)."""
+    if m.checkpoint:
+        from .model.checkpoint import preset_from_config
+
+        try:
+            return preset_from_config(json.loads((Path(m.checkpoint) / "config.json").read_text()), Path(m.checkpoint))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return PRESETS.get(m.preset)
+
+
+def _keys_set(values: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a YAML mapping or an override sets ({"objective": {"topk": 9}} -> objective, objective.topk)."""
+    keys = set()
+    for key, value in values.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= _keys_set(value, f"{prefix}{key}.")
+    return keys
+
+
+def apply_preset_defaults(cfg: TrainConfig, keys_set: set[str]) -> None:
+    """Objective keys of presets.ObjectiveDefaults that the user did not set follow the model's
+    preset (a Sa2VA-4B run must not inherit the tiny preset's top-k 64 and 24-token captions)."""
+    preset = model_preset(cfg.model)
+    if preset is None:
+        return
+    for f in dataclasses.fields(preset.objective):
+        if f"objective.{f.name}" not in keys_set:
+            setattr(cfg.objective, f.name, getattr(preset.objective, f.name))
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> TrainConfig:
     cfg = TrainConfig()
+    keys_set: set[str] = set()
     for path in files:
         path = Path(path)
         if not path.is_file():
@@ -187,8 +233,12 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Trai
             _apply(cfg, values)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from err
+        keys_set |= _keys_set(values)
     for text in overrides:
-        _apply(cfg, parse_override(text))
+        values = parse_override(text)
+        _apply(cfg, values)
+        keys_set |= _keys_set(values)
+    apply_preset_defaults(cfg, keys_set)
     validate(cfg)
     return cfg
 

@@ -240,7 +240,12 @@ def main(argv=None) -> int:
         return run(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_checkpoint(args.checkpoint, device)
-    objective = cfg.objective if cfg else PseudoGumbelConfig()
+    if cfg is None:  # a released checkpoint: its preset's objective defaults, as training would use
+        from .config import objective_for
+
+        objective = objective_for(model.preset)
+    else:
+        objective = cfg.objective
     # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
     batches = heldout_batches(model, args.samples or 32, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None)
     out = Path(args.output)

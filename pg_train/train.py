@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from .accel import build_accelerator, configure_environment
+from .checkpointing import load_rng_state, set_rng_state
 from .checkpointing import load_trainer_state, newest_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .data import Preprocess, build_loader
@@ -230,6 +231,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         state = load_trainer_state(checkpoint, accelerator.process_index)
         step, nonfinite_total = state["step"], state["nonfinite_total"]
         loader.load_state_dict(state["data"])
+        saved_rng = load_rng_state(checkpoint, accelerator.process_index)
+        if saved_rng is None:
+            say(f"[pg_train] {checkpoint} has no rng_state_rank*.pt (an older pg_train): random streams rest on Accelerate's copy")
+        else:  # the last thing before the first step, so nothing drawn while resuming shifts dropout or sampling
+            set_rng_state(saved_rng)
         say(f"[pg_train] resumed from {checkpoint} at step {step}")
     metrics_path = out_dir / "metrics.jsonl"
     if main and metrics_path.exists():  # drop lines of steps the resumed run will redo

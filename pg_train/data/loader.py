@@ -142,12 +142,20 @@ class PairLoader:
             dtype=torch.long,
         )
 
+    def iterator_generator(self, epoch: int) -> torch.Generator:
+        """The DataLoader's own generator, a function of (seed, rank, epoch). Each DataLoader
+        iterator draws its workers' base seed; without a generator that draw comes from the
+        global torch RNG, so a resumed run (one iterator more, mid-epoch) would leave LoRA
+        dropout and teacher sampling on another random stream than the uninterrupted run."""
+        state = np.random.SeedSequence([self.seed, self.rank, epoch, 0xD47A]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state % 2**63))
+
     def __iter__(self):
         while True:
             order = self.shard(self.epoch)[self.batches_done * self.batch_size :]
             loader = DataLoader(
                 self.dataset, batch_size=self.batch_size, sampler=order, collate_fn=collate_pairs,
-                num_workers=self.num_workers, persistent_workers=False,
+                num_workers=self.num_workers, persistent_workers=False, generator=self.iterator_generator(self.epoch),
             )
             for batch in loader:
                 self.batches_done += 1

@@ -58,10 +58,17 @@ def parse_args(argv=None):
 
 
 def deployment_from(args, cfg) -> Deployment:
+    if cfg is None:  # no training config: the predicted preset's objective defaults, as training would use
+        from ..config import objective_for
+        from ..model.presets import get_preset
+
+        objective = objective_for(get_preset(args.preset or "sa2va-4b"))
+    else:
+        objective = cfg.objective
     return Deployment(
         batch_size=args.batch_size or (cfg.batch_size if cfg else 1),
-        caption_len=args.caption_len or (cfg.objective.max_caption_len if cfg else 64),
-        topk=cfg.objective.topk if cfg else 128,
+        caption_len=args.caption_len or objective.max_caption_len,
+        topk=objective.topk,
         world_size=args.world_size, zero_stage=args.zero_stage, offload_optimizer=args.offload,
         optimizer=cfg.optim.name if cfg else "adamw",
         ema_placement=args.ema_placement or (cfg.ema.placement if cfg else "same"),
@@ -241,7 +248,9 @@ def run_measured(args, cfg, report) -> int:
                                 device=str(accelerator.device) if cuda else "cpu")
         backward = accelerator.backward
     ema = None if "no-ema" in args.inject else EMATeacher(student, placement=d.ema_placement)
-    objective = dataclasses.replace(cfg.objective if cfg else PseudoGumbelConfig(), max_caption_len=d.caption_len, min_caption_len=d.caption_len)
+    # the deployment's caption length and top-k, so prediction and measurement describe one step
+    objective = dataclasses.replace(cfg.objective if cfg else PseudoGumbelConfig(), max_caption_len=d.caption_len, min_caption_len=d.caption_len,
+                                    topk=d.topk)
     pred = predict(model, d)
     batch = build_batch(model, d.batch_size, torch.device(device), seed=accelerator.process_index if accelerator else 0)
     meas = measure(student, optimizer, ema, objective, batch, steps=args.steps, inject=tuple(args.inject), backward=backward)

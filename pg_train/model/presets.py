@@ -96,12 +96,24 @@ class LoraDims:
 
 
 @dataclass(frozen=True)
+class ObjectiveDefaults:
+    """Objective settings whose right value depends on the model's scale: a run, `evaluate` and
+    memcheck take them from the preset (or the checkpoint) unless the config sets them. The
+    defaults are SPEC §3's real-scale values (top-k 128 of Sa2VA-4B's 151,679 ids, 64-token
+    captions); the tiny presets override them to stay small (their vocabulary has ~500 ids)."""
+
+    topk: int = 128
+    max_caption_len: int = 64
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     name: str
     vision: VisionDims
     language: LanguageDims
     sam2: Sam2Dims
     lora: LoraDims = field(default_factory=LoraDims)
+    objective: ObjectiveDefaults = field(default_factory=ObjectiveDefaults)
     template: str = "phi3_chat"
     # Expected single-token ids of the special tokens; None = whatever the tokenizer assigns
     # (the tiny tokenizer), checked to be single tokens all the same.
@@ -141,6 +153,7 @@ TINY = ModelPreset(
     ),
     sam2=TINY_SAM2,
     lora=LoraDims(r=8, alpha=16, dropout=0.0),
+    objective=ObjectiveDefaults(topk=64, max_caption_len=24),
 )
 
 PRESETS: dict[str, ModelPreset] = {
@@ -199,6 +212,9 @@ def preset_from_dict(data: dict[str, Any]) -> ModelPreset:
         language=_from_dict(LanguageDims, data["language"]),
         sam2=_from_dict(Sam2Dims, data["sam2"]),
         lora=_from_dict(LoraDims, data.get("lora", {})),
+        # a checkpoint written before presets carried objective defaults: its registry preset's
+        objective=_from_dict(ObjectiveDefaults, data["objective"]) if "objective" in data
+        else PRESETS[data["name"]].objective if data["name"] in PRESETS else ObjectiveDefaults(),
         template=data.get("template", "phi3_chat"),
         special_token_ids=data.get("special_token_ids"),
     )

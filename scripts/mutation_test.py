@@ -1,0 +1,310 @@
+"""Mutation testing of the objective, the EMA and the training window: can the tests fail?
+
+    .venv/bin/python scripts/mutation_test.py                 # every mutant, fast test files, -x
+    .venv/bin/python scripts/mutation_test.py --only loss-sum-over-batch --only dice-on-logits
+    .venv/bin/python scripts/mutation_test.py --list          # names, files and test files only
+    .venv/bin/python scripts/mutation_test.py --tree HEAD     # mutate the last commit, not the working tree
+
+A passing suite is evidence only if it can fail. Each mutant below is one small, plausible bug
+(a snippet of a file and its replacement) in pg_train/pseudo_gumbel.py, pg_train/ema.py or the
+training window of pg_train/train.py (plus the [SEG] suffix of templates.py and the data
+iterator's generator, the two places those properties live). For each mutant the repository is
+copied to a temporary directory (the files `git ls-files` lists, tracked and untracked-but-not-
+ignored, with their working-tree content; or `git archive HEAD` with --tree HEAD), the mutant is
+applied to the copy only, and its test files run there with this repository's .venv python:
+`python -m pytest -q -x -p no:cacheprovider -m "not slow"` from inside the copy, with
+PYTHONPATH=<copy>, so the copy's pg_train is imported and not the editable install of the
+checkout. The checkout is never written to (others run tests in it). Before the mutants: the
+copy's `import pg_train` must resolve inside the copy, the unmutated copy must pass every test
+file used (else a kill would mean nothing), and a sanity mutant must be killed.
+
+A mutant is killed when pytest fails (exit 1, or 2 for an error while collecting), survived when
+it passes (exit 0). The result (per mutant: status, seconds, the first failing test; the kill
+rate; git commit, date, versions, command) goes to docs/measurements/mutation_test.json, or --json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = REPO / ".venv" / "bin" / "python"
+
+# Test files per mutated file, fastest first (with -x a kill usually comes from the first).
+TESTS = {
+    "pg_train/pseudo_gumbel.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
+    "pg_train/model/templates.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
+    "pg_train/ema.py": ("tests/test_properties.py", "tests/test_ema.py"),
+    "pg_train/train.py": ("tests/test_properties.py", "tests/test_train.py"),
+    "pg_train/data/loader.py": ("tests/test_properties.py", "tests/test_data.py"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    original: str | tuple[str, ...]  # alternatives: the first one present in the file is replaced
+    replacement: str | tuple[str, ...]  # one per alternative
+    tests: tuple[str, ...] = ()  # default: TESTS[file]
+    slow: bool = False  # run the selected tests without -m "not slow"
+    sanity: bool = False  # must be killed, or the copy is not what the tests import
+
+    def alternatives(self) -> list[tuple[str, str]]:
+        originals = (self.original,) if isinstance(self.original, str) else self.original
+        replacements = (self.replacement,) if isinstance(self.replacement, str) else self.replacement
+        return list(zip(originals, replacements, strict=True))
+
+    def test_files(self) -> tuple[str, ...]:
+        return self.tests or TESTS[self.file]
+
+
+PG, EMA, TRAIN = "pg_train/pseudo_gumbel.py", "pg_train/ema.py", "pg_train/train.py"
+
+MUTANTS = [
+    Mutant("sanity-mask-loss-raises", PG, "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
+           "    raise RuntimeError('mutation_test sanity mutant')\n", sanity=True),
+    # ---- step 6: the loss
+    Mutant("dice-on-logits", PG, "    prob = logits.sigmoid()\n", "    prob = logits\n"),
+    Mutant("dice-denominator-without-smoothing", PG, "/ (prob.sum(1) + target.sum(1) + 1)", "/ (prob.sum(1) + target.sum(1))"),
+    Mutant("dice-denominator-squared-probabilities", PG, "/ (prob.sum(1) + target.sum(1) + 1)", "/ ((prob ** 2).sum(1) + target.sum(1) + 1)"),
+    Mutant("loss-sum-over-batch", PG, "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
+           "    loss = (bce_weight * bce + dice_weight * dice).sum()\n"),
+    Mutant("loss-weights-swapped", PG, "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
+           "    loss = (dice_weight * bce + bce_weight * dice).mean()\n"),
+    Mutant("target-nearest-instead-of-area", PG, "    return F.adaptive_avg_pool2d(masks.float().clamp(0, 1)[:, None], size)[:, 0]\n",
+           "    return F.interpolate(masks.float().clamp(0, 1)[:, None], size=size, mode='nearest')[:, 0]\n"),
+    Mutant("iou-empty-vs-empty-scores-zero", PG, "    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))\n",
+           "    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))\n"),
+    # ---- step 5: the [SEG] row
+    Mutant("seg-row-one-early", PG, "    return prefix, caption_mask, suffix, seg_index\n", "    return prefix, caption_mask, suffix, seg_index - 1\n"),
+    Mutant("seg-row-one-late", PG, "    return prefix, caption_mask, suffix, seg_index\n", "    return prefix, caption_mask, suffix, seg_index + 1\n"),
+    Mutant("two-seg-suffix-reads-the-first", "pg_train/model/templates.py",
+           "        ids = self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, len(self._segment_after_caption)\n",
+           "        ids = [self.seg] + self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, 0\n"),
+    Mutant("pass2-padded-caption-slots-attended", PG,
+           "    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()\n    return prefix",
+           "    caption_mask = torch.ones(B, T, dtype=torch.long, device=device)\n    return prefix"),
+    # ---- step 3: pass 1
+    Mutant("pass1-unmasked-caption", PG, "forward_for_logits(student, batch[\"pixel_values1\"], cells, masked_ids, caption_lengths)",
+           "forward_for_logits(student, batch[\"pixel_values1\"], cells, caption_ids, caption_lengths)"),
+    Mutant("pass1-logit-rows-one-late", PG, "first_row=P - 1, num_rows=T", "first_row=P, num_rows=T"),
+    # ---- step 2: masking
+    Mutant("masking-ratio-inverted", PG, "    replaced = (draws[..., 0] < mask_ratio) & real\n", "    replaced = (draws[..., 0] >= mask_ratio) & real\n"),
+    Mutant("masking-touches-padding", PG, "    replaced = (draws[..., 0] < mask_ratio) & real\n", "    replaced = draws[..., 0] < mask_ratio\n"),
+    Mutant("masking-draws-special-ids", PG, "    ordinary = (~special).nonzero().flatten()\n", "    ordinary = torch.arange(special.numel())\n"),
+    Mutant("masking-and-gumbel-share-a-stream", PG, "uniform = uniform_noise(sample_generators(seeds, 1)", "uniform = uniform_noise(sample_generators(seeds, 0)"),
+    Mutant("sample-seeds-ignored", PG, "    seeds = batch.get(\"sample_seeds\")\n", "    seeds = None\n"),
+    # ---- step 4: Gumbel
+    Mutant("gumbel-special-ids-allowed", PG, "    logits = caption_logits.masked_fill(special.to(caption_logits.device), float(\"-inf\"))\n",
+           "    logits = caption_logits\n"),
+    Mutant("gumbel-noise-subtracted", PG, "F.softmax((top_values.float() + gumbel) / tau, dim=-1)", "F.softmax((top_values.float() - gumbel) / tau, dim=-1)"),
+    Mutant("gumbel-tau-multiplies", PG, "F.softmax((top_values.float() + gumbel) / tau, dim=-1)", "F.softmax((top_values.float() + gumbel) * tau, dim=-1)"),
+    Mutant("straight-through-embedding-grad-to-top1", PG, "index_add_(0, hard_ids, grad_out.to(weight.dtype))",
+           "index_add_(0, topk_ids[:, 0], grad_out.to(weight.dtype))"),
+    Mutant("straight-through-soft-grad-sign", PG, "grad_soft[start:end] = torch.bmm(", "grad_soft[start:end] = -torch.bmm("),
+    # ---- step 1: the teacher
+    Mutant("teacher-generates-in-train-mode", PG, "    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):\n",
+           "    with teacher_model(teacher, student) as model:\n"),
+    Mutant("teacher-cannot-end-with-eos", PG, "        suppress[model.eos_token_id] = False  # eos is how a caption ends\n", ""),
+    # ---- the EMA
+    Mutant("ema-lerp-weight-is-decay", EMA, "torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())",
+           "torch._foreach_lerp_(self.shadow, current, self.current_decay())"),
+    Mutant("ema-warmup-off-by-one", EMA, "return min(self.decay, (1 + n) / (10 + n))", "return min(self.decay, (2 + n) / (10 + n))"),
+    Mutant("ema-ignores-skipped-optimizer-step", EMA, "if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:",
+           "if not accelerator.sync_gradients:"),
+    Mutant("ema-updates-every-micro-batch", EMA, "if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:",
+           "if accelerator.optimizer_step_was_skipped:"),
+    Mutant("ema-shadow-in-model-dtype", EMA, "self._new_buffer(p, shadow_device, torch.float32, pin)", "self._new_buffer(p, shadow_device, p.dtype, pin)"),
+    Mutant("ema-full-teacher-refreshed-once", EMA, "if self._teacher_synced_at != self.num_updates:", "if self._teacher_synced_at < 0:"),
+    Mutant("ema-swap-not-restored", EMA, "                    p.copy_(b.to(p.device, non_blocking=True))\n", "                    pass\n"),
+    Mutant("ema-load-keeps-update-count", EMA, "        self.num_updates = state[\"num_updates\"]\n", ""),
+    # ---- the training window
+    Mutant("ema-before-optimizer-step", TRAIN,
+           "                    optimizer.step()\n                optimizer.zero_grad(set_to_none=True)\n"
+           "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"
+           "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
+           "                    ema.update_if_stepped(model, accelerator)\n                    optimizer.step()\n"
+           "                optimizer.zero_grad(set_to_none=True)\n"
+           "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"),
+    Mutant("ema-updates-without-a-step", TRAIN, "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
+           "        if True:\n            ema.update_if_stepped(model, accelerator)\n"),
+    Mutant("init-from-not-strict", TRAIN,
+           ("    model.load_state_dict(load_file(str(weights)), strict=True)\n",
+            "    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)\n"),
+           ("    model.load_state_dict(load_file(str(weights)), strict=False)\n",
+            "    model.load_state_dict(read_safetensors(weights), strict=False)\n")),
+    Mutant("resume-reseeds-instead-of-restoring", TRAIN, "            set_rng_state(saved_rng)\n",
+           "            from accelerate.utils import set_seed as reseed\n            reseed(cfg.seed)\n"),
+    Mutant("resume-skips-data-position", TRAIN, "        loader.load_state_dict(state[\"data\"])\n", "        pass\n"),
+    Mutant("resume-drops-its-checkpoint-step-metrics", TRAIN, "json.loads(line)[\"step\"] <= step]", "json.loads(line)[\"step\"] < step]"),
+    Mutant("warmup-lr-starts-at-zero", TRAIN, "        return o.lr * (step + 1) / o.warmup_steps\n", "        return o.lr * step / o.warmup_steps\n"),
+    Mutant("cosine-decays-to-zero", TRAIN, "o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5", "o.lr * (0.0 + (1 - o.min_lr_ratio) * 0.5"),
+    Mutant("stop-without-checkpoint", TRAIN, "if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:",
+           "if step % cfg.save_every == 0 or step == cfg.max_steps:"),
+    Mutant("nonfinite-vote-min-across-ranks", TRAIN, "if accelerator.reduce(bad, \"max\").item() > 0:", "if accelerator.reduce(bad, \"min\").item() > 0:",
+           tests=("tests/test_train.py::test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2",), slow=True),
+    Mutant("data-iterator-seeded-from-global-rng", "pg_train/data/loader.py", " generator=self.iterator_generator(self.epoch),", ""),
+]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+def make_base_copy(tree: str, into: Path) -> None:
+    """The repository's files (no .git, no .venv) under `into`."""
+    if tree == "HEAD":
+        archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(into, filter="data")
+        return
+    names = git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, names):
+        source = REPO / name
+        if source.is_file():  # a tracked file deleted in the working tree is left out
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    path = root / mutant.file
+    text = path.read_text()
+    for original, replacement in mutant.alternatives():
+        if text.count(original) == 1:
+            path.write_text(text.replace(original, replacement))
+            return
+    raise LookupError(f"{mutant.file}: none of the mutant's snippets occurs exactly once (has the file changed?)")
+
+
+def environment(root: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(root), "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"),
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_pytest(root: Path, tests: tuple[str, ...], slow: bool, timeout: float) -> tuple[int | None, str]:
+    cmd = [str(PYTHON), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *([] if slow else ["-m", "not slow"]), *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=environment(root), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, "timeout"
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def first_failure(output: str) -> str:
+    found = re.search(r"^(FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    return found.group(2) if found else ""
+
+
+def check_import(root: Path) -> str:
+    """Where the copy's `import pg_train` resolves (must be inside the copy)."""
+    proc = subprocess.run([str(PYTHON), "-c", "import pg_train; print(pg_train.__file__)"], cwd=root, env=environment(root),
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+def run_mutant(mutant: Mutant, base: Path, work: Path, timeout: float) -> dict:
+    root = work / re.sub(r"[^a-z0-9-]", "-", mutant.name)
+    shutil.copytree(base, root)
+    record = {"name": mutant.name, "file": mutant.file, "tests": list(mutant.test_files()), "sanity": mutant.sanity}
+    started = time.perf_counter()
+    try:
+        apply(mutant, root)
+    except LookupError as err:
+        record.update(status="not-applied", detail=str(err), seconds=0.0)
+        shutil.rmtree(root, ignore_errors=True)
+        return record
+    rc, output = run_pytest(root, mutant.test_files(), mutant.slow, timeout)
+    status = {0: "survived", 1: "killed", 2: "killed"}.get(rc, "timeout" if rc is None else f"error (pytest exit {rc})")
+    record.update(status=status, seconds=round(time.perf_counter() - started, 1), killed_by=first_failure(output), exit_code=rc)
+    if status.startswith("error"):
+        record["detail"] = output[-2000:]
+    shutil.rmtree(root, ignore_errors=True)
+    return record
+
+
+def versions() -> dict[str, str]:
+    proc = subprocess.run([str(PYTHON), "-c", "import torch, pytest, transformers, accelerate; "
+                           "print(torch.__version__, pytest.__version__, transformers.__version__, accelerate.__version__)"],
+                          capture_output=True, text=True)
+    names = ("torch", "pytest", "transformers", "accelerate")
+    return {"python": platform.python_version(), **dict(zip(names, proc.stdout.split()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="run only the named mutant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--tree", choices=("worktree", "HEAD"), default="worktree", help="copy the working tree (default) or the last commit")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run (a timeout counts as killed)")
+    parser.add_argument("--skip-baseline", action="store_true", help="do not first run the unmutated copy's test files")
+    parser.add_argument("--json", type=Path, default=REPO / "docs" / "measurements" / "mutation_test.json")
+    args = parser.parse_args(argv)
+
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only or m.sanity]
+    unknown = set(args.only) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants {sorted(unknown)}; --list shows them")
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:45} {m.file:30} {' '.join(m.test_files())}")
+        return 0
+
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git("rev-parse", "HEAD").strip(), "tree": args.tree,
+        "working_tree_changes": git("status", "--porcelain", "--untracked-files=no").splitlines() if args.tree == "worktree" else [],
+        "versions": versions(), "mutants": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="pg_mutation_") as tmp:
+        work = Path(tmp)
+        base = work / "base"
+        base.mkdir()
+        make_base_copy(args.tree, base)
+        where = check_import(base)
+        if not Path(where).resolve().is_relative_to(base.resolve()):
+            sys.exit(f"the copy imports pg_train from {where}, not from the copy: mutants would not be tested")
+        print(f"[mutation] copy of the {args.tree} in {base}; pg_train imported from {where}", flush=True)
+        if not args.skip_baseline:
+            files = tuple(dict.fromkeys(t for m in mutants if not m.slow for t in m.test_files()))
+            started = time.perf_counter()
+            rc, output = run_pytest(base, files, False, args.timeout * 2)
+            result["baseline"] = {"tests": list(files), "exit_code": rc, "seconds": round(time.perf_counter() - started, 1)}
+            print(f"[mutation] baseline (no mutant): pytest exit {rc} in {result['baseline']['seconds']} s", flush=True)
+            if rc != 0:
+                print(output[-4000:])
+                sys.exit("the unmutated copy fails its tests: fix that first (or use --tree HEAD)")
+        for mutant in mutants:
+            record = run_mutant(mutant, base, work, args.timeout)
+            result["mutants"].append(record)
+            print(f"[mutation] {record['status']:12} {mutant.name:45} {record['seconds']:7.1f} s  {record.get('killed_by', '')}", flush=True)
+            if mutant.sanity and record["status"] != "killed":
+                sys.exit(f"sanity mutant {mutant.name} was {record['status']}: the tests do not exercise the copy")
+
+    counted = [r for r in result["mutants"] if not r["sanity"] and r["status"] != "not-applied"]
+    killed = [r for r in counted if r["status"] in ("killed", "timeout")]
+    result.update(killed=len(killed), total=len(counted), kill_rate=round(len(killed) / max(1, len(counted)), 3),
+                  survived=[r["name"] for r in counted if r["status"] == "survived"],
+                  not_applied=[r["name"] for r in result["mutants"] if r["status"] == "not-applied"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[mutation] killed {len(killed)} / {len(counted)} ({100 * result['kill_rate']:.0f}%); survived: {result['survived'] or 'none'}; "
+          f"not applied: {result['not_applied'] or 'none'}; wrote {args.json}")
+    return 0 if not result["survived"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
