@@ -102,3 +102,37 @@ def load_trainer_state(checkpoint: Path, rank: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: was {checkpoint} written by a run with fewer processes?")
     return json.loads(path.read_text())
+
+
+def check_resume_weights(checkpoint: Path, model, ema, *, allow_nonfinite: bool = False) -> None:
+    """Refuse a checkpoint whose model weights or EMA shadow would not load completely, before
+    `accelerator.load_state` copies anything: Accelerate (and DeepSpeed) call
+    `load_state_dict(strict=True)`, which overwrites every matching tensor before raising, and
+    the model loads before the EMA. `model` is the unwrapped module. Names, shapes, dtype kinds
+    and finiteness are checked (`model.state_check`); the optimizer state is not."""
+    import torch
+
+    from .model.state_check import CheckpointError, check_safetensors_file, check_state_dict
+
+    single = checkpoint / "model.safetensors"  # Accelerate without DeepSpeed
+    deepspeed = checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt"  # DeepSpeed's module weights
+    expected = model.state_dict()
+    if single.is_file():
+        check_safetensors_file(single, expected, allow_nonfinite=allow_nonfinite)
+    elif deepspeed.is_file():
+        try:
+            module_state = torch.load(deepspeed, map_location="cpu", weights_only=False, mmap=True)["module"]
+        except Exception as err:
+            raise CheckpointError(f"{deepspeed}: unreadable DeepSpeed model state ({type(err).__name__}: {err})") from err
+        check_state_dict(expected, module_state, deepspeed, allow_nonfinite=allow_nonfinite)
+    else:
+        raise CheckpointError(f"{checkpoint}: holds neither {single.name} nor {deepspeed.relative_to(checkpoint)}")
+    ema_file = checkpoint / "custom_checkpoint_0.pkl"  # the EMA, the one object registered for checkpointing
+    try:
+        ema_state = torch.load(ema_file, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{ema_file}: unreadable EMA state ({type(err).__name__}: {err})") from err
+    try:
+        ema.check_state_dict(ema_state, allow_nonfinite=allow_nonfinite)
+    except CheckpointError as err:
+        raise CheckpointError(f"{ema_file}: {err}") from err

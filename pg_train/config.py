@@ -32,6 +32,9 @@ class ModelConfig:
     # A training checkpoint (runs/x/checkpoints/step-N) whose weights start this run, loaded
     # strictly; unlike `resume`, step, optimizer, EMA and data order start fresh (a new stage).
     init_from: str | None = None
+    # Load checkpoint / init_from / resume weights (and the EMA shadow) holding NaN or Inf
+    # instead of refusing them: a run would train on NaN from step 1, so only for inspection.
+    allow_nonfinite_weights: bool = False
     template: str = "sa2va"  # prompt template set: sa2va | seed
     lora_r: int | None = None  # None: the preset's LoRA
     lora_alpha: int | None = None
@@ -262,6 +265,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.objective.topk >= 1, "objective.topk", "must be >= 1"),
         (1 <= cfg.objective.min_caption_len <= cfg.objective.max_caption_len, "objective.min_caption_len", "must be in [1, objective.max_caption_len]"),
         (cfg.objective.empty_region_policy in ("largest", "error"), "objective.empty_region_policy", "must be 'largest' or 'error'"),
+        (cfg.objective.region_rule in ("nearest", "coverage"), "objective.region_rule", "must be 'nearest' (the released model's) or 'coverage'"),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
@@ -279,6 +283,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.data.pairing in ("same", "augment", "other_frame"), "data.pairing", "must be same, augment or other_frame"),
         (cfg.data.video_frame_distance >= 1 and cfg.data.sav_ann_every >= 1, "data.video_frame_distance", "video_frame_distance and sav_ann_every must be >= 1"),
         (cfg.data.source != "manifest" or cfg.data.manifest, "data.manifest", "required when data.source=manifest"),
+        (cfg.data.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1"),
         (cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images), "data.coco_instances", "data.coco_instances and data.coco_images are required when data.source=coco"),
         (cfg.resume in (None, "auto") or Path(cfg.resume).is_dir(), "resume", f"{cfg.resume!r} is neither 'auto' nor an existing checkpoint directory"),
     ]

@@ -42,12 +42,13 @@ class Placement:
 
 
 class EMATeacher:
-    def __init__(self, student, decay: float = 0.999, placement: str = "same", warmup: bool = False):
+    def __init__(self, student, decay: float = 0.999, placement: str = "same", warmup: bool = False, allow_nonfinite_state: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         module = unwrap(student)
         self.decay = decay
         self.warmup = warmup
+        self.allow_nonfinite_state = allow_nonfinite_state  # load_state_dict: admit NaN/Inf shadows
         self.placement = Placement.parse(placement)
         self.num_updates = 0
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -152,15 +153,36 @@ class EMATeacher:
             "shadow": [s.detach().cpu().clone() for s in self.shadow],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if list(state["names"]) != self.names:
-            missing = sorted(set(self.names) - set(state["names"]))
-            extra = sorted(set(state["names"]) - set(self.names))
-            raise ValueError(f"EMA state does not match the model's trainable tensors: missing {missing[:5]}, unexpected {extra[:5]}")
-        for s, saved in zip(self.shadow, state["shadow"]):
-            if s.shape != saved.shape:
-                raise ValueError(f"EMA state shape {tuple(saved.shape)} does not match {tuple(s.shape)}")
-            s.copy_(saved)
+    def check_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
+        """Raise `CheckpointError` unless `load_state_dict(state)` would load all of it: names,
+        shapes, finiteness (NaN/Inf refused unless `allow_nonfinite`, default: the constructor's
+        `allow_nonfinite_state`), decay and counters. Resume calls it before anything loads."""
+        from .model.state_check import CheckpointError, check_state_dict
+
+        where = "EMA state"
+        missing_keys = [k for k in ("names", "shadow", "decay", "warmup", "num_updates") if k not in state]
+        if missing_keys:
+            raise CheckpointError(f"{where}: missing entries {missing_keys}")
+        names, shadow = list(state["names"]), list(state["shadow"])
+        if len(names) != len(shadow) or len(set(names)) != len(names):
+            raise CheckpointError(f"{where}: {len(names)} names (distinct: {len(set(names))}) for {len(shadow)} shadow tensors")
+        try:
+            allow = self.allow_nonfinite_state if allow_nonfinite is None else allow_nonfinite
+            check_state_dict(dict(zip(self.names, self.shadow)), dict(zip(names, shadow)), where, allow_nonfinite=allow)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}\n(the EMA state does not match the model's trainable tensors)") from err
+        decay, warmup, num_updates = state["decay"], state["warmup"], state["num_updates"]
+        if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0.0 <= decay < 1.0) or not isinstance(warmup, bool) \
+                or not (isinstance(num_updates, int) and not isinstance(num_updates, bool) and num_updates >= 0):
+            raise CheckpointError(f"{where}: decay {decay!r} (a float in [0, 1)), warmup {warmup!r} (a bool), num_updates {num_updates!r} (an int >= 0)")
+
+    def load_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
+        """All-or-nothing: `check_state_dict` first, so a refused state leaves this EMA bitwise
+        as it was (Accelerate's resume calls this with the state alone)."""
+        self.check_state_dict(state, allow_nonfinite=allow_nonfinite)
+        saved = dict(zip(state["names"], state["shadow"]))
+        for name, s in zip(self.names, self.shadow):
+            s.copy_(saved[name])
         self.decay = state["decay"]
         self.warmup = state["warmup"]
         self.num_updates = state["num_updates"]

@@ -17,19 +17,21 @@ import yaml
 
 from .accel import build_accelerator, configure_environment
 from .checkpointing import load_rng_state, set_rng_state
-from .checkpointing import load_trainer_state, newest_checkpoint, save_checkpoint
+from .checkpointing import check_resume_weights, load_trainer_state, newest_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
-from .data import Preprocess, build_loader
-from .data.loader import to_device
+from .data import build_loader
+from .data.loader import TENSOR_KEYS as LOADER_TENSOR_KEYS
+from .data.loader import preprocess_for, to_device
 from .distributed import unwrap
 from .ema import EMATeacher
 from .model import build_model, enable_gradient_checkpointing, from_pretrained
 from .model.presets import get_preset
+from .model.state_check import load_state_dict_checked, read_safetensors
 from .pseudo_gumbel import pseudo_gumbel_step
 from .supervised import supervised_step
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
-TENSOR_KEYS = ("pixel_values1", "region_masks1", "pixel_values2", "sam_pixel_values2", "masks2", "sample_seeds")
+TENSOR_KEYS = (*LOADER_TENSOR_KEYS, "sample_seeds")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,25 +80,26 @@ def build_student(cfg: TrainConfig):
     m = cfg.model
     lora = lora_from_config(m, m.preset)
     if m.checkpoint:
-        model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit)
+        model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit,
+                                allow_nonfinite=m.allow_nonfinite_weights)
     else:
         model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
     unfreeze_extra(model, m.extra_trainable)
     if m.init_from:
-        load_training_weights(model, m.init_from)
+        load_training_weights(model, m.init_from, allow_nonfinite=m.allow_nonfinite_weights)
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
 
 
-def load_training_weights(model, checkpoint: str | Path) -> None:
-    """Weights of a training checkpoint, strictly (a name or shape mismatch is an error)."""
-    from safetensors.torch import load_file
-
+def load_training_weights(model, checkpoint: str | Path, *, allow_nonfinite: bool = False) -> None:
+    """Weights of a training checkpoint, all-or-nothing: names, shapes, dtype kinds and
+    finiteness are checked before any tensor is copied (`load_state_dict(strict=True)` alone
+    copies the matching tensors first and raises after), so a refused file leaves `model` as it was."""
     weights = Path(checkpoint) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"model.init_from: {weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)")
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -204,11 +207,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         f"{sum(p.numel() for p in trainable):,} trainable")
     optimizer = build_optimizer(trainable, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMATeacher(model, decay=cfg.ema.decay, placement=cfg.ema.placement, warmup=cfg.ema.warmup)
+    ema = EMATeacher(model, decay=cfg.ema.decay, placement=cfg.ema.placement, warmup=cfg.ema.warmup,
+                     allow_nonfinite_state=cfg.model.allow_nonfinite_weights)
     accelerator.register_for_checkpointing(ema)
     module = unwrap(model)
     loader = build_loader(
-        cfg.data, Preprocess(module.preset.vision.image_size, module.preset.sam2.image_size), cfg.batch_size,
+        cfg.data, preprocess_for(module.preset), cfg.batch_size,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
     )
     heldout = []
@@ -227,6 +231,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.resume == "auto" and checkpoint is None:
         say("[pg_train] --resume auto: no complete checkpoint yet, starting from step 0")
     if checkpoint is not None:
+        check_resume_weights(checkpoint, module, ema, allow_nonfinite=cfg.model.allow_nonfinite_weights)  # before anything is copied
         accelerator.load_state(str(checkpoint))
         state = load_trainer_state(checkpoint, accelerator.process_index)
         step, nonfinite_total = state["step"], state["nonfinite_total"]

@@ -5,8 +5,9 @@ plus `model.safetensors.index.json`) and the tokenizer files. Tensor names are t
 ones: our module names, with LoRA merged away and SAM2's `fuser.layers.N.gamma` stored as
 `.g_weight` (transformers used to rename `gamma` on load, so Sa2VA's converter avoided it).
 
-Loading is all-or-nothing: any missing, unexpected or wrongly shaped tensor is an error listing
-them. (`strict=False` loading is how a public implementation of this method trained on the
+Loading is all-or-nothing: any missing, unexpected or wrongly shaped tensor, a tensor holding
+NaN or Inf, an unreadable shard or a config.json whose two descriptions of the model disagree
+is an error naming them, raised before a single weight is copied (`state_check.py`). (`strict=False` loading is how a public implementation of this method trained on the
 wrong weights without noticing.)
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from .build import apply_lora, build_model, set_trainable
 from .presets import PRESETS, LanguageDims, LoraDims, ModelPreset, VisionDims, preset_from_dict
 from .sa2va import Sa2VAModel
+from .state_check import CheckpointError, check_finite, check_state_dict, check_state_shapes, read_safetensors, read_safetensors_shapes
 from .tokenizer import load_tokenizer
 
 CONFIG_NAME = "config.json"
@@ -28,10 +30,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _GAMMA = re.compile(r"^(grounding_encoder\.sam2_model\.memory_encoder\.fuser\.layers\.\d+)\.gamma$")
 _G_WEIGHT = re.compile(r"^(grounding_encoder\.sam2_model\.memory_encoder\.fuser\.layers\.\d+)\.g_weight$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match the model it should build."""
 
 
 def released_name(name: str) -> str:
@@ -86,8 +84,10 @@ def _hf_config(preset: ModelPreset, token_ids: dict[str, int], dtype: torch.dtyp
         "ps_version": "v2",
         "select_layer": -1,
         "force_image_size": v.image_size,
-        "dynamic_image_size": False,
-        "use_thumbnail": False,
+        "dynamic_image_size": v.dynamic_image_size,
+        "min_dynamic_patch": v.min_dynamic_patch,
+        "max_dynamic_patch": v.max_dynamic_patch,
+        "use_thumbnail": v.use_thumbnail,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "llm_config": {
             "architectures": ["Qwen2ForCausalLM"],
@@ -166,16 +166,102 @@ def _read_config(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a Sa2VA checkpoint directory needs config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+# (released section, released key, pg_train preset section, attribute): the dims both describe.
+_RELEASED_DIMS = (
+    ("llm_config", "hidden_size", "language", "hidden_size"),
+    ("llm_config", "num_hidden_layers", "language", "num_layers"),
+    ("llm_config", "num_attention_heads", "language", "num_heads"),
+    ("llm_config", "num_key_value_heads", "language", "num_kv_heads"),
+    ("llm_config", "intermediate_size", "language", "intermediate_size"),
+    ("llm_config", "vocab_size", "language", "vocab_size"),
+    ("llm_config", "rope_theta", "language", "rope_theta"),
+    ("llm_config", "rms_norm_eps", "language", "rms_norm_eps"),
+    ("llm_config", "max_position_embeddings", "language", "max_position_embeddings"),
+    ("llm_config", "tie_word_embeddings", "language", "tie_word_embeddings"),
+    ("vision_config", "hidden_size", "vision", "hidden_size"),
+    ("vision_config", "num_hidden_layers", "vision", "num_layers"),
+    ("vision_config", "num_attention_heads", "vision", "num_heads"),
+    ("vision_config", "intermediate_size", "vision", "mlp_size"),
+    ("vision_config", "image_size", "vision", "image_size"),
+    ("vision_config", "patch_size", "vision", "patch_size"),
+    ("vision_config", "layer_norm_eps", "vision", "layer_norm_eps"),
+    ("vision_config", "qkv_bias", "vision", "qkv_bias"),
+    (None, "force_image_size", "vision", "image_size"),
+    (None, "downsample_ratio", "vision", "downsample_ratio"),
+)
+
+
+def check_config_sections_agree(config: dict, preset: ModelPreset, path: Path) -> None:
+    """config.json describes the model twice when pg_train wrote it: the released `llm_config` /
+    `vision_config` (what other tools read) and pg_train's own preset (what we build from). An
+    edit to one of them would build a model other than the one the file claims to be; every
+    dim present in both must agree."""
+    disagreements = []
+    for section, key, ours, attribute in _RELEASED_DIMS:
+        released = config if section is None else config.get(section)
+        if not isinstance(released, dict) or key not in released:
+            continue
+        theirs, mine = released[key], getattr(getattr(preset, ours), attribute)
+        if theirs != mine or isinstance(theirs, bool) != isinstance(mine, bool):
+            disagreements.append(f"{section + '.' if section else ''}{key} = {theirs!r} but pg_train.preset.{ours}.{attribute} = {mine!r}")
+    if disagreements:
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: the released config and pg_train's own section disagree "
+            f"(which one describes the weights is unknown; fix the file):\n    " + "\n    ".join(disagreements)
+        )
 
 
 def preset_from_config(config: dict, path: Path) -> ModelPreset:
-    """Model dims from config.json: pg_train's own section when present, else the released
-    `llm_config` / `vision_config` with SAM2 hiera-large (the only grounding encoder Sa2VA ships)."""
+    """Model dims from config.json (see _dims_from_config); the chat template is always the
+    released top-level `template` (phi3_chat for Sa2VA-4B): it decides the prompts and the stop
+    text of a loaded checkpoint."""
+    from .templates import CHAT_TEMPLATES
+
+    preset = _dims_from_config(config, path)
+    template = config.get("template", preset.template)
+    if template not in CHAT_TEMPLATES:
+        raise CheckpointError(f"{path / CONFIG_NAME}: template {template!r} is not supported; known: {sorted(CHAT_TEMPLATES)}")
+    return dataclasses.replace(preset, template=template, vision=_tiling_from_config(config, preset.vision, path))
+
+
+TILING_KEYS = {"dynamic_image_size": bool, "min_dynamic_patch": int, "max_dynamic_patch": int, "use_thumbnail": bool}
+
+
+def _tiling_from_config(config: dict, vision: VisionDims, path: Path) -> VisionDims:
+    """The released top-level tiling keys (InternVL's dynamic preprocessing) decide how images
+    are cut into views; a key the file lacks keeps the preset's value."""
+    values = {}
+    for key, kind in TILING_KEYS.items():
+        if key in config:
+            if type(config[key]) is not kind:
+                raise CheckpointError(f"{path / CONFIG_NAME}: {key} must be {kind.__name__}, got {config[key]!r}")
+            values[key] = config[key]
+    vision = dataclasses.replace(vision, **values)
+    if not 1 <= vision.min_dynamic_patch <= vision.max_dynamic_patch:
+        raise CheckpointError(f"{path / CONFIG_NAME}: needs 1 <= min_dynamic_patch <= max_dynamic_patch, "
+                              f"got {vision.min_dynamic_patch}, {vision.max_dynamic_patch}")
+    return vision
+
+
+def _dims_from_config(config: dict, path: Path) -> ModelPreset:
+    """pg_train's own section when present (checked against the released sections), else the
+    released `llm_config` / `vision_config` with SAM2 hiera-large (the only grounding encoder
+    Sa2VA ships)."""
     if "pg_train" in config:
-        return preset_from_dict(config["pg_train"]["preset"])
+        try:
+            preset = preset_from_dict(config["pg_train"]["preset"])
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{path / CONFIG_NAME}: pg_train.preset is incomplete ({type(err).__name__}: {err})") from err
+        check_config_sections_agree(config, preset, path)
+        return preset
     try:
         llm, vis = config["llm_config"], config["vision_config"]
         language = LanguageDims(
@@ -207,8 +293,10 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: unreadable index ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index}: unreadable index ({type(err).__name__}: {err})") from err
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = {name: directory / fname for name, fname in weight_map.items()}
         missing = sorted({str(p) for p in files.values() if not p.is_file()})
         if missing:
@@ -217,50 +305,25 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     single = directory / SINGLE_FILE
     if not single.is_file():
         raise CheckpointError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE} (only safetensors are read)")
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in read_safetensors_shapes(single)}
 
 
-def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    shapes = {}
+def _by_file(files: dict[str, Path]) -> dict[Path, list[str]]:
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise CheckpointError(f"{path}: the index maps {name!r} here but the file does not hold it")
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return by_file
+
+
+def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for path, names in _by_file(files).items():
+        in_file = read_safetensors_shapes(path)
+        absent = [name for name in names if name not in in_file]
+        if absent:
+            raise CheckpointError(f"{path}: the index maps {absent[:5]} here but the file does not hold them")
+        shapes.update({name: in_file[name] for name in names})
     return shapes
-
-
-def _list(items: list[str], limit: int = 30) -> str:
-    shown = "\n    ".join(items[:limit])
-    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"\n    {shown}{more}"
-
-
-def check_state_shapes(expected: dict[str, tuple], found: dict[str, tuple], where: Path) -> None:
-    """Raise one error listing every missing, unexpected and wrongly shaped tensor."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(found) if tuple(expected[n]) != tuple(found[n]))
-    if not (missing or unexpected or wrong):
-        return
-    parts = [f"{where}: checkpoint does not match the model (nothing was loaded)"]
-    if missing:
-        parts.append(f"  {len(missing)} missing tensors:" + _list([f"{n} {list(expected[n])}" for n in missing]))
-    if unexpected:
-        parts.append(f"  {len(unexpected)} unexpected tensors:" + _list([f"{n} {list(found[n])}" for n in unexpected]))
-    if wrong:
-        parts.append(f"  {len(wrong)} tensors with the wrong shape:" + _list([f"{n}: checkpoint {list(found[n])}, model {list(expected[n])}" for n in wrong]))
-    raise CheckpointError("\n".join(parts))
 
 
 def _check_vocab(preset: ModelPreset, shapes: dict[str, tuple], tokenizer, directory: Path) -> None:
@@ -283,15 +346,15 @@ def from_pretrained(
     lora: LoraDims | None | bool = True,
     template: str = "sa2va",
     quantize_4bit: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Sa2VAModel:
     """Load a released-format Sa2VA checkpoint strictly, then add fresh LoRA adapters.
 
     The weights are loaded into the plain model *before* LoRA wrapping (the released weights
     have LoRA merged in), cast to `dtype`. Fresh adapters start with B = 0, so the loaded model's
-    outputs are unchanged by them.
+    outputs are unchanged by them. A tensor holding NaN or Inf is refused unless
+    `allow_nonfinite` (`model.allow_nonfinite_weights`).
     """
-    from safetensors import safe_open
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -309,15 +372,14 @@ def from_pretrained(
     check_state_shapes(expected, shapes, directory)
 
     targets = model.state_dict()
-    state = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for name in names:
-                ours = module_name(name)
-                state[ours] = f.get_tensor(name).to(device=targets[ours].device, dtype=targets[ours].dtype)
+    stored = {}
+    for path, names in _by_file(files).items():
+        stored.update({module_name(name): tensor for name, tensor in read_safetensors(path, names).items()})
+    check_state_dict(targets, stored, directory, allow_nonfinite=True)  # names, shapes, dtype kinds as stored
+    state = {name: tensor.to(device=targets[name].device, dtype=targets[name].dtype) for name, tensor in stored.items()}
+    del stored
+    # Finiteness after the cast: a float32 value beyond float16's range becomes Inf only here.
+    check_finite(state, directory, allow_nonfinite=allow_nonfinite)
     model.load_state_dict(state, strict=True)
 
     if quantize_4bit:
