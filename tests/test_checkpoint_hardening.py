@@ -312,3 +312,15 @@ def test_ema_state_loads_by_name_whatever_the_order(ema_pair):
     expected = dict(zip(state["names"], state["shadow"]))
     ema.load_state_dict({**state, "names": state["names"][::-1], "shadow": state["shadow"][::-1]})
     assert all(torch.equal(s, expected[n]) for n, s in zip(ema.names, ema.shadow))
+
+
+def test_nonfinite_checkpoint_check_is_exact_when_a_finite_sum_overflows():
+    """The fast path sums each tensor; a float16 tensor of finite values whose sum overflows
+    must not be reported, and one NaN among them must."""
+    from pg_train.model.state_check import nonfinite_report
+
+    large = torch.full((1000,), 60000.0, dtype=torch.float16)
+    assert torch.isinf(large.sum()) and nonfinite_report({"large": large}) == []
+    large[10] = float("nan")
+    large[11] = float("-inf")
+    assert nonfinite_report({"large": large}) == ["large: 1 NaN, 1 Inf of 1000"]
