@@ -135,9 +135,9 @@ def test_pass1_uses_masked_caption(monkeypatch):
     fed = []
     real = pg.forward_for_logits
 
-    def spy(student, pixel_values, region_cells, caption_ids, caption_lengths):
+    def spy(student, pixel_values, region_cells, caption_ids, *args, **kwargs):
         fed.append(caption_ids.clone())
-        return real(student, pixel_values, region_cells, caption_ids, caption_lengths)
+        return real(student, pixel_values, region_cells, caption_ids, *args, **kwargs)
 
     monkeypatch.setattr(pg, "forward_for_logits", spy)
     cfg = PseudoGumbelConfig(max_caption_len=8, min_caption_len=8, topk=16, mask_ratio=0.5)
@@ -319,9 +319,9 @@ def test_gumbel_noise_does_not_reuse_the_masking_streams_numbers(monkeypatch):
     seen = {}
     real = pg.topk_gumbel_softmax
 
-    def spy(caption_logits, weight, special, uniform, *args):
+    def spy(caption_logits, weight, special, uniform, *args, **kwargs):
         seen["uniform"] = uniform.clone()
-        return real(caption_logits, weight, special, uniform, *args)
+        return real(caption_logits, weight, special, uniform, *args, **kwargs)
 
     monkeypatch.setattr(pg, "topk_gumbel_softmax", spy)
     with torch.no_grad():
