@@ -83,7 +83,7 @@ def intersection_union(logits: torch.Tensor, truth: torch.Tensor) -> tuple[int, 
 def model_predictor(model, cfg, device, dtype: torch.dtype) -> Predictor:
     """Referring and cycle mask logits for a batch from `model` (the teacher is the model)."""
     from .distributed import unwrap
-    from .pseudo_gumbel import forward_mask_with_text_embeds
+    from .pseudo_gumbel import answer_caption_embeds, forward_mask_with_text_embeds
 
     module = unwrap(model)
 
@@ -96,7 +96,8 @@ def model_predictor(model, cfg, device, dtype: torch.dtype) -> Predictor:
         out = {}
         for kind in KINDS:
             ids, lens = inputs[kind]
-            out[kind] = forward_mask_with_text_embeds(model, tensors["pixel_values2"], tensors["sam_pixel_values2"], module.embed_tokens()(ids), lens)
+            embeds, space_slot = answer_caption_embeds(module, ids, lens)  # as pg_train.evaluate reads them
+            out[kind] = forward_mask_with_text_embeds(model, tensors["pixel_values2"], tensors["sam_pixel_values2"], embeds, lens, space_slot=space_slot)
         ids, lens = inputs["cycle"]
         out["cycle_captions"] = [module.tokenizer.decode(row[:n]) for row, n in zip(ids.tolist(), lens.tolist())]
         return out
