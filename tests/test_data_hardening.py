@@ -372,3 +372,23 @@ def test_good_png_in_memory_helpers_are_valid():
     image = Image.open(io.BytesIO(png_bytes(8, 8, pixel_rows=rows)))
     image.load()
     assert image.size == (8, 8)
+
+
+def test_any_source_failure_is_counted_not_fatal(files):
+    """A source of another kind (here a stub whose third sample raises ZeroDivisionError) gets
+    the same guarantee from the dataset: load_error counted, or named in strict mode."""
+    manifest = ManifestPairs(write_manifest(files, line()))
+
+    class Flaky:
+        def __len__(self):
+            return len(manifest)
+
+        def load(self, index):
+            if index == 2:
+                raise ZeroDivisionError("division by zero in a decoder")
+            return manifest.load(index)
+
+    loader = PairLoader(PairDataset(Flaky(), SMALL), batch_size=4, shuffle=False)
+    assert len(next(iter(loader))["indices"]) == 4 and loader.skip_counts == {"load_error": 1}
+    with pytest.raises(BadSample, match=r"Flaky sample 2.*ZeroDivisionError: division by zero in a decoder"):
+        next(iter(PairLoader(PairDataset(Flaky(), SMALL, strict=True), batch_size=4, shuffle=False)))

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .images import image_tensor, mask_tensor
-from .types import BadSample
+from .types import BadSample, unforeseen_errors_as_bad_sample
 
 TENSOR_KEYS = ("pixel_values1", "region_masks1", "pixel_values2", "sam_pixel_values2", "masks2")
 
@@ -43,7 +43,9 @@ class PairDataset(Dataset):
         for attempt in range(self.max_refill + 1):
             candidate = (index + attempt) % len(self.source)
             try:
-                raw = self.source.load(candidate)
+                # a source's unforeseen exception is still one sample's problem (counted as load_error)
+                with unforeseen_errors_as_bad_sample(f"{type(self.source).__name__} sample {candidate}"):
+                    raw = self.source.load(candidate)
             except BadSample as err:
                 if self.strict:
                     raise
