@@ -64,6 +64,14 @@ def test_hf_dataset_rows_read_as_the_manifest_pairs(data, where, mask_column):
     assert err.value.reason == "unreadable_image" and "row 1 image" in str(err.value)
 
 
+def test_hf_dataset_cells_get_the_file_readers_checks(data):
+    small = build_source(config(data, "parquet", max_image_pixels=48 * 40 - 1))  # row 0's image is 48x40
+    with pytest.raises(BadSample) as err:
+        small.load(0)
+    assert err.value.reason == "image_too_large" and "row 0 image" in str(err.value)
+    assert build_source(config(data, "parquet", max_image_pixels=48 * 40)).load(0).caption == "object number 0"  # at the limit: read
+
+
 def test_hf_dataset_split_and_column_errors_name_what_is_missing(data):
     assert len(build_source(config(data, "parquet", hf_split="test"))) == 2
     with pytest.raises(ValueError, match=r"column\(s\) \['segmentation'\] not in the dataset.*mask_rle"):

@@ -80,7 +80,8 @@ def build_source(cfg: DataConfig, seed: int = 0):
 
         if not (cfg.refer_dir and cfg.coco_images):
             raise ValueError("data.source=refer needs data.refer_dir and data.coco_images")
-        return ReferPairs(cfg.refer_dir, cfg.coco_images, cfg.refer_split_by, cfg.refer_split, cfg.refer_pairs, cfg.pairing, seed, cfg.min_pixels)
+        return ReferPairs(cfg.refer_dir, cfg.coco_images, cfg.refer_split_by, cfg.refer_split, cfg.refer_pairs, cfg.pairing, seed, cfg.min_pixels,
+                          cfg.max_image_pixels)
     if cfg.source == "hf":
         from .hf import build_hf_source
 
@@ -90,7 +91,7 @@ def build_source(cfg: DataConfig, seed: int = 0):
 
         if not cfg.video_dir:
             raise ValueError("data.source=video needs data.video_dir")
-        return VideoPairs(cfg.video_dir, cfg.video_annotations, cfg.video_frame_distance, cfg.sav_ann_every, cfg.min_pixels)
+        return VideoPairs(cfg.video_dir, cfg.video_annotations, cfg.video_frame_distance, cfg.sav_ann_every, cfg.min_pixels, cfg.max_image_pixels)
     raise ValueError(f"data.source must be one of {SOURCES}; got {cfg.source!r}")
 
 

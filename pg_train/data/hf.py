@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .augment import augmented_view
 from .coco import annotation_mask
-from .images import check_pair, decode_rle, mask_from_array, to_rgb
+from .images import DEFAULT_MAX_IMAGE_PIXELS, check_pair, decode_rle, mask_from_array, open_image, open_mask, to_rgb
 from .loader import PairLoader
 from .types import BadSample, RawPair
 
@@ -55,45 +55,18 @@ class Columns:
         return [c for c in (self.image, self.mask, self.image2, self.mask2) if c]
 
 
-def _decode_image(value, where: str, mode_mask: bool = False):
-    """An image cell (datasets' {"bytes", "path"} with decoding off, raw bytes, a PIL image)
-    -> RGB PIL image, or the raw array for a mask."""
-    if isinstance(value, Image.Image):
-        return np.asarray(value) if mode_mask else to_rgb(value)
+def _cell_source(value, where: str) -> io.BytesIO | str:
+    """An image cell (datasets' {"bytes", "path"} with decoding off, or raw bytes) as what
+    images.open_image reads: the bytes in memory, else the file path."""
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        data, path = value.get("bytes"), value.get("path")
-        source = io.BytesIO(data) if data is not None else path
-    elif isinstance(value, (bytes, bytearray)):
-        source = io.BytesIO(value)
-    else:
-        raise BadSample("malformed_record", where, f"an image cell must be bytes or an Image, got {type(value).__name__}")
-    if source is None:
+        if value.get("bytes") is not None:
+            return io.BytesIO(value["bytes"])
+        if value.get("path"):
+            return value["path"]
         raise BadSample("malformed_record", where, "image cell holds neither bytes nor a path")
-    if isinstance(source, str) and not Path(source).is_file():
-        raise BadSample("missing_file", where, source)
-    try:
-        with Image.open(source) as image:
-            image.load()
-            return np.asarray(image) if mode_mask else to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadSample("unreadable_image", where, str(err)) from err
-
-
-def _decode_mask(value, size: tuple[int, int], where: str) -> np.ndarray:
-    """PNG bytes / Image, RLE dict, polygons, or a JSON string of either -> bool [H, W]."""
-    width, height = size
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise BadSample("malformed_record", where, f"mask string is not JSON (RLE or polygons): {err}") from err
-    if isinstance(value, dict) and "counts" in value:
-        return decode_rle(value, where)
-    if isinstance(value, list):
-        return annotation_mask(value, height, width, where)
-    if value is None:
-        raise BadSample("malformed_record", where, "mask is null")
-    return mask_from_array(_decode_image(value, where, mode_mask=True), where)
+    if isinstance(value, (bytes, bytearray)):
+        return io.BytesIO(value)
+    raise BadSample("malformed_record", where, f"an image cell must be bytes or an Image, got {type(value).__name__}")
 
 
 def _caption(value, where: str) -> str | None:
@@ -104,25 +77,64 @@ def _caption(value, where: str) -> str | None:
     raise BadSample("malformed_record", where, f"caption must be a string (or a list of strings), got {type(value).__name__}")
 
 
-def row_pair(row: dict, columns: Columns, where: str, pairing: str, seed: int, index: int, min_pixels: int) -> RawPair:
-    """One dataset row -> RawPair, or BadSample naming the row and the column."""
-    missing = [c for c in columns.required() + ([columns.caption] if columns.caption else []) if c not in row]
-    if missing:
-        raise BadSample("malformed_record", where, f"missing column(s) {missing}; the row has {sorted(row)}")
-    image1 = _decode_image(row[columns.image], f"{where} {columns.image}")
-    mask1 = _decode_mask(row[columns.mask], image1.size, f"{where} {columns.mask}")
-    check_pair(image1, mask1, f"{where} {columns.image}/{columns.mask}", min_pixels)
-    if columns.image2:
-        image2 = _decode_image(row[columns.image2], f"{where} {columns.image2}")
-        mask2 = _decode_mask(row[columns.mask2], image2.size, f"{where} {columns.mask2}")
-        check_pair(image2, mask2, f"{where} {columns.image2}/{columns.mask2}", min_pixels)
-    elif pairing == "same":
-        image2, mask2 = image1, mask1
-    else:
-        rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
-        image2, mask2 = augmented_view(image1, mask1, rng, min_pixels=min_pixels)
-    caption = _caption(row[columns.caption], f"{where} {columns.caption}") if columns.caption else None
-    return RawPair(image1, mask1, image2, mask2, caption, where)
+@dataclass(frozen=True)
+class RowReader:
+    """One dataset row -> RawPair, or BadSample naming the row and the column. Images and PNG
+    masks go through images.open_image / open_mask (size checked before decoding, JPEG masks
+    refused), RLE and polygons through the manifest's and COCO's decoders."""
+
+    columns: Columns
+    pairing: str = "augment"
+    seed: int = 0
+    min_pixels: int = 16
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self):
+        if self.pairing not in ("same", "augment"):
+            raise ValueError(f"data.pairing must be 'same' or 'augment' for data.source=hf, got {self.pairing!r}")
+
+    def image(self, value, where: str) -> Image.Image:
+        if isinstance(value, Image.Image):  # a dataset whose decoding could not be turned off
+            return to_rgb(value)
+        return open_image(_cell_source(value, where), where, self.max_pixels)
+
+    def mask(self, value, size: tuple[int, int], where: str) -> np.ndarray:
+        """PNG bytes / Image, RLE dict, polygons, or a JSON string of either -> bool [H, W]."""
+        width, height = size
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise BadSample("malformed_record", where, f"mask string is not JSON (RLE or polygons): {err}") from err
+        if isinstance(value, dict) and "counts" in value:
+            return decode_rle(value, where, self.max_pixels)
+        if isinstance(value, list):
+            return annotation_mask(value, height, width, where, self.max_pixels)
+        if value is None:
+            raise BadSample("malformed_record", where, "mask is null")
+        if isinstance(value, Image.Image):
+            return mask_from_array(np.asarray(value), where)
+        return open_mask(_cell_source(value, where), where, self.max_pixels)
+
+    def pair(self, row: dict, where: str, index: int) -> RawPair:
+        c = self.columns
+        missing = [name for name in c.required() + ([c.caption] if c.caption else []) if name not in row]
+        if missing:
+            raise BadSample("malformed_record", where, f"missing column(s) {missing}; the row has {sorted(row)}")
+        image1 = self.image(row[c.image], f"{where} {c.image}")
+        mask1 = self.mask(row[c.mask], image1.size, f"{where} {c.mask}")
+        check_pair(image1, mask1, f"{where} {c.image}/{c.mask}", self.min_pixels)
+        if c.image2:
+            image2 = self.image(row[c.image2], f"{where} {c.image2}")
+            mask2 = self.mask(row[c.mask2], image2.size, f"{where} {c.mask2}")
+            check_pair(image2, mask2, f"{where} {c.image2}/{c.mask2}", self.min_pixels)
+        elif self.pairing == "same":
+            image2, mask2 = image1, mask1
+        else:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, index, 1]))
+            image2, mask2 = augmented_view(image1, mask1, rng, min_pixels=self.min_pixels)
+        caption = _caption(row[c.caption], f"{where} {c.caption}") if c.caption else None
+        return RawPair(image1, mask1, image2, mask2, caption, where)
 
 
 # ---- opening -------------------------------------------------------------------------------------
@@ -206,11 +218,10 @@ def _raw_images(ds, columns: Columns):
 class HFPairs:
     """A map-style datasets.Dataset: row i is sample i."""
 
-    def __init__(self, dataset, columns: Columns, name: str, pairing: str = "augment", seed: int = 0, min_pixels: int = 16):
-        if pairing not in ("same", "augment"):
-            raise ValueError(f"data.pairing must be 'same' or 'augment' for data.source=hf, got {pairing!r}")
-        self.dataset = _raw_images(dataset, columns)
-        self.columns, self.name, self.pairing, self.seed, self.min_pixels = columns, name, pairing, seed, min_pixels
+    def __init__(self, dataset, reader: RowReader, name: str):
+        self.dataset = _raw_images(dataset, reader.columns)
+        self.reader, self.name = reader, name
+        columns = reader.columns
         absent = [c for c in columns.required() + ([columns.caption] if columns.caption else []) if c not in self.dataset.column_names]
         if absent:
             raise ValueError(f"{name}: column(s) {absent} not in the dataset (columns: {self.dataset.column_names}); set data.hf_image/hf_mask/hf_caption/...")
@@ -219,7 +230,7 @@ class HFPairs:
         return len(self.dataset)
 
     def load(self, index: int) -> RawPair:
-        return row_pair(self.dataset[index], self.columns, f"{self.name} row {index}", self.pairing, self.seed, index, self.min_pixels)
+        return self.reader.pair(self.dataset[index], f"{self.name} row {index}", index)
 
 
 class HFStreamPairs:
@@ -229,13 +240,9 @@ class HFStreamPairs:
     rereading; a request behind the window restarts the stream (the next epoch, a refill that
     wrapped around). Picklable for DataLoader workers (each keeps its own stream)."""
 
-    def __init__(self, stream, num_rows: int, columns: Columns, name: str, pairing: str = "augment", seed: int = 0, min_pixels: int = 16,
-                 shuffle: bool = True, buffer_size: int = 1000, window: int = 256):
-        if pairing not in ("same", "augment"):
-            raise ValueError(f"data.pairing must be 'same' or 'augment' for data.source=hf, got {pairing!r}")
-        self.stream = _raw_images(stream, columns)
-        self.num_rows, self.columns, self.name = num_rows, columns, name
-        self.pairing, self.seed, self.min_pixels = pairing, seed, min_pixels
+    def __init__(self, stream, num_rows: int, reader: RowReader, name: str, shuffle: bool = True, buffer_size: int = 1000, window: int = 256):
+        self.stream = _raw_images(stream, reader.columns)
+        self.num_rows, self.reader, self.name = num_rows, reader, name
         self.shuffle, self.buffer_size, self.window = shuffle, buffer_size, window
         self.epoch = 0
         self._reset()
@@ -261,7 +268,7 @@ class HFStreamPairs:
     def _open(self):
         stream = self.stream
         if self.shuffle:
-            stream = stream.shuffle(seed=self.seed, buffer_size=self.buffer_size)
+            stream = stream.shuffle(seed=self.reader.seed, buffer_size=self.buffer_size)
             stream.set_epoch(self.epoch)  # datasets reseeds the buffer and shard order per epoch
         # iter(batch_size=...), not iter(stream): inside a DataLoader worker the latter hands each
         # worker only its share of the shards, and every position here must see the whole stream.
@@ -290,7 +297,7 @@ class HFStreamPairs:
 
     def load(self, index: int) -> RawPair:
         where = f"{self.name} stream position {index} (epoch {self.epoch})"
-        return row_pair(self._row(index), self.columns, where, self.pairing, self.seed, index, self.min_pixels)
+        return self.reader.pair(self._row(index), where, index)
 
 
 class StreamingPairLoader(PairLoader):
@@ -309,10 +316,11 @@ def build_hf_source(cfg, seed: int = 0, cache_dir: str | None = None):
     if not cfg.hf_path:
         raise ValueError("data.source=hf needs data.hf_path (a save_to_disk folder, parquet/arrow files, or a hub name)")
     columns = Columns(cfg.hf_image, cfg.hf_mask, cfg.hf_caption, cfg.hf_image2, cfg.hf_mask2)
+    reader = RowReader(columns, cfg.pairing, seed, cfg.min_pixels, cfg.max_image_pixels)
     ds, rows, name = open_hf_dataset(cfg.hf_path, cfg.hf_split, cfg.hf_streaming, cache_dir)
     if not cfg.hf_streaming:
-        return HFPairs(ds, columns, name, cfg.pairing, seed, cfg.min_pixels)
+        return HFPairs(ds, reader, name)
     rows = cfg.hf_num_rows or rows
     if not rows:
         raise ValueError(f"{name}: the stream does not state its length; set data.hf_num_rows")
-    return HFStreamPairs(ds, rows, columns, name, cfg.pairing, seed, cfg.min_pixels, cfg.shuffle, cfg.hf_shuffle_buffer)
+    return HFStreamPairs(ds, rows, reader, name, cfg.shuffle, cfg.hf_shuffle_buffer)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +58,16 @@ def _read(path: str | Path, where: str, convert, max_pixels: int = DEFAULT_MAX_I
     """Open an image file fully (so truncation is found here) and convert it, or raise
     BadSample naming the path: missing_file, image_too_large (checked from the header, before
     any pixel is decoded), unreadable_image (anything the decoder raises: one bad file is its
-    sample's problem, never the run's)."""
-    path = Path(path)
-    try:
-        exists = path.is_file()
-    except (OSError, ValueError) as err:  # a NUL byte, a name too long for the file system
-        raise BadSample("missing_file", where, f"{path!r}: {err}") from err
-    if not exists:
-        raise BadSample("missing_file", where, str(path))
+    sample's problem, never the run's). `path` may be an io.BytesIO: an image held in a
+    dataset cell (hf.py), checked and decoded the same way."""
+    if not isinstance(path, io.BytesIO):
+        path = Path(path)
+        try:
+            exists = path.is_file()
+        except (OSError, ValueError) as err:  # a NUL byte, a name too long for the file system
+            raise BadSample("missing_file", where, f"{path!r}: {err}") from err
+        if not exists:
+            raise BadSample("missing_file", where, str(path))
     try:
         with _pil_bomb_check_off():
             image = Image.open(path)  # reads the header only
@@ -84,7 +87,7 @@ def _read(path: str | Path, where: str, convert, max_pixels: int = DEFAULT_MAX_I
         raise BadSample("unreadable_image", where, f"{path}: {type(err).__name__}: {err}") from err
 
 
-def open_image(path: str | Path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(path: str | Path | io.BytesIO, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     return _read(path, where, to_rgb, max_pixels)
 
 
@@ -109,8 +112,8 @@ def _mask_pixels(image: Image.Image, where: str) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(image))
 
 
-def open_mask(path: str | Path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    where = f"{where} ({Path(path).name})"
+def open_mask(path: str | Path | io.BytesIO, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    where = f"{where} ({Path(path).name})" if not isinstance(path, io.BytesIO) else where
     return mask_from_array(_read(path, where, lambda image: _mask_pixels(image, where), max_pixels), where)
 
 

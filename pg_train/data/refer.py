@@ -27,7 +27,7 @@ import numpy as np
 
 from .augment import augmented_view
 from .coco import annotation_mask
-from .images import check_pair, open_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, check_pair, open_image
 from .types import BadSample, RawPair
 
 SPLIT_BYS = ("unc", "umd", "google")
@@ -112,7 +112,8 @@ class ReferEntry:
 
 class ReferPairs:
     def __init__(self, refer_dir: str | Path, image_root: str | Path, split_by: str | None = None, split: str | None = "train",
-                 per: str = "sentence", pairing: str = "augment", seed: int = 0, min_pixels: int = 16):
+                 per: str = "sentence", pairing: str = "augment", seed: int = 0, min_pixels: int = 16,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if per not in ("sentence", "ref"):
             raise ValueError(f"data.refer_pairs must be 'sentence' or 'ref', got {per!r}")
         if pairing not in ("same", "augment"):
@@ -121,7 +122,7 @@ class ReferPairs:
         self.refs_path = find_refs_file(self.refer_dir, split_by)
         self.instances_path = self.refer_dir / "instances.json"
         self.image_root = Path(image_root)
-        self.pairing, self.seed, self.min_pixels, self.per = pairing, seed, min_pixels, per
+        self.pairing, self.seed, self.min_pixels, self.max_pixels, self.per = pairing, seed, min_pixels, max_pixels, per
         self.images, self.annotations = read_instances(self.instances_path)
         refs = load_refs_pickle(self.refs_path)
         present = sorted({r.get("split") for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
@@ -197,8 +198,8 @@ class ReferPairs:
             raise BadSample("malformed_record", where, entry.problem)
         ann = self.annotations[self.refs[entry.ref_index]["ann_id"]]
         info = self.images[ann["image_id"]]
-        image = open_image(self.image_root / info["file_name"], where)
-        mask = annotation_mask(ann.get("segmentation"), info["height"], info["width"], where)
+        image = open_image(self.image_root / info["file_name"], where, self.max_pixels)
+        mask = annotation_mask(ann.get("segmentation"), info["height"], info["width"], where, self.max_pixels)
         check_pair(image, mask, where, self.min_pixels)
         return image, mask, self.caption(index), where
 

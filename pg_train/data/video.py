@@ -21,24 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-from .images import check_pair, decode_rle, open_image
+# _read: the package's one checked way of reading an image file (header size check first)
+from .images import DEFAULT_MAX_IMAGE_PIXELS, _read, check_pair, decode_rle, open_image
 from .types import BadSample, RawPair
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 DAVIS_RESOLUTIONS = ("480p", "Full-Resolution")
 
 
-def object_ids(path: Path, where: str) -> np.ndarray:
+def object_ids(path: Path, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An annotation PNG -> int array [H, W] of object ids (0 = background): palette or grey
-    indices as stored; a colour PNG's colours packed as 0xRRGGBB (each colour one object)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            array = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadSample("unreadable_image", where, f"{path}: {err}") from err
+    indices as stored; a colour PNG's colours packed as 0xRRGGBB (each colour one object).
+    Read through images._read: missing, oversized and unreadable files are counted bad samples."""
+    array = _read(path, where, np.asarray, max_pixels)
     if array.ndim == 3:
         rgb = array[..., :3].astype(np.int64)
         return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
@@ -65,7 +60,7 @@ class FramePair:
 
 class VideoPairs:
     def __init__(self, video_dir: str | Path, annotations: str | Path | None = None, frame_distance: int = 5, sav_ann_every: int = 4,
-                 min_pixels: int = 16):
+                 min_pixels: int = 16, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         if frame_distance < 1:
             raise ValueError(f"data.video_frame_distance must be >= 1, got {frame_distance}")
         self.root = Path(video_dir)
@@ -75,7 +70,7 @@ class VideoPairs:
         self.annotations_dir = _resolution_dir(Path(annotations) if annotations else self.root / "Annotations")
         if not self.annotations_dir.is_dir():
             raise FileNotFoundError(f"annotations folder {self.annotations_dir} does not exist (data.video_annotations)")
-        self.distance, self.ann_every, self.min_pixels = frame_distance, sav_ann_every, min_pixels
+        self.distance, self.ann_every, self.min_pixels, self.max_pixels = frame_distance, sav_ann_every, min_pixels, max_pixels
         self.pairs: list[FramePair] = []
         self.absent_in_other_frame = 0
         sav_files = sorted(self.annotations_dir.glob("*_manual.json"))
@@ -110,7 +105,7 @@ class VideoPairs:
         present = []
         for png in pngs:
             try:
-                ids = np.unique(object_ids(png, str(png)))
+                ids = np.unique(object_ids(png, str(png), self.max_pixels))
                 present.append({int(i) for i in ids if i != 0})
             except BadSample as err:
                 present.append((err.reason, err.detail))
@@ -144,14 +139,14 @@ class VideoPairs:
         for suffix in FRAME_SUFFIXES:
             path = self.frames_dir / video / f"{frame}{suffix}"
             if path.is_file():
-                return open_image(path, where)
+                return open_image(path, where, self.max_pixels)
         raise BadSample("missing_file", where, str(self.frames_dir / video / f"{frame}.jpg"))
 
     def _mask(self, pair: FramePair, which: int, where: str) -> np.ndarray:
         if pair.masks is not None:
-            return decode_rle(pair.masks[which], where)
+            return decode_rle(pair.masks[which], where, self.max_pixels)
         frame = pair.frame1 if which == 0 else pair.frame2
-        return object_ids(self.annotations_dir / pair.video / f"{frame}.png", where) == pair.object_id
+        return object_ids(self.annotations_dir / pair.video / f"{frame}.png", where, self.max_pixels) == pair.object_id
 
     def load(self, index: int) -> RawPair:
         pair = self.pairs[index]
