@@ -128,7 +128,7 @@ def test_config_sections_disagree(single, section, key, ours, value):
     assert f"{released_name} = {value!r} but pg_train.preset.{ours} = {mine!r}" in str(err.value) and "config.json" in str(err.value)
 
 
-def test_config_sections_disagree_is_silent_when_they_agree(single):
+def test_consistent_config_json_sections_load(single):
     assert from_pretrained(single).preset.language.vocab_size == json.loads((single / "config.json").read_text())["llm_config"]["vocab_size"]
 
 

@@ -252,7 +252,7 @@ def test_rle_validation_refuses_before_decoding(name):
 
 
 @pytest.mark.parametrize("form", ["compressed", "list"])
-def test_rle_validation_accepts_exact_masks(form):
+def test_exact_rle_masks_still_decode_after_validation(form):
     """Validation must not refuse a correct RLE: both forms decode to the mask they encode,
     including one that starts with foreground (a leading zero run)."""
     mask = good_mask()
@@ -366,7 +366,7 @@ def test_lossy_mask_is_refused_even_when_its_values_look_binary(files):
     assert err.value.reason == "lossy_mask" and "white.jpg" in str(err.value)
 
 
-def test_good_png_in_memory_helpers_are_valid():
+def test_hand_built_png_is_a_real_png():
     """The corpus' hand-built PNG is a real PNG (so the bomb cases test the size, not a parse error)."""
     rows = b"".join(b"\x00" + bytes([255]) for _ in range(8))  # 8x8 1-bit rows, filter 0
     image = Image.open(io.BytesIO(png_bytes(8, 8, pixel_rows=rows)))
