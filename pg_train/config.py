@@ -35,7 +35,16 @@ class ModelConfig:
     # Load checkpoint / init_from / resume weights (and the EMA shadow) holding NaN or Inf
     # instead of refusing them: a run would train on NaN from step 1, so only for inspection.
     allow_nonfinite_weights: bool = False
-    template: str = "sa2va"  # prompt template set: sa2va | seed
+    template: str = "sa2va"  # prompt wording set: sa2va (the released model's questions) | seed (the design note's)
+    # The chat template (phi3_chat | qwen_chat | internlm2_chat); None: the checkpoint's
+    # config.json "template" (the preset's, phi3_chat, without a checkpoint).
+    chat_template: str | None = None
+    # InternVL dynamic tiling; None: the checkpoint's config.json values (sa2va-4b: on, 1..12
+    # tiles + thumbnail; tiny presets: off, one 448-px view).
+    dynamic_image_size: bool | None = None
+    min_dynamic_patch: int | None = None
+    max_dynamic_patch: int | None = None
+    use_thumbnail: bool | None = None
     lora_r: int | None = None  # None: the preset's LoRA
     lora_alpha: int | None = None
     lora_dropout: float | None = None
@@ -250,7 +259,7 @@ def validate(cfg: TrainConfig) -> None:
     """Combinations that cannot work, caught before any model is built."""
     from .ema import Placement
     from .model.presets import PRESETS
-    from .model.templates import TEMPLATE_SETS
+    from .model.templates import CHAT_TEMPLATES, TEMPLATE_SETS
 
     checks = [
         (cfg.model.preset in PRESETS or cfg.model.checkpoint, "model.preset", f"unknown preset {cfg.model.preset!r}; known: {sorted(PRESETS)}"),
@@ -265,6 +274,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.objective.topk >= 1, "objective.topk", "must be >= 1"),
         (1 <= cfg.objective.min_caption_len <= cfg.objective.max_caption_len, "objective.min_caption_len", "must be in [1, objective.max_caption_len]"),
         (cfg.objective.empty_region_policy in ("largest", "error"), "objective.empty_region_policy", "must be 'largest' or 'error'"),
+        (cfg.model.chat_template is None or cfg.model.chat_template in CHAT_TEMPLATES, "model.chat_template", f"unknown chat template {cfg.model.chat_template!r}; known: {sorted(CHAT_TEMPLATES)}"),
+        (1 <= (cfg.model.min_dynamic_patch or 1) <= (cfg.model.max_dynamic_patch or 12), "model.min_dynamic_patch", "needs 1 <= min_dynamic_patch <= max_dynamic_patch"),
         (cfg.objective.region_rule in ("nearest", "coverage"), "objective.region_rule", "must be 'nearest' (the released model's) or 'coverage'"),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),

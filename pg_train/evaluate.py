@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from .distributed import unwrap
 from .model.regions import region_cells
-from .pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema, iou_counts, resize_target
+from .pseudo_gumbel import PseudoGumbelConfig, answer_caption_embeds, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema, iou_counts, resize_target
 from .supervised import tokenize_captions
 
 KINDS = ("referring", "cycle", "shuffled", "empty")
@@ -33,8 +33,8 @@ def caption_inputs(model, batch: dict, cfg: PseudoGumbelConfig) -> dict[str, tup
     """Caption ids and lengths per kind. shuffled = the cycle caption of the next sample in the
     batch (another object); empty = no caption at all."""
     device = batch["pixel_values1"].device
-    cells, _ = region_cells(batch["region_masks1"], unwrap(model).grid_size, cfg.region_threshold, cfg.empty_region_policy)
-    generated, generated_len = generate_pseudo_tokens_with_ema(model, batch["pixel_values1"], cells, cfg)
+    cells, _ = region_cells(batch["region_masks1"], unwrap(model).grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
+    generated, generated_len = generate_pseudo_tokens_with_ema(model, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1"))
     truth, truth_len = tokenize_captions(model, batch["captions"], cfg.max_caption_len)
     B = generated.shape[0]
     order = torch.roll(torch.arange(B), 1)
@@ -71,15 +71,16 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
     hook = module.text_hidden_fcs.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().cpu()))
     try:
         for batch in batches:
-            if batch["pixel_values1"].shape[0] < 2:
+            if batch["region_masks1"].shape[0] < 2:
                 raise ValueError("evaluation batches need at least 2 samples (the shuffled control swaps captions within a batch)")
             inputs = caption_inputs(model, batch, cfg)
             target = None
             predictions = {}
             for kind, (ids, lens) in inputs.items():
-                embeds = module.embed_tokens()(ids)
+                embeds, space_slot = answer_caption_embeds(module, ids, lens)
                 captured.clear()
-                logits = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens)
+                logits = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens, space_slot=space_slot,
+                                                        num_views=batch.get("num_views2"))
                 language[kind] += captured
                 if target is None:
                     target = resize_target(batch["masks2"].to(logits.device), logits.shape[-2:])
@@ -124,6 +125,15 @@ def caption_sensitivity(own: torch.Tensor, other: torch.Tensor) -> dict[str, flo
 
 
 # ---- gallery --------------------------------------------------------------------------------------
+def whole_image_views(batch: dict, which: str) -> torch.Tensor:
+    """[B, 3, S, S]: each sample's last view, which shows the whole image (the thumbnail when
+    its image is tiled)."""
+    pixels, views = batch[f"pixel_values{which}"], batch.get(f"num_views{which}")
+    if views is None:
+        return pixels
+    return pixels[views.to(pixels.device).cumsum(0) - 1]
+
+
 TILE = 224
 TEXT_HEIGHT = 44
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
@@ -144,9 +154,10 @@ def _gallery_rows(module, batch, inputs, predictions, target, limit) -> list[tup
     rows = []
     tokenizer = module.tokenizer
     ids, lens = inputs["cycle"]
-    for b in range(min(limit, batch["pixel_values1"].shape[0])):
-        left = _overlay(_to_image(batch["pixel_values1"][b]), batch["region_masks1"][b], (255, 200, 0))
-        right = _overlay(_to_image(batch["pixel_values2"][b]), target[b], (0, 200, 0))
+    whole1, whole2 = whole_image_views(batch, "1"), whole_image_views(batch, "2")
+    for b in range(min(limit, batch["region_masks1"].shape[0])):
+        left = _overlay(_to_image(whole1[b]), batch["region_masks1"][b], (255, 200, 0))
+        right = _overlay(_to_image(whole2[b]), target[b], (0, 200, 0))
         right = _overlay(right, (predictions["cycle"][b] > 0).float(), (220, 0, 0), alpha=0.5)
         caption = tokenizer.decode(ids[b, : int(lens[b])].tolist())
         rows.append((left, right, f"model: {caption}"[:90], f"truth: {batch['captions'][b] or ''}"[:90]))
@@ -175,7 +186,8 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
     None or not synthetic). Training uses small seeds; the default held-out seed is 10,000+."""
     import dataclasses
 
-    from .data import DataConfig, ManifestPairs, PairDataset, Preprocess, build_source, collate_pairs
+    from .data import DataConfig, ManifestPairs, PairDataset, build_source, collate_pairs
+    from .data.loader import preprocess_for
     from .data.loader import to_device
 
     preset = unwrap(model).preset
@@ -184,7 +196,7 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
     else:
         synthetic = data if data is not None and data.source == "synthetic" else DataConfig()
         source = build_source(dataclasses.replace(synthetic, num_samples=samples), seed=seed)
-    dataset = PairDataset(source, Preprocess(preset.vision.image_size, preset.sam2.image_size))
+    dataset = PairDataset(source, preprocess_for(preset))
     count = min(samples, len(dataset))
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     batches, step = [], max(2, batch_size)
@@ -192,7 +204,7 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
         batch = collate_pairs([dataset[i] for i in range(start, min(count, start + step))])
         if len(batch["captions"]) < 2:  # the shuffled control needs a second sample
             continue
-        tensors = {k: batch[k].to(device) for k in ("region_masks1", "masks2")}
+        tensors = {k: batch[k].to(device) for k in ("region_masks1", "masks2", "num_views1", "num_views2")}
         tensors.update(to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype))  # keeps image 2 = image 1
         tensors["captions"] = batch["captions"]
         batches.append(tensors)

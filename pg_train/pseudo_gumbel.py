@@ -82,11 +82,13 @@ def _eval_mode(model):
 
 # ---- 1. teacher captions -----------------------------------------------------------------------
 @torch.no_grad()
-def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None,
+                                    num_views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher captions of each sample's region.
 
     `teacher`: a Sa2VA model, or an EMA teacher (then `student` is the model its weights are
-    swapped into). pixel_values [B, 3, 448, 448]; region_cells [B, G, G] bool (K_b cells).
+    swapped into). pixel_values [sum(num_views), 3, 448, 448] (each sample's views; one each by
+    default); region_cells [B, G, G] bool (K_b cells of the last view's grid).
     Prompts of different K are left-padded so every row ends where its answer starts; decoding
     uses a KV cache, suppresses every special id, and stops per sample at eos or when the
     decoded caption contains the chat template's end text (cut before it, fragments included:
@@ -96,10 +98,9 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
     with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):
         model = unwrap(model)
         device = next(model.parameters()).device
-        prompts = [model.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]
-        prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = region_prompts(model, region_cells, num_views)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        embeds = model.embed_with_images(prompt_ids, model.extract_feature(pixel_values.to(device)), region_cells.to(device))
+        embeds = model.embed_with_images(prompt_ids, model.extract_feature(pixel_values.to(device)), region_cells.to(device), num_views)
         suppress = special_ids(model).clone()
         suppress[model.eos_token_id] = False  # eos is how a caption ends
         captions, lengths = generate_from_embeds(
@@ -114,6 +115,17 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
             generator=generator,
         )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
+
+
+def views_per_sample(num_views: torch.Tensor | None, batch_size: int) -> list[int]:
+    return [1] * batch_size if num_views is None else [int(n) for n in num_views.tolist()]
+
+
+def region_prompts(model, region_cells: torch.Tensor, num_views: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded region prompts (ids, mask) [B, L] for K_b cells and each sample's views."""
+    counts = region_cells.flatten(1).sum(1).tolist()
+    views = views_per_sample(num_views, len(counts))
+    return left_pad([model.prompts.region_prompt(int(k), v) for k, v in zip(counts, views)], model.tokenizer.pad_token_id)
 
 
 # ---- 2. random masking -------------------------------------------------------------------------
@@ -144,7 +156,8 @@ def random_mask_tokens(caption_ids: torch.Tensor, caption_lengths: torch.Tensor,
 
 
 # ---- 3. student caption logits -----------------------------------------------------------------
-def forward_for_logits(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, caption_ids: torch.Tensor, caption_lengths: torch.Tensor) -> torch.Tensor:
+def forward_for_logits(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, caption_ids: torch.Tensor, caption_lengths: torch.Tensor,
+                       num_views: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced student pass over prompt + (masked) caption -> caption logits [B, T, V].
 
     Row layout: [left padding | region prompt (P columns in all) | caption T | ...]. The logit
@@ -152,8 +165,7 @@ def forward_for_logits(student, pixel_values: torch.Tensor, region_cells: torch.
     late). Only those T rows reach lm_head.
     """
     model = unwrap(student)
-    prompts = [model.prompts.region_prompt(int(k)) for k in region_cells.flatten(1).sum(1)]
-    prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = region_prompts(model, region_cells, num_views)
     prompt_ids, prompt_mask = prompt_ids.to(caption_ids.device), prompt_mask.to(caption_ids.device)
     T = caption_ids.shape[1]
     caption_mask = (torch.arange(T, device=caption_ids.device)[None] < caption_lengths[:, None]).long()
@@ -162,7 +174,7 @@ def forward_for_logits(student, pixel_values: torch.Tensor, region_cells: torch.
         mode="caption_logits",
         input_ids=torch.cat([prompt_ids, caption_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, caption_mask], dim=1),
-        pixel_values=pixel_values, region_cells=region_cells, first_row=P - 1, num_rows=T,
+        pixel_values=pixel_values, region_cells=region_cells, first_row=P - 1, num_rows=T, num_views=num_views,
     )
 
 
@@ -236,15 +248,17 @@ def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Te
 
 
 # ---- 5. student segments image 2 from the caption ----------------------------------------------
-def segment_prompt(model, caption_lengths: torch.Tensor, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Pass 2's token frame around T caption slots: (prefix ids [B, P], caption mask [B, T],
-    suffix ids [B, Q], index of the answer's [SEG] in the suffix)."""
+def segment_prompt(model, caption_lengths: torch.Tensor, T: int, device: torch.device, num_views: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Pass 2's token frame around T caption slots: (prefix ids [B, P] left-padded when samples
+    have different numbers of views, prefix mask [B, P], caption mask [B, T], suffix ids [B, Q],
+    index of the answer's [SEG] in the suffix)."""
     B, caption_lengths = caption_lengths.shape[0], caption_lengths.to(device)
-    prefix = torch.tensor(model.prompts.segment_prefix(), device=device).expand(B, -1)
+    prefix, prefix_mask = left_pad([model.prompts.segment_prefix(v) for v in views_per_sample(num_views, B)], model.tokenizer.pad_token_id)
     suffix_ids, seg_index = model.prompts.segment_suffix()
     suffix = torch.tensor(suffix_ids, device=device).expand(B, -1)
     caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()
-    return prefix, caption_mask, suffix, seg_index
+    return prefix.to(device), prefix_mask.to(device), caption_mask, suffix, seg_index
 
 
 def with_space_slot(model, text_embeds: torch.Tensor, caption_mask: torch.Tensor, space_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +284,7 @@ def answer_caption_embeds(model, caption_ids: torch.Tensor, caption_lengths: tor
 
 
 def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel_values: torch.Tensor, text_embeds: torch.Tensor, caption_lengths: torch.Tensor,
-                                  return_seg_hidden: bool = False, space_slot: torch.Tensor | None = None):
+                                  return_seg_hidden: bool = False, space_slot: torch.Tensor | None = None, num_views: torch.Tensor | None = None):
     """Segmentation prompt with the caption as embeddings -> mask logits [B, S/4, S/4].
 
     prefix (image 2 + instruction) | text_embeds [B, T, D], padded slots masked out of
@@ -279,13 +293,13 @@ def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel
     included; `space_slot` [B]: rows whose space is a separate token (see with_space_slot).
     """
     model = unwrap(student)
-    prefix, caption_mask, suffix, seg_index = segment_prompt(model, caption_lengths, text_embeds.shape[1], text_embeds.device)
+    prefix, prefix_mask, caption_mask, suffix, seg_index = segment_prompt(model, caption_lengths, text_embeds.shape[1], text_embeds.device, num_views)
     if space_slot is not None:
         text_embeds, caption_mask = with_space_slot(model, text_embeds, caption_mask, space_slot)
     return student(
         mode="segment", prefix_ids=prefix, caption_embeds=text_embeds, caption_mask=caption_mask,
         suffix_ids=suffix, seg_index=seg_index, pixel_values=pixel_values, sam_pixel_values=sam_pixel_values,
-        return_seg_hidden=return_seg_hidden,
+        return_seg_hidden=return_seg_hidden, prefix_mask=prefix_mask, num_views=num_views,
     )
 
 
@@ -362,7 +376,8 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
     """
     model = unwrap(student)
     special = special_ids(model)
-    B = batch["pixel_values1"].shape[0]
+    B = batch["region_masks1"].shape[0]
+    views1, views2 = batch.get("num_views1"), batch.get("num_views2")
     seeds = batch.get("sample_seeds")
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,), generator=generator)
@@ -370,9 +385,9 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
         batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
     )
 
-    caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator, student)  # 1
+    caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator, student, views1)  # 1
     masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
-    caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths)  # 3
+    caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1)  # 3
     uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))
     lead = model.prompts.leading_space
     text_embeds, hard_ids = topk_gumbel_softmax(  # 4
@@ -382,7 +397,7 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
         text_embeds.retain_grad()
     space_slot = lead.needs_slot.to(hard_ids.device)[hard_ids[:, 0]] & (caption_lengths > 0) if hard_ids.shape[1] else None
     mask_logits = forward_mask_with_text_embeds(  # 5
-        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths, space_slot=space_slot
+        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths, space_slot=space_slot, num_views=views2
     )
     target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
     losses = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)  # 6

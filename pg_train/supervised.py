@@ -58,9 +58,10 @@ def tokenize_captions(model, captions: list[str | None], max_len: int, form: str
     return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
 
 
-def caption_lm_loss(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, target_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def caption_lm_loss(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, target_ids: torch.Tensor, lengths: torch.Tensor,
+                    num_views: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample mean cross-entropy of the region prompt's answer (teacher forcing) [B]."""
-    logits = forward_for_logits(student, pixel_values, region_cells, target_ids, lengths)
+    logits = forward_for_logits(student, pixel_values, region_cells, target_ids, lengths, num_views)
     real = torch.arange(target_ids.shape[1], device=target_ids.device)[None] < lengths[:, None]
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")
     return (token_loss * real).sum(1) / lengths.clamp(min=1)
@@ -81,7 +82,7 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     device = batch["pixel_values1"].device
     cells, fallback = select_region_cells(batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
     targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="answer_end")
-    lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device))
+    lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device), batch.get("num_views1"))
 
     caption_ids, lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="segment")
     caption_ids, lengths = caption_ids.to(device), lengths.to(device)
@@ -89,7 +90,7 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     if text_embeds.requires_grad:
         text_embeds.retain_grad()  # its gradient norm is logged, as for the Pseudo-Gumbel embeddings
     mask_logits, seg_hidden = forward_mask_with_text_embeds(
-        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, return_seg_hidden=True
+        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, return_seg_hidden=True, num_views=batch.get("num_views2")
     )
     target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
     seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)

@@ -76,6 +76,18 @@ def unfreeze_extra(model, prefixes: list[str]) -> None:
         raise ValueError(f"model.extra_trainable {prefixes} matches no parameter name")
 
 
+def apply_input_overrides(model, m) -> None:
+    """`model.chat_template` and the tiling keys, where set, replace the checkpoint's (or
+    preset's) values: they decide what the model is shown, not its weights."""
+    import dataclasses
+
+    tiling = {k: getattr(m, k) for k in ("dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail") if getattr(m, k) is not None}
+    if tiling:
+        model.preset = dataclasses.replace(model.preset, vision=dataclasses.replace(model.preset.vision, **tiling))
+    if m.chat_template is not None and model.prompts is not None:
+        model.set_prompts(m.template, m.chat_template)
+
+
 def build_student(cfg: TrainConfig):
     m = cfg.model
     lora = lora_from_config(m, m.preset)
@@ -84,6 +96,7 @@ def build_student(cfg: TrainConfig):
                                 allow_nonfinite=m.allow_nonfinite_weights)
     else:
         model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
+    apply_input_overrides(model, m)
     unfreeze_extra(model, m.extra_trainable)
     if m.init_from:
         load_training_weights(model, m.init_from, allow_nonfinite=m.allow_nonfinite_weights)

@@ -244,7 +244,8 @@ def test_image_modes_are_converted_to_rgb(tmp_path, mode):
 
 def test_preprocessed_shapes_and_normalisation():
     item = PairDataset(SyntheticPairs(2), Preprocess(448, 128))[0]
-    assert item["pixel_values1"].shape == (3, 448, 448) and item["sam_pixel_values2"].shape == (3, 128, 128)
+    assert item["pixel_values1"].shape == (1, 3, 448, 448) and item["num_views1"] == 1  # one view: no tiling
+    assert item["sam_pixel_values2"].shape == (3, 128, 128)
     assert item["region_masks1"].shape == (448, 448) and item["masks2"].shape == (128, 128)
     assert 0 <= float(item["masks2"].min()) and float(item["masks2"].max()) <= 1
     assert -2.2 < float(item["pixel_values1"].min()) and float(item["pixel_values1"].max()) < 2.7

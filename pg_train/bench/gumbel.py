@@ -25,8 +25,9 @@ from pg_train.pseudo_gumbel import sample_generators, topk_gumbel_softmax, unifo
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def naive_topk_gumbel_softmax(logits, weight, special, uniform, tau, topk):
-    """The design note's step 4: dense [B, T, k, D] gather and soft mixture (reference only)."""
+def naive_topk_gumbel_softmax(logits, weight, special, uniform, tau, topk, first_rows=None):
+    """The design note's step 4: dense [B, T, k, D] gather and soft mixture (reference only).
+    `first_rows`: the embedding rows of caption position 0's ids, as in topk_gumbel_softmax."""
     logits = logits.masked_fill(special, float("-inf"))
     values, ids = logits.topk(topk, dim=-1)
     gumbel = -torch.log(-torch.log(uniform.to(values.device) + 1e-10) + 1e-10)
@@ -34,7 +35,10 @@ def naive_topk_gumbel_softmax(logits, weight, special, uniform, tau, topk):
     index = y_soft.argmax(-1, keepdim=True)
     y_hard = torch.zeros_like(y_soft).scatter_(-1, index, 1.0)
     y = (y_hard - y_soft.detach() + y_soft).to(weight.dtype)
-    return (y.unsqueeze(-1) * weight[ids]).sum(-2), ids.gather(-1, index).squeeze(-1)
+    rows = ids
+    if first_rows is not None and ids.shape[1]:
+        rows = torch.cat([first_rows.to(ids.device)[ids[:, :1]], ids[:, 1:]], dim=1)
+    return (y.unsqueeze(-1) * weight[rows]).sum(-2), ids.gather(-1, index).squeeze(-1)
 
 
 def _measure(variant: str, dtype_name: str, B: int, T: int, k: int, D: int, V: int, repeats: int, device: str, queue):

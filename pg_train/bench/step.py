@@ -192,7 +192,9 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
     }
     if device.type == "cuda":
         report["peak_bytes"] = torch.cuda.max_memory_allocated(device)  # absolute: everything resident
-        report["mfu"] = model_flops(model, args.batch, args.caption_len) / median["total"] / (args.peak_tflops * 1e12)
+        views = float(batches[0]["num_views1"].float().mean())
+        report["image_views"] = views
+        report["mfu"] = model_flops(model, args.batch, args.caption_len, views) / median["total"] / (args.peak_tflops * 1e12)
     else:
         report["peak_bytes"] = persistent + report["step_peak_bytes"]
     del model, optimizer, teacher, batches
@@ -213,18 +215,20 @@ def _run_in_child(queue, variant, args, device, dtype) -> None:
         queue.put(f"{variant} failed:\n{traceback.format_exc()}")
 
 
-def model_flops(model, batch: int, caption_len: int) -> float:
+def model_flops(model, batch: int, caption_len: int, views: float = 1.0) -> float:
     """Analytic FLOPs of one step: 2 * params * tokens for each matmul-dominated forward, with
     the backward counted as 2x the forward of pass 1 and pass 2 (activation gradients flow
     through the frozen LLM; weight gradients exist only for the small trainable part, so this
-    over-counts slightly). The teacher's generation: prompt + caption_len tokens through the LLM."""
+    over-counts slightly). The teacher's generation: prompt + caption_len tokens through the LLM.
+    `views`: MLLM views per image (InternVL tiling: 256 image tokens and one ViT pass each)."""
     lm = model.language_model.model
     llm_params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
     vision_params = sum(p.numel() for p in model.vision_model.parameters())
     D, V = model.preset.language.hidden_size, model.preset.language.vocab_size
-    region = len(model.prompts.region_prompt(8))
-    segment = len(model.prompts.segment_prefix()) + caption_len + len(model.prompts.segment_suffix()[0])
-    vision_tokens = (model.preset.vision.image_size // model.preset.vision.patch_size) ** 2 + 1
+    extra_image_tokens = (views - 1) * model.preset.vision.num_image_tokens
+    region = len(model.prompts.region_prompt(8)) + extra_image_tokens
+    segment = len(model.prompts.segment_prefix()) + extra_image_tokens + caption_len + len(model.prompts.segment_suffix()[0])
+    vision_tokens = ((model.preset.vision.image_size // model.preset.vision.patch_size) ** 2 + 1) * views
     per_sample = (
         2 * llm_params * (region + caption_len)  # teacher generation (prefill + decode, KV cache)
         + 2 * D * V * caption_len  # teacher lm_head rows

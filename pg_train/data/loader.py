@@ -13,15 +13,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .images import image_tensor, mask_tensor
+from .tiling import Tiling
 from .types import BadSample, unforeseen_errors_as_bad_sample
 
-TENSOR_KEYS = ("pixel_values1", "region_masks1", "pixel_values2", "sam_pixel_values2", "masks2")
+# pixel_valuesN holds every sample's views back to back ([sum of num_viewsN, 3, S, S]; one view
+# per sample unless the model tiles its images).
+TENSOR_KEYS = ("pixel_values1", "num_views1", "region_masks1", "pixel_values2", "num_views2", "sam_pixel_values2", "masks2")
 
 
 @dataclass(frozen=True)
 class Preprocess:
     mllm_size: int = 448  # InternViT input
     sam_size: int = 1024  # SAM2 input (direct resize)
+    tiling: Tiling | None = None  # InternVL dynamic tiling for the MLLM views; None: one view
+
+    def views(self, image) -> torch.Tensor:
+        """[num_views, 3, mllm_size, mllm_size]: the image's tiles (then thumbnail), or one view."""
+        if self.tiling is None or not self.tiling.dynamic:
+            return image_tensor(image, self.mllm_size)[None]
+        return torch.stack([image_tensor(view, self.mllm_size) for view in self.tiling.views(image)])
+
+
+def preprocess_for(preset) -> Preprocess:
+    """The preprocessing a model preset implies (sizes, and the tiling of its config.json)."""
+    vision = preset.vision
+    tiling = Tiling(vision.image_size, vision.dynamic_image_size, vision.min_dynamic_patch, vision.max_dynamic_patch, vision.use_thumbnail)
+    return Preprocess(vision.image_size, preset.sam2.image_size, tiling)
 
 
 class PairDataset(Dataset):
@@ -52,12 +69,17 @@ class PairDataset(Dataset):
                 skipped.append((err.reason, str(err)))
                 continue
             p = self.preprocess
-            pixel_values1 = image_tensor(raw.image1, p.mllm_size)
+            pixel_values1 = p.views(raw.image1)
+            # the same tensor when image 2 is image 1: the frozen ViT then runs once for both
+            pixel_values2 = pixel_values1 if raw.image2 is raw.image1 else p.views(raw.image2)
             return {
                 "pixel_values1": pixel_values1,
+                "num_views1": torch.tensor(len(pixel_values1)),
+                # the whole image's mask at one view's size: the region indexes the last view
+                # (the thumbnail, or the only view), which shows the whole image
                 "region_masks1": mask_tensor(raw.mask1, p.mllm_size),
-                # the same tensor when image 2 is image 1: the frozen ViT then runs once for both
-                "pixel_values2": pixel_values1 if raw.image2 is raw.image1 else image_tensor(raw.image2, p.mllm_size),
+                "pixel_values2": pixel_values2,
+                "num_views2": torch.tensor(len(pixel_values2)),
                 "sam_pixel_values2": image_tensor(raw.image2, p.sam_size),
                 "masks2": mask_tensor(raw.mask2, p.sam_size),
                 "caption": raw.caption,
@@ -69,7 +91,8 @@ class PairDataset(Dataset):
 
 def collate_pairs(items: list[dict]) -> dict:
     good = [item for item in items if "pixel_values1" in item]
-    batch: dict = {key: torch.stack([item[key] for item in good]) for key in TENSOR_KEYS} if good else {}
+    views = ("pixel_values1", "pixel_values2")
+    batch: dict = {key: (torch.cat if key in views else torch.stack)([item[key] for item in good]) for key in TENSOR_KEYS} if good else {}
     if good and all(item["pixel_values2"] is item["pixel_values1"] for item in good):
         batch["pixel_values2"] = batch["pixel_values1"]  # kept one tensor (see PairDataset)
     batch["captions"] = [item["caption"] for item in good]

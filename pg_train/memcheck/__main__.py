@@ -42,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--ema-placement", help="same | cpu | full:<device>")
     parser.add_argument("--batch-size", type=int, help="per process")
     parser.add_argument("--caption-len", type=int)
+    parser.add_argument("--image-size", default="1024x1024", help="input images WIDTHxHEIGHT: how many views a tiling preset cuts "
+                        "them into (Sa2VA-4B: 1024x1024 -> 9 tiles + thumbnail = 2,560 image tokens; default 1024x1024)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=2, help="measured steps (the last is reported)")
     parser.add_argument("--no-measure", action="store_true", help="prediction only")
@@ -57,6 +59,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image-size: expected WIDTHxHEIGHT, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise SystemExit(f"--image-size: expected positive sizes, got {text!r}")
+    return width, height
+
+
 def deployment_from(args, cfg) -> Deployment:
     if cfg is None:  # no training config: the predicted preset's objective defaults, as training would use
         from ..config import objective_for
@@ -68,6 +80,7 @@ def deployment_from(args, cfg) -> Deployment:
     return Deployment(
         batch_size=args.batch_size or (cfg.batch_size if cfg else 1),
         caption_len=args.caption_len or objective.max_caption_len,
+        image_size=parse_image_size(args.image_size),
         topk=objective.topk,
         world_size=args.world_size, zero_stage=args.zero_stage, offload_optimizer=args.offload,
         optimizer=cfg.optim.name if cfg else "adamw",
@@ -100,6 +113,7 @@ def print_prediction(title: str, pred, alternatives: dict | None = None) -> None
     print(f"   batch {d.batch_size}/process, captions {d.caption_len} tokens, {d.world_size} process(es), "
           f"{'ZeRO-' + str(d.zero_stage) if d.zero_stage else 'no ZeRO'}{' + optimizer offload' if d.offload_optimizer else ''}, "
           f"EMA {d.ema_placement}, {d.dtype}, grad. checkpointing {'on' if d.gradient_checkpointing else 'off'}")
+    print(f"   images {d.image_size[0]}x{d.image_size[1]}: {pred.views} view(s) per image (InternVL tiling when the preset has it)")
     print(f"   {'component':22} {'device':8} {'bytes':>12}  note")
     for r in pred.static + pred.host:
         print(f"   {r.component:22} {r.device:8} {fmt(r.bytes):>12}  {r.note}")

@@ -118,15 +118,20 @@ class _Phase:
 
 def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pairing: str = "augment") -> dict:
     """Real preprocessing of synthetic pairs at the preset's sizes (`pairing`: see DataConfig)."""
-    from ..data import PairDataset, Preprocess, SyntheticPairs, collate_pairs
+    from ..data import PairDataset, SyntheticPairs, collate_pairs
+    from ..data.loader import preprocess_for
     from ..data.loader import to_device
 
     preset = model.preset
-    dataset = PairDataset(SyntheticPairs(batch_size, seed=seed, pairing=pairing), Preprocess(preset.vision.image_size, preset.sam2.image_size))
+    preprocess = preprocess_for(preset)
+    # A tiling preset sees the 1024-px inputs of SPEC §2 as 9 tiles + thumbnail (as memcheck's
+    # prediction assumes by default); untiled presets keep the scenes' native 448 px.
+    image_size = 1024 if preprocess.tiling.dynamic else 448
+    dataset = PairDataset(SyntheticPairs(batch_size, seed=seed, pairing=pairing, image_size=image_size), preprocess)
     batch = collate_pairs([dataset[i] for i in range(batch_size)])
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     pixels = to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype)
-    return {**{k: batch[k].to(device) for k in ("region_masks1", "masks2")}, **pixels}
+    return {**{k: batch[k].to(device) for k in ("region_masks1", "masks2", "num_views1", "num_views2")}, **pixels}
 
 
 def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, batch: dict, steps: int = 2, inject: tuple[str, ...] = (),
@@ -145,7 +150,8 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     pass1_params = {n: p for n, p in model.named_parameters() if p.requires_grad and ("lora_" in n or n.startswith("mlp1."))}
     special = special_ids(model)
-    B = batch["pixel_values1"].shape[0]
+    B = batch["region_masks1"].shape[0]
+    views1, views2 = batch.get("num_views1"), batch.get("num_views2")
     params = tuple(model.parameters()) + tuple(model.buffers())
 
     def phase(name):
@@ -158,17 +164,17 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
         overall = PeakMemory(device).__enter__()
         cells, _ = region_cells(batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
         with phase("teacher generation"):
-            captions, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, student=model)
+            captions, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, student=model, num_views=views1)
         masked, _ = random_mask_tokens(captions, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
         with phase("pass 1 (caption logits)"):
-            logits = forward_for_logits(student, batch["pixel_values1"], cells, masked, lengths)
+            logits = forward_for_logits(student, batch["pixel_values1"], cells, masked, lengths, views1)
         with phase("gumbel"):
             uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], min(cfg.topk, logits.shape[-1]))
             text_embeds, _ = topk_gumbel_softmax(logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk)
             if "detach-text-embeds" in inject:
                 text_embeds = text_embeds.detach()
         with phase("pass 2 (segment)"):
-            mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths)
+            mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, num_views=views2)
             loss = mask_loss(mask_logits, resize_target(batch["masks2"], mask_logits.shape[-2:]), cfg.bce_weight, cfg.dice_weight)["loss"]
         if last:
             m.audits.append(_audit_gradients(loss, text_embeds, pass1_params, ema))

@@ -25,6 +25,7 @@ class Deployment:
     batch_size: int = 1
     caption_len: int = 64
     region_cells: int = 32  # K, typical visual-prompt length
+    image_size: tuple[int, int] = (1024, 1024)  # input images (width, height): the views a tiling preset cuts them into
     topk: int = 128
     world_size: int = 1
     zero_stage: int = 0  # 0: no DeepSpeed (single process / DDP), 2: ZeRO-2
@@ -57,6 +58,7 @@ class Prediction:
     static: list[Row] = field(default_factory=list)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)  # per phase: saved / transient / total activation bytes
     host: list[Row] = field(default_factory=list)
+    views: int = 1  # MLLM views per image (InternVL tiling)
 
     def static_bytes(self, device: str | None = None) -> int:
         return sum(r.bytes for r in self.static if device is None or r.device == device)
@@ -116,7 +118,7 @@ def gradient_bytes(trainable: int, d: Deployment) -> tuple[int, str]:
 def predict(model, d: Deployment) -> Prediction:
     """The budget for `model` (any device, `meta` included) deployed as `d`."""
     module = unwrap(model)
-    pred = Prediction(d)
+    pred = Prediction(d, views=image_views(module.preset, d))
     frozen_by_dtype: dict[str, int] = {}
     trainable, n_trainable, with_grad, n_with_grad = 0, 0, 0, 0
     for name, p in module.named_parameters():
@@ -178,6 +180,13 @@ def saved_per_token_layer(module, elem: int) -> int:
     return (11 * lang.hidden_size + 5 * lang.intermediate_size + 7 * r + dropout) * elem
 
 
+def image_views(preset, d: Deployment) -> int:
+    """Views per image the preset's tiling gives for the deployment's image size (1 untiled)."""
+    from ..data.loader import preprocess_for
+
+    return preprocess_for(preset).tiling.num_views(*d.image_size)
+
+
 def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     """Per phase: `saved` = bytes autograd holds for backward at the end of the phase
     (cumulative: pass 1's graph is alive until backward), `transient` = temporaries at the phase's
@@ -185,7 +194,8 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     lang, vis, sam = module.preset.language, module.preset.vision, module.preset.sam2
     h, layers, V = lang.hidden_size, lang.num_layers, lang.vocab_size
     e, B, T = d.elem, d.batch_size, d.caption_len
-    image_tokens = vis.num_image_tokens
+    views = image_views(module.preset, d)
+    image_tokens = vis.num_image_tokens * views  # InternVL tiling: 256 tokens per view (tiles + thumbnail)
     prompt = image_tokens + 40 + d.region_cells  # template text ~40 tokens
     segment = image_tokens + 30 + T
     per_layer = saved_per_token_layer(module, e)
@@ -208,7 +218,7 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     mlp1_saved = B * image_tokens * (3 * vis.shuffled_size + 3 * h) * e
     logits = B * T * V * e
     kv = 2 * layers * lang.num_kv_heads * (h // lang.num_heads) * e
-    vit_transient = B * (vis.image_size // vis.patch_size) ** 2 * (vis.hidden_size * 6 + vis.mlp_size) * e
+    vit_transient = B * views * (vis.image_size // vis.patch_size) ** 2 * (vis.hidden_size * 6 + vis.mlp_size) * e
     sam_transient = B * (sam.image_size // 4) ** 2 * sam.embed_dim * 12 * e
     decoder_saved = B * (sam.image_size // 4) ** 2 * (sam.d_model // 8) * 6 * e
 

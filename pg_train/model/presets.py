@@ -25,6 +25,12 @@ class VisionDims:
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
     downsample_ratio: float = 0.5  # pixel shuffle: 32x32 patches -> 16x16 tokens
+    # InternVL dynamic tiling (config.json keys of the same names; pg_train.data.tiling): up to
+    # max_dynamic_patch tiles chosen by aspect ratio, plus a thumbnail. Off: one view.
+    dynamic_image_size: bool = False
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = False
 
     @property
     def grid_size(self) -> int:
@@ -159,7 +165,8 @@ TINY = ModelPreset(
 PRESETS: dict[str, ModelPreset] = {
     "sa2va-4b": ModelPreset(
         name="sa2va-4b",
-        vision=VisionDims(hidden_size=1024, num_layers=24, num_heads=16, mlp_size=4096),
+        vision=VisionDims(hidden_size=1024, num_layers=24, num_heads=16, mlp_size=4096,
+                          dynamic_image_size=True, min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True),
         language=LanguageDims(
             hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
             intermediate_size=11008, vocab_size=151_679,

@@ -62,11 +62,14 @@ class Sa2VAModel(nn.Module):
             nn.Linear(preset.language.hidden_size, preset.sam2.d_model),
             nn.Dropout(0.0),
         )
-        self.prompts = (
-            PromptBuilder(tokenizer, token_ids, preset.vision.num_image_tokens, template,
-                          chat_template=chat_template or preset.template, vocab_size=preset.language.vocab_size)
-            if tokenizer is not None else None
-        )
+        self.prompts = None
+        if tokenizer is not None:
+            self.set_prompts(template, chat_template or preset.template)
+
+    def set_prompts(self, template: str, chat_template: str) -> None:
+        """Build the prompts of a wording set and chat template (the checkpoint's by default)."""
+        self.prompts = PromptBuilder(self.tokenizer, self.token_ids, self.preset.vision.num_image_tokens, template,
+                                     chat_template=chat_template, vocab_size=self.preset.language.vocab_size)
 
     # ---- vision ---------------------------------------------------------------------------
     @property
@@ -110,17 +113,23 @@ class Sa2VAModel(nn.Module):
     def embed_tokens(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
-    def embed_with_images(self, input_ids: torch.Tensor, image_features: torch.Tensor, region_cells: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with every `<IMG_CONTEXT>` slot filled, in order: the G*G image tokens,
-        then (visual prompt) the image tokens of the region's set cells, row-major.
+    def embed_with_images(self, input_ids: torch.Tensor, image_features: torch.Tensor, region_cells: torch.Tensor | None,
+                          num_views: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with every `<IMG_CONTEXT>` slot filled, in order: each sample's image
+        tokens (G*G per view, its views in order), then (visual prompt) the tokens of the region's
+        set cells, row-major, from the sample's last view — the thumbnail when tiled, as in the
+        released model (`vp_overall_mask` marks the last view).
 
-        input_ids [B, L]; image_features [B, G*G, D]; region_cells [B, G, G] bool or None.
-        Raises if a row's number of slots differs from G*G + K: a silent mismatch would shift
-        every image feature.
+        input_ids [B, L]; image_features [sum(num_views), G*G, D]; region_cells [B, G, G] bool or
+        None; num_views [B] (default: one view each). Raises if a row's number of slots differs
+        from views*G*G + K: a silent mismatch would shift every image feature.
         """
         B = input_ids.shape[0]
+        num_views = torch.ones(B, dtype=torch.long) if num_views is None else num_views.cpu().long()
+        if int(num_views.sum()) != image_features.shape[0]:
+            raise ValueError(f"{image_features.shape[0]} image views for num_views {num_views.tolist()}")
         slots = input_ids == self.img_context_id
-        n_img = image_features.shape[1]
+        n_img = image_features.shape[1] * num_views.to(input_ids.device)
         cell_counts = region_cells.flatten(1).sum(1) if region_cells is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
         expected = n_img + cell_counts.to(input_ids.device)
         found = slots.sum(1)
@@ -128,13 +137,15 @@ class Sa2VAModel(nn.Module):
             bad = (found != expected).nonzero().flatten().tolist()
             raise ValueError(
                 "<IMG_CONTEXT> slots do not match image tokens + region cells for samples "
-                + ", ".join(f"{i}: {int(found[i])} slots, expected {n_img}+{int(cell_counts[i])}" for i in bad)
+                + ", ".join(f"{i}: {int(found[i])} slots, expected {int(n_img[i])}+{int(cell_counts[i])}" for i in bad)
             )
         fills = []
+        ends = num_views.cumsum(0).tolist()
         for b in range(B):
-            fills.append(image_features[b])
+            views = image_features[ends[b] - int(num_views[b]) : ends[b]]
+            fills.append(views.reshape(-1, views.shape[-1]))
             if region_cells is not None:
-                fills.append(image_features[b][region_cells[b].flatten()])
+                fills.append(views[-1][region_cells[b].flatten()])
         embeds = self.embed_tokens()(input_ids)
         embeds = embeds.clone()
         embeds[slots] = torch.cat(fills).to(embeds.dtype)
@@ -162,21 +173,21 @@ class Sa2VAModel(nn.Module):
         slots in the middle), so a padded sample sees the positions it would see alone."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def lm_forward(self, input_ids, attention_mask, pixel_values, region_cells=None, logits_to_keep=0, **kwargs):
+    def lm_forward(self, input_ids, attention_mask, pixel_values, region_cells=None, logits_to_keep=0, num_views=None, **kwargs):
         """Teacher-forced forward of a tokenised prompt with its image (and optional region)."""
-        embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells)
+        embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells, num_views)
         return self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self.position_ids(attention_mask),
             logits_to_keep=logits_to_keep, **kwargs,
         )
 
-    def caption_logits(self, input_ids, attention_mask, pixel_values, region_cells, first_row: int, num_rows: int) -> torch.Tensor:
+    def caption_logits(self, input_ids, attention_mask, pixel_values, region_cells, first_row: int, num_rows: int, num_views=None) -> torch.Tensor:
         """Logits [B, num_rows, V] of rows first_row .. first_row+num_rows-1 only.
 
         lm_head runs on the selected hidden states: the [B, L, V] tensor of a full forward
         (L ~ 350, V = 151,679: 212 MB per sample in fp32) is never built.
         """
-        embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells)
+        embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells, num_views)
         rows = slice(first_row, first_row + num_rows)
         hidden = decoder_hidden_states(self.language_model.model, embeds, attention_mask, self.position_ids(attention_mask), rows)
         # contiguous(): matmul will not fold a strided tensor that requires grad into one 2-D
@@ -185,21 +196,23 @@ class Sa2VAModel(nn.Module):
         return self.language_model.lm_head(hidden.contiguous())
 
     def segment_from_embeds(self, prefix_ids, caption_embeds, caption_mask, suffix_ids, seg_index: int, pixel_values, sam_pixel_values,
-                            return_seg_hidden: bool = False):
+                            return_seg_hidden: bool = False, prefix_mask=None, num_views=None):
         """Mask logits [B, S/4, S/4] for the prompt prefix + caption embeddings + suffix.
 
         prefix_ids [B, P] (with the image slots), caption_embeds [B, T, D], caption_mask [B, T]
         (0 = padded caption slot, excluded from attention), suffix_ids [B, Q] with the answer's
         [SEG] at suffix index `seg_index`. Only the LLM's final-norm hidden state is needed, so
         lm_head does not run at all. `return_seg_hidden`: also return the [SEG] state [B, D] (the
-        supervised objective's request-summary loss reads it).
+        supervised objective's request-summary loss reads it). `prefix_mask` [B, P]: 0 for the
+        left padding of prefixes of different length (samples with different numbers of views).
         """
         B, P = prefix_ids.shape
-        prefix = self.embed_with_images(prefix_ids, self.extract_feature(pixel_values), None)
+        prefix = self.embed_with_images(prefix_ids, self.extract_feature(pixel_values), None, num_views)
         suffix = self.embed_tokens()(suffix_ids)
         embeds = torch.cat([prefix, caption_embeds.to(prefix.dtype), suffix], dim=1)
+        prefix_mask = torch.ones_like(prefix_ids) if prefix_mask is None else prefix_mask.to(prefix_ids)
         attention_mask = torch.cat(
-            [torch.ones_like(prefix_ids), caption_mask.to(prefix_ids.dtype), torch.ones_like(suffix_ids)], dim=1
+            [prefix_mask, caption_mask.to(prefix_ids.dtype), torch.ones_like(suffix_ids)], dim=1
         )
         seg_row = P + caption_embeds.shape[1] + seg_index
         seg_hidden = decoder_hidden_states(

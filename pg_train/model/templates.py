@@ -162,15 +162,16 @@ class PromptBuilder:
     def leading_space(self) -> LeadingSpace:
         return LeadingSpace(self.tokenizer, self.stop.pieces, self.vocab_size)
 
-    def _image_ids(self) -> list[int]:
-        return [self.img_start] + [self.ctx] * self.num_image_tokens + [self.img_end]
+    def _image_ids(self, num_views: int = 1) -> list[int]:
+        """One `<img>` block holding every view's tokens (tiles then thumbnail), as released."""
+        return [self.img_start] + [self.ctx] * (self.num_image_tokens * num_views) + [self.img_end]
 
-    def region_prompt(self, num_region_cells: int) -> list[int]:
+    def region_prompt(self, num_region_cells: int, num_views: int = 1) -> list[int]:
         """User turn asking for a description of a region of K cells, ending where the answer starts."""
         if num_region_cells < 1:
             raise ValueError(f"a region prompt needs K >= 1 region cells, got {num_region_cells}")
         return (
-            self._user_start + self._image_ids() + self._region_between
+            self._user_start + self._image_ids(num_views) + self._region_between
             + [self.vp_start] + [self.ctx] * num_region_cells + [self.vp_end] + self._region_end
         )
 
@@ -187,9 +188,9 @@ class PromptBuilder:
         """A caption as it reads inside the segment prompt: with its leading space."""
         return self.encode(" " + caption.strip()) if caption.strip() else []
 
-    def segment_prefix(self) -> list[int]:
+    def segment_prefix(self, num_views: int = 1) -> list[int]:
         """Ids before the caption in the segmentation prompt."""
-        return self._user_start + self._image_ids() + self._segment_between
+        return self._user_start + self._image_ids(num_views) + self._segment_between
 
     def segment_suffix(self) -> tuple[list[int], int]:
         """Ids after the caption, and the index of the answer's [SEG] inside them."""
