@@ -147,15 +147,13 @@ def format_table(results: dict) -> str:
 
 def run(args) -> int:
     """`python -m pg_train.evaluate --refer-dir ...` (arguments parsed by pg_train.evaluate)."""
-    from .evaluate import load_checkpoint
-    from .pseudo_gumbel import PseudoGumbelConfig
+    from .evaluate import load_for_evaluation
 
     if not args.images:
         raise SystemExit("--refer-dir needs --images (the COCO train2014 folder the refs' images are in)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_checkpoint(args.checkpoint, device)
+    model, _, objective = load_for_evaluation(args.checkpoint, device)
     model.eval()
-    objective = cfg.objective if cfg else PseudoGumbelConfig()
     from .distributed import unwrap
 
     preset = unwrap(model).preset

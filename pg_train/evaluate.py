@@ -9,6 +9,10 @@
 - controls on the same samples: another sample's caption (shuffled) and an empty caption. The
   gap between cycle and shuffled is what the captions carry about the object.
 Also caption statistics, a JSON of every number and a PNG gallery.
+
+    python -m pg_train.evaluate --checkpoint DIR --refer-dir refer_seg/refcoco --images coco/train2014
+
+scores RefCOCO-family splits instead, as papers report them (pg_train/eval_refcoco.py).
 """
 from __future__ import annotations
 
@@ -231,6 +235,17 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return model.to(device), cfg
 
 
+def load_for_evaluation(path: str | Path, device: str):
+    """(model, the run's config or None, the objective settings to evaluate with): the run's,
+    or for a released checkpoint its preset's defaults, as training would use."""
+    model, cfg = load_checkpoint(path, device)
+    if cfg is None:
+        from .config import objective_for
+
+        return model, cfg, objective_for(model.preset)
+    return model, cfg, cfg.objective
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pg_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -251,13 +266,7 @@ def main(argv=None) -> int:
 
         return run(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_checkpoint(args.checkpoint, device)
-    if cfg is None:  # a released checkpoint: its preset's objective defaults, as training would use
-        from .config import objective_for
-
-        objective = objective_for(model.preset)
-    else:
-        objective = cfg.objective
+    model, cfg, objective = load_for_evaluation(args.checkpoint, device)
     # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
     batches = heldout_batches(model, args.samples or 32, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None)
     out = Path(args.output)
