@@ -235,10 +235,12 @@ BAD_RLES = {
     "empty_counts": {"size": [HEIGHT, WIDTH], "counts": []},
     "long_counts": {"size": [HEIGHT, WIDTH], "counts": [HEIGHT * WIDTH, 1]},
     "empty_string": {"size": [HEIGHT, WIDTH], "counts": ""},
-    "short_string": {"size": [HEIGHT, WIDTH], "counts": "0c0"},  # runs [0, 51, 0]: 51 of 3,072 pixels
+    "short_string": {"size": [HEIGHT, WIDTH], "counts": "0c0"},  # runs [0, 19]: 19 of 3,072 pixels
     "string_mid_count": {"size": [HEIGHT, WIDTH], "counts": "P"},
     "string_bad_character": {"size": [HEIGHT, WIDTH], "counts": "0\x7f"},
     "size_zero": {"size": [0, 0], "counts": []},
+    "string_count_of_70_bits": {"size": [HEIGHT, WIDTH], "counts": "0" + "P" * 13 + "0"},
+    "list_count_beyond_64_bits": {"size": [HEIGHT, WIDTH], "counts": [2**70, HEIGHT * WIDTH - 2**70]},
 }
 
 

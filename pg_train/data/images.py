@@ -122,31 +122,33 @@ def is_int_value(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def rle_string_counts(counts: str | bytes) -> list[int]:
-    """The run lengths a COCO compressed RLE string encodes (pycocotools' rleFrString: 5 bits
-    per character offset by 48, a continuation bit 0x20, a sign bit 0x10 on the last character,
-    counts from the fourth on stored as differences to the count two before). Raises
-    ValueError for what the C decoder would read past the end of or wrap into a huge count."""
-    text = counts.decode("ascii") if isinstance(counts, bytes) else counts
-    values: list[int] = []
-    position = 0
-    while position < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(text):
-                raise ValueError(f"string ends inside count {len(values)}")
-            code = ord(text[position]) - 48
-            if not 0 <= code < 64:
-                raise ValueError(f"character {text[position]!r} at {position} is not an RLE character ('0'..'o')")
-            value |= (code & 0x1F) << shift
-            more = bool(code & 0x20)
-            position += 1
-            shift += 5
-            if not more and code & 0x10:
-                value -= 1 << shift
-        if len(values) > 2:
-            value += values[-2]
-        values.append(value)
+def rle_string_counts(counts: str | bytes) -> np.ndarray:
+    """The run lengths (int64) a COCO compressed RLE string encodes, as pycocotools'
+    rleFrString reads them: 5 bits per character offset by 48, a continuation bit 0x20, a sign
+    bit 0x10 on a value's last character, counts from the fourth on stored as differences to
+    the count two before. Vectorised (a Python loop took longer than pycocotools' decode).
+    Raises ValueError where the C decoder would read past the end or overflow."""
+    data = counts.encode("latin-1") if isinstance(counts, str) else bytes(counts)
+    codes = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
+    bad = np.flatnonzero((codes < 0) | (codes > 63))
+    if bad.size:
+        raise ValueError(f"character {data[bad[0]:bad[0] + 1]!r} at {bad[0]} is not an RLE character ('0'..'o')")
+    if codes.size == 0:
+        return codes
+    last = (codes & 0x20) == 0  # a value's last character
+    if not last[-1]:
+        raise ValueError(f"string ends inside count {int(last.sum())}")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 12:  # 60 bits: beyond any mask (and beyond the C decoder's long)
+        raise ValueError(f"count {int(np.argmax(lengths > 12))} has {int(lengths.max())} characters")
+    shift = 5 * (np.arange(codes.size) - np.repeat(starts, lengths))
+    values = np.add.reduceat((codes & 0x1F) << shift, starts)
+    values -= np.where(codes[ends] & 0x10, 1 << (5 * lengths), 0)
+    # x[i] += x[i - 2] for i >= 3: two running sums, over the odd and the even positions from 2
+    values[1::2] = np.cumsum(values[1::2])
+    values[2::2] = np.cumsum(values[2::2])
     return values
 
 
@@ -169,20 +171,24 @@ def validate_rle(rle, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     if isinstance(counts, (str, bytes)):
         try:
             runs = rle_string_counts(counts)
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeEncodeError) as err:
             raise BadSample("malformed_record", where, f"bad compressed RLE counts: {err}") from err
     elif isinstance(counts, list):
         wrong = [i for i, v in enumerate(counts) if not is_int_value(v)]
         if wrong:
             raise BadSample("malformed_record", where, f"RLE counts must be integers; entry {wrong[0]} is {counts[wrong[0]]!r}"[:200])
-        runs = [int(v) for v in counts]
+        try:
+            runs = np.array(counts, dtype=np.int64).reshape(-1)
+        except OverflowError as err:
+            raise BadSample("malformed_record", where, f"an RLE count does not fit 64 bits ({err})") from err
     else:
         raise BadSample("malformed_record", where, f"RLE counts must be a list of integers or a compressed string, got {type(counts).__name__}")
-    negative = [i for i, v in enumerate(runs) if v < 0]
-    if negative:
+    negative = np.flatnonzero(runs < 0)
+    if negative.size:
         raise BadSample("malformed_record", where, f"RLE count {negative[0]} is negative ({runs[negative[0]]})")
-    if sum(runs) != height * width:
-        raise BadSample("malformed_record", where, f"RLE counts sum to {sum(runs)}, size {height}x{width} needs {height * width}")
+    # a Python int sum: counts near 2**63 must not wrap around to H x W
+    if sum(runs.tolist()) != height * width:
+        raise BadSample("malformed_record", where, f"RLE counts sum to {sum(runs.tolist())}, size {height}x{width} needs {height * width}")
     return height, width
 
 
