@@ -24,51 +24,56 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data.images import image_tensor, mask_tensor
-from .data.loader import Preprocess, to_device
+from .data.loader import PairDataset, Preprocess, collate_pairs, preprocess_for
 from .data.refer import ReferPairs
-from .data.types import BadSample
-from .evaluate import caption_inputs, ciou_giou
+from .data.types import RawPair
+from .evaluate import batch_on_device, caption_inputs, ciou_giou, segment_from_caption
 
 KINDS = ("referring", "cycle")
 Predictor = Callable[[dict], dict]  # batch -> {"referring": logits [B, h, w], "cycle": ..., "cycle_captions": [str]}
 
 
+class _AsPairs:
+    """A ReferPairs split seen as pairs of each image with itself, for PairDataset's
+    preprocessing (views, tiling, region mask); keeps each mask at the image's resolution for
+    scoring, until the item that loaded it takes it."""
+
+    def __init__(self, source: ReferPairs):
+        self.source = source
+        self.truths: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, index: int) -> RawPair:
+        image, mask, caption, where = self.source.load_target(index)
+        self.truths[index] = mask
+        return RawPair(image, mask, image, mask, caption, where)
+
+
 class ExpressionItems(Dataset):
-    """Model inputs for each expression plus its mask at the image's resolution (no refill:
-    a bad expression is reported, never replaced by another)."""
+    """Model inputs for each expression, as training preprocesses them, plus its mask at the
+    image's resolution. No refill: a bad expression is reported, never replaced by another."""
 
     def __init__(self, source: ReferPairs, preprocess: Preprocess, limit: int | None = None):
-        self.source = source
-        self.preprocess = preprocess
+        self.expressions = _AsPairs(source)
+        self.pairs = PairDataset(self.expressions, preprocess, max_refill=0)
         self.count = len(source) if limit is None else min(limit, len(source))
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int) -> dict:
-        try:
-            image, mask, caption, where = self.source.load_target(index)
-        except BadSample as err:
-            return {"index": index, "skipped": err.reason, "detail": str(err)}
-        p = self.preprocess
-        pixel_values = image_tensor(image, p.mllm_size)
-        return {
-            "index": index, "caption": caption, "truth": torch.from_numpy(mask),
-            "pixel_values": pixel_values, "sam_pixel_values": image_tensor(image, p.sam_size),
-            "region_mask": mask_tensor(mask, p.mllm_size),
-        }
+        item = self.pairs[index]
+        truth = self.expressions.truths.pop(index, None)
+        if "pixel_values1" in item:
+            item["truth"] = torch.from_numpy(truth)
+        return item
 
 
 def _collate(items: list[dict]) -> dict:
-    good = [item for item in items if "skipped" not in item]
-    batch = {"skipped": [(item["skipped"], item["detail"]) for item in items if "skipped" in item], "truths": [item["truth"] for item in good],
-             "captions": [item["caption"] for item in good], "indices": [item["index"] for item in good]}
-    if good:
-        batch["pixel_values1"] = torch.stack([item["pixel_values"] for item in good])
-        batch["pixel_values2"] = batch["pixel_values1"]  # the same image: the frozen ViT runs once
-        batch["sam_pixel_values2"] = torch.stack([item["sam_pixel_values"] for item in good])
-        batch["region_masks1"] = torch.stack([item["region_mask"] for item in good])
+    batch = collate_pairs(items)
+    batch["truths"] = [item["truth"] for item in items if "truth" in item]
     return batch
 
 
@@ -81,25 +86,19 @@ def intersection_union(logits: torch.Tensor, truth: torch.Tensor) -> tuple[int, 
 
 
 def model_predictor(model, cfg, device, dtype: torch.dtype) -> Predictor:
-    """Referring and cycle mask logits for a batch from `model` (the teacher is the model)."""
+    """Referring and cycle mask logits for a batch from `model` (the teacher is the model),
+    computed as pg_train.evaluate computes them."""
     from .distributed import unwrap
-    from .pseudo_gumbel import answer_caption_embeds, forward_mask_with_text_embeds
 
-    module = unwrap(model)
+    tokenizer = unwrap(model).tokenizer
 
     @torch.no_grad()
     def predict(batch: dict) -> dict:
-        tensors = to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype)
-        tensors["region_masks1"] = batch["region_masks1"].to(device)
-        tensors["captions"] = batch["captions"]
+        tensors = batch_on_device(batch, device, dtype)
         inputs = caption_inputs(model, tensors, cfg)
-        out = {}
-        for kind in KINDS:
-            ids, lens = inputs[kind]
-            embeds, space_slot = answer_caption_embeds(module, ids, lens)  # as pg_train.evaluate reads them
-            out[kind] = forward_mask_with_text_embeds(model, tensors["pixel_values2"], tensors["sam_pixel_values2"], embeds, lens, space_slot=space_slot)
+        out = {kind: segment_from_caption(model, tensors, *inputs[kind]) for kind in KINDS}
         ids, lens = inputs["cycle"]
-        out["cycle_captions"] = [module.tokenizer.decode(row[:n]) for row, n in zip(ids.tolist(), lens.tolist())]
+        out["cycle_captions"] = [tokenizer.decode(row[:n]) for row, n in zip(ids.tolist(), lens.tolist())]
         return out
 
     return predict
@@ -156,8 +155,7 @@ def run(args) -> int:
     model.eval()
     from .distributed import unwrap
 
-    preset = unwrap(model).preset
-    preprocess = Preprocess(preset.vision.image_size, preset.sam2.image_size)
+    preprocess = preprocess_for(unwrap(model).preset)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     predict = model_predictor(model, objective, device, dtype)
     # every expression, the mask as annotated (no minimum size): the split as papers score it

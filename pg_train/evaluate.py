@@ -50,6 +50,14 @@ def caption_inputs(model, batch: dict, cfg: PseudoGumbelConfig) -> dict[str, tup
     }
 
 
+def segment_from_caption(model, batch: dict, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """Mask logits [B, S/4, S/4] for image 2 of `batch` from caption ids (any kind of
+    caption_inputs), the caption read as training's pass 2 reads it."""
+    embeds, space_slot = answer_caption_embeds(unwrap(model), ids, lens)
+    return forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens, space_slot=space_slot,
+                                         num_views=batch.get("num_views2"))
+
+
 def ciou_giou(inter: torch.Tensor, union: torch.Tensor) -> dict[str, float]:
     """RefCOCO's two numbers from per-sample pixel counts: cIoU = sum(I) / sum(U) (large objects
     weigh more), gIoU = mean(I / U) (every sample weighs the same; U = 0 counts as IoU 1)."""
@@ -81,10 +89,8 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
             target = None
             predictions = {}
             for kind, (ids, lens) in inputs.items():
-                embeds, space_slot = answer_caption_embeds(module, ids, lens)
                 captured.clear()
-                logits = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens, space_slot=space_slot,
-                                                        num_views=batch.get("num_views2"))
+                logits = segment_from_caption(model, batch, ids, lens)
                 language[kind] += captured
                 if target is None:
                     target = resize_target(batch["masks2"].to(logits.device), logits.shape[-2:])
@@ -192,7 +198,6 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
 
     from .data import DataConfig, ManifestPairs, PairDataset, build_source, collate_pairs
     from .data.loader import preprocess_for
-    from .data.loader import to_device
 
     preset = unwrap(model).preset
     if manifest:
@@ -208,11 +213,19 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
         batch = collate_pairs([dataset[i] for i in range(start, min(count, start + step))])
         if len(batch["captions"]) < 2:  # the shuffled control needs a second sample
             continue
-        tensors = {k: batch[k].to(device) for k in ("region_masks1", "masks2", "num_views1", "num_views2")}
-        tensors.update(to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype))  # keeps image 2 = image 1
-        tensors["captions"] = batch["captions"]
-        batches.append(tensors)
+        batches.append(batch_on_device(batch, device, dtype))
     return batches
+
+
+def batch_on_device(batch: dict, device, dtype: torch.dtype) -> dict:
+    """A collated batch's model inputs and captions on `device` (pixels in `dtype`); image 2
+    stays image 1's tensor when it was."""
+    from .data.loader import to_device
+
+    tensors = {k: batch[k].to(device) for k in ("region_masks1", "masks2", "num_views1", "num_views2")}
+    tensors.update(to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype))
+    tensors["captions"] = batch["captions"]
+    return tensors
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
