@@ -324,3 +324,30 @@ def test_nonfinite_checkpoint_check_is_exact_when_a_finite_sum_overflows():
     large[10] = float("nan")
     large[11] = float("-inf")
     assert nonfinite_report({"large": large}) == ["large: 1 NaN, 1 Inf of 1000"]
+
+
+@pytest.mark.parametrize("case", ["nan", "missing_tensor", "garbage"])
+def test_resume_under_deepspeed_checks_its_module_file(run_copy, case):
+    """Under DeepSpeed the weights are `pytorch_model/mp_rank_00_model_states.pt` ("module"):
+    the same check before DeepSpeed's load_checkpoint copies anything."""
+    from pg_train.checkpointing import check_resume_weights
+
+    _, checkpoint = run_copy
+    state = load_file(str(checkpoint / "model.safetensors"))
+    (checkpoint / "model.safetensors").unlink()
+    deepspeed = checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt"
+    deepspeed.parent.mkdir()
+    model = build_student(load_config([], []))
+    ema = EMATeacher(model)
+    torch.save({"module": state}, deepspeed)
+    check_resume_weights(checkpoint, model, ema)  # intact: passes
+    if case == "garbage":
+        deepspeed.write_bytes(b"\x00" * 64)
+    else:
+        if case == "nan":
+            set_value(PROBE, (0, 0), float("nan"))(state)
+        else:
+            state.pop(LAST)
+        torch.save({"module": state}, deepspeed)
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt"):
+        check_resume_weights(checkpoint, model, ema)
