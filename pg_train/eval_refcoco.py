@@ -146,6 +146,7 @@ def format_table(results: dict) -> str:
 
 def run(args) -> int:
     """`python -m pg_train.evaluate --refer-dir ...` (arguments parsed by pg_train.evaluate)."""
+    from .distributed import unwrap
     from .evaluate import load_for_evaluation
 
     if not args.images:
@@ -153,8 +154,6 @@ def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _, objective = load_for_evaluation(args.checkpoint, device)
     model.eval()
-    from .distributed import unwrap
-
     preprocess = preprocess_for(unwrap(model).preset)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     predict = model_predictor(model, objective, device, dtype)

@@ -74,8 +74,9 @@ def test_hf_dataset_cells_get_the_file_readers_checks(data):
 
 def test_hf_dataset_split_and_column_errors_name_what_is_missing(data):
     assert len(build_source(config(data, "parquet", hf_split="test"))) == 2
-    with pytest.raises(ValueError, match=r"column\(s\) \['segmentation'\] not in the dataset.*mask_rle"):
-        build_source(config(data, "parquet", hf_mask="segmentation"))
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"column\(s\) \['segmentation'\] not in the dataset.*mask_rle"):
+            build_source(config(data, "parquet", hf_mask="segmentation", hf_streaming=streaming))
     with pytest.raises(ValueError, match="no split 'validation'"):
         import datasets
 

@@ -215,16 +215,22 @@ def _raw_images(ds, columns: Columns):
     return ds
 
 
+def _check_columns(dataset, columns: Columns, name: str) -> None:
+    """A mapped column the dataset lacks is a configuration error, found before training (a
+    stream that does not state its columns is checked row by row instead)."""
+    present = dataset.column_names
+    absent = [c for c in columns.required() + ([columns.caption] if columns.caption else []) if present is not None and c not in present]
+    if absent:
+        raise ValueError(f"{name}: column(s) {absent} not in the dataset (columns: {present}); set data.hf_image/hf_mask/hf_caption/...")
+
+
 class HFPairs:
     """A map-style datasets.Dataset: row i is sample i."""
 
     def __init__(self, dataset, reader: RowReader, name: str):
+        _check_columns(dataset, reader.columns, name)
         self.dataset = _raw_images(dataset, reader.columns)
         self.reader, self.name = reader, name
-        columns = reader.columns
-        absent = [c for c in columns.required() + ([columns.caption] if columns.caption else []) if c not in self.dataset.column_names]
-        if absent:
-            raise ValueError(f"{name}: column(s) {absent} not in the dataset (columns: {self.dataset.column_names}); set data.hf_image/hf_mask/hf_caption/...")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -241,6 +247,7 @@ class HFStreamPairs:
     wrapped around). Picklable for DataLoader workers (each keeps its own stream)."""
 
     def __init__(self, stream, num_rows: int, reader: RowReader, name: str, shuffle: bool = True, buffer_size: int = 1000, window: int = 256):
+        _check_columns(stream, reader.columns, name)
         self.stream = _raw_images(stream, reader.columns)
         self.num_rows, self.reader, self.name = num_rows, reader, name
         self.shuffle, self.buffer_size, self.window = shuffle, buffer_size, window
