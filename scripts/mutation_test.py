@@ -3,14 +3,14 @@
     .venv/bin/python scripts/mutation_test.py                 # every mutant, fast test files, -x
     .venv/bin/python scripts/mutation_test.py --only loss-sum-over-batch --only dice-on-logits
     .venv/bin/python scripts/mutation_test.py --list          # names, files and test files only
-    .venv/bin/python scripts/mutation_test.py --tree HEAD     # mutate the last commit, not the working tree
+    .venv/bin/python scripts/mutation_test.py --tree HEAD     # mutate a commit (any git revision), not the working tree
 
 A passing suite is evidence only if it can fail. Each mutant below is one small, plausible bug
 (a snippet of a file and its replacement) in pg_train/pseudo_gumbel.py, pg_train/ema.py or the
 training window of pg_train/train.py (plus the [SEG] suffix of templates.py and the data
 iterator's generator, the two places those properties live). For each mutant the repository is
 copied to a temporary directory (the files `git ls-files` lists, tracked and untracked-but-not-
-ignored, with their working-tree content; or `git archive HEAD` with --tree HEAD), the mutant is
+ignored, with their working-tree content; or `git archive REV` with --tree REV), the mutant is
 applied to the copy only, and its test files run there with this repository's .venv python:
 `python -m pytest -q -x -p no:cacheprovider -m "not slow"` from inside the copy, with
 PYTHONPATH=<copy>, so the copy's pg_train is imported and not the editable install of the
@@ -90,17 +90,17 @@ MUTANTS = [
     Mutant("iou-empty-vs-empty-scores-zero", PG, "    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))\n",
            "    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))\n"),
     # ---- step 5: the [SEG] row
-    Mutant("seg-row-one-early", PG, "    return prefix, caption_mask, suffix, seg_index\n", "    return prefix, caption_mask, suffix, seg_index - 1\n"),
-    Mutant("seg-row-one-late", PG, "    return prefix, caption_mask, suffix, seg_index\n", "    return prefix, caption_mask, suffix, seg_index + 1\n"),
+    Mutant("seg-row-one-early", PG, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index - 1\n",)),
+    Mutant("seg-row-one-late", PG, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index + 1\n",)),
     Mutant("two-seg-suffix-reads-the-first", "pg_train/model/templates.py",
            "        ids = self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, len(self._segment_after_caption)\n",
            "        ids = [self.seg] + self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, 0\n"),
     Mutant("pass2-padded-caption-slots-attended", PG,
            "    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()\n    return prefix",
-           "    caption_mask = torch.ones(B, T, dtype=torch.long, device=device)\n    return prefix"),
+           "    caption_mask = torch.ones(B, T, dtype=torch.long, device=device)\n    return prefix"),  # pass 2's caption mask
     # ---- step 3: pass 1
-    Mutant("pass1-unmasked-caption", PG, "forward_for_logits(student, batch[\"pixel_values1\"], cells, masked_ids, caption_lengths)",
-           "forward_for_logits(student, batch[\"pixel_values1\"], cells, caption_ids, caption_lengths)"),
+    Mutant("pass1-unmasked-caption", PG, "forward_for_logits(student, batch[\"pixel_values1\"], cells, masked_ids, caption_lengths",
+           "forward_for_logits(student, batch[\"pixel_values1\"], cells, caption_ids, caption_lengths"),
     Mutant("pass1-logit-rows-one-late", PG, "first_row=P - 1, num_rows=T", "first_row=P, num_rows=T"),
     # ---- step 2: masking
     Mutant("masking-ratio-inverted", PG, "    replaced = (draws[..., 0] < mask_ratio) & real\n", "    replaced = (draws[..., 0] >= mask_ratio) & real\n"),
@@ -166,9 +166,9 @@ def git(*args: str) -> str:
 
 
 def make_base_copy(tree: str, into: Path) -> None:
-    """The repository's files (no .git, no .venv) under `into`."""
-    if tree == "HEAD":
-        archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+    """The repository's files (no .git, no .venv) under `into`: the working tree's, or revision `tree`'s."""
+    if tree != "worktree":
+        archive = subprocess.run(["git", "archive", tree], cwd=REPO, capture_output=True, check=True).stdout
         tarfile.open(fileobj=io.BytesIO(archive)).extractall(into, filter="data")
         return
     names = git("ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], help="run only the named mutant (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--tree", choices=("worktree", "HEAD"), default="worktree", help="copy the working tree (default) or the last commit")
+    parser.add_argument("--tree", default="worktree", help="'worktree' (default: the files as they are now) or a git revision to copy")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run (a timeout counts as killed)")
     parser.add_argument("--skip-baseline", action="store_true", help="do not first run the unmutated copy's test files")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "measurements" / "mutation_test.json")
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD").strip(), "tree": args.tree,
+        "commit": git("rev-parse", "HEAD" if args.tree == "worktree" else args.tree).strip(), "tree": args.tree,
         "working_tree_changes": git("status", "--porcelain", "--untracked-files=no").splitlines() if args.tree == "worktree" else [],
         "versions": versions(), "mutants": [],
     }
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[mutation] baseline (no mutant): pytest exit {rc} in {result['baseline']['seconds']} s", flush=True)
             if rc != 0:
                 print(output[-4000:])
-                sys.exit("the unmutated copy fails its tests: fix that first (or use --tree HEAD)")
+                sys.exit("the unmutated copy fails its tests: fix that first (or copy a commit that passes: --tree REV)")
         for mutant in mutants:
             record = run_mutant(mutant, base, work, args.timeout)
             result["mutants"].append(record)

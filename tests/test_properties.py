@@ -5,7 +5,6 @@ the mutant of scripts/mutation_test.py that breaks it."""
 import copy
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,13 +21,9 @@ from pg_train.model.templates import TEMPLATE_SETS
 from pg_train.pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, mask_loss, pseudo_gumbel_step, resize_target
 from pg_train.train import REQUEUE_EXIT_CODE, build_student, train
 from test_pseudo_gumbel import make_step_batch
+from test_train import FAST, metrics
 
-FAST = ["batch_size=2", "objective.max_caption_len=6", "objective.topk=16", "data.num_samples=24", "tensorboard=false", "progress=false"]
 LN2, LN3 = math.log(2), math.log(3)
-
-
-def metrics(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- step 6: the loss ---------------------------------------------------------------------------
