@@ -125,11 +125,10 @@ class ReferPairs:
         self.pairing, self.seed, self.min_pixels, self.max_pixels, self.per = pairing, seed, min_pixels, max_pixels, per
         self.images, self.annotations = read_instances(self.instances_path)
         refs = load_refs_pickle(self.refs_path)
-        present = sorted({r.get("split") for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
-        if split is not None and split not in present:
-            raise ValueError(f"{self.refs_path}: no ref has split {split!r}; its splits are {present}")
+        self.splits = sorted({r.get("split") for r in refs if isinstance(r, dict) and isinstance(r.get("split"), str)})
+        if split is not None:
+            self._check_split(split)
         self.split = split
-        self.splits = present
         self.refs: list[dict] = []
         self.entries: list[ReferEntry] = []
         for position, ref in enumerate(refs):
@@ -161,14 +160,17 @@ class ReferPairs:
             return f"image {image_id!r} in {self.instances_path.name} lacks {missing}"
         return None
 
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"{self.refs_path}: no ref has split {split!r}; its splits are {self.splits}")
+
     def __len__(self) -> int:
         return len(self.entries)
 
     def subset(self, split: str) -> "ReferPairs":
         """The samples of one split, sharing this source's parsed files (instances.json of
         RefCOCO is tens of MB: read it once for all splits)."""
-        if split not in self.splits:
-            raise ValueError(f"{self.refs_path}: no ref has split {split!r}; its splits are {self.splits}")
+        self._check_split(split)
         view = copy.copy(self)
         view.split = split
         view.entries = [e for e in self.entries if self.refs[e.ref_index].get("split") == split]
