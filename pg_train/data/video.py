@@ -85,9 +85,10 @@ class VideoPairs:
             raise ValueError(f"{self.annotations_dir}: no object appears in two frames {frame_distance} annotated frames apart "
                              f"({self.absent_in_other_frame} absent in the other frame)")
 
-    def _add(self, video: str, frames: list[str], present: list[dict], masks: list[dict] | None = None) -> None:
-        """Pairs (t, t + distance) of every object present in t; `present[k]` maps object id ->
-        True (or a problem tuple for a frame whose annotation cannot be read)."""
+    def _add(self, video: str, frames: list[str], present: list[set[int] | tuple[str, str]], masks: list[dict] | None = None) -> None:
+        """Pairs (t, t + distance) of every object present in t. `present[k]`: the object ids
+        in annotated frame k, or (reason, detail) when its annotation cannot be read; `masks[k]`
+        (SA-V): object id -> RLE."""
         for k in range(len(frames) - self.distance):
             first, second = present[k], present[k + self.distance]
             if isinstance(first, tuple) or isinstance(second, tuple):
