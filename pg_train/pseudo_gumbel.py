@@ -276,10 +276,9 @@ def answer_caption_embeds(model, caption_ids: torch.Tensor, caption_lengths: tor
     model = unwrap(model)
     if caption_ids.shape[1] == 0:
         return model.embed_tokens()(caption_ids), None
-    lead = model.prompts.leading_space
-    first = caption_ids[:, :1].cpu()
-    rows = torch.cat([lead.twin[first].to(caption_ids.device), caption_ids[:, 1:]], dim=1)
-    space_slot = lead.needs_slot[first[:, 0]].to(caption_ids.device) & (caption_lengths > 0)
+    twin, needs_slot = model.prompts.leading_space.on(caption_ids.device)
+    rows = torch.cat([twin[caption_ids[:, :1]], caption_ids[:, 1:]], dim=1)
+    space_slot = needs_slot[caption_ids[:, 0]] & (caption_lengths > 0)
     return model.embed_tokens()(rows), space_slot
 
 
@@ -389,13 +388,13 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
     masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
     caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1)  # 3
     uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))
-    lead = model.prompts.leading_space
+    twin, needs_slot = model.prompts.leading_space.on(caption_logits.device)
     text_embeds, hard_ids = topk_gumbel_softmax(  # 4
-        caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk, first_rows=lead.twin
+        caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk, first_rows=twin
     )
     if text_embeds.requires_grad:
         text_embeds.retain_grad()
-    space_slot = lead.needs_slot.to(hard_ids.device)[hard_ids[:, 0]] & (caption_lengths > 0) if hard_ids.shape[1] else None
+    space_slot = needs_slot[hard_ids[:, 0]] & (caption_lengths > 0) if hard_ids.shape[1] else None
     mask_logits = forward_mask_with_text_embeds(  # 5
         student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths, space_slot=space_slot, num_views=views2
     )

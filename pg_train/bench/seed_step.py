@@ -85,9 +85,9 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
     with clock("gumbel"):
         k = min(cfg.topk, logits.shape[-1])
         uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], k)
-        lead = student.prompts.leading_space
-        text_embeds, hard_ids = naive_topk_gumbel_softmax(logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k, lead.twin)
-        space_slot = lead.needs_slot.to(hard_ids.device)[hard_ids[:, 0]] & (lengths > 0) if hard_ids.shape[1] else None
+        twin, needs_slot = student.prompts.leading_space.on(logits.device)
+        text_embeds, hard_ids = naive_topk_gumbel_softmax(logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k, twin)
+        space_slot = needs_slot[hard_ids[:, 0]] & (lengths > 0) if hard_ids.shape[1] else None
     student._vit_cache = None
     with clock("pass2"):
         mask_logits = literal_segment_pass(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, space_slot, batch.get("num_views2"))

@@ -104,6 +104,14 @@ class LeadingSpace:
                 self.twin[token_id] = twin[0]
                 self.needs_slot[token_id] = False
         (self.space_id,) = tokenizer(" ", add_special_tokens=False)["input_ids"]
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(twin, needs_slot) on `device`, copied there once (not every step)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = (self.twin.to(device), self.needs_slot.to(device))
+        return self._on_device[device]
 
 
 class PromptBuilder:
