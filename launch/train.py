@@ -2,7 +2,7 @@
 
     accelerate launch launch/train.py                      # the embedded default (tiny + synthetic)
     accelerate launch --config_file accelerate_configs/zero2_8gpu.yaml launch/train.py \\
-        --config configs/sa2va_4b.yaml --output-dir runs/x --resume auto optim.lr=2e-5
+        --config configs/sa2va_4b_zero2.yaml model.checkpoint=/path/to/Sa2VA-4B --resume auto
 
 Flags override the config files; `key=value` arguments (dotted keys, YAML values) override
 both. Exit codes: 0 done, 1 error, 2 bad configuration, 75 stopped by SIGTERM/SIGUSR1 after a
@@ -22,7 +22,9 @@ from pg_train.config import ConfigError, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Shipped configs: configs/sa2va_4b_zero2.yaml (Sa2VA-4B, 8 GPUs, ZeRO-2), "
+                                            "configs/learn_tiny_warmup.yaml + configs/learn_tiny_pg.yaml (the tiny learning recipe).")
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
     parser.add_argument("--output-dir", help="where metrics, TensorBoard events and checkpoints go")
     parser.add_argument("--max-steps", type=int, help="optimizer steps to train")

@@ -297,6 +297,28 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.data.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1"),
         (cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images), "data.coco_instances", "data.coco_instances and data.coco_images are required when data.source=coco"),
         (cfg.resume in (None, "auto") or Path(cfg.resume).is_dir(), "resume", f"{cfg.resume!r} is neither 'auto' nor an existing checkpoint directory"),
+        # every other number a run divides by, counts with or feeds to a distribution
+        (cfg.log_every >= 1, "log_every", "must be >= 1"),
+        (cfg.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "must be >= 1"),
+        (cfg.stop_at_step is None or cfg.stop_at_step >= 1, "stop_at_step", "must be >= 1 or null"),
+        (cfg.model.lora_r is None or cfg.model.lora_r >= 1, "model.lora_r", "must be >= 1 or null (the preset's)"),
+        (cfg.model.lora_alpha is None or cfg.model.lora_alpha > 0, "model.lora_alpha", "must be > 0 or null (the preset's)"),
+        (cfg.model.lora_dropout is None or 0.0 <= cfg.model.lora_dropout < 1.0, "model.lora_dropout", "must be in [0, 1) or null (the preset's)"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (all(0.0 <= b < 1.0 for b in cfg.optim.betas), "optim.betas", "each must be in [0, 1)"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)"),
+        (cfg.objective.temperature > 0, "objective.temperature", "must be > 0"),
+        (cfg.objective.sample_top_k >= 0, "objective.sample_top_k", "must be >= 0 (0: the whole vocabulary)"),
+        (cfg.objective.bce_weight >= 0 and cfg.objective.dice_weight >= 0, "objective.bce_weight", "bce_weight and dice_weight must be >= 0"),
+        (0.0 <= cfg.objective.region_threshold <= 1.0, "objective.region_threshold", "must be in [0, 1]"),
+        (min(cfg.supervised.lm_weight, cfg.supervised.seg_weight, cfg.supervised.mix_weight, cfg.supervised.summary_weight) >= 0,
+         "supervised.lm_weight", "supervised weights (lm, seg, mix, summary) must be >= 0"),
+        (cfg.data.num_samples >= 1 and cfg.data.image_size >= 16, "data.num_samples", "num_samples must be >= 1 and image_size >= 16"),
+        (1 <= cfg.data.min_objects <= cfg.data.max_objects, "data.min_objects", "needs 1 <= min_objects <= max_objects"),
+        (cfg.data.min_pixels >= 1 and cfg.data.num_workers >= 0, "data.min_pixels", "min_pixels must be >= 1 and num_workers >= 0"),
+        (cfg.data.hf_shuffle_buffer >= 1, "data.hf_shuffle_buffer", "must be >= 1"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -240,7 +240,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     if not config.is_file():
         raise FileNotFoundError(f"{path}: neither a released checkpoint (config.json) nor a training checkpoint next to {config}")
     from .config import load_config
-    from .train import build_student, load_training_weights
+    from .builders import build_student, load_training_weights
 
     cfg = load_config([config], ["resume=null", "model.init_from=null"])
     model = build_student(cfg)

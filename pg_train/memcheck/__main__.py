@@ -94,14 +94,14 @@ def build(preset: str, cfg, device: str, dtype: torch.dtype):
 
     kwargs = {}
     if cfg is not None:
-        from ..train import lora_from_config
+        from ..builders import lora_from_config
 
         kwargs.update(lora=lora_from_config(cfg.model, preset), quantize_4bit=cfg.model.quantize_4bit)
     # On meta nothing runs, so the preset keeps its real special ids; otherwise the tiny tokenizer stands in.
     builder = build_model if device == "meta" else build_offline
     model = builder(preset, device=device, dtype=dtype, seed=0, **kwargs)
     if cfg is not None:
-        from ..train import unfreeze_extra
+        from ..builders import unfreeze_extra
 
         unfreeze_extra(model, cfg.model.extra_trainable)
     return model
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
 def run_measured(args, cfg, report) -> int:
     from ..ema import EMATeacher
     from ..pseudo_gumbel import PseudoGumbelConfig
-    from ..train import build_optimizer
+    from ..builders import build_optimizer
 
     cuda = torch.cuda.is_available()
     device = "cuda:0" if cuda else "cpu"

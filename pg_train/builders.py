@@ -1,0 +1,88 @@
+"""Builders shared by training, evaluation and memcheck: the student from the config, its
+trainable set, a training checkpoint's weights, the optimizer.
+
+Kept apart from `train` so that `evaluate` and `memcheck` build exactly what training builds
+without importing the training loop (and without an import cycle).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .model import build_model, enable_gradient_checkpointing, from_pretrained
+from .model.presets import get_preset
+from .model.state_check import load_state_dict_checked, read_safetensors
+
+
+def lora_from_config(m, preset: str):
+    """The preset's LoRA with the config's overrides (rank, alpha, dropout, targets, trainable
+    embeddings / lm_head); None for a preset name the registry does not know (a checkpoint)."""
+    from .model.presets import PRESETS
+
+    if preset not in PRESETS:
+        return None
+    return dataclasses.replace(
+        get_preset(preset).lora,
+        **{k: v for k, v in {"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout}.items() if v is not None},
+        **({"target_modules": tuple(m.lora_targets)} if m.lora_targets else {}),
+        train_embed_tokens=m.train_embed_tokens, train_lm_head=m.train_lm_head,
+    )
+
+
+def unfreeze_extra(model, prefixes: list[str]) -> None:
+    """`model.extra_trainable`: parameters whose names start with one of `prefixes` train too
+    (shared by training and memcheck, so memcheck budgets the same trainable set)."""
+    if not prefixes:
+        return
+    unfrozen = [p.requires_grad_(True) for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
+    if not unfrozen:
+        raise ValueError(f"model.extra_trainable {prefixes} matches no parameter name")
+
+
+def apply_input_overrides(model, m) -> None:
+    """`model.chat_template` and the tiling keys, where set, replace the checkpoint's (or
+    preset's) values: they decide what the model is shown, not its weights."""
+    tiling = {k: getattr(m, k) for k in ("dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail") if getattr(m, k) is not None}
+    if tiling:
+        model.preset = dataclasses.replace(model.preset, vision=dataclasses.replace(model.preset.vision, **tiling))
+    if m.chat_template is not None and model.prompts is not None:
+        model.set_prompts(m.template, m.chat_template)
+
+
+def build_student(cfg: TrainConfig):
+    m = cfg.model
+    lora = lora_from_config(m, m.preset)
+    if m.checkpoint:
+        model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit,
+                                allow_nonfinite=m.allow_nonfinite_weights)
+    else:
+        model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
+    apply_input_overrides(model, m)
+    unfreeze_extra(model, m.extra_trainable)
+    if m.init_from:
+        load_training_weights(model, m.init_from, allow_nonfinite=m.allow_nonfinite_weights)
+    if m.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def load_training_weights(model, checkpoint: str | Path, *, allow_nonfinite: bool = False) -> None:
+    """Weights of a training checkpoint, all-or-nothing: names, shapes, dtype kinds and
+    finiteness are checked before any tensor is copied (`load_state_dict(strict=True)` alone
+    copies the matching tensors first and raises after), so a refused file leaves `model` as it was."""
+    weights = Path(checkpoint) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"model.init_from: {weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)")
+    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adamw8bit":  # bitsandbytes: 2 bytes of Adam state per parameter instead of 8
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
