@@ -1,53 +1,8 @@
-"""pg_train's training entry point.
-
-    accelerate launch launch/train.py                      # the embedded default (tiny + synthetic)
-    accelerate launch --config_file accelerate_configs/zero2_8gpu.yaml launch/train.py \\
-        --config configs/sa2va_4b_zero2.yaml model.checkpoint=/path/to/Sa2VA-4B --resume auto
-
-Flags override the config files; `key=value` arguments (dotted keys, YAML values) override
-both. Exit codes: 0 done, 1 error, 2 bad configuration, 75 stopped by SIGTERM/SIGUSR1 after a
-checkpoint (requeue and run again with --resume auto).
-"""
-import argparse
+"""pg_train's training entry point for `accelerate launch launch/train.py [...]` (see pg_train/cli.py;
+installed as the `pg-train` command too)."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from pg_train.accel import configure_environment  # noqa: E402
-
-configure_environment()
-
-from pg_train.config import ConfigError, load_config  # noqa: E402
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Shipped configs: configs/sa2va_4b_zero2.yaml (Sa2VA-4B, 8 GPUs, ZeRO-2), "
-                                            "configs/learn_tiny_warmup.yaml + configs/learn_tiny_pg.yaml (the tiny learning recipe).")
-    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
-    parser.add_argument("--output-dir", help="where metrics, TensorBoard events and checkpoints go")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps to train")
-    parser.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir, if any) or a checkpoint directory")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4 data.source=manifest")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    for flag, key in ((args.output_dir, "output_dir"), (args.max_steps, "max_steps"), (args.resume, "resume")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        return 2
-    from pg_train.train import train
-
-    return train(cfg).exit_code
-
+from pg_train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,8 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from pg_train.accel import configure_environment  # noqa: E402
 
 configure_environment()
