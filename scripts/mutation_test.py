@@ -45,7 +45,8 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 
 # Test files per mutated file, fastest first (with -x a kill usually comes from the first).
 TESTS = {
-    "pg_train/pseudo_gumbel.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
+    # test_ema.py: the EMA teacher's tests run step 1 (generation) too
+    "pg_train/pseudo_gumbel.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py", "tests/test_ema.py"),
     "pg_train/model/templates.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
     "pg_train/ema.py": ("tests/test_properties.py", "tests/test_ema.py"),
     "pg_train/train.py": ("tests/test_properties.py", "tests/test_train.py"),
@@ -155,7 +156,9 @@ MUTANTS = [
     Mutant("cosine-decays-to-zero", TRAIN, "o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5", "o.lr * (0.0 + (1 - o.min_lr_ratio) * 0.5"),
     Mutant("stop-without-checkpoint", TRAIN, "if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:",
            "if step % cfg.save_every == 0 or step == cfg.max_steps:"),
-    Mutant("nonfinite-vote-min-across-ranks", TRAIN, "if accelerator.reduce(bad, \"max\").item() > 0:", "if accelerator.reduce(bad, \"min\").item() > 0:",
+    # ("min" instead of "max" is no bug: Accelerate's reduce sums for every reduction but "max")
+    Mutant("nonfinite-dropped-only-when-every-rank-agrees", TRAIN, "if accelerator.reduce(bad, \"max\").item() > 0:",
+           "if accelerator.reduce(bad, \"mean\").item() >= 1:",
            tests=("tests/test_train.py::test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2",), slow=True),
     Mutant("data-iterator-seeded-from-global-rng", "pg_train/data/loader.py", " generator=self.iterator_generator(self.epoch),", ""),
 ]
