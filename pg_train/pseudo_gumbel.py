@@ -326,6 +326,14 @@ def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, bce_weight: float
 
 
 # ---- the step ------------------------------------------------------------------------------------
+STAGES = ("teacher", "mask", "pass1", "gumbel", "pass2", "loss")  # the observed stages, in order
+
+
+def no_observer(stage: str) -> contextlib.AbstractContextManager:
+    """The default phase observer: observes nothing."""
+    return contextlib.nullcontext()
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor
@@ -365,14 +373,18 @@ def mask_iou(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: PseudoGumbelConfig, generator: torch.Generator | None = None) -> StepOutput:
+def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: PseudoGumbelConfig, generator: torch.Generator | None = None,
+                       observer=None) -> StepOutput:
     """One Pseudo-Gumbel step (forward only; the caller runs backward on `.loss`).
 
     batch: `pixel_values1` [B, 3, 448, 448] and `region_masks1` [B, H, W] (image 1 and its
     region), `pixel_values2` [B, 3, 448, 448], `sam_pixel_values2` [B, 3, S, S] and `masks2`
     [B, H', W'] (image 2 and the same object's mask); optional `sample_seeds` [B] (else drawn
     from `generator`) seed each sample's masking and Gumbel noise.
+    `observer`: `observer(stage) -> context manager` wrapped around each of STAGES (timing,
+    memory, profiling: bench.step, memcheck, the GPU profile); none by default.
     """
+    observe = observer or no_observer
     model = unwrap(student)
     special = special_ids(model)
     B = batch["region_masks1"].shape[0]
@@ -384,22 +396,28 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
         batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
     )
 
-    caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator, student, views1)  # 1
-    masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
-    caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1)  # 3
-    uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))
-    twin, needs_slot = model.prompts.leading_space.on(caption_logits.device)
-    text_embeds, hard_ids = topk_gumbel_softmax(  # 4
-        caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk, first_rows=twin
-    )
+    with observe("teacher"):
+        caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator, student, views1)  # 1
+    with observe("mask"):
+        masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
+    with observe("pass1"):
+        caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1)  # 3
+    with observe("gumbel"):
+        uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))
+        twin, needs_slot = model.prompts.leading_space.on(caption_logits.device)
+        text_embeds, hard_ids = topk_gumbel_softmax(  # 4
+            caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk, first_rows=twin
+        )
     if text_embeds.requires_grad:
         text_embeds.retain_grad()
     space_slot = needs_slot[hard_ids[:, 0]] & (caption_lengths > 0) if hard_ids.shape[1] else None
-    mask_logits = forward_mask_with_text_embeds(  # 5
-        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths, space_slot=space_slot, num_views=views2
-    )
-    target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
-    losses = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)  # 6
+    with observe("pass2"):
+        mask_logits = forward_mask_with_text_embeds(  # 5
+            student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths, space_slot=space_slot, num_views=views2
+        )
+    with observe("loss"):
+        target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
+        losses = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)  # 6
 
     real = caption_lengths.sum().clamp(min=1)
     metrics = {

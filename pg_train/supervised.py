@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .distributed import unwrap
 from .model.regions import region_cells as select_region_cells
 from .pseudo_gumbel import (
-    PseudoGumbelConfig, StepOutput, forward_for_logits, forward_mask_with_text_embeds, mask_iou, mask_loss, resize_target,
+    PseudoGumbelConfig, StepOutput, forward_for_logits, forward_mask_with_text_embeds, mask_iou, mask_loss, no_observer, resize_target,
 )
 
 
@@ -76,27 +76,32 @@ def request_summary_loss(module, seg_hidden: torch.Tensor, caption_ids: torch.Te
     return -(picked * real).sum(1) / lengths.clamp(min=1)
 
 
-def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: SupervisedConfig) -> StepOutput:
-    """batch: the objective's tensors plus `captions` (ground-truth text per sample)."""
+def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: SupervisedConfig, observer=None) -> StepOutput:
+    """batch: the objective's tensors plus `captions` (ground-truth text per sample). `observer`:
+    as for pseudo_gumbel_step, around the stages this objective has (pass1, pass2, loss)."""
+    observe = observer or no_observer
     module = unwrap(student)
     device = batch["pixel_values1"].device
     cells, fallback = select_region_cells(batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
     targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="answer_end")
-    lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device), batch.get("num_views1"))
+    with observe("pass1"):
+        lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device), batch.get("num_views1"))
 
     caption_ids, lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="segment")
     caption_ids, lengths = caption_ids.to(device), lengths.to(device)
     text_embeds = module.embed_tokens()(caption_ids)
     if text_embeds.requires_grad:
         text_embeds.retain_grad()  # its gradient norm is logged, as for the Pseudo-Gumbel embeddings
-    mask_logits, seg_hidden = forward_mask_with_text_embeds(
-        student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, return_seg_hidden=True, num_views=batch.get("num_views2")
-    )
-    target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
-    seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)
-    loss = sup.lm_weight * lm.mean() + sup.seg_weight * seg["loss"]
-    summary = request_summary_loss(module, seg_hidden, caption_ids, lengths).mean() if sup.summary_weight else torch.zeros(())
-    loss = loss + sup.summary_weight * summary
+    with observe("pass2"):
+        mask_logits, seg_hidden = forward_mask_with_text_embeds(
+            student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, return_seg_hidden=True, num_views=batch.get("num_views2")
+        )
+    with observe("loss"):
+        target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
+        seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)
+        loss = sup.lm_weight * lm.mean() + sup.seg_weight * seg["loss"]
+        summary = request_summary_loss(module, seg_hidden, caption_ids, lengths).mean() if sup.summary_weight else torch.zeros(())
+        loss = loss + sup.summary_weight * summary
     metrics = {
         "loss": loss.detach(), "lm_loss": lm.detach().mean(), "summary_loss": summary.detach(), "bce": seg["bce"].detach().mean(), "dice": seg["dice"].detach().mean(),
         "iou": mask_iou(mask_logits, target).mean(), "caption_len_mean": lengths.float().mean(),

@@ -25,7 +25,7 @@ def test_healthy_tiny_run_matches_prediction_exactly_and_passes(tmp_path, capsys
         assert abs(rows[component]["error"]) <= 0.01, component
     assert abs(rows["activations saved for backward"]["error"]) <= 0.5
     assert abs(rows["peak RSS growth, first step"]["error"]) <= 1.0 and rows["peak RSS growth, first step"]["measured"] > 0
-    assert all(a["passed"] for a in report["audits"]) and len(report["audits"]) == 3
+    assert all(a["passed"] for a in report["audits"]) and len(report["audits"]) == 4
     out = capsys.readouterr().out
     assert "design note" in out and "memcheck: PASS (exit 0)" in out
 

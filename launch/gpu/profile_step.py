@@ -37,8 +37,8 @@ def main():
             if ctx:
                 ctx.__enter__()
             with record_function("teacher+forward"):
-                if variant == "ours":
-                    loss = pseudo_gumbel_step(model, teacher, batch, cfg).loss
+                if variant == "ours":  # the production step, each stage a profiler range
+                    loss = pseudo_gumbel_step(model, teacher, batch, cfg, observer=record_function).loss
                 else:
                     loss = seed_literal_step(model, teacher, batch, cfg)["loss"]
             with record_function("backward"):

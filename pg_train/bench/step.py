@@ -35,15 +35,17 @@ import torch
 from ..ema import EMATeacher
 from ..memcheck.measure import build_batch, optimizer_tensors, storage_bytes
 from ..model import build_offline
+from ..pseudo_gumbel import STAGES as OBJECTIVE_STAGES
 from ..pseudo_gumbel import PseudoGumbelConfig
 from .memory import PeakMemory
 
-STAGES = ("teacher", "mask", "pass1", "gumbel", "pass2", "loss", "backward", "optimizer", "ema")
+STAGES = (*OBJECTIVE_STAGES, "backward", "optimizer", "ema")  # teacher, mask, pass1, gumbel, pass2, loss, ...
 PARTS = ("vision", "sam2_encoder")
 
 
 class StageClock:
-    """Accumulates wall time per named stage (synchronising CUDA around each)."""
+    """Accumulates wall time per named stage (synchronising CUDA around each); `clock(stage)` is
+    also the phase observer handed to pseudo_gumbel_step, so the production step is timed as it is."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -76,31 +78,6 @@ class StageClock:
             self.times[name] += time.perf_counter() - starts.pop()
 
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-
-
-@contextlib.contextmanager
-def timed_objective(clock: StageClock):
-    """Run pg_train's own `pseudo_gumbel_step` with each of its six functions timed: the step
-    benchmarked is the production one, not a copy of it."""
-    from .. import pseudo_gumbel as pg
-
-    names = {"generate_pseudo_tokens_with_ema": "teacher", "random_mask_tokens": "mask", "forward_for_logits": "pass1",
-             "topk_gumbel_softmax": "gumbel", "forward_mask_with_text_embeds": "pass2", "mask_loss": "loss"}
-    originals = {name: getattr(pg, name) for name in names}
-
-    def timed(fn, stage):
-        def run(*args, **kwargs):
-            with clock(stage):
-                return fn(*args, **kwargs)
-        return run
-
-    for name, stage in names.items():
-        setattr(pg, name, timed(originals[name], stage))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(pg, name, fn)
 
 
 def make_batches(model, batch_size: int, steps: int, device, pairing: str = "augment") -> list[dict]:
@@ -160,8 +137,7 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
         with PeakMemory(device) as peak:
             start = time.perf_counter()
             if variant != "seed":
-                with timed_objective(clock):
-                    out = pseudo_gumbel_step(model, teacher, batch, cfg)
+                out = pseudo_gumbel_step(model, teacher, batch, cfg, observer=clock)
                 result = {"loss": out.loss, "caption_ids": out.caption_ids, "caption_lengths": out.caption_lengths, "hard_ids": out.hard_ids}
             else:
                 result = seed_literal_step(model, teacher, batch, cfg, clock)

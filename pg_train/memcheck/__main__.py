@@ -267,7 +267,8 @@ def run_measured(args, cfg, report) -> int:
                                     topk=d.topk)
     pred = predict(model, d)
     batch = build_batch(model, d.batch_size, torch.device(device), seed=accelerator.process_index if accelerator else 0)
-    meas = measure(student, optimizer, ema, objective, batch, steps=args.steps, inject=tuple(args.inject), backward=backward)
+    meas = measure(student, optimizer, ema, objective, batch, steps=args.steps, inject=tuple(args.inject), backward=backward,
+                   gradient_checkpointing=d.gradient_checkpointing)
     if accelerator is not None and not accelerator.is_main_process:
         # Every rank measured and audited its own partition; the main process reports.
         audits_ok = all(a.passed for a in meas.audits)
@@ -287,7 +288,7 @@ def run_measured(args, cfg, report) -> int:
         print(f"   process RSS grew by {fmt(meas.peak_bytes).strip()} during the warm measured step (the allocator reuses step 1's memory)")
     for reason in diagnose(rows):
         print(f"   diagnosis: {reason}")
-    print("\n== audits (the design note's three suspicions)")
+    print("\n== audits (the design note's three suspicions, the teacher swap and checkpointing, on the production step)")
     for audit in meas.audits:
         print(f"   [{'PASS' if audit.passed else 'FAIL'}] {audit.name}")
         for line in audit.evidence:

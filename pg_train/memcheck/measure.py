@@ -1,9 +1,11 @@
-"""Measure a few real steps phase by phase, account for every tensor, and run the three audits.
+"""Measure a few real steps phase by phase, account for every tensor, and run the audits.
 
-The step is the objective's six functions called one by one (so each is a measured phase),
-followed by backward, the optimizer step and the EMA update — the same calls
-`pseudo_gumbel_step` and the training loop make. `inject` reproduces the design note's three
-suspected bugs on purpose, to show that the audits catch them.
+The forward is `pseudo_gumbel_step` itself, the function training calls, observed stage by
+stage (each stage a measured phase); backward, the optimizer step and the EMA update follow. The
+audits therefore see the production step's outputs: a detach, a teacher without the EMA weights,
+frozen LoRA or checkpointing that is off in the real code fails them. `inject` reproduces the
+design note's three suspected bugs on purpose (through hooks and arguments, not by patching), to
+show that the audits catch them.
 """
 from __future__ import annotations
 
@@ -15,12 +17,8 @@ import torch
 from ..bench.memory import PeakMemory, SavedTensorBytes
 from ..distributed import unwrap
 from ..ema import EMATeacher
-from ..model.regions import region_cells
 from .predict import gradient_free
-from ..pseudo_gumbel import (
-    PseudoGumbelConfig, forward_for_logits, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema,
-    mask_loss, random_mask_tokens, resize_target, sample_generators, special_ids, topk_gumbel_softmax, uniform_noise,
-)
+from ..pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
 
 BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step")
 
@@ -41,6 +39,7 @@ class Measurement:
     first_step_growth: int = 0  # CPU: RSS growth over the first step (gradients and optimizer state are allocated then)
     audits: list[Audit] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # the stages pseudo_gumbel_step reported, in order (last step)
 
 
 def storage_bytes(tensors) -> int:
@@ -134,12 +133,63 @@ def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pai
     return {**{k: batch[k].to(device) for k in ("region_masks1", "masks2", "num_views1", "num_views2")}, **pixels}
 
 
+PHASES = {  # pseudo_gumbel_step's stages -> memcheck's phase names (predict's for the passes)
+    "teacher": "teacher generation", "mask": "masking", "pass1": "pass 1 (caption logits)", "gumbel": "gumbel",
+    "pass2": "pass 2 (segment)", "loss": "loss",
+}
+
+
+def _detach_pass2_input(module, args, kwargs):
+    """`--inject detach-text-embeds`: a forward pre-hook on the student that cuts pass 2's caption
+    embeddings off the graph (a hook, so the step measured is still the production one)."""
+    if kwargs.get("mode") == "segment":
+        kwargs = {**kwargs, "caption_embeds": kwargs["caption_embeds"].detach()}
+    return args, kwargs
+
+
+class _TeacherProbe:
+    """Inside the teacher stage: at the first lm_head call of whichever model generates
+    (the student with the EMA swapped in, or a separate teacher), whether its trainable tensors
+    hold the shadow's values. Compared by value, tensor by tensor (no copy of the weights)."""
+
+    def __init__(self, ema: EMATeacher, model):
+        self.ema, self.model, self.seen = ema, model, None
+
+    def _differs(self, root) -> list[str]:
+        named = dict(root.named_parameters())
+        return [n for n, s in zip(self.ema.names, self.ema.shadow) if not torch.equal(named[n].detach(), s.to(named[n].device, named[n].dtype))]
+
+    def __enter__(self):
+        self.shadow_vs_student = len(self._differs(self.model))  # before the swap: does the check say anything?
+        roots = [self.model] + ([self.ema.teacher_model] if self.ema.teacher_model is not None else [])
+        self.hooks = [root.language_model.lm_head.register_forward_pre_hook(self._hook(root)) for root in roots]
+        return self
+
+    def _hook(self, root):
+        def probe(_module, _args):
+            if self.seen is None:
+                self.seen = {"model": "the student" if root is self.model else "the separate teacher", "not_shadow": self._differs(root)}
+        return probe
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return False
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    return [mod for mod in model.language_model.modules() if type(mod).__name__.endswith("DecoderLayer")]
+
+
 def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, batch: dict, steps: int = 2, inject: tuple[str, ...] = (),
-            backward=None) -> Measurement:
+            backward=None, gradient_checkpointing: bool = False) -> Measurement:
     """Run `steps` training steps; phases and audits come from the last one (the first warms up).
 
+    The forward is `pseudo_gumbel_step` itself — the function training calls — with an observer
+    that measures each of its stages; backward, the optimizer step and the EMA update follow.
     `model` may be a prepared (DeepSpeed) model: the passes go through it, attributes are read
     from the module inside, and `backward` (e.g. `accelerator.backward`) replaces `loss.backward`.
+    `gradient_checkpointing`: requested (audited: the LLM layers must be recomputed in backward).
     """
     student = model
     model = unwrap(model)
@@ -147,62 +197,102 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
     device = next(model.parameters()).device
     m = Measurement(device=str(device))
     teacher = ema if ema is not None else model  # "no-ema": the student teaches itself
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    pass1_params = {n: p for n, p in model.named_parameters() if p.requires_grad and ("lora_" in n or n.startswith("mlp1."))}
-    special = special_ids(model)
+    named = dict(model.named_parameters())
+    trainable = {n: p for n, p in named.items() if p.requires_grad}
+    pass1_params = {n: p for n, p in trainable.items() if "lora_" in n or n.startswith("mlp1.")}
+    frozen_lora = [n for n, p in named.items() if "lora_" in n and not p.requires_grad]
     B = batch["region_masks1"].shape[0]
-    views1, views2 = batch.get("num_views1"), batch.get("num_views2")
     params = tuple(model.parameters()) + tuple(model.buffers())
+    layers = decoder_layers(model)
+    layer_calls = [0]
+    # Counted at the layer's first module, before it runs: checkpointing replays the layer's forward
+    # (not the layer's own hooks) and stops the replay once the tensors backward needs are back.
+    hooks = [getattr(layer, "input_layernorm", layer).register_forward_pre_hook(lambda *_: layer_calls.__setitem__(0, layer_calls[0] + 1))
+             for layer in layers]
+    if "detach-text-embeds" in inject:
+        hooks.append(model.register_forward_pre_hook(_detach_pass2_input, with_kwargs=True))
 
     def phase(name):
         return _Phase(m, name, device, params)
 
-    for step in range(steps):
-        last = step == steps - 1
-        m.phases = {}
-        seeds = torch.arange(B) + 1000 * step
-        overall = PeakMemory(device).__enter__()
-        cells, _ = region_cells(batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
-        with phase("teacher generation"):
-            captions, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, student=model, num_views=views1)
-        masked, _ = random_mask_tokens(captions, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
-        with phase("pass 1 (caption logits)"):
-            logits = forward_for_logits(student, batch["pixel_values1"], cells, masked, lengths, views1)
-        with phase("gumbel"):
-            uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], min(cfg.topk, logits.shape[-1]))
-            text_embeds, _ = topk_gumbel_softmax(logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk)
-            if "detach-text-embeds" in inject:
-                text_embeds = text_embeds.detach()
-        with phase("pass 2 (segment)"):
-            mask_logits = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, num_views=views2)
-            loss = mask_loss(mask_logits, resize_target(batch["masks2"], mask_logits.shape[-2:]), cfg.bce_weight, cfg.dice_weight)["loss"]
-        if last:
-            m.audits.append(_audit_gradients(loss, text_embeds, pass1_params, ema))
-        with phase("backward"):
-            backward(loss)
-        shadow_before = [s.detach().clone() for s in ema.shadow] if (last and ema is not None) else None
-        with phase("optimizer step"):
-            if "no-optimizer-step" not in inject:
-                optimizer.step()
-        with phase("EMA update"):
-            if ema is not None:
-                ema.update(model)
-        if last:
-            m.static = tensor_accounting(model, optimizer, ema)  # gradients still held, as at the peak
-        optimizer.zero_grad(set_to_none=True)
-        overall.__exit__(None, None, None)
-        if step == 0:
-            m.first_step_growth = overall.peak_bytes
-        m.losses.append(float(loss.detach()))
-        if last:
-            m.peak_bytes = overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
-            m.audits.insert(0, _audit_ema(ema, model, shadow_before))
-            m.audits.append(_audit_zero_partition(optimizer, trainable) if zero_optimizer(optimizer) is not None else _audit_optimizer(optimizer, trainable))
+    probe = None
+    try:
+        for step in range(steps):
+            last = step == steps - 1
+            m.phases, m.stages = {}, []
+            probe = _TeacherProbe(ema, model) if (last and ema is not None) else None
+
+            def observer(stage):
+                m.stages.append(stage)
+                if stage == "teacher" and probe is not None:
+                    return _Both(phase(PHASES[stage]), probe)
+                return phase(PHASES.get(stage, stage))
+
+            overall = PeakMemory(device).__enter__()
+            out = pseudo_gumbel_step(student, teacher, {**batch, "sample_seeds": torch.arange(B) + 1000 * step}, cfg, observer=observer)
+            if last:
+                m.audits.append(_audit_gradients(out.loss, out.text_embeds, pass1_params, ema, frozen_lora))
+            before_backward = layer_calls[0]
+            with phase("backward"):
+                backward(out.loss)
+            recomputed = layer_calls[0] - before_backward
+            shadow_before = [s.detach().clone() for s in ema.shadow] if (last and ema is not None) else None
+            with phase("optimizer step"):
+                if "no-optimizer-step" not in inject:
+                    optimizer.step()
+            with phase("EMA update"):
+                if ema is not None:
+                    ema.update(model)
+            if last:
+                m.static = tensor_accounting(model, optimizer, ema)  # gradients still held, as at the peak
+            optimizer.zero_grad(set_to_none=True)
+            overall.__exit__(None, None, None)
+            if step == 0:
+                m.first_step_growth = overall.peak_bytes
+            m.losses.append(float(out.loss.detach()))
+            if last:
+                m.peak_bytes = overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
+                m.audits.insert(0, _audit_ema(ema, model, shadow_before, probe))
+                m.audits.append(_audit_zero_partition(optimizer, trainable) if zero_optimizer(optimizer) is not None else _audit_optimizer(optimizer, trainable))
+                m.audits.append(_audit_checkpointing(gradient_checkpointing, layers, recomputed))
+            del out
+    finally:
+        for h in hooks:
+            h.remove()
     return m
 
 
-def _audit_ema(ema: EMATeacher | None, model, shadow_before) -> Audit:
-    audit = Audit("EMA exists, is fp32, follows the trainable tensors and moves by the decay rule", False)
+class _Both:
+    """Two context managers as one (the teacher phase's measurement and its weight probe)."""
+
+    def __init__(self, outer, inner):
+        self.outer, self.inner = outer, inner
+
+    def __enter__(self):
+        self.outer.__enter__()
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.__exit__(*exc)
+        return self.outer.__exit__(*exc)
+
+
+def _audit_checkpointing(requested: bool, layers: list, recomputed: int) -> Audit:
+    """Gradient checkpointing, when requested, must really recompute the LLM layers in backward
+    (a flag that was never set shows otherwise only as activations out of tolerance)."""
+    flagged = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+    audit = Audit("gradient checkpointing is on where requested", False)
+    audit.evidence.append(f"requested: {'yes' if requested else 'no'}; {flagged}/{len(layers)} LLM decoder layers flagged; "
+                          f"{recomputed} layer forwards recomputed in backward")
+    if requested and (flagged < len(layers) or recomputed == 0):
+        audit.evidence.append("gradient checkpointing requested but off: the LLM layers' activations are kept, not recomputed")
+    audit.passed = not requested or (bool(layers) and flagged == len(layers) and recomputed > 0)
+    return audit
+
+
+def _audit_ema(ema: EMATeacher | None, model, shadow_before, probe: _TeacherProbe | None = None) -> Audit:
+    audit = Audit("EMA exists, is fp32, follows the trainable tensors, moves by the decay rule and is the teacher's weights", False)
     if ema is None:
         audit.evidence.append("no EMA object: the teacher is the student itself (EMA absent)")
         return audit
@@ -224,6 +314,14 @@ def _audit_ema(ema: EMATeacher | None, model, shadow_before) -> Audit:
         gap = max(gap, float((student - before).abs().max()))
     # A shadow that equals an unchanged student cannot move; that is the optimizer's audit to flag.
     checks["moves by the decay rule"] = worst <= 1e-5 and (moved > 0 or gap == 0)
+    if probe is not None:
+        seen = probe.seen or {"model": "no model (the teacher stage never reached an lm_head)", "not_shadow": list(ema.names)}
+        swapped = not seen["not_shadow"]
+        checks["the teacher generates with the shadow's weights (swapped in)"] = swapped and probe.seen is not None
+        audit.evidence.append(f"teacher stage: {seen['model']} generated; {len(seen['not_shadow'])}/{len(ema.names)} trainable tensors differ "
+                              f"from the shadow ({probe.shadow_vs_student} differed between shadow and student before the stage)")
+        if not swapped and probe.shadow_vs_student:
+            audit.evidence.append("the teacher is the student's current weights: the EMA shadow was not swapped in (no swap)")
     audit.evidence.append(f"placement {ema.placement.kind}, {ema.memory_bytes()} bytes, decay {ema.decay}, {len(ema.names)} tensors")
     audit.evidence.append(f"largest move in the checked update {moved:.3e}, largest deviation from the decay rule {worst:.3e}")
     audit.evidence += [f"{'ok  ' if ok else 'FAIL'} {what}" for what, ok in checks.items()]
@@ -231,14 +329,21 @@ def _audit_ema(ema: EMATeacher | None, model, shadow_before) -> Audit:
     return audit
 
 
-def _audit_gradients(loss, text_embeds, pass1_params: dict, ema) -> Audit:
+def _audit_gradients(loss, text_embeds, pass1_params: dict, ema, frozen_lora: list[str] = ()) -> Audit:
+    """On the step's own outputs: the mask loss reaches text_embeds (the Gumbel output), and
+    through it every LoRA adapter and mlp1 tensor of pass 1; the teacher gets nothing."""
     audit = Audit("gradients reach LoRA and mlp1 through text_embeds, none reach the teacher", False)
+    if frozen_lora and not any("lora_" in n for n in pass1_params):
+        audit.evidence.append(f"LoRA adapters frozen: {len(frozen_lora)} LoRA tensors in the model, none requires grad")
     if not text_embeds.requires_grad:
         audit.evidence.append("text_embeds does not require grad: the mask loss cannot reach the first pass (detached)")
         return audit
-    (grad_embeds,) = torch.autograd.grad(loss, text_embeds, retain_graph=True)
+    (grad_embeds,) = torch.autograd.grad(loss, text_embeds, retain_graph=True, allow_unused=True)
+    if grad_embeds is None:
+        audit.evidence.append("the mask loss does not depend on text_embeds: detached between the Gumbel output and the loss")
+        return audit
     names = list(pass1_params)
-    grads = torch.autograd.grad(text_embeds, [pass1_params[n] for n in names], grad_outputs=grad_embeds, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(text_embeds, [pass1_params[n] for n in names], grad_outputs=grad_embeds, retain_graph=True, allow_unused=True) if names else []
     reached = {n for n, g in zip(names, grads) if g is not None and bool(g.abs().sum() > 0)}
     # An adapter is reached when A or B gets a gradient: while B is still 0 (initialisation,
     # before the first optimizer step) A's gradient is exactly 0 by construction.
@@ -292,7 +397,11 @@ def _audit_optimizer(optimizer, trainable: dict) -> Audit:
     if not with_state:
         audit.evidence.append("no optimizer state at all: the optimizer never stepped (or was never given the parameters)")
     missing = [n for n in expected if n not in with_state]
+    grouped = {id(p) for group in inner.param_groups for p in group["params"]}
+    ungrouped = [n for n, p in trainable.items() if id(p) not in grouped]
+    if ungrouped:
+        audit.evidence.append(f"{len(ungrouped)} trainable tensors are in no optimizer group: {ungrouped[:5]}")
     if with_state and missing:
         audit.evidence.append(f"without state: {missing[:5]}")
-    audit.passed = bool(expected) and not missing
+    audit.passed = bool(expected) and not missing and not ungrouped
     return audit
