@@ -220,10 +220,9 @@ def heldout_batches(model, samples: int, batch_size: int, seed: int, device, man
 def batch_on_device(batch: dict, device, dtype: torch.dtype) -> dict:
     """A collated batch's model inputs and captions on `device` (pixels in `dtype`); image 2
     stays image 1's tensor when it was."""
-    from .data.loader import to_device
+    from .data.loader import batch_to_device
 
-    tensors = {k: batch[k].to(device) for k in ("region_masks1", "masks2", "num_views1", "num_views2")}
-    tensors.update(to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype))
+    tensors = batch_to_device(batch, device, dtype)
     tensors["captions"] = batch["captions"]
     return tensors
 

@@ -24,7 +24,6 @@ from .distributed import unwrap
 from .model.generate import generate_from_embeds
 from .model.regions import region_cells as select_region_cells
 from .model.templates import left_pad
-from .model.tokenizer import special_id_mask
 
 
 @dataclass
@@ -57,15 +56,8 @@ def teacher_model(teacher, student):
 
 
 def special_ids(model) -> torch.Tensor:
-    """Bool [V] of ids that must never appear in a caption (cached on the module)."""
-    model = unwrap(model)
-    cached = getattr(model, "_special_id_mask", None)
-    if cached is None:
-        if model.tokenizer is None:
-            raise ValueError("the objective needs the model's tokenizer to know its special ids")
-        cached = special_id_mask(model.tokenizer, model.preset.language.vocab_size)
-        model._special_id_mask = cached
-    return cached
+    """Bool [V] of ids that must never appear in a caption (the model's special_id_mask)."""
+    return unwrap(model).special_id_mask
 
 
 @contextlib.contextmanager

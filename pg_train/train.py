@@ -23,15 +23,13 @@ from .checkpointing import load_rng_state, set_rng_state
 from .checkpointing import check_resume_weights, load_trainer_state, newest_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .data import build_loader
-from .data.loader import TENSOR_KEYS as LOADER_TENSOR_KEYS
-from .data.loader import preprocess_for, to_device
+from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
 from .ema import EMATeacher
 from .pseudo_gumbel import pseudo_gumbel_step
 from .supervised import supervised_step
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
-TENSOR_KEYS = (*LOADER_TENSOR_KEYS, "sample_seeds")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,7 +214,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         norms: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             batch = next(batches)
-            inputs = to_device(batch, TENSOR_KEYS, accelerator.device)
+            inputs = batch_to_device(batch, accelerator.device)
             inputs["captions"] = batch["captions"]
             # Entered for every micro-batch, lost ones too, so Accelerate's window (and DeepSpeed's
             # accumulation boundary, which follows it) stays aligned with this loop's.

@@ -79,7 +79,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
         caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1"))
     with clock("mask"):
         masked_ids, _ = random_mask_tokens(caption_ids, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
-    student._vit_cache = None  # the note runs the vision tower for every use of an image
+    student.clear_vision_cache()  # the note runs the vision tower for every use of an image
     with clock("pass1"):
         logits = full_vocab_caption_logits(student, batch["pixel_values1"], cells, masked_ids, lengths, batch.get("num_views1"))
     with clock("gumbel"):
@@ -88,7 +88,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
         twin, needs_slot = student.prompts.leading_space.on(logits.device)
         text_embeds, hard_ids = naive_topk_gumbel_softmax(logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k, twin)
         space_slot = needs_slot[hard_ids[:, 0]] & (lengths > 0) if hard_ids.shape[1] else None
-    student._vit_cache = None
+    student.clear_vision_cache()
     with clock("pass2"):
         mask_logits = literal_segment_pass(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, space_slot, batch.get("num_views2"))
     with clock("loss"):

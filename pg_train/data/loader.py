@@ -101,6 +101,19 @@ def collate_pairs(items: list[dict]) -> dict:
     return batch
 
 
+PIXEL_KEYS = ("pixel_values1", "pixel_values2", "sam_pixel_values2")
+
+
+def batch_to_device(batch: dict, device, pixel_dtype: torch.dtype | None = None) -> dict:
+    """The batch's tensors (TENSOR_KEYS, and `sample_seeds` when present) on `device`, the pixel
+    tensors cast to `pixel_dtype` (the model's dtype) if given; the one schema training,
+    evaluation and memcheck move batches by."""
+    keys = [k for k in (*TENSOR_KEYS, "sample_seeds") if k in batch]
+    out = to_device(batch, [k for k in keys if k not in PIXEL_KEYS], device)
+    out.update(to_device(batch, [k for k in keys if k in PIXEL_KEYS], device, pixel_dtype))
+    return out
+
+
 def to_device(batch: dict, keys, device, float_dtype: torch.dtype | None = None) -> dict:
     """The tensors under `keys` on `device` (floating ones cast to `float_dtype` if given); a
     tensor held under two keys stays one tensor, so the model's identity-keyed ViT reuse still

@@ -9,6 +9,7 @@ show that the audits catch them.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -118,8 +119,7 @@ class _Phase:
 def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pairing: str = "augment") -> dict:
     """Real preprocessing of synthetic pairs at the preset's sizes (`pairing`: see DataConfig)."""
     from ..data import PairDataset, SyntheticPairs, collate_pairs
-    from ..data.loader import preprocess_for
-    from ..data.loader import to_device
+    from ..data.loader import batch_to_device, preprocess_for
 
     preset = model.preset
     preprocess = preprocess_for(preset)
@@ -129,8 +129,7 @@ def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pai
     dataset = PairDataset(SyntheticPairs(batch_size, seed=seed, pairing=pairing, image_size=image_size), preprocess)
     batch = collate_pairs([dataset[i] for i in range(batch_size)])
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    pixels = to_device(batch, ("pixel_values1", "pixel_values2", "sam_pixel_values2"), device, dtype)
-    return {**{k: batch[k].to(device) for k in ("region_masks1", "masks2", "num_views1", "num_views2")}, **pixels}
+    return batch_to_device(batch, device, dtype)
 
 
 PHASES = {  # pseudo_gumbel_step's stages -> memcheck's phase names (predict's for the passes)
@@ -222,11 +221,11 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
             m.phases, m.stages = {}, []
             probe = _TeacherProbe(ema, model) if (last and ema is not None) else None
 
+            @contextlib.contextmanager
             def observer(stage):
                 m.stages.append(stage)
-                if stage == "teacher" and probe is not None:
-                    return _Both(phase(PHASES[stage]), probe)
-                return phase(PHASES.get(stage, stage))
+                with phase(PHASES.get(stage, stage)), (probe if stage == "teacher" and probe is not None else contextlib.nullcontext()):
+                    yield
 
             overall = PeakMemory(device).__enter__()
             out = pseudo_gumbel_step(student, teacher, {**batch, "sample_seeds": torch.arange(B) + 1000 * step}, cfg, observer=observer)
@@ -260,22 +259,6 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
         for h in hooks:
             h.remove()
     return m
-
-
-class _Both:
-    """Two context managers as one (the teacher phase's measurement and its weight probe)."""
-
-    def __init__(self, outer, inner):
-        self.outer, self.inner = outer, inner
-
-    def __enter__(self):
-        self.outer.__enter__()
-        self.inner.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.inner.__exit__(*exc)
-        return self.outer.__exit__(*exc)
 
 
 def _audit_checkpointing(requested: bool, layers: list, recomputed: int) -> Audit:

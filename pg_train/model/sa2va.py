@@ -14,6 +14,7 @@ from .decoder import decoder_hidden_states
 from .presets import ModelPreset
 from .sam2_grounding import GroundingEncoder
 from .templates import PromptBuilder
+from .tokenizer import special_id_mask
 from .vision import InternVisionModel, build_mlp1, pixel_shuffle_v2
 
 
@@ -109,7 +110,21 @@ class Sa2VAModel(nn.Module):
         self._vit_cache = (pixel_values, key, vit)
         return vit
 
+    def clear_vision_cache(self) -> None:
+        """Forget the reused ViT output (the literal baseline runs the tower for every use)."""
+        self._vit_cache = None
+
     # ---- language -------------------------------------------------------------------------
+    @property
+    def special_id_mask(self) -> torch.Tensor:
+        """Bool [V] of ids that must never appear in a caption: special and added tokens and
+        lm_head rows beyond the tokenizer (computed once)."""
+        if getattr(self, "_special_id_mask", None) is None:
+            if self.tokenizer is None:
+                raise ValueError("the objective needs the model's tokenizer to know its special ids")
+            self._special_id_mask = special_id_mask(self.tokenizer, self.preset.language.vocab_size)
+        return self._special_id_mask
+
     def embed_tokens(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
