@@ -96,6 +96,11 @@ class EMATeacher:
         params = self._params(unwrap(student))
         device = self.shadow[0].device
         current = [p.detach().to(device=device, dtype=torch.float32, non_blocking=True) for p in params]
+        if device.type == "cpu" and any(p.is_cuda for p in params):
+            # placement=cpu: a device-to-host copy with non_blocking=True lands in pinned memory
+            # and returns before its bytes have arrived; the host lerp below would read stale
+            # memory. Wait once, after every copy is queued (they still overlap one another).
+            torch.cuda.current_stream(next(p.device for p in params if p.is_cuda)).synchronize()
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
         self.num_updates += 1
 
