@@ -37,6 +37,8 @@ class PseudoGumbelConfig:
     do_sample: bool = False
     temperature: float = 1.0
     sample_top_k: int = 0
+    # decode with key/value buffers allocated once and fixed-shape steps (graph-ready; same tokens)
+    static_cache: bool = False
     # loss (computed at the SAM2 decoder's resolution, see mask_loss)
     bce_weight: float = 2.0
     dice_weight: float = 0.5
@@ -104,7 +106,7 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
             suppress_token_ids=suppress.nonzero().flatten().to(device),
             stop=model.prompts.stop,
             do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
-            generator=generator,
+            generator=generator, static_cache=cfg.static_cache,
         )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 

@@ -114,7 +114,7 @@ def tiny_real_vocab_lm():
     return Qwen2ForCausalLM(config).eval()
 
 
-def generate_scripted(qwen_tokenizer, scripts, stop, min_new_tokens=0, check_every=None, max_new_tokens=16):
+def generate_scripted(qwen_tokenizer, scripts, stop, min_new_tokens=0, check_every=None, max_new_tokens=16, static_cache=False):
     from pg_train.model.generate import generate_from_embeds
 
     lm = tiny_real_vocab_lm()
@@ -122,7 +122,7 @@ def generate_scripted(qwen_tokenizer, scripts, stop, min_new_tokens=0, check_eve
     embeds = torch.randn(len(scripts), 3, 16)
     return generate_from_embeds(lm, embeds, torch.ones(len(scripts), 3, dtype=torch.long), max_new_tokens=max_new_tokens,
                                 min_new_tokens=min_new_tokens, eos_token_id=QWEN_SPECIAL_IDS["<|im_end|>"],
-                                pad_token_id=151_643, stop=stop, check_every=check_every)
+                                pad_token_id=151_643, stop=stop, check_every=check_every, static_cache=static_cache)
 
 
 def as_ids(tok, pieces: list[str]) -> list[int]:
@@ -131,8 +131,8 @@ def as_ids(tok, pieces: list[str]) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize("check_every", [1, 4])
-def test_stop_on_end_text_cuts_before_the_tag_whatever_bpe_glued_to_it(qwen_tokenizer, check_every):
+@pytest.mark.parametrize("check_every, static_cache", [(1, False), (4, False), (4, True)])
+def test_stop_on_end_text_cuts_before_the_tag_whatever_bpe_glued_to_it(qwen_tokenizer, check_every, static_cache):
     tok = qwen_tokenizer
     cases = {  # what the model generates (the whole-string BPE of text + <|end|>) -> the caption
         "A red circle.": tok.encode("A red circle.<|end|>", add_special_tokens=False),  # `.<`
@@ -147,7 +147,7 @@ def test_stop_on_end_text_cuts_before_the_tag_whatever_bpe_glued_to_it(qwen_toke
     scripts = list(cases.values())
     assert any(".<" in tok.convert_ids_to_tokens(s) for s in scripts)
     stop = EndTextStop(tok, "<|end|>", QWEN_SPECIAL_IDS["<|im_end|>"], 151_679)
-    tokens, lengths = generate_scripted(tok, scripts, stop, check_every=check_every)
+    tokens, lengths = generate_scripted(tok, scripts, stop, check_every=check_every, static_cache=static_cache)
     end_alone = tok.encode("<|end|>", add_special_tokens=False)
     assert sum(end_alone == s[-len(end_alone):] for s in scripts) <= 2, "the id sequence of <|end|> alone rarely appears"
     for row, text in enumerate(cases):

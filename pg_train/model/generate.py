@@ -24,6 +24,7 @@ def generate_from_embeds(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     check_every: int | None = None,
+    static_cache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (or sampled) decoding of a left-padded batch.
 
@@ -35,15 +36,29 @@ def generate_from_embeds(
     text. Suppressed ids get -inf logits before selection. Whether every row has stopped is
     read on the host every `check_every` steps (default: every step on CPU, every 8 on CUDA,
     where each read is a device sync); the extra steps only produce padding.
+
+    `static_cache`: keys and values in buffers allocated once for prompt + max_new_tokens
+    (transformers' StaticCache, written in place at a device-side position) and an attention
+    mask of that full length, so every decoding step has the same shapes and no host-side
+    bookkeeping — what capturing the step in a CUDA graph needs. Same tokens as the dynamic
+    cache (tests/test_generate.py).
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
     check_every = check_every or (8 if device.type == "cuda" else 1)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    P = attention_mask.shape[1]
+    if static_cache:
+        cache = StaticCache(config=language_model.config, max_cache_len=P + max_new_tokens)
+        # Future columns start at 0 and are filled as tokens arrive: one shape for every step.
+        attention_mask = torch.cat([attention_mask, torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)], dim=1)
+        step_mask = attention_mask[:, :P]
+    else:
+        cache = DynamicCache()
+        step_mask = attention_mask
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -55,7 +70,7 @@ def generate_from_embeds(
     for t in range(max_new_tokens):
         # Only the last row's logits are read: its last layer runs on that row alone (keys and
         # values for every row still go to the cache).
-        hidden = decoder_hidden_states(language_model.model, step_embeds, attention_mask, step_positions, slice(-1, None), cache=cache)
+        hidden = decoder_hidden_states(language_model.model, step_embeds, step_mask, step_positions, slice(-1, None), cache=cache)
         logits = language_model.lm_head(hidden[:, -1]).float()
         if suppress is not None:
             logits[:, suppress] = float("-inf")
@@ -86,7 +101,12 @@ def generate_from_embeds(
         finished |= stop_now
         if (t + 1) % check_every == 0 and finished.all():
             break
-        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
+        if static_cache:
+            attention_mask[:, P + t] = (~finished).long()
+            step_mask = attention_mask
+        else:
+            attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
+            step_mask = attention_mask
         step_positions = step_positions[:, -1:] + 1
         step_embeds = embed(next_ids)[:, None]
     if stop is not None:
