@@ -170,3 +170,20 @@ def test_tiling_and_config_template_overrides_from_the_training_config():
 
     with _pytest.raises(ConfigError, match="model.chat_template"):
         load_config(overrides=["model.chat_template=vicuna"])
+
+
+def test_tiling_views_counted_by_memcheck_and_bench_flops():
+    """memcheck's activation model and bench.step's FLOPs grow with the views a tiled image gives."""
+    from pg_train.bench.step import model_flops
+    from pg_train.memcheck.predict import Deployment, predict
+    from pg_train.model import build_model
+
+    model = build_model("sa2va-4b", device="meta")
+    one = predict(model, Deployment(image_size=(448, 448)))
+    coco = predict(model, Deployment(image_size=(640, 480)))
+    assert (one.views, coco.views) == (1, 13)
+    pass1 = "pass 1 (caption logits)"
+    # the LLM's saved activations are per token: 13 x 256 image tokens instead of 256
+    assert coco.phases[pass1]["saved"] > 5 * one.phases[pass1]["saved"]
+    tiny = build_model("tiny", seed=0)
+    assert model_flops(tiny, 1, 8, views=13) > 5 * model_flops(tiny, 1, 8, views=1)
