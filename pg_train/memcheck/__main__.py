@@ -1,4 +1,4 @@
-"""`python -m pg_train.memcheck`: predicted budget vs measured reality, and the three audits.
+"""`python -m pg_train.memcheck`: predicted budget vs measured reality, and the audits of the real step.
 
 With no arguments: the Sa2VA-4B prediction for the documented default deployment (8 GPUs,
 ZeRO-2, bf16, batch 1 per GPU, 64-token captions, EMA `same`) beside the design note's table and
