@@ -75,7 +75,7 @@ def to_sa2va_state_dict(model: Sa2VAModel) -> dict[str, torch.Tensor]:
 
 # ---- writing ---------------------------------------------------------------------------------
 def _hf_config(preset: ModelPreset, token_ids: dict[str, int], dtype: torch.dtype) -> dict:
-    v, l = preset.vision, preset.language
+    v, lang = preset.vision, preset.language
     return {
         "architectures": ["Sa2VAChatModel"],
         "model_type": "sa2va_chat",
@@ -92,16 +92,16 @@ def _hf_config(preset: ModelPreset, token_ids: dict[str, int], dtype: torch.dtyp
         "llm_config": {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
-            "hidden_size": l.hidden_size,
-            "intermediate_size": l.intermediate_size,
-            "num_hidden_layers": l.num_layers,
-            "num_attention_heads": l.num_heads,
-            "num_key_value_heads": l.num_kv_heads,
-            "vocab_size": l.vocab_size,
-            "rope_theta": l.rope_theta,
-            "rms_norm_eps": l.rms_norm_eps,
-            "max_position_embeddings": l.max_position_embeddings,
-            "tie_word_embeddings": l.tie_word_embeddings,
+            "hidden_size": lang.hidden_size,
+            "intermediate_size": lang.intermediate_size,
+            "num_hidden_layers": lang.num_layers,
+            "num_attention_heads": lang.num_heads,
+            "num_key_value_heads": lang.num_kv_heads,
+            "vocab_size": lang.vocab_size,
+            "rope_theta": lang.rope_theta,
+            "rms_norm_eps": lang.rms_norm_eps,
+            "max_position_embeddings": lang.max_position_embeddings,
+            "tie_word_embeddings": lang.tie_word_embeddings,
             "hidden_act": "silu",
             "eos_token_id": token_ids.get("<|im_end|>"),
         },

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerFast
 
 TINY_TOKENIZER_FILE = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
@@ -96,10 +97,9 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 
-def special_id_mask(tokenizer, vocab_size: int) -> "torch.Tensor":
+def special_id_mask(tokenizer, vocab_size: int) -> torch.Tensor:
     """Bool [vocab_size]: True for every id that is not ordinary text — special and added tokens
     (image, region, [SEG], chat control, padding) and lm_head rows beyond the tokenizer."""
-    import torch
 
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[len(tokenizer):] = True
