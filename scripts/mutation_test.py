@@ -50,6 +50,7 @@ TESTS = {
     "pg_train/model/templates.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
     "pg_train/ema.py": ("tests/test_properties.py", "tests/test_ema.py"),
     "pg_train/train.py": ("tests/test_properties.py", "tests/test_train.py"),
+    "pg_train/builders.py": ("tests/test_properties.py", "tests/test_train.py"),
     "pg_train/data/loader.py": ("tests/test_properties.py", "tests/test_data.py"),
 }
 
@@ -143,7 +144,7 @@ MUTANTS = [
            "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"),
     Mutant("ema-updates-without-a-step", TRAIN, "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
            "        if True:\n            ema.update_if_stepped(model, accelerator)\n"),
-    Mutant("init-from-not-strict", TRAIN,
+    Mutant("init-from-not-strict", "pg_train/builders.py",  # moved there from train.py with the other builders
            ("    model.load_state_dict(load_file(str(weights)), strict=True)\n",
             "    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)\n"),
            ("    model.load_state_dict(load_file(str(weights)), strict=False)\n",
@@ -184,6 +185,8 @@ def make_base_copy(tree: str, into: Path) -> None:
 
 def apply(mutant: Mutant, root: Path) -> None:
     path = root / mutant.file
+    if not path.is_file():
+        raise LookupError(f"{mutant.file} does not exist in this tree")
     text = path.read_text()
     for original, replacement in mutant.alternatives():
         if text.count(original) == 1:
