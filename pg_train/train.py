@@ -19,8 +19,7 @@ from .accel import build_accelerator, configure_environment
 from .builders import (  # noqa: F401 (lora_from_config, unfreeze_extra, load_training_weights: importable from here too)
     build_optimizer, build_student, load_training_weights, lora_from_config, unfreeze_extra,
 )
-from .checkpointing import load_rng_state, set_rng_state
-from .checkpointing import check_resume_weights, load_trainer_state, newest_checkpoint, save_checkpoint
+from .checkpointing import check_resume_weights, load_rng_state, load_trainer_state, newest_checkpoint, save_checkpoint, set_rng_state
 from .config import TrainConfig, to_dict
 from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
