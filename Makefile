@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test test-fast clean-venv
+.PHONY: setup train test test-fast lint clean-venv
 
 setup:
 	bash scripts/setup.sh
@@ -14,8 +14,12 @@ setup:
 train: setup
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no launch/train.py $(ARGS)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check pg_train tests scripts launch
+	$(VENV)/bin/ruff format --check pg_train tests scripts launch
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -1,5 +1,6 @@
 """pg_train's training entry point for `accelerate launch launch/train.py [...]` (see pg_train/cli.py;
 installed as the `pg-train` command too)."""
+
 import sys
 
 from pg_train.cli import main

@@ -1,4 +1,5 @@
 """Building the Accelerator: the one place that knows the CPU + DeepSpeed launch quirk."""
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,9 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def build_accelerator(*, gradient_accumulation_steps: int = 1, micro_batch_size: int = 1, gradient_clipping: float | None = None, **kwargs):
+def build_accelerator(
+    *, gradient_accumulation_steps: int = 1, micro_batch_size: int = 1, gradient_clipping: float | None = None, **kwargs
+):
     """An Accelerator that sees the real world size under DeepSpeed on CPU.
 
     Under `accelerate launch` with DeepSpeed and no CUDA, Accelerate finds no device backend and
@@ -38,7 +41,9 @@ def build_accelerator(*, gradient_accumulation_steps: int = 1, micro_batch_size:
     handlers = list(kwargs.pop("kwargs_handlers", []))
     if "LOCAL_RANK" in os.environ and deepspeed_requested() and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers, **kwargs)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps, kwargs_handlers=handlers, **kwargs
+    )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         # Our batches are dicts from our own loader; tell DeepSpeed the sizes directly.

@@ -4,6 +4,7 @@ trainable set, a training checkpoint's weights, the optimizer.
 Kept apart from `train` so that `evaluate` and `memcheck` build exactly what training builds
 without importing the training loop (and without an import cycle).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,8 @@ def lora_from_config(m, preset: str):
         get_preset(preset).lora,
         **{k: v for k, v in {"r": m.lora_r, "alpha": m.lora_alpha, "dropout": m.lora_dropout}.items() if v is not None},
         **({"target_modules": tuple(m.lora_targets)} if m.lora_targets else {}),
-        train_embed_tokens=m.train_embed_tokens, train_lm_head=m.train_lm_head,
+        train_embed_tokens=m.train_embed_tokens,
+        train_lm_head=m.train_lm_head,
     )
 
 
@@ -45,7 +47,11 @@ def unfreeze_extra(model, prefixes: list[str]) -> None:
 def apply_input_overrides(model, m) -> None:
     """`model.chat_template` and the tiling keys, where set, replace the checkpoint's (or
     preset's) values: they decide what the model is shown, not its weights."""
-    tiling = {k: getattr(m, k) for k in ("dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail") if getattr(m, k) is not None}
+    tiling = {
+        k: getattr(m, k)
+        for k in ("dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")
+        if getattr(m, k) is not None
+    }
     if tiling:
         model.preset = dataclasses.replace(model.preset, vision=dataclasses.replace(model.preset.vision, **tiling))
     if m.chat_template is not None and model.prompts is not None:
@@ -56,8 +62,13 @@ def build_student(cfg: TrainConfig):
     m = cfg.model
     lora = lora_from_config(m, m.preset)
     if m.checkpoint:
-        model = from_pretrained(m.checkpoint, lora=lora if lora is not None else True, template=m.template, quantize_4bit=m.quantize_4bit,
-                                allow_nonfinite=m.allow_nonfinite_weights)
+        model = from_pretrained(
+            m.checkpoint,
+            lora=lora if lora is not None else True,
+            template=m.template,
+            quantize_4bit=m.quantize_4bit,
+            allow_nonfinite=m.allow_nonfinite_weights,
+        )
     else:
         model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
     apply_input_overrides(model, m)
@@ -75,7 +86,9 @@ def load_training_weights(model, checkpoint: str | Path, *, allow_nonfinite: boo
     copies the matching tensors first and raises after), so a refused file leaves `model` as it was."""
     weights = Path(checkpoint) / "model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"model.init_from: {weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)")
+        raise FileNotFoundError(
+            f"model.init_from: {weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)"
+        )
     load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)
 
 

@@ -6,6 +6,7 @@ ranks (Accelerate `save_state`: model + ZeRO optimizer shards + RNG + EMA; plus 
 finished, so a directory without `.partial` is always complete; a crash mid-save leaves a
 `.partial` that `--resume auto` ignores.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,11 @@ def rng_state() -> dict:
     (what LoRA dropout and a sampling teacher draw from). Tensors and plain values only, so it
     loads with `weights_only=True`."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -123,7 +127,9 @@ def check_resume_weights(checkpoint: Path, model, ema, *, allow_nonfinite: bool 
         try:
             module_state = torch.load(deepspeed, map_location="cpu", weights_only=False, mmap=True)["module"]
         except Exception as err:
-            raise CheckpointError(f"{deepspeed}: unreadable DeepSpeed model state ({type(err).__name__}: {err})") from err
+            raise CheckpointError(
+                f"{deepspeed}: unreadable DeepSpeed model state ({type(err).__name__}: {err})"
+            ) from err
         check_state_dict(expected, module_state, deepspeed, allow_nonfinite=allow_nonfinite)
     else:
         raise CheckpointError(f"{checkpoint}: holds neither {single.name} nor {deepspeed.relative_to(checkpoint)}")

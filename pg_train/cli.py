@@ -8,6 +8,7 @@ Flags override the config files; `key=value` arguments (dotted keys, YAML values
 both. Exit codes: 0 done, 1 error, 2 bad configuration, 75 stopped by SIGTERM/SIGUSR1 after a
 checkpoint (requeue and run again with --resume auto).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,14 +18,21 @@ from .accel import configure_environment
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Shipped configs: configs/sa2va_4b_zero2.yaml (Sa2VA-4B, 8 GPUs, ZeRO-2), "
-                                            "configs/learn_tiny_warmup.yaml + configs/learn_tiny_pg.yaml (the tiny learning recipe).")
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Shipped configs: configs/sa2va_4b_zero2.yaml (Sa2VA-4B, 8 GPUs, ZeRO-2), "
+        "configs/learn_tiny_warmup.yaml + configs/learn_tiny_pg.yaml (the tiny learning recipe).",
+    )
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
     parser.add_argument("--output-dir", help="where metrics, TensorBoard events and checkpoints go")
     parser.add_argument("--max-steps", type=int, help="optimizer steps to train")
-    parser.add_argument("--resume", help="'auto' (newest complete checkpoint in the output dir, if any) or a checkpoint directory")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4 data.source=manifest")
+    parser.add_argument(
+        "--resume", help="'auto' (newest complete checkpoint in the output dir, if any) or a checkpoint directory"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4 data.source=manifest"
+    )
     return parser.parse_args(argv)
 
 

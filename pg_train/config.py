@@ -3,6 +3,7 @@
 Every key is checked before anything is built: an unknown key, a value of the wrong type or an
 impossible combination is an error that names the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -262,8 +263,16 @@ def validate(cfg: TrainConfig) -> None:
     from .model.templates import CHAT_TEMPLATES, TEMPLATE_SETS
 
     checks = [
-        (cfg.model.preset in PRESETS or cfg.model.checkpoint, "model.preset", f"unknown preset {cfg.model.preset!r}; known: {sorted(PRESETS)}"),
-        (cfg.model.template in TEMPLATE_SETS, "model.template", f"unknown template set {cfg.model.template!r}; known: {sorted(TEMPLATE_SETS)}"),
+        (
+            cfg.model.preset in PRESETS or cfg.model.checkpoint,
+            "model.preset",
+            f"unknown preset {cfg.model.preset!r}; known: {sorted(PRESETS)}",
+        ),
+        (
+            cfg.model.template in TEMPLATE_SETS,
+            "model.template",
+            f"unknown template set {cfg.model.template!r}; known: {sorted(TEMPLATE_SETS)}",
+        ),
         (cfg.max_steps >= 1, "max_steps", "must be >= 1"),
         (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
         (cfg.grad_accum >= 1, "grad_accum", "must be >= 1"),
@@ -272,38 +281,102 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.objective.mask_ratio <= 1.0, "objective.mask_ratio", "must be in [0, 1]"),
         (cfg.objective.tau > 0, "objective.tau", "must be > 0"),
         (cfg.objective.topk >= 1, "objective.topk", "must be >= 1"),
-        (1 <= cfg.objective.min_caption_len <= cfg.objective.max_caption_len, "objective.min_caption_len", "must be in [1, objective.max_caption_len]"),
-        (cfg.objective.empty_region_policy in ("largest", "error"), "objective.empty_region_policy", "must be 'largest' or 'error'"),
-        (cfg.model.chat_template is None or cfg.model.chat_template in CHAT_TEMPLATES, "model.chat_template", f"unknown chat template {cfg.model.chat_template!r}; known: {sorted(CHAT_TEMPLATES)}"),
-        (1 <= (cfg.model.min_dynamic_patch or 1) <= (cfg.model.max_dynamic_patch or 12), "model.min_dynamic_patch", "needs 1 <= min_dynamic_patch <= max_dynamic_patch"),
-        (cfg.objective.region_rule in ("nearest", "coverage"), "objective.region_rule", "must be 'nearest' (the released model's) or 'coverage'"),
+        (
+            1 <= cfg.objective.min_caption_len <= cfg.objective.max_caption_len,
+            "objective.min_caption_len",
+            "must be in [1, objective.max_caption_len]",
+        ),
+        (
+            cfg.objective.empty_region_policy in ("largest", "error"),
+            "objective.empty_region_policy",
+            "must be 'largest' or 'error'",
+        ),
+        (
+            cfg.model.chat_template is None or cfg.model.chat_template in CHAT_TEMPLATES,
+            "model.chat_template",
+            f"unknown chat template {cfg.model.chat_template!r}; known: {sorted(CHAT_TEMPLATES)}",
+        ),
+        (
+            1 <= (cfg.model.min_dynamic_patch or 1) <= (cfg.model.max_dynamic_patch or 12),
+            "model.min_dynamic_patch",
+            "needs 1 <= min_dynamic_patch <= max_dynamic_patch",
+        ),
+        (
+            cfg.objective.region_rule in ("nearest", "coverage"),
+            "objective.region_rule",
+            "must be 'nearest' (the released model's) or 'coverage'",
+        ),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
         (cfg.optim.name in ("adamw", "adamw8bit"), "optim.name", "must be adamw or adamw8bit"),
-        (cfg.objective_kind in ("pseudo_gumbel", "supervised", "mixed"), "objective_kind", "must be pseudo_gumbel, supervised or mixed"),
+        (
+            cfg.objective_kind in ("pseudo_gumbel", "supervised", "mixed"),
+            "objective_kind",
+            "must be pseudo_gumbel, supervised or mixed",
+        ),
         (cfg.eval_every >= 0 and cfg.eval_samples >= 1, "eval_every", "eval_every must be >= 0 and eval_samples >= 1"),
         (cfg.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}"),
-        (cfg.data.source != "refer" or (cfg.data.refer_dir and cfg.data.coco_images), "data.refer_dir", "data.refer_dir and data.coco_images (the train2014 folder) are required when data.source=refer"),
-        (cfg.data.refer_split_by in (None, "unc", "umd", "google"), "data.refer_split_by", "must be unc, umd, google or null"),
+        (
+            cfg.data.source != "refer" or (cfg.data.refer_dir and cfg.data.coco_images),
+            "data.refer_dir",
+            "data.refer_dir and data.coco_images (the train2014 folder) are required when data.source=refer",
+        ),
+        (
+            cfg.data.refer_split_by in (None, "unc", "umd", "google"),
+            "data.refer_split_by",
+            "must be unc, umd, google or null",
+        ),
         (cfg.data.refer_pairs in ("sentence", "ref"), "data.refer_pairs", "must be sentence or ref"),
         (cfg.data.source != "hf" or cfg.data.hf_path, "data.hf_path", "required when data.source=hf"),
-        ((cfg.data.hf_image2 is None) == (cfg.data.hf_mask2 is None), "data.hf_image2", "data.hf_image2 and data.hf_mask2 go together"),
+        (
+            (cfg.data.hf_image2 is None) == (cfg.data.hf_mask2 is None),
+            "data.hf_image2",
+            "data.hf_image2 and data.hf_mask2 go together",
+        ),
         (cfg.data.source != "video" or cfg.data.video_dir, "data.video_dir", "required when data.source=video"),
-        ((cfg.data.source == "video") == (cfg.data.pairing == "other_frame"), "data.pairing", "other_frame is the pairing of data.source=video (and only of it)"),
-        (cfg.data.pairing in ("same", "augment", "other_frame"), "data.pairing", "must be same, augment or other_frame"),
-        (cfg.data.video_frame_distance >= 1 and cfg.data.sav_ann_every >= 1, "data.video_frame_distance", "video_frame_distance and sav_ann_every must be >= 1"),
+        (
+            (cfg.data.source == "video") == (cfg.data.pairing == "other_frame"),
+            "data.pairing",
+            "other_frame is the pairing of data.source=video (and only of it)",
+        ),
+        (
+            cfg.data.pairing in ("same", "augment", "other_frame"),
+            "data.pairing",
+            "must be same, augment or other_frame",
+        ),
+        (
+            cfg.data.video_frame_distance >= 1 and cfg.data.sav_ann_every >= 1,
+            "data.video_frame_distance",
+            "video_frame_distance and sav_ann_every must be >= 1",
+        ),
         (cfg.data.source != "manifest" or cfg.data.manifest, "data.manifest", "required when data.source=manifest"),
         (cfg.data.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1"),
-        (cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images), "data.coco_instances", "data.coco_instances and data.coco_images are required when data.source=coco"),
-        (cfg.resume in (None, "auto") or Path(cfg.resume).is_dir(), "resume", f"{cfg.resume!r} is neither 'auto' nor an existing checkpoint directory"),
+        (
+            cfg.data.source != "coco" or (cfg.data.coco_instances and cfg.data.coco_images),
+            "data.coco_instances",
+            "data.coco_instances and data.coco_images are required when data.source=coco",
+        ),
+        (
+            cfg.resume in (None, "auto") or Path(cfg.resume).is_dir(),
+            "resume",
+            f"{cfg.resume!r} is neither 'auto' nor an existing checkpoint directory",
+        ),
         # every other number a run divides by, counts with or feeds to a distribution
         (cfg.log_every >= 1, "log_every", "must be >= 1"),
         (cfg.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "must be >= 1"),
         (cfg.stop_at_step is None or cfg.stop_at_step >= 1, "stop_at_step", "must be >= 1 or null"),
         (cfg.model.lora_r is None or cfg.model.lora_r >= 1, "model.lora_r", "must be >= 1 or null (the preset's)"),
-        (cfg.model.lora_alpha is None or cfg.model.lora_alpha > 0, "model.lora_alpha", "must be > 0 or null (the preset's)"),
-        (cfg.model.lora_dropout is None or 0.0 <= cfg.model.lora_dropout < 1.0, "model.lora_dropout", "must be in [0, 1) or null (the preset's)"),
+        (
+            cfg.model.lora_alpha is None or cfg.model.lora_alpha > 0,
+            "model.lora_alpha",
+            "must be > 0 or null (the preset's)",
+        ),
+        (
+            cfg.model.lora_dropout is None or 0.0 <= cfg.model.lora_dropout < 1.0,
+            "model.lora_dropout",
+            "must be in [0, 1) or null (the preset's)",
+        ),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
         (all(0.0 <= b < 1.0 for b in cfg.optim.betas), "optim.betas", "each must be in [0, 1)"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
@@ -311,13 +384,38 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)"),
         (cfg.objective.temperature > 0, "objective.temperature", "must be > 0"),
         (cfg.objective.sample_top_k >= 0, "objective.sample_top_k", "must be >= 0 (0: the whole vocabulary)"),
-        (cfg.objective.bce_weight >= 0 and cfg.objective.dice_weight >= 0, "objective.bce_weight", "bce_weight and dice_weight must be >= 0"),
+        (
+            cfg.objective.bce_weight >= 0 and cfg.objective.dice_weight >= 0,
+            "objective.bce_weight",
+            "bce_weight and dice_weight must be >= 0",
+        ),
         (0.0 <= cfg.objective.region_threshold <= 1.0, "objective.region_threshold", "must be in [0, 1]"),
-        (min(cfg.supervised.lm_weight, cfg.supervised.seg_weight, cfg.supervised.mix_weight, cfg.supervised.summary_weight) >= 0,
-         "supervised.lm_weight", "supervised weights (lm, seg, mix, summary) must be >= 0"),
-        (cfg.data.num_samples >= 1 and cfg.data.image_size >= 16, "data.num_samples", "num_samples must be >= 1 and image_size >= 16"),
-        (1 <= cfg.data.min_objects <= cfg.data.max_objects, "data.min_objects", "needs 1 <= min_objects <= max_objects"),
-        (cfg.data.min_pixels >= 1 and cfg.data.num_workers >= 0, "data.min_pixels", "min_pixels must be >= 1 and num_workers >= 0"),
+        (
+            min(
+                cfg.supervised.lm_weight,
+                cfg.supervised.seg_weight,
+                cfg.supervised.mix_weight,
+                cfg.supervised.summary_weight,
+            )
+            >= 0,
+            "supervised.lm_weight",
+            "supervised weights (lm, seg, mix, summary) must be >= 0",
+        ),
+        (
+            cfg.data.num_samples >= 1 and cfg.data.image_size >= 16,
+            "data.num_samples",
+            "num_samples must be >= 1 and image_size >= 16",
+        ),
+        (
+            1 <= cfg.data.min_objects <= cfg.data.max_objects,
+            "data.min_objects",
+            "needs 1 <= min_objects <= max_objects",
+        ),
+        (
+            cfg.data.min_pixels >= 1 and cfg.data.num_workers >= 0,
+            "data.min_pixels",
+            "min_pixels must be >= 1 and num_workers >= 0",
+        ),
         (cfg.data.hf_shuffle_buffer >= 1, "data.hf_shuffle_buffer", "must be >= 1"),
     ]
     for ok, key, message in checks:

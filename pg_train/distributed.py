@@ -1,4 +1,5 @@
 """Small helpers for code that receives a model that may be wrapped by DDP / DeepSpeed / compile."""
+
 from __future__ import annotations
 
 

@@ -15,6 +15,7 @@ Placements:
                   tensors are refreshed from the shadow (kept on that device) before generating.
 The EMA knows nothing of data or losses.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,11 +39,20 @@ class Placement:
             return cls(text)
         if text.startswith("full:"):
             return cls("full", torch.device(text.split(":", 1)[1]))
-        raise ValueError(f"EMA placement {text!r}: expected 'same', 'cpu' or 'full:<device>' (e.g. full:cuda:1, full:cpu)")
+        raise ValueError(
+            f"EMA placement {text!r}: expected 'same', 'cpu' or 'full:<device>' (e.g. full:cuda:1, full:cpu)"
+        )
 
 
 class EMATeacher:
-    def __init__(self, student, decay: float = 0.999, placement: str = "same", warmup: bool = False, allow_nonfinite_state: bool = False):
+    def __init__(
+        self,
+        student,
+        decay: float = 0.999,
+        placement: str = "same",
+        warmup: bool = False,
+        allow_nonfinite_state: bool = False,
+    ):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         module = unwrap(student)
@@ -170,16 +180,23 @@ class EMATeacher:
             raise CheckpointError(f"{where}: missing entries {missing_keys}")
         names, shadow = list(state["names"]), list(state["shadow"])
         if len(names) != len(shadow) or len(set(names)) != len(names):
-            raise CheckpointError(f"{where}: {len(names)} names (distinct: {len(set(names))}) for {len(shadow)} shadow tensors")
+            raise CheckpointError(
+                f"{where}: {len(names)} names (distinct: {len(set(names))}) for {len(shadow)} shadow tensors"
+            )
         try:
             allow = self.allow_nonfinite_state if allow_nonfinite is None else allow_nonfinite
             check_state_dict(dict(zip(self.names, self.shadow)), dict(zip(names, shadow)), where, allow_nonfinite=allow)
         except CheckpointError as err:
             raise CheckpointError(f"{err}\n(the EMA state does not match the model's trainable tensors)") from err
         decay, warmup, num_updates = state["decay"], state["warmup"], state["num_updates"]
-        if not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0.0 <= decay < 1.0) or not isinstance(warmup, bool) \
-                or not (isinstance(num_updates, int) and not isinstance(num_updates, bool) and num_updates >= 0):
-            raise CheckpointError(f"{where}: decay {decay!r} (a float in [0, 1)), warmup {warmup!r} (a bool), num_updates {num_updates!r} (an int >= 0)")
+        if (
+            not (isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0.0 <= decay < 1.0)
+            or not isinstance(warmup, bool)
+            or not (isinstance(num_updates, int) and not isinstance(num_updates, bool) and num_updates >= 0)
+        ):
+            raise CheckpointError(
+                f"{where}: decay {decay!r} (a float in [0, 1)), warmup {warmup!r} (a bool), num_updates {num_updates!r} (an int >= 0)"
+            )
 
     def load_state_dict(self, state: dict, *, allow_nonfinite: bool | None = None) -> None:
         """All-or-nothing: `check_state_dict` first, so a refused state leaves this EMA bitwise
@@ -204,7 +221,9 @@ class EMATeacher:
         return dict(held)
 
     @staticmethod
-    def predicted_bytes(student, placement: str, training_device: str = "cuda:0", model_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    def predicted_bytes(
+        student, placement: str, training_device: str = "cuda:0", model_dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, int]:
         """What `memory_bytes` will report for `placement`, without allocating (meta models too)."""
         module = unwrap(student)
         where = Placement.parse(placement)
@@ -214,7 +233,10 @@ class EMATeacher:
         if where.kind == "cpu":
             return {"cpu": shadow}
         elem = torch.finfo(model_dtype).bits // 8
-        copy_bytes = sum(t.numel() * (elem if t.is_floating_point() else t.element_size()) for t in list(module.parameters()) + list(module.buffers()))
+        copy_bytes = sum(
+            t.numel() * (elem if t.is_floating_point() else t.element_size())
+            for t in list(module.parameters()) + list(module.buffers())
+        )
         return {str(where.device): shadow + copy_bytes}
 
     def distance_to(self, student) -> float:

@@ -12,6 +12,7 @@ thresholded at 0, then scored against the annotation's mask there: cIoU = ΣI / 
 split, gIoU = mean per-expression I / U, an empty union scoring 1. An expression whose image or
 annotation cannot be read is counted under its reason, not scored.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,9 @@ def _collate(items: list[dict]) -> dict:
 
 def intersection_union(logits: torch.Tensor, truth: torch.Tensor) -> tuple[int, int]:
     """Pixel counts of (logits > 0, upsampled bilinearly to the truth's [H, W]) vs the truth."""
-    upsampled = F.interpolate(logits.float()[None, None], size=tuple(truth.shape), mode="bilinear", align_corners=False)[0, 0]
+    upsampled = F.interpolate(
+        logits.float()[None, None], size=tuple(truth.shape), mode="bilinear", align_corners=False
+    )[0, 0]
     pred = upsampled.cpu() > 0
     truth = truth.bool()
     return int((pred & truth).sum()), int((pred | truth).sum())
@@ -104,8 +107,17 @@ def model_predictor(model, cfg, device, dtype: torch.dtype) -> Predictor:
     return predict
 
 
-def evaluate_split(source: ReferPairs, predict: Predictor, preprocess: Preprocess, batch_size: int = 8, limit: int | None = None,
-                   workers: int = 0, progress: bool = True, examples: int = 8, desc: str = "") -> dict:
+def evaluate_split(
+    source: ReferPairs,
+    predict: Predictor,
+    preprocess: Preprocess,
+    batch_size: int = 8,
+    limit: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    examples: int = 8,
+    desc: str = "",
+) -> dict:
     """cIoU / gIoU of each kind over the split's expressions (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -127,20 +139,35 @@ def evaluate_split(source: ReferPairs, predict: Predictor, preprocess: Preproces
                         union[kind].append(u)
                     if len(samples) < examples:
                         cycle_captions = out.get("cycle_captions")
-                        samples.append({"expression": batch["captions"][b], "cycle_caption": cycle_captions[b] if cycle_captions else None,
-                                        **{f"{kind}_IoU": inter[kind][-1] / union[kind][-1] if union[kind][-1] else 1.0 for kind in KINDS}})
+                        samples.append(
+                            {
+                                "expression": batch["captions"][b],
+                                "cycle_caption": cycle_captions[b] if cycle_captions else None,
+                                **{
+                                    f"{kind}_IoU": inter[kind][-1] / union[kind][-1] if union[kind][-1] else 1.0
+                                    for kind in KINDS
+                                },
+                            }
+                        )
             bar.update(len(batch["truths"]) + len(batch["skipped"]))
-    results = {kind: ciou_giou(torch.tensor(inter[kind], dtype=torch.float64), torch.tensor(union[kind], dtype=torch.float64)) for kind in KINDS}
+    results = {
+        kind: ciou_giou(torch.tensor(inter[kind], dtype=torch.float64), torch.tensor(union[kind], dtype=torch.float64))
+        for kind in KINDS
+    }
     results.update(expressions=len(inter["referring"]), skipped=dict(skipped), examples=samples)
     return results
 
 
 def format_table(results: dict) -> str:
     """Per split: expressions, referring and cycle cIoU / gIoU in percent (as papers print them)."""
-    lines = [f"{'split':8} {'expressions':>11} {'referring cIoU':>15} {'gIoU':>6} {'cycle cIoU':>11} {'gIoU':>6}  skipped"]
+    lines = [
+        f"{'split':8} {'expressions':>11} {'referring cIoU':>15} {'gIoU':>6} {'cycle cIoU':>11} {'gIoU':>6}  skipped"
+    ]
     for split, r in results["splits"].items():
-        lines.append(f"{split:8} {r['expressions']:>11} {100 * r['referring']['cIoU']:>15.1f} {100 * r['referring']['gIoU']:>6.1f} "
-                     f"{100 * r['cycle']['cIoU']:>11.1f} {100 * r['cycle']['gIoU']:>6.1f}  {sum(r['skipped'].values()) or '-'}")
+        lines.append(
+            f"{split:8} {r['expressions']:>11} {100 * r['referring']['cIoU']:>15.1f} {100 * r['referring']['gIoU']:>6.1f} "
+            f"{100 * r['cycle']['cIoU']:>11.1f} {100 * r['cycle']['gIoU']:>6.1f}  {sum(r['skipped'].values()) or '-'}"
+        )
     return "\n".join(lines)
 
 
@@ -158,12 +185,21 @@ def run(args) -> int:
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     predict = model_predictor(model, objective, device, dtype)
     # every expression, the mask as annotated (no minimum size): the split as papers score it
-    everything = ReferPairs(args.refer_dir, args.images, args.split_by, split=None, per="sentence", pairing="same", min_pixels=0)
+    everything = ReferPairs(
+        args.refer_dir, args.images, args.split_by, split=None, per="sentence", pairing="same", min_pixels=0
+    )
     splits = args.splits or [s for s in everything.splits if s != "train"]
-    results = {"refer_dir": str(args.refer_dir), "refs": everything.refs_path.name, "checkpoint": str(args.checkpoint), "splits": {}}
+    results = {
+        "refer_dir": str(args.refer_dir),
+        "refs": everything.refs_path.name,
+        "checkpoint": str(args.checkpoint),
+        "splits": {},
+    }
     for split in splits:
         source = everything.subset(split)
-        results["splits"][split] = evaluate_split(source, predict, preprocess, args.batch_size, args.samples, args.workers, desc=split)
+        results["splits"][split] = evaluate_split(
+            source, predict, preprocess, args.batch_size, args.samples, args.workers, desc=split
+        )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "refcoco.json").write_text(json.dumps(results, indent=2))

@@ -14,6 +14,7 @@ Also caption statistics, a JSON of every number and a PNG gallery.
 
 scores RefCOCO-family splits instead, as papers report them (pg_train/eval_refcoco.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,14 @@ from PIL import Image, ImageDraw
 
 from .distributed import unwrap
 from .model.regions import region_cells
-from .pseudo_gumbel import PseudoGumbelConfig, answer_caption_embeds, forward_mask_with_text_embeds, generate_pseudo_tokens_with_ema, iou_counts, resize_target
+from .pseudo_gumbel import (
+    PseudoGumbelConfig,
+    answer_caption_embeds,
+    forward_mask_with_text_embeds,
+    generate_pseudo_tokens_with_ema,
+    iou_counts,
+    resize_target,
+)
 from .supervised import tokenize_captions
 
 KINDS = ("referring", "cycle", "shuffled", "empty")
@@ -37,8 +45,16 @@ def caption_inputs(model, batch: dict, cfg: PseudoGumbelConfig) -> dict[str, tup
     """Caption ids and lengths per kind. shuffled = the cycle caption of the next sample in the
     batch (another object); empty = no caption at all."""
     device = batch["pixel_values1"].device
-    cells, _ = region_cells(batch["region_masks1"], unwrap(model).grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
-    generated, generated_len = generate_pseudo_tokens_with_ema(model, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1"))
+    cells, _ = region_cells(
+        batch["region_masks1"],
+        unwrap(model).grid_size,
+        cfg.region_threshold,
+        cfg.empty_region_policy,
+        rule=cfg.region_rule,
+    )
+    generated, generated_len = generate_pseudo_tokens_with_ema(
+        model, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1")
+    )
     truth, truth_len = tokenize_captions(model, batch["captions"], cfg.max_caption_len)
     B = generated.shape[0]
     order = torch.roll(torch.arange(B), 1)
@@ -46,7 +62,10 @@ def caption_inputs(model, batch: dict, cfg: PseudoGumbelConfig) -> dict[str, tup
         "referring": (truth.to(device), truth_len.to(device)),
         "cycle": (generated, generated_len),
         "shuffled": (generated[order], generated_len[order]),
-        "empty": (torch.full((B, 1), unwrap(model).tokenizer.pad_token_id, device=device), torch.zeros(B, dtype=torch.long, device=device)),
+        "empty": (
+            torch.full((B, 1), unwrap(model).tokenizer.pad_token_id, device=device),
+            torch.zeros(B, dtype=torch.long, device=device),
+        ),
     }
 
 
@@ -54,8 +73,15 @@ def segment_from_caption(model, batch: dict, ids: torch.Tensor, lens: torch.Tens
     """Mask logits [B, S/4, S/4] for image 2 of `batch` from caption ids (any kind of
     caption_inputs), the caption read as training's pass 2 reads it."""
     embeds, space_slot = answer_caption_embeds(unwrap(model), ids, lens)
-    return forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens, space_slot=space_slot,
-                                         num_views=batch.get("num_views2"))
+    return forward_mask_with_text_embeds(
+        model,
+        batch["pixel_values2"],
+        batch["sam_pixel_values2"],
+        embeds,
+        lens,
+        space_slot=space_slot,
+        num_views=batch.get("num_views2"),
+    )
 
 
 def ciou_giou(inter: torch.Tensor, union: torch.Tensor) -> dict[str, float]:
@@ -70,7 +96,9 @@ def ciou_giou(inter: torch.Tensor, union: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path | None = None, gallery_size: int = 8) -> dict:
+def evaluate(
+    model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path | None = None, gallery_size: int = 8
+) -> dict:
     """Numbers over all `batches` (dicts as the data loader yields, on the model's device)."""
     module = unwrap(model)
     was_training = module.training
@@ -84,7 +112,9 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
     try:
         for batch in batches:
             if batch["region_masks1"].shape[0] < 2:
-                raise ValueError("evaluation batches need at least 2 samples (the shuffled control swaps captions within a batch)")
+                raise ValueError(
+                    "evaluation batches need at least 2 samples (the shuffled control swaps captions within a batch)"
+                )
             inputs = caption_inputs(model, batch, cfg)
             target = None
             predictions = {}
@@ -107,10 +137,17 @@ def evaluate(model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path |
     finally:
         hook.remove()
         module.train(was_training)
-    results = {k: ciou_giou(torch.cat(inter[k]) if inter[k] else torch.zeros(0), torch.cat(union[k]) if union[k] else torch.zeros(0)) for k in KINDS}
+    results = {
+        k: ciou_giou(
+            torch.cat(inter[k]) if inter[k] else torch.zeros(0), torch.cat(union[k]) if union[k] else torch.zeros(0)
+        )
+        for k in KINDS
+    }
     results["samples"] = sum(len(t) for t in inter["cycle"])
     results["cycle_minus_shuffled_gIoU"] = results["cycle"]["gIoU"] - results["shuffled"]["gIoU"]
-    results["language_embedding"] = caption_sensitivity(torch.cat(language["cycle"]), torch.cat(language["shuffled"])) if language["cycle"] else {}
+    results["language_embedding"] = (
+        caption_sensitivity(torch.cat(language["cycle"]), torch.cat(language["shuffled"])) if language["cycle"] else {}
+    )
     results["captions"] = {
         "mean_length": float(np.mean(lengths)) if lengths else 0.0,
         "distinct_token_fraction": len(set(tokens)) / max(1, len(tokens)),
@@ -131,7 +168,11 @@ def caption_sensitivity(own: torch.Tensor, other: torch.Tensor) -> dict[str, flo
     """
     caption_effect = float((own - other).norm(dim=1).mean())
     image_spread = float((own - own.mean(0)).norm(dim=1).mean())
-    return {"caption_effect": caption_effect, "image_spread": image_spread, "ratio": caption_effect / max(image_spread, 1e-12)}
+    return {
+        "caption_effect": caption_effect,
+        "image_spread": image_spread,
+        "ratio": caption_effect / max(image_spread, 1e-12),
+    }
 
 
 # ---- gallery --------------------------------------------------------------------------------------
@@ -156,7 +197,9 @@ def _to_image(pixel_values: torch.Tensor) -> Image.Image:
 
 
 def _overlay(image: Image.Image, mask: torch.Tensor, colour: tuple[int, int, int], alpha: float = 0.45) -> Image.Image:
-    mask_image = Image.fromarray((mask.float().cpu().numpy() > 0.5).astype(np.uint8) * int(255 * alpha)).resize(image.size)
+    mask_image = Image.fromarray((mask.float().cpu().numpy() > 0.5).astype(np.uint8) * int(255 * alpha)).resize(
+        image.size
+    )
     return Image.composite(Image.new("RGB", image.size, colour), image, mask_image)
 
 
@@ -190,7 +233,9 @@ def write_gallery(rows: list[tuple], path: str | Path) -> None:
 
 
 # ---- loading and CLI -------------------------------------------------------------------------------
-def heldout_batches(model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None, data=None) -> list[dict]:
+def heldout_batches(
+    model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None, data=None
+) -> list[dict]:
     """Preprocessed evaluation batches: the manifest if given, else synthetic scenes of `seed`
     drawn like `data`'s (a DataConfig: sizes, colours, object counts — the defaults when it is
     None or not synthetic). Training uses small seeds; the default held-out seed is 10,000+."""
@@ -237,9 +282,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         return from_pretrained(path, device=device), None
     config = path.parent.parent / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{path}: neither a released checkpoint (config.json) nor a training checkpoint next to {config}")
-    from .config import load_config
+        raise FileNotFoundError(
+            f"{path}: neither a released checkpoint (config.json) nor a training checkpoint next to {config}"
+        )
     from .builders import build_student, load_training_weights
+    from .config import load_config
 
     cfg = load_config([config], ["resume=null", "model.init_from=null"])
     model = build_student(cfg)
@@ -259,18 +306,28 @@ def load_for_evaluation(path: str | Path, device: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pg_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pg_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--manifest", help="JSONL pairs to evaluate on (default: held-out synthetic scenes)")
-    parser.add_argument("--samples", type=int, default=None, help="default: 32 (synthetic or manifest), the whole split (--refer-dir)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="default: 32 (synthetic or manifest), the whole split (--refer-dir)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=10_000, help="synthetic held-out seed (training uses its own, small seed)")
+    parser.add_argument(
+        "--seed", type=int, default=10_000, help="synthetic held-out seed (training uses its own, small seed)"
+    )
     parser.add_argument("--output", default="eval")
     refer = parser.add_argument_group("RefCOCO-family split (pg_train/eval_refcoco.py)")
-    refer.add_argument("--refer-dir", help="folder with instances.json and refs(unc|umd|google).p: evaluate its splits instead")
+    refer.add_argument(
+        "--refer-dir", help="folder with instances.json and refs(unc|umd|google).p: evaluate its splits instead"
+    )
     refer.add_argument("--images", help="the COCO train2014 image folder")
     refer.add_argument("--splits", nargs="+", help="default: every split of the refs file except train")
-    refer.add_argument("--split-by", choices=("unc", "umd", "google"), help="default: the only refs(*).p in --refer-dir")
+    refer.add_argument(
+        "--split-by", choices=("unc", "umd", "google"), help="default: the only refs(*).p in --refer-dir"
+    )
     refer.add_argument("--workers", type=int, default=0, help="image-reading processes")
     args = parser.parse_args(argv)
     if args.refer_dir:
@@ -280,7 +337,9 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, objective = load_for_evaluation(args.checkpoint, device)
     # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
-    batches = heldout_batches(model, args.samples or 32, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None)
+    batches = heldout_batches(
+        model, args.samples or 32, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None
+    )
     out = Path(args.output)
     results = evaluate(model, batches, objective, gallery_path=out / "gallery.png")
     out.mkdir(parents=True, exist_ok=True)
@@ -292,8 +351,10 @@ def main(argv=None) -> int:
     c = results["captions"]
     lang = results["language_embedding"]
     print(f"language embedding: caption effect / image spread = {lang['ratio']:.3f} (near 0: masks ignore the caption)")
-    print(f"cycle - shuffled gIoU: {results['cycle_minus_shuffled_gIoU']:+.3f}; captions: {c['mean_length']:.1f} tokens, "
-          f"{c['distinct_token_fraction']:.2f} distinct, {c['cut_at_limit_fraction']:.2f} cut at the limit")
+    print(
+        f"cycle - shuffled gIoU: {results['cycle_minus_shuffled_gIoU']:+.3f}; captions: {c['mean_length']:.1f} tokens, "
+        f"{c['distinct_token_fraction']:.2f} distinct, {c['cut_at_limit_fraction']:.2f} cut at the limit"
+    )
     print(f"wrote {out / 'eval.json'} and {out / 'gallery.png'}")
     return 0
 

@@ -12,6 +12,7 @@ need. The student may be wrapped (DDP / DeepSpeed): every student computation is
 wrapper (`student(mode=...)`) so gradients are synchronised; attributes (token ids, prompts) are
 read from the unwrapped module. The teacher is any Sa2VA model or an `EMATeacher` (pg_train.ema).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,8 +77,15 @@ def _eval_mode(model):
 
 # ---- 1. teacher captions -----------------------------------------------------------------------
 @torch.no_grad()
-def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_cells: torch.Tensor, cfg: PseudoGumbelConfig, generator: torch.Generator | None = None, student=None,
-                                    num_views: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_pseudo_tokens_with_ema(
+    teacher,
+    pixel_values: torch.Tensor,
+    region_cells: torch.Tensor,
+    cfg: PseudoGumbelConfig,
+    generator: torch.Generator | None = None,
+    student=None,
+    num_views: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher captions of each sample's region.
 
     `teacher`: a Sa2VA model, or an EMA teacher (then `student` is the model its weights are
@@ -94,19 +102,26 @@ def generate_pseudo_tokens_with_ema(teacher, pixel_values: torch.Tensor, region_
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = region_prompts(model, region_cells, num_views)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        embeds = model.embed_with_images(prompt_ids, model.extract_feature(pixel_values.to(device)), region_cells.to(device), num_views)
+        embeds = model.embed_with_images(
+            prompt_ids, model.extract_feature(pixel_values.to(device)), region_cells.to(device), num_views
+        )
         suppress = special_ids(model).clone()
         suppress[model.eos_token_id] = False  # eos is how a caption ends
         captions, lengths = generate_from_embeds(
-            model.language_model, embeds, prompt_mask,
+            model.language_model,
+            embeds,
+            prompt_mask,
             max_new_tokens=cfg.max_caption_len,
             min_new_tokens=cfg.min_caption_len,
             eos_token_id=model.eos_token_id,
             pad_token_id=model.tokenizer.pad_token_id,
             suppress_token_ids=suppress.nonzero().flatten().to(device),
             stop=model.prompts.stop,
-            do_sample=cfg.do_sample, temperature=cfg.temperature, top_k=cfg.sample_top_k,
-            generator=generator, static_cache=cfg.static_cache,
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature,
+            top_k=cfg.sample_top_k,
+            generator=generator,
+            static_cache=cfg.static_cache,
         )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 
@@ -115,11 +130,15 @@ def views_per_sample(num_views: torch.Tensor | None, batch_size: int) -> list[in
     return [1] * batch_size if num_views is None else [int(n) for n in num_views.tolist()]
 
 
-def region_prompts(model, region_cells: torch.Tensor, num_views: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def region_prompts(
+    model, region_cells: torch.Tensor, num_views: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded region prompts (ids, mask) [B, L] for K_b cells and each sample's views."""
     counts = region_cells.flatten(1).sum(1).tolist()
     views = views_per_sample(num_views, len(counts))
-    return left_pad([model.prompts.region_prompt(int(k), v) for k, v in zip(counts, views)], model.tokenizer.pad_token_id)
+    return left_pad(
+        [model.prompts.region_prompt(int(k), v) for k, v in zip(counts, views)], model.tokenizer.pad_token_id
+    )
 
 
 # ---- 2. random masking -------------------------------------------------------------------------
@@ -130,7 +149,13 @@ def sample_generators(seeds: torch.Tensor, stream: int) -> list[torch.Generator]
     return [torch.Generator().manual_seed((int(seed) + stream * 0x9E3779B97F4A7C15) % 2**63) for seed in seeds.tolist()]
 
 
-def random_mask_tokens(caption_ids: torch.Tensor, caption_lengths: torch.Tensor, mask_ratio: float, special: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+def random_mask_tokens(
+    caption_ids: torch.Tensor,
+    caption_lengths: torch.Tensor,
+    mask_ratio: float,
+    special: torch.Tensor,
+    generators: list[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each real caption token with probability `mask_ratio` by a uniformly drawn
     ordinary text id (never a special, added or padding id — the seed drew from the whole
     vocabulary, so an `<IMG_CONTEXT>` or `[SEG]` could land inside a caption).
@@ -150,8 +175,14 @@ def random_mask_tokens(caption_ids: torch.Tensor, caption_lengths: torch.Tensor,
 
 
 # ---- 3. student caption logits -----------------------------------------------------------------
-def forward_for_logits(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, caption_ids: torch.Tensor, caption_lengths: torch.Tensor,
-                       num_views: torch.Tensor | None = None) -> torch.Tensor:
+def forward_for_logits(
+    student,
+    pixel_values: torch.Tensor,
+    region_cells: torch.Tensor,
+    caption_ids: torch.Tensor,
+    caption_lengths: torch.Tensor,
+    num_views: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Teacher-forced student pass over prompt + (masked) caption -> caption logits [B, T, V].
 
     Row layout: [left padding | region prompt (P columns in all) | caption T | ...]. The logit
@@ -168,7 +199,11 @@ def forward_for_logits(student, pixel_values: torch.Tensor, region_cells: torch.
         mode="caption_logits",
         input_ids=torch.cat([prompt_ids, caption_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, caption_mask], dim=1),
-        pixel_values=pixel_values, region_cells=region_cells, first_row=P - 1, num_rows=T, num_views=num_views,
+        pixel_values=pixel_values,
+        region_cells=region_cells,
+        first_row=P - 1,
+        num_rows=T,
+        num_views=num_views,
     )
 
 
@@ -199,7 +234,9 @@ class _StraightThroughEmbedding(torch.autograd.Function):
             for start in range(0, N, rows):
                 end = min(N, start + rows)
                 gathered = weight[topk_ids[start:end]]  # [n, k, D], bounded by chunk_elems
-                grad_soft[start:end] = torch.bmm(gathered, grad_out[start:end, :, None].to(weight.dtype)).squeeze(-1).float()
+                grad_soft[start:end] = (
+                    torch.bmm(gathered, grad_out[start:end, :, None].to(weight.dtype)).squeeze(-1).float()
+                )
             grad_soft = grad_soft.to(ctx.soft_dtype)
         if ctx.needs_input_grad[3]:
             grad_weight = torch.zeros_like(weight).index_add_(0, hard_ids, grad_out.to(weight.dtype))
@@ -211,8 +248,16 @@ def uniform_noise(generators: list[torch.Generator], T: int, k: int) -> torch.Te
     return torch.stack([torch.rand(T, k, generator=g) for g in generators])
 
 
-def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Tensor, special: torch.Tensor, uniform: torch.Tensor, tau: float = 0.7, topk: int = 128, chunk_elems: int = 1 << 24,
-                        first_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_gumbel_softmax(
+    caption_logits: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    special: torch.Tensor,
+    uniform: torch.Tensor,
+    tau: float = 0.7,
+    topk: int = 128,
+    chunk_elems: int = 1 << 24,
+    first_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """caption_logits [B, T, V] -> (text_embeds [B, T, D], hard_ids [B, T]).
 
     Special ids are excluded before the top-k. `uniform` [B, T, k] (fp32, from uniform_noise)
@@ -242,20 +287,25 @@ def topk_gumbel_softmax(caption_logits: torch.Tensor, embedding_weight: torch.Te
 
 
 # ---- 5. student segments image 2 from the caption ----------------------------------------------
-def segment_prompt(model, caption_lengths: torch.Tensor, T: int, device: torch.device, num_views: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def segment_prompt(
+    model, caption_lengths: torch.Tensor, T: int, device: torch.device, num_views: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Pass 2's token frame around T caption slots: (prefix ids [B, P] left-padded when samples
     have different numbers of views, prefix mask [B, P], caption mask [B, T], suffix ids [B, Q],
     index of the answer's [SEG] in the suffix)."""
     B, caption_lengths = caption_lengths.shape[0], caption_lengths.to(device)
-    prefix, prefix_mask = left_pad([model.prompts.segment_prefix(v) for v in views_per_sample(num_views, B)], model.tokenizer.pad_token_id)
+    prefix, prefix_mask = left_pad(
+        [model.prompts.segment_prefix(v) for v in views_per_sample(num_views, B)], model.tokenizer.pad_token_id
+    )
     suffix_ids, seg_index = model.prompts.segment_suffix()
     suffix = torch.tensor(suffix_ids, device=device).expand(B, -1)
     caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()
     return prefix.to(device), prefix_mask.to(device), caption_mask, suffix, seg_index
 
 
-def with_space_slot(model, text_embeds: torch.Tensor, caption_mask: torch.Tensor, space_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def with_space_slot(
+    model, text_embeds: torch.Tensor, caption_mask: torch.Tensor, space_slot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prepend one slot holding the space token's embedding, attended only where `space_slot`
     [B] (the caption's first token has no single-token leading-space twin)."""
     space = model.embed_tokens()(torch.tensor([model.prompts.leading_space.space_id], device=text_embeds.device))
@@ -263,7 +313,9 @@ def with_space_slot(model, text_embeds: torch.Tensor, caption_mask: torch.Tensor
     return embeds, torch.cat([space_slot.to(caption_mask)[:, None], caption_mask], dim=1)
 
 
-def answer_caption_embeds(model, caption_ids: torch.Tensor, caption_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_caption_embeds(
+    model, caption_ids: torch.Tensor, caption_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [B, T, D] of captions given as answer-context ids (as the teacher generates
     them) read inside the segment prompt: the first id through its leading-space twin, and the
     space_slot [B] rows that need a separate space token (for forward_mask_with_text_embeds)."""
@@ -276,8 +328,16 @@ def answer_caption_embeds(model, caption_ids: torch.Tensor, caption_lengths: tor
     return model.embed_tokens()(rows), space_slot
 
 
-def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel_values: torch.Tensor, text_embeds: torch.Tensor, caption_lengths: torch.Tensor,
-                                  return_seg_hidden: bool = False, space_slot: torch.Tensor | None = None, num_views: torch.Tensor | None = None):
+def forward_mask_with_text_embeds(
+    student,
+    pixel_values: torch.Tensor,
+    sam_pixel_values: torch.Tensor,
+    text_embeds: torch.Tensor,
+    caption_lengths: torch.Tensor,
+    return_seg_hidden: bool = False,
+    space_slot: torch.Tensor | None = None,
+    num_views: torch.Tensor | None = None,
+):
     """Segmentation prompt with the caption as embeddings -> mask logits [B, S/4, S/4].
 
     prefix (image 2 + instruction) | text_embeds [B, T, D], padded slots masked out of
@@ -286,13 +346,23 @@ def forward_mask_with_text_embeds(student, pixel_values: torch.Tensor, sam_pixel
     included; `space_slot` [B]: rows whose space is a separate token (see with_space_slot).
     """
     model = unwrap(student)
-    prefix, prefix_mask, caption_mask, suffix, seg_index = segment_prompt(model, caption_lengths, text_embeds.shape[1], text_embeds.device, num_views)
+    prefix, prefix_mask, caption_mask, suffix, seg_index = segment_prompt(
+        model, caption_lengths, text_embeds.shape[1], text_embeds.device, num_views
+    )
     if space_slot is not None:
         text_embeds, caption_mask = with_space_slot(model, text_embeds, caption_mask, space_slot)
     return student(
-        mode="segment", prefix_ids=prefix, caption_embeds=text_embeds, caption_mask=caption_mask,
-        suffix_ids=suffix, seg_index=seg_index, pixel_values=pixel_values, sam_pixel_values=sam_pixel_values,
-        return_seg_hidden=return_seg_hidden, prefix_mask=prefix_mask, num_views=num_views,
+        mode="segment",
+        prefix_ids=prefix,
+        caption_embeds=text_embeds,
+        caption_mask=caption_mask,
+        suffix_ids=suffix,
+        seg_index=seg_index,
+        pixel_values=pixel_values,
+        sam_pixel_values=sam_pixel_values,
+        return_seg_hidden=return_seg_hidden,
+        prefix_mask=prefix_mask,
+        num_views=num_views,
     )
 
 
@@ -303,7 +373,9 @@ def resize_target(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks.float().clamp(0, 1)[:, None], size)[:, 0]
 
 
-def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 2.0, dice_weight: float = 0.5) -> dict[str, torch.Tensor]:
+def mask_loss(
+    mask_logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 2.0, dice_weight: float = 0.5
+) -> dict[str, torch.Tensor]:
     """Per-sample BCE-with-logits and Dice at the **decoder's resolution** (256x256 for SAM2 at
     1024 px; S/4 in general): the target is area-downsampled to the logits, not the logits
     upsampled to the target. Dice uses Sa2VA's +1 smoothing.
@@ -367,8 +439,14 @@ def mask_iou(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: PseudoGumbelConfig, generator: torch.Generator | None = None,
-                       observer=None) -> StepOutput:
+def pseudo_gumbel_step(
+    student,
+    teacher,
+    batch: dict[str, torch.Tensor],
+    cfg: PseudoGumbelConfig,
+    generator: torch.Generator | None = None,
+    observer=None,
+) -> StepOutput:
     """One Pseudo-Gumbel step (forward only; the caller runs backward on `.loss`).
 
     batch: `pixel_values1` [B, 3, 448, 448] and `region_masks1` [B, H, W] (image 1 and its
@@ -391,13 +469,21 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
     )
 
     with observe("teacher"):
-        caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, generator, student, views1)  # 1
+        caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(
+            teacher, batch["pixel_values1"], cells, cfg, generator, student, views1
+        )  # 1
     with observe("mask"):
-        masked_ids, replaced = random_mask_tokens(caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))  # 2
+        masked_ids, replaced = random_mask_tokens(
+            caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0)
+        )  # 2
     with observe("pass1"):
-        caption_logits = forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1)  # 3
+        caption_logits = forward_for_logits(
+            student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1
+        )  # 3
     with observe("gumbel"):
-        uniform = uniform_noise(sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1]))
+        uniform = uniform_noise(
+            sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1])
+        )
         twin, needs_slot = model.prompts.leading_space.on(caption_logits.device)
         text_embeds, hard_ids = topk_gumbel_softmax(  # 4
             caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk, first_rows=twin
@@ -407,7 +493,13 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
     space_slot = needs_slot[hard_ids[:, 0]] & (caption_lengths > 0) if hard_ids.shape[1] else None
     with observe("pass2"):
         mask_logits = forward_mask_with_text_embeds(  # 5
-            student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, caption_lengths, space_slot=space_slot, num_views=views2
+            student,
+            batch["pixel_values2"],
+            batch["sam_pixel_values2"],
+            text_embeds,
+            caption_lengths,
+            space_slot=space_slot,
+            num_views=views2,
         )
     with observe("loss"):
         target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
@@ -425,8 +517,17 @@ def pseudo_gumbel_step(student, teacher, batch: dict[str, torch.Tensor], cfg: Ps
         "region_fallbacks": fallback.sum(),
     }
     return StepOutput(
-        loss=losses["loss"], bce=losses["bce"], dice=losses["dice"], mask_logits=mask_logits,
-        text_embeds=text_embeds, caption_ids=caption_ids, caption_lengths=caption_lengths,
-        masked_ids=masked_ids, replaced=replaced, hard_ids=hard_ids,
-        region_k=cells.flatten(1).sum(1), region_fallback=fallback, metrics=metrics,
+        loss=losses["loss"],
+        bce=losses["bce"],
+        dice=losses["dice"],
+        mask_logits=mask_logits,
+        text_embeds=text_embeds,
+        caption_ids=caption_ids,
+        caption_lengths=caption_lengths,
+        masked_ids=masked_ids,
+        replaced=replaced,
+        hard_ids=hard_ids,
+        region_k=cells.flatten(1).sum(1),
+        region_fallback=fallback,
+        metrics=metrics,
     )

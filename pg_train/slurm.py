@@ -6,6 +6,7 @@
 `--dry-run` prints the rendered script instead of submitting it. Everything after `--` goes to
 `launch/train.py` (the script always adds `--resume auto`, so a requeued job continues).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,19 @@ from pathlib import Path
 TEMPLATE = Path(__file__).resolve().parent.parent / "launch" / "slurm" / "train.sbatch"
 
 
-def render(*, nodes: int, gpus_per_node: int, train_args: list[str], partition: str | None = None, time: str = "24:00:00",
-           job_name: str = "pg_train", cpus_per_task: int | None = None, signal_seconds: int = 300, max_restarts: int = 5,
-           template: Path = TEMPLATE) -> str:
+def render(
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    train_args: list[str],
+    partition: str | None = None,
+    time: str = "24:00:00",
+    job_name: str = "pg_train",
+    cpus_per_task: int | None = None,
+    signal_seconds: int = 300,
+    max_restarts: int = 5,
+    template: Path = TEMPLATE,
+) -> str:
     """The sbatch script for N nodes x G GPUs with the training arguments baked in."""
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"need at least 1 node and 1 GPU per node, got {nodes} x {gpus_per_node}")
@@ -29,7 +40,10 @@ def render(*, nodes: int, gpus_per_node: int, train_args: list[str], partition: 
         raise ValueError(f"--time {time!r}: expected SLURM time like 24:00:00 or 2-00:00:00")
     text = template.read_text()
     header = {
-        "job-name": job_name, "nodes": str(nodes), "gpus-per-node": str(gpus_per_node), "time": time,
+        "job-name": job_name,
+        "nodes": str(nodes),
+        "gpus-per-node": str(gpus_per_node),
+        "time": time,
         "signal": f"B:USR1@{signal_seconds}",
     }
     if cpus_per_task:
@@ -51,7 +65,9 @@ def main(argv=None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, train_args = argv[:split], argv[split + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m pg_train.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pg_train.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="render launch/slurm/train.sbatch and sbatch it")
     s.add_argument("--nodes", type=int, required=True)
@@ -64,9 +80,17 @@ def main(argv=None) -> int:
     s.add_argument("--max-restarts", type=int, default=5)
     s.add_argument("--dry-run", action="store_true", help="print the script, do not submit")
     args = parser.parse_args(argv)
-    script = render(nodes=args.nodes, gpus_per_node=args.gpus_per_node, train_args=train_args, partition=args.partition,
-                    time=args.time, job_name=args.job_name, cpus_per_task=args.cpus_per_task,
-                    signal_seconds=args.signal_seconds, max_restarts=args.max_restarts)
+    script = render(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        train_args=train_args,
+        partition=args.partition,
+        time=args.time,
+        job_name=args.job_name,
+        cpus_per_task=args.cpus_per_task,
+        signal_seconds=args.signal_seconds,
+        max_restarts=args.max_restarts,
+    )
     if args.dry_run:
         print(script)
         return 0

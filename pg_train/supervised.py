@@ -5,6 +5,7 @@ A model from random weights cannot caption anything, so Pseudo-Gumbel has nothin
 from: the supervised objective warms it up, and `mixed` keeps it in the mix as the original
 recipe does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ import torch.nn.functional as F
 from .distributed import unwrap
 from .model.regions import region_cells as select_region_cells
 from .pseudo_gumbel import (
-    PseudoGumbelConfig, StepOutput, forward_for_logits, forward_mask_with_text_embeds, mask_iou, mask_loss, no_observer, resize_target,
+    PseudoGumbelConfig,
+    StepOutput,
+    forward_for_logits,
+    forward_mask_with_text_embeds,
+    mask_iou,
+    mask_loss,
+    no_observer,
+    resize_target,
 )
 
 
@@ -32,7 +40,9 @@ class SupervisedConfig:
     summary_weight: float = 0.0
 
 
-def tokenize_captions(model, captions: list[str | None], max_len: int, form: str = "answer") -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_captions(
+    model, captions: list[str | None], max_len: int, form: str = "answer"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, T] and lengths [B] of the captions, encoded as the released model
     reads them (templates.PromptBuilder): `answer` after the region prompt, `answer_end` with
     the chat template's end text in the same run (it teaches where a caption stops), `segment`
@@ -40,8 +50,11 @@ def tokenize_captions(model, captions: list[str | None], max_len: int, form: str
     ids is cut there first."""
     prompts = unwrap(model).prompts
     tokenizer = unwrap(model).tokenizer
-    encoders = {"answer": prompts.answer_ids, "answer_end": lambda text: prompts.answer_ids(text, with_end=True),
-                "segment": prompts.segment_caption_ids}
+    encoders = {
+        "answer": prompts.answer_ids,
+        "answer_end": lambda text: prompts.answer_ids(text, with_end=True),
+        "segment": prompts.segment_caption_ids,
+    }
     if form not in encoders:
         raise ValueError(f"unknown caption form {form!r}; expected one of {sorted(encoders)}")
     rows = []
@@ -58,8 +71,14 @@ def tokenize_captions(model, captions: list[str | None], max_len: int, form: str
     return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
 
 
-def caption_lm_loss(student, pixel_values: torch.Tensor, region_cells: torch.Tensor, target_ids: torch.Tensor, lengths: torch.Tensor,
-                    num_views: torch.Tensor | None = None) -> torch.Tensor:
+def caption_lm_loss(
+    student,
+    pixel_values: torch.Tensor,
+    region_cells: torch.Tensor,
+    target_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    num_views: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-sample mean cross-entropy of the region prompt's answer (teacher forcing) [B]."""
     logits = forward_for_logits(student, pixel_values, region_cells, target_ids, lengths, num_views)
     real = torch.arange(target_ids.shape[1], device=target_ids.device)[None] < lengths[:, None]
@@ -67,7 +86,9 @@ def caption_lm_loss(student, pixel_values: torch.Tensor, region_cells: torch.Ten
     return (token_loss * real).sum(1) / lengths.clamp(min=1)
 
 
-def request_summary_loss(module, seg_hidden: torch.Tensor, caption_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def request_summary_loss(
+    module, seg_hidden: torch.Tensor, caption_ids: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
     """Per-sample cross-entropy [B] between lm_head(seg_hidden) and the uniform distribution over
     the sample's caption tokens (repeated tokens weigh more); 0 for an empty caption."""
     logp = torch.log_softmax(module.language_model.lm_head(seg_hidden).float(), dim=-1)
@@ -82,10 +103,19 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     observe = observer or no_observer
     module = unwrap(student)
     device = batch["pixel_values1"].device
-    cells, fallback = select_region_cells(batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
+    cells, fallback = select_region_cells(
+        batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
+    )
     targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="answer_end")
     with observe("pass1"):
-        lm = caption_lm_loss(student, batch["pixel_values1"], cells, targets.to(device), target_lengths.to(device), batch.get("num_views1"))
+        lm = caption_lm_loss(
+            student,
+            batch["pixel_values1"],
+            cells,
+            targets.to(device),
+            target_lengths.to(device),
+            batch.get("num_views1"),
+        )
 
     caption_ids, lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="segment")
     caption_ids, lengths = caption_ids.to(device), lengths.to(device)
@@ -94,21 +124,48 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
         text_embeds.retain_grad()  # its gradient norm is logged, as for the Pseudo-Gumbel embeddings
     with observe("pass2"):
         mask_logits, seg_hidden = forward_mask_with_text_embeds(
-            student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, return_seg_hidden=True, num_views=batch.get("num_views2")
+            student,
+            batch["pixel_values2"],
+            batch["sam_pixel_values2"],
+            text_embeds,
+            lengths,
+            return_seg_hidden=True,
+            num_views=batch.get("num_views2"),
         )
     with observe("loss"):
         target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
         seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)
         loss = sup.lm_weight * lm.mean() + sup.seg_weight * seg["loss"]
-        summary = request_summary_loss(module, seg_hidden, caption_ids, lengths).mean() if sup.summary_weight else torch.zeros(())
+        summary = (
+            request_summary_loss(module, seg_hidden, caption_ids, lengths).mean()
+            if sup.summary_weight
+            else torch.zeros(())
+        )
         loss = loss + sup.summary_weight * summary
     metrics = {
-        "loss": loss.detach(), "lm_loss": lm.detach().mean(), "summary_loss": summary.detach(), "bce": seg["bce"].detach().mean(), "dice": seg["dice"].detach().mean(),
-        "iou": mask_iou(mask_logits, target).mean(), "caption_len_mean": lengths.float().mean(),
-        "replaced_fraction": torch.zeros(()), "region_k_mean": cells.flatten(1).sum(1).float().mean(), "region_fallbacks": fallback.sum(),
+        "loss": loss.detach(),
+        "lm_loss": lm.detach().mean(),
+        "summary_loss": summary.detach(),
+        "bce": seg["bce"].detach().mean(),
+        "dice": seg["dice"].detach().mean(),
+        "iou": mask_iou(mask_logits, target).mean(),
+        "caption_len_mean": lengths.float().mean(),
+        "replaced_fraction": torch.zeros(()),
+        "region_k_mean": cells.flatten(1).sum(1).float().mean(),
+        "region_fallbacks": fallback.sum(),
     }
     return StepOutput(
-        loss=loss, bce=seg["bce"], dice=seg["dice"], mask_logits=mask_logits, text_embeds=text_embeds, caption_ids=caption_ids,
-        caption_lengths=lengths, masked_ids=caption_ids, replaced=torch.zeros_like(caption_ids, dtype=torch.bool),
-        hard_ids=caption_ids, region_k=cells.flatten(1).sum(1), region_fallback=fallback, metrics=metrics,
+        loss=loss,
+        bce=seg["bce"],
+        dice=seg["dice"],
+        mask_logits=mask_logits,
+        text_embeds=text_embeds,
+        caption_ids=caption_ids,
+        caption_lengths=lengths,
+        masked_ids=caption_ids,
+        replaced=torch.zeros_like(caption_ids, dtype=torch.bool),
+        hard_ids=caption_ids,
+        region_k=cells.flatten(1).sum(1),
+        region_fallback=fallback,
+        metrics=metrics,
     )

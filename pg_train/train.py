@@ -1,6 +1,7 @@
 """The training loop: build -> prepare -> for step: batch -> pseudo_gumbel_step -> backward ->
 optimizer step -> EMA -> log -> checkpoint. Read top to bottom; `launch/train.py` is the CLI.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,20 @@ import yaml
 
 from .accel import build_accelerator, configure_environment
 from .builders import (  # noqa: F401 (lora_from_config, unfreeze_extra, load_training_weights: importable from here too)
-    build_optimizer, build_student, load_training_weights, lora_from_config, unfreeze_extra,
+    build_optimizer,
+    build_student,
+    load_training_weights,
+    lora_from_config,
+    unfreeze_extra,
 )
-from .checkpointing import check_resume_weights, load_rng_state, load_trainer_state, newest_checkpoint, save_checkpoint, set_rng_state
+from .checkpointing import (
+    check_resume_weights,
+    load_rng_state,
+    load_trainer_state,
+    newest_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig, to_dict
 from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
@@ -78,7 +90,9 @@ def write_record(record: dict, metrics_path: Path, tracker=None) -> None:
     with metrics_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     if tracker is not None:
-        tracker.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=record["step"])
+        tracker.log(
+            {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=record["step"]
+        )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -122,8 +136,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)
     out_dir = Path(cfg.output_dir)
     accelerator = build_accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, micro_batch_size=cfg.batch_size,
-        gradient_clipping=cfg.optim.grad_clip, log_with="tensorboard" if cfg.tensorboard else None, project_dir=str(out_dir),
+        gradient_accumulation_steps=cfg.grad_accum,
+        micro_batch_size=cfg.batch_size,
+        gradient_clipping=cfg.optim.grad_clip,
+        log_with="tensorboard" if cfg.tensorboard else None,
+        project_dir=str(out_dir),
     )
     main = accelerator.is_main_process
     say = accelerator.print
@@ -134,30 +151,50 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    say(f"[pg_train] {accelerator.num_processes} process(es) on {accelerator.device}"
-        f"{' with DeepSpeed ZeRO-' + str(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else ''}; output in {out_dir}")
+    say(
+        f"[pg_train] {accelerator.num_processes} process(es) on {accelerator.device}"
+        f"{' with DeepSpeed ZeRO-' + str(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else ''}; output in {out_dir}"
+    )
 
     # ---- build ------------------------------------------------------------------------------
     model = build_student(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    say(f"[pg_train] model {model.preset.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{sum(p.numel() for p in trainable):,} trainable")
+    say(
+        f"[pg_train] model {model.preset.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{sum(p.numel() for p in trainable):,} trainable"
+    )
     optimizer = build_optimizer(trainable, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = EMATeacher(model, decay=cfg.ema.decay, placement=cfg.ema.placement, warmup=cfg.ema.warmup,
-                     allow_nonfinite_state=cfg.model.allow_nonfinite_weights)
+    ema = EMATeacher(
+        model,
+        decay=cfg.ema.decay,
+        placement=cfg.ema.placement,
+        warmup=cfg.ema.warmup,
+        allow_nonfinite_state=cfg.model.allow_nonfinite_weights,
+    )
     accelerator.register_for_checkpointing(ema)
     module = unwrap(model)
     loader = build_loader(
-        cfg.data, preprocess_for(module.preset), cfg.batch_size,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
+        cfg.data,
+        preprocess_for(module.preset),
+        cfg.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.seed,
     )
     heldout = []
     if cfg.eval_every:
         from .evaluate import heldout_batches
 
         # Held-out synthetic scenes drawn like the training ones (sizes, colours, object counts), another seed.
-        heldout = heldout_batches(module, cfg.eval_samples, max(2, cfg.batch_size), seed=cfg.seed + 10_000, device=accelerator.device, data=cfg.data)
+        heldout = heldout_batches(
+            module,
+            cfg.eval_samples,
+            max(2, cfg.batch_size),
+            seed=cfg.seed + 10_000,
+            device=accelerator.device,
+            data=cfg.data,
+        )
     if cfg.tensorboard:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=flat)
@@ -168,14 +205,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.resume == "auto" and checkpoint is None:
         say("[pg_train] --resume auto: no complete checkpoint yet, starting from step 0")
     if checkpoint is not None:
-        check_resume_weights(checkpoint, module, ema, allow_nonfinite=cfg.model.allow_nonfinite_weights)  # before anything is copied
+        check_resume_weights(
+            checkpoint, module, ema, allow_nonfinite=cfg.model.allow_nonfinite_weights
+        )  # before anything is copied
         accelerator.load_state(str(checkpoint))
         state = load_trainer_state(checkpoint, accelerator.process_index)
         step, nonfinite_total = state["step"], state["nonfinite_total"]
         loader.load_state_dict(state["data"])
         saved_rng = load_rng_state(checkpoint, accelerator.process_index)
         if saved_rng is None:
-            say(f"[pg_train] {checkpoint} has no rng_state_rank*.pt (an older pg_train): random streams rest on Accelerate's copy")
+            say(
+                f"[pg_train] {checkpoint} has no rng_state_rank*.pt (an older pg_train): random streams rest on Accelerate's copy"
+            )
         else:  # the last thing before the first step, so nothing drawn while resuming shifts dropout or sampling
             set_rng_state(saved_rng)
         say(f"[pg_train] resumed from {checkpoint} at step {step}")
@@ -185,14 +226,23 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def trainer_state() -> dict:
-        return {"step": step, "nonfinite_total": nonfinite_total, "data": loader.state_dict(), "ema_updates": ema.num_updates}
+        return {
+            "step": step,
+            "nonfinite_total": nonfinite_total,
+            "data": loader.state_dict(),
+            "ema_updates": ema.num_updates,
+        }
 
     # ---- loop -------------------------------------------------------------------------------
     stop = StopFlag()
     from tqdm.auto import tqdm
 
     progress = tqdm(
-        total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), dynamic_ncols=True, desc="train",
+        total=cfg.max_steps,
+        initial=step,
+        disable=not (main and cfg.progress),
+        dynamic_ncols=True,
+        desc="train",
         mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s, not every step
     )
     batches = iter(loader)
@@ -272,14 +322,20 @@ def train(cfg: TrainConfig) -> TrainResult:
                 lr=lr,
                 skipped_nonfinite=dropped,
                 nonfinite_total=nonfinite_total,
-                region_k_min=int(out.region_k.min()), region_k_max=int(out.region_k.max()),
+                region_k_min=int(out.region_k.min()),
+                region_k_max=int(out.region_k.max()),
                 region_fallbacks=int(out.region_fallback.sum()),
-                caption_len_min=int(out.caption_lengths.min()), caption_len_max=int(out.caption_lengths.max()),
-                ema_distance=ema.distance_to(model), ema_updates=ema.num_updates,
-                skipped_samples=dict(loader.skip_counts), epoch=loader.epoch,
+                caption_len_min=int(out.caption_lengths.min()),
+                caption_len_max=int(out.caption_lengths.max()),
+                ema_distance=ema.distance_to(model),
+                ema_updates=ema.num_updates,
+                skipped_samples=dict(loader.skip_counts),
+                epoch=loader.epoch,
                 step_time_s=time.perf_counter() - step_start,
             )
-            record["samples_per_s"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes / record["step_time_s"]
+            record["samples_per_s"] = (
+                cfg.batch_size * cfg.grad_accum * accelerator.num_processes / record["step_time_s"]
+            )
             if out.text_embeds.grad is not None:
                 record["grad_norm/text_embeds"] = float(out.text_embeds.grad.float().norm())
             record.update(norms)
@@ -290,7 +346,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             if main:
                 write_record(record, metrics_path, accelerator if cfg.tensorboard else None)
             history.append(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "skip", iou=f"{record['iou']:.3f}", refresh=False)
+            progress.set_postfix(
+                loss=f"{record['loss']:.3f}" if record["loss"] is not None else "skip",
+                iou=f"{record['iou']:.3f}",
+                refresh=False,
+            )
         progress.update(1)
 
         # ---- checkpoint / stop ------------------------------------------------------------------
@@ -301,7 +361,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             progress.write(f"[pg_train] checkpoint {path}") if main else None
         if stop_now:
             progress.close()
-            say(f"[pg_train] stop requested by signal: checkpointed at step {step}; exiting with {REQUEUE_EXIT_CODE} (requeue and resume)")
+            say(
+                f"[pg_train] stop requested by signal: checkpointed at step {step}; exiting with {REQUEUE_EXIT_CODE} (requeue and resume)"
+            )
             accelerator.end_training()
             return TrainResult(REQUEUE_EXIT_CODE, step, history, model, optimizer, ema, loader)
 

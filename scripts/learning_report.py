@@ -8,6 +8,7 @@ A run whose name starts with "+" continues the first run (a stage 2 started from
 checkpoint): its steps are drawn after the first run's last step.
 Drawn with PIL (no plotting library is a dependency of pg_train).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,14 @@ def draw(curves: dict[str, list[tuple[int, float, float]]], path: Path, size=(90
             d.line(cycle, fill=colour, width=3)
             for a, b in zip(shuffled[:-1], shuffled[1:]):  # dashed
                 for t in range(0, 10, 2):
-                    d.line([(a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10),
-                            (a[0] + (b[0] - a[0]) * (t + 1) / 10, a[1] + (b[1] - a[1]) * (t + 1) / 10)], fill=colour, width=2)
+                    d.line(
+                        [
+                            (a[0] + (b[0] - a[0]) * t / 10, a[1] + (b[1] - a[1]) * t / 10),
+                            (a[0] + (b[0] - a[0]) * (t + 1) / 10, a[1] + (b[1] - a[1]) * (t + 1) / 10),
+                        ],
+                        fill=colour,
+                        width=2,
+                    )
         d.text((margin + w - 230, margin + 10 + 16 * i), f"-- {name}", fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
@@ -74,8 +81,10 @@ def main(argv=None) -> int:
         curves[name.lstrip("+")] = points
         base_end = points[-1][0] if base_end is None else base_end
         first, last = evals[0], evals[-1]
-        print(f"| {name.lstrip('+')} | {last['step']} | {last['eval/cycle_gIoU']:.3f} | {last['eval/shuffled_gIoU']:.3f} | "
-              f"{last['eval/cycle_gIoU'] - last['eval/shuffled_gIoU']:+.3f} | {last['eval/referring_gIoU']:.3f} | {first['eval/cycle_gIoU']:.3f} |")
+        print(
+            f"| {name.lstrip('+')} | {last['step']} | {last['eval/cycle_gIoU']:.3f} | {last['eval/shuffled_gIoU']:.3f} | "
+            f"{last['eval/cycle_gIoU'] - last['eval/shuffled_gIoU']:+.3f} | {last['eval/referring_gIoU']:.3f} | {first['eval/cycle_gIoU']:.3f} |"
+        )
     out = Path(args.out)
     draw(curves, out / "curves.png")
     print(f"\nwrote {out / 'curves.png'}")

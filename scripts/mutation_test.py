@@ -22,6 +22,7 @@ A mutant is killed when pytest fails (exit 1, or 2 for an error while collecting
 it passes (exit 0). The result (per mutant: status, seconds, the first failing test; the kill
 rate; git commit, date, versions, command) goes to docs/measurements/mutation_test.json, or --json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,91 +78,260 @@ class Mutant:
 PG, EMA, TRAIN = "pg_train/pseudo_gumbel.py", "pg_train/ema.py", "pg_train/train.py"
 
 MUTANTS = [
-    Mutant("sanity-mask-loss-raises", PG, "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
-           "    raise RuntimeError('mutation_test sanity mutant')\n", sanity=True),
+    Mutant(
+        "sanity-mask-loss-raises",
+        PG,
+        "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
+        "    raise RuntimeError('mutation_test sanity mutant')\n",
+        sanity=True,
+    ),
     # ---- step 6: the loss
     Mutant("dice-on-logits", PG, "    prob = logits.sigmoid()\n", "    prob = logits\n"),
-    Mutant("dice-denominator-without-smoothing", PG, "/ (prob.sum(1) + target.sum(1) + 1)", "/ (prob.sum(1) + target.sum(1))"),
-    Mutant("dice-denominator-squared-probabilities", PG, "/ (prob.sum(1) + target.sum(1) + 1)", "/ ((prob ** 2).sum(1) + target.sum(1) + 1)"),
-    Mutant("loss-sum-over-batch", PG, "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
-           "    loss = (bce_weight * bce + dice_weight * dice).sum()\n"),
-    Mutant("loss-weights-swapped", PG, "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
-           "    loss = (dice_weight * bce + bce_weight * dice).mean()\n"),
-    Mutant("target-nearest-instead-of-area", PG, "    return F.adaptive_avg_pool2d(masks.float().clamp(0, 1)[:, None], size)[:, 0]\n",
-           "    return F.interpolate(masks.float().clamp(0, 1)[:, None], size=size, mode='nearest')[:, 0]\n"),
-    Mutant("iou-empty-vs-empty-scores-zero", PG, "    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))\n",
-           "    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))\n"),
+    Mutant(
+        "dice-denominator-without-smoothing",
+        PG,
+        "/ (prob.sum(1) + target.sum(1) + 1)",
+        "/ (prob.sum(1) + target.sum(1))",
+    ),
+    Mutant(
+        "dice-denominator-squared-probabilities",
+        PG,
+        "/ (prob.sum(1) + target.sum(1) + 1)",
+        "/ ((prob ** 2).sum(1) + target.sum(1) + 1)",
+    ),
+    Mutant(
+        "loss-sum-over-batch",
+        PG,
+        "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
+        "    loss = (bce_weight * bce + dice_weight * dice).sum()\n",
+    ),
+    Mutant(
+        "loss-weights-swapped",
+        PG,
+        "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
+        "    loss = (dice_weight * bce + bce_weight * dice).mean()\n",
+    ),
+    Mutant(
+        "target-nearest-instead-of-area",
+        PG,
+        "    return F.adaptive_avg_pool2d(masks.float().clamp(0, 1)[:, None], size)[:, 0]\n",
+        "    return F.interpolate(masks.float().clamp(0, 1)[:, None], size=size, mode='nearest')[:, 0]\n",
+    ),
+    Mutant(
+        "iou-empty-vs-empty-scores-zero",
+        PG,
+        "    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))\n",
+        "    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))\n",
+    ),
     # ---- step 5: the [SEG] row
     Mutant("seg-row-one-early", PG, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index - 1\n",)),
     Mutant("seg-row-one-late", PG, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index + 1\n",)),
-    Mutant("two-seg-suffix-reads-the-first", "pg_train/model/templates.py",
-           "        ids = self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, len(self._segment_after_caption)\n",
-           "        ids = [self.seg] + self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, 0\n"),
-    Mutant("pass2-padded-caption-slots-attended", PG,
-           "    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()\n    return prefix",
-           "    caption_mask = torch.ones(B, T, dtype=torch.long, device=device)\n    return prefix"),  # pass 2's caption mask
+    Mutant(
+        "two-seg-suffix-reads-the-first",
+        "pg_train/model/templates.py",
+        "        ids = self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, len(self._segment_after_caption)\n",
+        "        ids = [self.seg] + self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, 0\n",
+    ),
+    Mutant(
+        "pass2-padded-caption-slots-attended",
+        PG,
+        "    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()\n    return prefix",
+        "    caption_mask = torch.ones(B, T, dtype=torch.long, device=device)\n    return prefix",
+    ),  # pass 2's caption mask
     # ---- step 3: pass 1
-    Mutant("pass1-unmasked-caption", PG, "forward_for_logits(student, batch[\"pixel_values1\"], cells, masked_ids, caption_lengths",
-           "forward_for_logits(student, batch[\"pixel_values1\"], cells, caption_ids, caption_lengths"),
+    Mutant(
+        "pass1-unmasked-caption",
+        PG,
+        'forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths',
+        'forward_for_logits(student, batch["pixel_values1"], cells, caption_ids, caption_lengths',
+    ),
     Mutant("pass1-logit-rows-one-late", PG, "first_row=P - 1, num_rows=T", "first_row=P, num_rows=T"),
     # ---- step 2: masking
-    Mutant("masking-ratio-inverted", PG, "    replaced = (draws[..., 0] < mask_ratio) & real\n", "    replaced = (draws[..., 0] >= mask_ratio) & real\n"),
-    Mutant("masking-touches-padding", PG, "    replaced = (draws[..., 0] < mask_ratio) & real\n", "    replaced = draws[..., 0] < mask_ratio\n"),
-    Mutant("masking-draws-special-ids", PG, "    ordinary = (~special).nonzero().flatten()\n", "    ordinary = torch.arange(special.numel())\n"),
-    Mutant("masking-and-gumbel-share-a-stream", PG, "uniform = uniform_noise(sample_generators(seeds, 1)", "uniform = uniform_noise(sample_generators(seeds, 0)"),
-    Mutant("sample-seeds-ignored", PG, "    seeds = batch.get(\"sample_seeds\")\n", "    seeds = None\n"),
+    Mutant(
+        "masking-ratio-inverted",
+        PG,
+        "    replaced = (draws[..., 0] < mask_ratio) & real\n",
+        "    replaced = (draws[..., 0] >= mask_ratio) & real\n",
+    ),
+    Mutant(
+        "masking-touches-padding",
+        PG,
+        "    replaced = (draws[..., 0] < mask_ratio) & real\n",
+        "    replaced = draws[..., 0] < mask_ratio\n",
+    ),
+    Mutant(
+        "masking-draws-special-ids",
+        PG,
+        "    ordinary = (~special).nonzero().flatten()\n",
+        "    ordinary = torch.arange(special.numel())\n",
+    ),
+    Mutant(
+        "masking-and-gumbel-share-a-stream",
+        PG,
+        "uniform = uniform_noise(sample_generators(seeds, 1)",
+        "uniform = uniform_noise(sample_generators(seeds, 0)",
+    ),
+    Mutant("sample-seeds-ignored", PG, '    seeds = batch.get("sample_seeds")\n', "    seeds = None\n"),
     # ---- step 4: Gumbel
-    Mutant("gumbel-special-ids-allowed", PG, "    logits = caption_logits.masked_fill(special.to(caption_logits.device), float(\"-inf\"))\n",
-           "    logits = caption_logits\n"),
-    Mutant("gumbel-noise-subtracted", PG, "F.softmax((top_values.float() + gumbel) / tau, dim=-1)", "F.softmax((top_values.float() - gumbel) / tau, dim=-1)"),
-    Mutant("gumbel-tau-multiplies", PG, "F.softmax((top_values.float() + gumbel) / tau, dim=-1)", "F.softmax((top_values.float() + gumbel) * tau, dim=-1)"),
-    Mutant("straight-through-embedding-grad-to-top1", PG, "index_add_(0, hard_ids, grad_out.to(weight.dtype))",
-           "index_add_(0, topk_ids[:, 0], grad_out.to(weight.dtype))"),
-    Mutant("straight-through-soft-grad-sign", PG, "grad_soft[start:end] = torch.bmm(", "grad_soft[start:end] = -torch.bmm("),
+    Mutant(
+        "gumbel-special-ids-allowed",
+        PG,
+        '    logits = caption_logits.masked_fill(special.to(caption_logits.device), float("-inf"))\n',
+        "    logits = caption_logits\n",
+    ),
+    Mutant(
+        "gumbel-noise-subtracted",
+        PG,
+        "F.softmax((top_values.float() + gumbel) / tau, dim=-1)",
+        "F.softmax((top_values.float() - gumbel) / tau, dim=-1)",
+    ),
+    Mutant(
+        "gumbel-tau-multiplies",
+        PG,
+        "F.softmax((top_values.float() + gumbel) / tau, dim=-1)",
+        "F.softmax((top_values.float() + gumbel) * tau, dim=-1)",
+    ),
+    Mutant(
+        "straight-through-embedding-grad-to-top1",
+        PG,
+        "index_add_(0, hard_ids, grad_out.to(weight.dtype))",
+        "index_add_(0, topk_ids[:, 0], grad_out.to(weight.dtype))",
+    ),
+    Mutant(
+        "straight-through-soft-grad-sign", PG, "grad_soft[start:end] = torch.bmm(", "grad_soft[start:end] = -torch.bmm("
+    ),
     # ---- step 1: the teacher
-    Mutant("teacher-generates-in-train-mode", PG, "    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):\n",
-           "    with teacher_model(teacher, student) as model:\n"),
-    Mutant("teacher-cannot-end-with-eos", PG, "        suppress[model.eos_token_id] = False  # eos is how a caption ends\n", ""),
+    Mutant(
+        "teacher-generates-in-train-mode",
+        PG,
+        "    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):\n",
+        "    with teacher_model(teacher, student) as model:\n",
+    ),
+    Mutant(
+        "teacher-cannot-end-with-eos",
+        PG,
+        "        suppress[model.eos_token_id] = False  # eos is how a caption ends\n",
+        "",
+    ),
     # ---- the EMA
-    Mutant("ema-lerp-weight-is-decay", EMA, "torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())",
-           "torch._foreach_lerp_(self.shadow, current, self.current_decay())"),
-    Mutant("ema-warmup-off-by-one", EMA, "return min(self.decay, (1 + n) / (10 + n))", "return min(self.decay, (2 + n) / (10 + n))"),
-    Mutant("ema-ignores-skipped-optimizer-step", EMA, "if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:",
-           "if not accelerator.sync_gradients:"),
-    Mutant("ema-updates-every-micro-batch", EMA, "if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:",
-           "if accelerator.optimizer_step_was_skipped:"),
-    Mutant("ema-shadow-in-model-dtype", EMA, "self._new_buffer(p, shadow_device, torch.float32, pin)", "self._new_buffer(p, shadow_device, p.dtype, pin)"),
-    Mutant("ema-full-teacher-refreshed-once", EMA, "if self._teacher_synced_at != self.num_updates:", "if self._teacher_synced_at < 0:"),
-    Mutant("ema-swap-not-restored", EMA, "                    p.copy_(b.to(p.device, non_blocking=True))\n", "                    pass\n"),
-    Mutant("ema-load-keeps-update-count", EMA, "        self.num_updates = state[\"num_updates\"]\n", ""),
+    Mutant(
+        "ema-lerp-weight-is-decay",
+        EMA,
+        "torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())",
+        "torch._foreach_lerp_(self.shadow, current, self.current_decay())",
+    ),
+    Mutant(
+        "ema-warmup-off-by-one",
+        EMA,
+        "return min(self.decay, (1 + n) / (10 + n))",
+        "return min(self.decay, (2 + n) / (10 + n))",
+    ),
+    Mutant(
+        "ema-ignores-skipped-optimizer-step",
+        EMA,
+        "if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:",
+        "if not accelerator.sync_gradients:",
+    ),
+    Mutant(
+        "ema-updates-every-micro-batch",
+        EMA,
+        "if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:",
+        "if accelerator.optimizer_step_was_skipped:",
+    ),
+    Mutant(
+        "ema-shadow-in-model-dtype",
+        EMA,
+        "self._new_buffer(p, shadow_device, torch.float32, pin)",
+        "self._new_buffer(p, shadow_device, p.dtype, pin)",
+    ),
+    Mutant(
+        "ema-full-teacher-refreshed-once",
+        EMA,
+        "if self._teacher_synced_at != self.num_updates:",
+        "if self._teacher_synced_at < 0:",
+    ),
+    Mutant(
+        "ema-swap-not-restored",
+        EMA,
+        "                    p.copy_(b.to(p.device, non_blocking=True))\n",
+        "                    pass\n",
+    ),
+    Mutant("ema-load-keeps-update-count", EMA, '        self.num_updates = state["num_updates"]\n', ""),
     # ---- the training window
-    Mutant("ema-before-optimizer-step", TRAIN,
-           "                    optimizer.step()\n                optimizer.zero_grad(set_to_none=True)\n"
-           "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"
-           "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
-           "                    ema.update_if_stepped(model, accelerator)\n                    optimizer.step()\n"
-           "                optimizer.zero_grad(set_to_none=True)\n"
-           "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"),
-    Mutant("ema-updates-without-a-step", TRAIN, "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
-           "        if True:\n            ema.update_if_stepped(model, accelerator)\n"),
-    Mutant("init-from-not-strict", "pg_train/builders.py",  # moved there from train.py with the other builders
-           ("    model.load_state_dict(load_file(str(weights)), strict=True)\n",
-            "    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)\n"),
-           ("    model.load_state_dict(load_file(str(weights)), strict=False)\n",
-            "    model.load_state_dict(read_safetensors(weights), strict=False)\n")),
-    Mutant("resume-reseeds-instead-of-restoring", TRAIN, "            set_rng_state(saved_rng)\n",
-           "            from accelerate.utils import set_seed as reseed\n            reseed(cfg.seed)\n"),
-    Mutant("resume-skips-data-position", TRAIN, "        loader.load_state_dict(state[\"data\"])\n", "        pass\n"),
-    Mutant("resume-drops-its-checkpoint-step-metrics", TRAIN, "json.loads(line)[\"step\"] <= step]", "json.loads(line)[\"step\"] < step]"),
-    Mutant("warmup-lr-starts-at-zero", TRAIN, "        return o.lr * (step + 1) / o.warmup_steps\n", "        return o.lr * step / o.warmup_steps\n"),
-    Mutant("cosine-decays-to-zero", TRAIN, "o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5", "o.lr * (0.0 + (1 - o.min_lr_ratio) * 0.5"),
-    Mutant("stop-without-checkpoint", TRAIN, "if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:",
-           "if step % cfg.save_every == 0 or step == cfg.max_steps:"),
+    Mutant(
+        "ema-before-optimizer-step",
+        TRAIN,
+        "                    optimizer.step()\n                optimizer.zero_grad(set_to_none=True)\n"
+        "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"
+        "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
+        "                    ema.update_if_stepped(model, accelerator)\n                    optimizer.step()\n"
+        "                optimizer.zero_grad(set_to_none=True)\n"
+        "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n",
+    ),
+    Mutant(
+        "ema-updates-without-a-step",
+        TRAIN,
+        "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
+        "        if True:\n            ema.update_if_stepped(model, accelerator)\n",
+    ),
+    Mutant(
+        "init-from-not-strict",
+        "pg_train/builders.py",  # moved there from train.py with the other builders
+        (
+            "    model.load_state_dict(load_file(str(weights)), strict=True)\n",
+            "    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)\n",
+        ),
+        (
+            "    model.load_state_dict(load_file(str(weights)), strict=False)\n",
+            "    model.load_state_dict(read_safetensors(weights), strict=False)\n",
+        ),
+    ),
+    Mutant(
+        "resume-reseeds-instead-of-restoring",
+        TRAIN,
+        "            set_rng_state(saved_rng)\n",
+        "            from accelerate.utils import set_seed as reseed\n            reseed(cfg.seed)\n",
+    ),
+    Mutant("resume-skips-data-position", TRAIN, '        loader.load_state_dict(state["data"])\n', "        pass\n"),
+    Mutant(
+        "resume-drops-its-checkpoint-step-metrics",
+        TRAIN,
+        'json.loads(line)["step"] <= step]',
+        'json.loads(line)["step"] < step]',
+    ),
+    Mutant(
+        "warmup-lr-starts-at-zero",
+        TRAIN,
+        "        return o.lr * (step + 1) / o.warmup_steps\n",
+        "        return o.lr * step / o.warmup_steps\n",
+    ),
+    Mutant(
+        "cosine-decays-to-zero",
+        TRAIN,
+        "o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5",
+        "o.lr * (0.0 + (1 - o.min_lr_ratio) * 0.5",
+    ),
+    Mutant(
+        "stop-without-checkpoint",
+        TRAIN,
+        "if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:",
+        "if step % cfg.save_every == 0 or step == cfg.max_steps:",
+    ),
     # ("min" instead of "max" is no bug: Accelerate's reduce sums for every reduction but "max")
-    Mutant("nonfinite-dropped-only-when-every-rank-agrees", TRAIN, "if accelerator.reduce(bad, \"max\").item() > 0:",
-           "if accelerator.reduce(bad, \"mean\").item() >= 1:",
-           tests=("tests/test_train.py::test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2",), slow=True),
-    Mutant("data-iterator-seeded-from-global-rng", "pg_train/data/loader.py", " generator=self.iterator_generator(self.epoch),", ""),
+    Mutant(
+        "nonfinite-dropped-only-when-every-rank-agrees",
+        TRAIN,
+        'if accelerator.reduce(bad, "max").item() > 0:',
+        'if accelerator.reduce(bad, "mean").item() >= 1:',
+        tests=("tests/test_train.py::test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2",),
+        slow=True,
+    ),
+    Mutant(
+        "data-iterator-seeded-from-global-rng",
+        "pg_train/data/loader.py",
+        " generator=self.iterator_generator(self.epoch),",
+        "",
+    ),
 ]
 
 
@@ -196,12 +366,27 @@ def apply(mutant: Mutant, root: Path) -> None:
 
 
 def environment(root: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(root), "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"),
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONDONTWRITEBYTECODE": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
 
 
 def run_pytest(root: Path, tests: tuple[str, ...], slow: bool, timeout: float) -> tuple[int | None, str]:
-    cmd = [str(PYTHON), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *([] if slow else ["-m", "not slow"]), *tests]
+    cmd = [
+        str(PYTHON),
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        *([] if slow else ["-m", "not slow"]),
+        *tests,
+    ]
     try:
         proc = subprocess.run(cmd, cwd=root, env=environment(root), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -216,8 +401,14 @@ def first_failure(output: str) -> str:
 
 def check_import(root: Path) -> str:
     """Where the copy's `import pg_train` resolves (must be inside the copy)."""
-    proc = subprocess.run([str(PYTHON), "-c", "import pg_train; print(pg_train.__file__)"], cwd=root, env=environment(root),
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [str(PYTHON), "-c", "import pg_train; print(pg_train.__file__)"],
+        cwd=root,
+        env=environment(root),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return proc.stdout.strip()
 
 
@@ -234,7 +425,9 @@ def run_mutant(mutant: Mutant, base: Path, work: Path, timeout: float) -> dict:
         return record
     rc, output = run_pytest(root, mutant.test_files(), mutant.slow, timeout)
     status = {0: "survived", 1: "killed", 2: "killed"}.get(rc, "timeout" if rc is None else f"error (pytest exit {rc})")
-    record.update(status=status, seconds=round(time.perf_counter() - started, 1), killed_by=first_failure(output), exit_code=rc)
+    record.update(
+        status=status, seconds=round(time.perf_counter() - started, 1), killed_by=first_failure(output), exit_code=rc
+    )
     if status.startswith("error"):
         record["detail"] = output[-2000:]
     shutil.rmtree(root, ignore_errors=True)
@@ -242,9 +435,16 @@ def run_mutant(mutant: Mutant, base: Path, work: Path, timeout: float) -> dict:
 
 
 def versions() -> dict[str, str]:
-    proc = subprocess.run([str(PYTHON), "-c", "import torch, pytest, transformers, accelerate; "
-                           "print(torch.__version__, pytest.__version__, transformers.__version__, accelerate.__version__)"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(PYTHON),
+            "-c",
+            "import torch, pytest, transformers, accelerate; "
+            "print(torch.__version__, pytest.__version__, transformers.__version__, accelerate.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     names = ("torch", "pytest", "transformers", "accelerate")
     return {"python": platform.python_version(), **dict(zip(names, proc.stdout.split()))}
 
@@ -253,8 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], help="run only the named mutant (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--tree", default="worktree", help="'worktree' (default: the files as they are now) or a git revision to copy")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run (a timeout counts as killed)")
+    parser.add_argument(
+        "--tree", default="worktree", help="'worktree' (default: the files as they are now) or a git revision to copy"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=1200, help="seconds per pytest run (a timeout counts as killed)"
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="do not first run the unmutated copy's test files")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "measurements" / "mutation_test.json")
     args = parser.parse_args(argv)
@@ -271,9 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD" if args.tree == "worktree" else args.tree).strip(), "tree": args.tree,
-        "working_tree_changes": git("status", "--porcelain", "--untracked-files=no").splitlines() if args.tree == "worktree" else [],
-        "versions": versions(), "mutants": [],
+        "commit": git("rev-parse", "HEAD" if args.tree == "worktree" else args.tree).strip(),
+        "tree": args.tree,
+        "working_tree_changes": git("status", "--porcelain", "--untracked-files=no").splitlines()
+        if args.tree == "worktree"
+        else [],
+        "versions": versions(),
+        "mutants": [],
     }
     with tempfile.TemporaryDirectory(prefix="pg_mutation_") as tmp:
         work = Path(tmp)
@@ -288,27 +496,42 @@ def main(argv: list[str] | None = None) -> int:
             files = tuple(dict.fromkeys(t for m in mutants if not m.slow for t in m.test_files()))
             started = time.perf_counter()
             rc, output = run_pytest(base, files, False, args.timeout * 2)
-            result["baseline"] = {"tests": list(files), "exit_code": rc, "seconds": round(time.perf_counter() - started, 1)}
+            result["baseline"] = {
+                "tests": list(files),
+                "exit_code": rc,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
             print(f"[mutation] baseline (no mutant): pytest exit {rc} in {result['baseline']['seconds']} s", flush=True)
             if rc != 0:
                 print(output[-4000:])
-                sys.exit("the unmutated copy fails its tests: fix that first (or copy a commit that passes: --tree REV)")
+                sys.exit(
+                    "the unmutated copy fails its tests: fix that first (or copy a commit that passes: --tree REV)"
+                )
         for mutant in mutants:
             record = run_mutant(mutant, base, work, args.timeout)
             result["mutants"].append(record)
-            print(f"[mutation] {record['status']:12} {mutant.name:45} {record['seconds']:7.1f} s  {record.get('killed_by', '')}", flush=True)
+            print(
+                f"[mutation] {record['status']:12} {mutant.name:45} {record['seconds']:7.1f} s  {record.get('killed_by', '')}",
+                flush=True,
+            )
             if mutant.sanity and record["status"] != "killed":
                 sys.exit(f"sanity mutant {mutant.name} was {record['status']}: the tests do not exercise the copy")
 
     counted = [r for r in result["mutants"] if not r["sanity"] and r["status"] != "not-applied"]
     killed = [r for r in counted if r["status"] in ("killed", "timeout")]
-    result.update(killed=len(killed), total=len(counted), kill_rate=round(len(killed) / max(1, len(counted)), 3),
-                  survived=[r["name"] for r in counted if r["status"] == "survived"],
-                  not_applied=[r["name"] for r in result["mutants"] if r["status"] == "not-applied"])
+    result.update(
+        killed=len(killed),
+        total=len(counted),
+        kill_rate=round(len(killed) / max(1, len(counted)), 3),
+        survived=[r["name"] for r in counted if r["status"] == "survived"],
+        not_applied=[r["name"] for r in result["mutants"] if r["status"] == "not-applied"],
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"[mutation] killed {len(killed)} / {len(counted)} ({100 * result['kill_rate']:.0f}%); survived: {result['survived'] or 'none'}; "
-          f"not applied: {result['not_applied'] or 'none'}; wrote {args.json}")
+    print(
+        f"[mutation] killed {len(killed)} / {len(counted)} ({100 * result['kill_rate']:.0f}%); survived: {result['survived'] or 'none'}; "
+        f"not applied: {result['not_applied'] or 'none'}; wrote {args.json}"
+    )
     return 0 if not result["survived"] else 1
 
 

@@ -7,6 +7,7 @@ adapters merged into a copy's weights (PEFT `merge()`), alternating, and compare
 Merged weights are W + s*B*A stored in the model's dtype: in bf16 a small adapter delta is
 rounded away, so the merged teacher is not the EMA teacher there (README, "The whole step").
 """
+
 import argparse
 import copy
 import statistics
@@ -45,15 +46,21 @@ def main() -> None:
             captions[name], _ = generate_pseudo_tokens_with_ema(model, pixel_values, cells, cfg)
             times[name].append(time.perf_counter() - start)
     for name, values in times.items():
-        print(f"{name:9} teacher generation: median {statistics.median(values[1:] or values):.3f} s over {len(values) - 1 or 1} runs after the first")
-    print(f"captions equal: {torch.equal(captions['adapters'], captions['merged'])} (fresh LoRA: B = 0, so merging changes nothing yet)")
+        print(
+            f"{name:9} teacher generation: median {statistics.median(values[1:] or values):.3f} s over {len(values) - 1 or 1} runs after the first"
+        )
+    print(
+        f"captions equal: {torch.equal(captions['adapters'], captions['merged'])} (fresh LoRA: B = 0, so merging changes nothing yet)"
+    )
     print("what a merge keeps of an adapter delta s*B*A, stored in the weight's dtype (one 2048x2048 weight):")
     weight = torch.randn(2048, 2048) * 0.02
     for ratio in (1e-1, 1e-2, 1e-3):
         delta = torch.randn(2048, 2048) * 0.02 * ratio
         for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             kept = (weight + delta).to(dt).float() - weight.to(dt).float()
-            print(f"  |delta|/|W| = {ratio:g}, {name}: relative error of the merged delta {float((kept - delta).norm() / delta.norm()):.3f}")
+            print(
+                f"  |delta|/|W| = {ratio:g}, {name}: relative error of the merged delta {float((kept - delta).norm() / delta.norm()):.3f}"
+            )
 
 
 if __name__ == "__main__":

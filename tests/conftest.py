@@ -61,15 +61,25 @@ def make_batch(model, batch_size: int = 2, seed: int = 0):
 REPO = Path(__file__).resolve().parent.parent
 
 
-def accelerate_launch(script: str, *args: str, config: str = "accelerate_configs/cpu_zero2_2proc.yaml", timeout: int = 600, env: dict | None = None):
+def accelerate_launch(
+    script: str,
+    *args: str,
+    config: str = "accelerate_configs/cpu_zero2_2proc.yaml",
+    timeout: int = 600,
+    env: dict | None = None,
+):
     """Run `accelerate launch --config_file CONFIG SCRIPT ARGS` from the repo root; fail with its
     output when it fails."""
     import subprocess
 
     cmd = [str(Path(sys.prefix) / "bin" / "accelerate"), "launch", "--config_file", config, script, *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -84,5 +94,12 @@ def qwen_tokenizer():
     return build_qwen_tokenizer()
 
 
-QWEN_SPECIAL_IDS = {"<img>": 151665, "</img>": 151666, "<IMG_CONTEXT>": 151667, "[SEG]": 151674,
-                    "<vp>": 151677, "</vp>": 151678, "<|im_end|>": 151645}
+QWEN_SPECIAL_IDS = {
+    "<img>": 151665,
+    "</img>": 151666,
+    "<IMG_CONTEXT>": 151667,
+    "[SEG]": 151674,
+    "<vp>": 151677,
+    "</vp>": 151678,
+    "<|im_end|>": 151645,
+}

@@ -1,5 +1,6 @@
 """Small fixtures written in exactly the formats the datasets are distributed in: the refer
 toolkit's instances.json + refs(unc).p, and the boxes whose masks the tests know by construction."""
+
 import json
 import pickle
 
@@ -38,9 +39,21 @@ MASKS = {
 }
 POLYGON_ANN = (101, 1, [[8, 8, 40, 8, 40, 40, 8, 40]])  # a square from (8, 8) to (40, 40)
 REFS = [
-    {"ref_id": 1, "ann_id": 101, "image_id": 1, "split": "train", "sentences": ["the big square", "square on the left"]},
+    {
+        "ref_id": 1,
+        "ann_id": 101,
+        "image_id": 1,
+        "split": "train",
+        "sentences": ["the big square", "square on the left"],
+    },
     {"ref_id": 2, "ann_id": 102, "image_id": 1, "split": "val", "sentences": ["the bar at the bottom"]},
-    {"ref_id": 3, "ann_id": 103, "image_id": 2, "split": "testA", "sentences": ["the box", "box in the middle", "middle thing"]},
+    {
+        "ref_id": 3,
+        "ann_id": 103,
+        "image_id": 2,
+        "split": "testA",
+        "sentences": ["the box", "box in the middle", "middle thing"],
+    },
     {"ref_id": 4, "ann_id": 999, "image_id": 1, "split": "train", "sentences": ["an object nobody annotated"]},
 ]
 
@@ -55,11 +68,30 @@ def write_refer(root, protocol=2):
     rng = np.random.default_rng(0)
     for image_id, (name, height, width) in IMAGES.items():
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(images / name, quality=95)
-    annotations = [{"id": POLYGON_ANN[0], "image_id": POLYGON_ANN[1], "segmentation": POLYGON_ANN[2], "iscrowd": 0, "category_id": 1}]
-    annotations += [{"id": ann_id, "image_id": image_id, "segmentation": rle_of(mask, compressed=ann_id == 102), "iscrowd": 0, "category_id": 1}
-                    for ann_id, (image_id, mask) in MASKS.items()]
-    instances = {"images": [{"id": i, "file_name": n, "height": h, "width": w} for i, (n, h, w) in IMAGES.items()],
-                 "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    annotations = [
+        {
+            "id": POLYGON_ANN[0],
+            "image_id": POLYGON_ANN[1],
+            "segmentation": POLYGON_ANN[2],
+            "iscrowd": 0,
+            "category_id": 1,
+        }
+    ]
+    annotations += [
+        {
+            "id": ann_id,
+            "image_id": image_id,
+            "segmentation": rle_of(mask, compressed=ann_id == 102),
+            "iscrowd": 0,
+            "category_id": 1,
+        }
+        for ann_id, (image_id, mask) in MASKS.items()
+    ]
+    instances = {
+        "images": [{"id": i, "file_name": n, "height": h, "width": w} for i, (n, h, w) in IMAGES.items()],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (refer_dir / "instances.json").write_text(json.dumps(instances))
     refs, sent_id = [], 0
     for ref in REFS:
@@ -67,8 +99,15 @@ def write_refer(root, protocol=2):
         for text in ref["sentences"]:
             sentences.append({"tokens": text.split(), "raw": text.capitalize(), "sent_id": sent_id, "sent": text})
             sent_id += 1
-        refs.append({**ref, "sentences": sentences, "sent_ids": [s["sent_id"] for s in sentences], "category_id": 1,
-                     "file_name": IMAGES[ref["image_id"]][0].replace(".jpg", f"_{ref['ann_id']}.jpg")})
+        refs.append(
+            {
+                **ref,
+                "sentences": sentences,
+                "sent_ids": [s["sent_id"] for s in sentences],
+                "category_id": 1,
+                "file_name": IMAGES[ref["image_id"]][0].replace(".jpg", f"_{ref['ann_id']}.jpg"),
+            }
+        )
     with open(refer_dir / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=protocol)
     return refer_dir, images
@@ -101,10 +140,27 @@ def write_pairs(root, count=7, bad_row=1):
         (root / f"img{i}.png").write_bytes(image_png)
         (root / f"img{i}_mask.png").write_bytes(png_bytes(mask.astype(np.uint8) * 255))
         caption = f"object number {i}"
-        lines.append(json.dumps({"image1": f"img{i}.png", "mask1": f"img{i}_mask.png", "image2": f"img{i}.png", "mask2": f"img{i}_mask.png", "caption": caption}))
-        rows.append({"image": {"bytes": image_png, "path": None}, "mask": {"bytes": png_bytes(mask.astype(np.uint8) * 255), "path": None},
-                     "mask_rle": rle_of(mask), "mask_polygon": [[left, top, left + 20, top, left + 20, top + 16, left, top + 16]],
-                     "mask_json": json.dumps(rle_of(mask)), "caption": caption})
+        lines.append(
+            json.dumps(
+                {
+                    "image1": f"img{i}.png",
+                    "mask1": f"img{i}_mask.png",
+                    "image2": f"img{i}.png",
+                    "mask2": f"img{i}_mask.png",
+                    "caption": caption,
+                }
+            )
+        )
+        rows.append(
+            {
+                "image": {"bytes": image_png, "path": None},
+                "mask": {"bytes": png_bytes(mask.astype(np.uint8) * 255), "path": None},
+                "mask_rle": rle_of(mask),
+                "mask_polygon": [[left, top, left + 20, top, left + 20, top + 16, left, top + 16]],
+                "mask_json": json.dumps(rle_of(mask)),
+                "caption": caption,
+            }
+        )
     manifest = root / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest, rows
@@ -114,12 +170,16 @@ def hf_dataset(rows):
     """A datasets.Dataset of `rows` with image and mask as Image features (PNG bytes)."""
     import datasets
 
-    features = datasets.Features({
-        "image": datasets.Image(), "mask": datasets.Image(),
-        "mask_rle": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
-        "mask_polygon": datasets.List(datasets.List(datasets.Value("float64"))),
-        "mask_json": datasets.Value("string"), "caption": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "mask": datasets.Image(),
+            "mask_rle": {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value("string")},
+            "mask_polygon": datasets.List(datasets.List(datasets.Value("float64"))),
+            "mask_json": datasets.Value("string"),
+            "caption": datasets.Value("string"),
+        }
+    )
     return datasets.Dataset.from_list(rows, features=features)
 
 
@@ -130,7 +190,11 @@ DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 
 def davis_object(video, obj, t, height=40, width=56):
     """The mask of object `obj` in frame t (moving boxes, each id its own place)."""
     if video == "bear":
-        return box_mask(height, width, 4 + t, 14 + t, 4 + 2 * t, 16 + 2 * t) if obj == 1 else box_mask(height, width, 20, 34, 30 + t, 50 + t)
+        return (
+            box_mask(height, width, 4 + t, 14 + t, 4 + 2 * t, 16 + 2 * t)
+            if obj == 1
+            else box_mask(height, width, 20, 34, 30 + t, 50 + t)
+        )
     return box_mask(height, width, 10, 30, 10 + 3 * t, 25 + 3 * t)
 
 
@@ -171,8 +235,18 @@ def write_sav(root, ann_every=4):
     masklet = []
     for k in range(3):
         Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(frames / f"{k * ann_every:05d}.jpg")
-        masklet.append([rle_of(sav_object(obj, k) if (obj, k) != (1, 2) else np.zeros((32, 48), dtype=bool)) for obj in (0, 1)])
-    record = {"video_id": "sav_000001", "video_frame_count": 9, "video_height": 32, "video_width": 48, "masklet": masklet,
-              "masklet_id": [0, 1], "masklet_num": 2, "masklet_type": ["manual", "manual"]}
+        masklet.append(
+            [rle_of(sav_object(obj, k) if (obj, k) != (1, 2) else np.zeros((32, 48), dtype=bool)) for obj in (0, 1)]
+        )
+    record = {
+        "video_id": "sav_000001",
+        "video_frame_count": 9,
+        "video_height": 32,
+        "video_width": 48,
+        "masklet": masklet,
+        "masklet_id": [0, 1],
+        "masklet_num": 2,
+        "masklet_type": ["manual", "manual"],
+    }
     (root / "sav_000001_manual.json").write_text(json.dumps(record))
     return root

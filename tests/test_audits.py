@@ -1,6 +1,7 @@
 """memcheck's audits on the step training runs: each test breaks the real code path (here, with
 monkeypatch; pg_train itself patches nothing) and memcheck must exit 1 naming the right audit.
 And the phase observer: bench, memcheck and the step itself see the same ordered stages."""
+
 import contextlib
 import json
 
@@ -11,7 +12,12 @@ from pg_train.distributed import unwrap
 from pg_train.ema import EMATeacher
 from pg_train.memcheck.__main__ import main
 
-GRADIENTS, EMA, OPTIMIZER, CHECKPOINTING = "gradients reach LoRA", "EMA exists", "optimizer holds state", "gradient checkpointing is on"
+GRADIENTS, EMA, OPTIMIZER, CHECKPOINTING = (
+    "gradients reach LoRA",
+    "EMA exists",
+    "optimizer holds state",
+    "gradient checkpointing is on",
+)
 
 
 def run(tmp_path, capsys, *args):
@@ -25,7 +31,9 @@ def assert_exit_1_naming(tmp_path, capsys, audit_prefix: str, evidence: str, *ar
     code, report, out = run(tmp_path, capsys, *args)
     assert code == 1 and "memcheck: FAIL (exit 1)" in out
     failed = [a for a in report["audits"] if not a["passed"]]
-    assert [a["name"] for a in failed] and all(a["name"].startswith(audit_prefix) for a in failed), [a["name"] for a in failed]
+    assert [a["name"] for a in failed] and all(a["name"].startswith(audit_prefix) for a in failed), [
+        a["name"] for a in failed
+    ]
     assert any(evidence in line for a in failed for line in a["evidence"]), failed
 
 
@@ -73,7 +81,9 @@ def test_audit_real_step_names_gradient_checkpointing_requested_but_off(tmp_path
     import pg_train.model
 
     monkeypatch.setattr(pg_train.model, "enable_gradient_checkpointing", lambda model: None)  # silently off
-    assert_exit_1_naming(tmp_path, capsys, CHECKPOINTING, "gradient checkpointing requested but off", "--gradient-checkpointing")
+    assert_exit_1_naming(
+        tmp_path, capsys, CHECKPOINTING, "gradient checkpointing requested but off", "--gradient-checkpointing"
+    )
 
 
 def test_audit_real_step_catches_a_shadow_not_in_fp32(tmp_path, capsys, monkeypatch):
@@ -86,7 +96,9 @@ def test_audit_real_step_catches_a_shadow_not_in_fp32(tmp_path, capsys, monkeypa
     @torch.no_grad()
     def update_in_shadow_dtype(self, student):
         params = self._params(unwrap(student))
-        torch._foreach_lerp_(self.shadow, [p.detach().to(s.dtype) for p, s in zip(params, self.shadow)], 1.0 - self.current_decay())
+        torch._foreach_lerp_(
+            self.shadow, [p.detach().to(s.dtype) for p, s in zip(params, self.shadow)], 1.0 - self.current_decay()
+        )
         self.num_updates += 1
 
     monkeypatch.setattr(EMATeacher, "__init__", bf16_init)
@@ -143,6 +155,11 @@ def test_phase_observer_bench_memcheck_and_training_see_the_same_stages():
     assert list(m.phases)[: len(seen)] == [PHASES[s] for s in seen]
 
     sup = []
-    supervised_step(model, {**batch, "captions": ["a red square", "a blue circle"]}, cfg, SupervisedConfig(),
-                    observer=lambda stage: sup.append(stage) or contextlib.nullcontext())
+    supervised_step(
+        model,
+        {**batch, "captions": ["a red square", "a blue circle"]},
+        cfg,
+        SupervisedConfig(),
+        observer=lambda stage: sup.append(stage) or contextlib.nullcontext(),
+    )
     assert sup == [s for s in seen if s in ("pass1", "pass2", "loss")]

@@ -1,5 +1,6 @@
 """The whole-step benchmark's baseline must be a fair one: with equal weights and noise it gives
 the same teacher captions, the same Gumbel picks and the same loss as our step."""
+
 import argparse
 
 import torch

@@ -1,11 +1,12 @@
 """The released checkpoint format: round trip, sharding, and every way a checkpoint can be wrong."""
+
 import json
 
 import pytest
 import torch
+from conftest import make_batch, with_lora_weights
 from safetensors.torch import load_file, save_file
 
-from conftest import make_batch, with_lora_weights
 from pg_train.model import CheckpointError, build_model, from_pretrained, save_pretrained, to_sa2va_state_dict
 from pg_train.model.regions import region_cells
 from pg_train.model.templates import left_pad
@@ -20,9 +21,17 @@ def trained_tiny(seed=0):
 def outputs(model, seed=0):
     pixel_values, sam_pixel_values, masks = make_batch(model, seed=seed)
     cells, _ = region_cells(masks, model.grid_size)
-    ids, attention = left_pad([model.prompts.region_prompt(int(k)) for k in cells.flatten(1).sum(1)], model.tokenizer.pad_token_id)
+    ids, attention = left_pad(
+        [model.prompts.region_prompt(int(k)) for k in cells.flatten(1).sum(1)], model.tokenizer.pad_token_id
+    )
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, region_cells=cells, output_hidden_states=True)
+        out = model(
+            input_ids=ids,
+            attention_mask=attention,
+            pixel_values=pixel_values,
+            region_cells=cells,
+            output_hidden_states=True,
+        )
         seg = out.hidden_states[-1][:, -1]  # the last prompt row stands in for a [SEG] state
         mask_logits = model.predict_masks(seg, sam_pixel_values)
     return out.logits, mask_logits
@@ -63,7 +72,9 @@ def test_merge_changes_lora_targets_only(saved):
 def test_loaded_model_has_fresh_lora_and_same_trainable_set(saved):
     model, path = saved
     loaded = from_pretrained(path)
-    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
     assert all((p == 0).all() for n, p in loaded.named_parameters() if "lora_B" in n)
 
 
@@ -110,7 +121,9 @@ def test_unexpected_tensor_is_named(saved):
 def test_wrong_shape_is_named(saved):
     _, path = saved
     _edit_weights(path, lambda s: s.update({"mlp1.1.weight": s["mlp1.1.weight"].t().contiguous()}))
-    with pytest.raises(CheckpointError, match=r"wrong shape:\s+mlp1\.1\.weight: checkpoint \[128, 64\], model \[64, 128\]"):
+    with pytest.raises(
+        CheckpointError, match=r"wrong shape:\s+mlp1\.1\.weight: checkpoint \[128, 64\], model \[64, 128\]"
+    ):
         from_pretrained(path)
 
 
@@ -122,7 +135,9 @@ def test_wrong_vocab_size_is_explained(saved):
             state[key] = torch.cat([state[key], torch.zeros(5, state[key].shape[1])])
 
     _edit_weights(path, grow)
-    with pytest.raises(CheckpointError, match=r"vocabulary size mismatch: config.json says 497.*embed_tokens.weight has 502 rows"):
+    with pytest.raises(
+        CheckpointError, match=r"vocabulary size mismatch: config.json says 497.*embed_tokens.weight has 502 rows"
+    ):
         from_pretrained(path)
 
 

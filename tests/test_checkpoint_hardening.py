@@ -1,6 +1,7 @@
 """Every checkpoint pg_train reads (released format, `model.init_from`, resume, the EMA state),
 tampered with: a refused load is a CheckpointError naming the file and the tensors, and the
 model's weights are bitwise unchanged after it; NaN/Inf load only when asked for."""
+
 import json
 import shutil
 
@@ -13,7 +14,14 @@ from pg_train.ema import EMATeacher
 from pg_train.model import CheckpointError, build_model, from_pretrained, save_pretrained
 from pg_train.train import build_student, load_training_weights, train
 
-FAST = ["batch_size=2", "objective.max_caption_len=6", "objective.topk=16", "data.num_samples=8", "tensorboard=false", "progress=false"]
+FAST = [
+    "batch_size=2",
+    "objective.max_caption_len=6",
+    "objective.topk=16",
+    "data.num_samples=8",
+    "tensorboard=false",
+    "progress=false",
+]
 PROBE = "mlp1.1.weight"  # a trainable tensor every tiny model has
 LAST = "text_hidden_fcs.2.bias"
 
@@ -65,14 +73,22 @@ def set_value(name: str, index: tuple, value: float):
     def edit(state):
         state[name] = state[name].clone()
         state[name][index] = value
+
     return edit
 
 
 def test_nonfinite_checkpoint_from_pretrained_is_refused_naming_the_tensors(single):
-    edit_tensors(single / "model.safetensors", lambda s: (set_value(PROBE, (0, 0), float("nan"))(s), set_value(LAST, (1,), float("inf"))(s)))
+    edit_tensors(
+        single / "model.safetensors",
+        lambda s: (set_value(PROBE, (0, 0), float("nan"))(s), set_value(LAST, (1,), float("inf"))(s)),
+    )
     with pytest.raises(CheckpointError, match=r"2 tensors hold NaN or Inf") as err:
         from_pretrained(single)
-    assert f"{PROBE}: 1 NaN, 0 Inf" in str(err.value) and f"{LAST}: 0 NaN, 1 Inf" in str(err.value) and str(single) in str(err.value)
+    assert (
+        f"{PROBE}: 1 NaN, 0 Inf" in str(err.value)
+        and f"{LAST}: 0 NaN, 1 Inf" in str(err.value)
+        and str(single) in str(err.value)
+    )
     # The opt-in loads them as stored.
     model = from_pretrained(single, allow_nonfinite=True)
     assert torch.isnan(model.state_dict()[PROBE][0, 0]) and torch.isinf(model.state_dict()[LAST][1])
@@ -106,13 +122,16 @@ def test_shard_error_names_file_for_a_single_file_and_init_from(single, tmp_path
         load_training_weights(build_model("tiny", seed=0), tmp_path / "run")
 
 
-@pytest.mark.parametrize("section, key, ours, value", [
-    ("llm_config", "vocab_size", "language.vocab_size", 500),
-    ("llm_config", "num_hidden_layers", "language.num_layers", 7),
-    ("llm_config", "hidden_size", "language.hidden_size", 4096),
-    ("vision_config", "hidden_size", "vision.hidden_size", 1024),
-    (None, "downsample_ratio", "vision.downsample_ratio", 0.25),
-])
+@pytest.mark.parametrize(
+    "section, key, ours, value",
+    [
+        ("llm_config", "vocab_size", "language.vocab_size", 500),
+        ("llm_config", "num_hidden_layers", "language.num_layers", 7),
+        ("llm_config", "hidden_size", "language.hidden_size", 4096),
+        ("vision_config", "hidden_size", "vision.hidden_size", 1024),
+        (None, "downsample_ratio", "vision.downsample_ratio", 0.25),
+    ],
+)
 def test_config_sections_disagree(single, section, key, ours, value):
     path = single / "config.json"
     config = json.loads(path.read_text())
@@ -125,11 +144,16 @@ def test_config_sections_disagree(single, section, key, ours, value):
     released_name = f"{section}.{key}" if section else key
     with pytest.raises(CheckpointError, match="disagree") as err:
         from_pretrained(single)
-    assert f"{released_name} = {value!r} but pg_train.preset.{ours} = {mine!r}" in str(err.value) and "config.json" in str(err.value)
+    assert f"{released_name} = {value!r} but pg_train.preset.{ours} = {mine!r}" in str(
+        err.value
+    ) and "config.json" in str(err.value)
 
 
 def test_consistent_config_json_sections_load(single):
-    assert from_pretrained(single).preset.language.vocab_size == json.loads((single / "config.json").read_text())["llm_config"]["vocab_size"]
+    assert (
+        from_pretrained(single).preset.language.vocab_size
+        == json.loads((single / "config.json").read_text())["llm_config"]["vocab_size"]
+    )
 
 
 def _drop(name):
@@ -138,24 +162,56 @@ def _drop(name):
 
 # (case id, how the checkpoint directory is damaged, what the error must say)
 RELEASED_CORPUS = [
-    ("weights_garbage", lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 10), "model.safetensors: unreadable"),
-    ("weights_truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]), "model.safetensors: unreadable"),
+    (
+        "weights_garbage",
+        lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 10),
+        "model.safetensors: unreadable",
+    ),
+    (
+        "weights_truncated",
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+        "model.safetensors: unreadable",
+    ),
     ("weights_zero_bytes", lambda d: (d / "model.safetensors").write_bytes(b""), "model.safetensors: unreadable"),
     ("weights_missing", lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
     ("tensor_missing", lambda d: edit_tensors(d / "model.safetensors", _drop(LAST)), "1 missing tensors"),
-    ("tensor_extra", lambda d: edit_tensors(d / "model.safetensors", lambda s: s.update({"extra.weight": torch.zeros(2)})), "1 unexpected tensors"),
-    ("tensor_wrong_shape", lambda d: edit_tensors(d / "model.safetensors", lambda s: s.update({LAST: torch.zeros(3)})), "wrong shape"),
-    ("tensor_integer_dtype", lambda d: edit_tensors(d / "model.safetensors", lambda s: s.update({LAST: s[LAST].to(torch.int32)})), "wrong dtype kind"),
+    (
+        "tensor_extra",
+        lambda d: edit_tensors(d / "model.safetensors", lambda s: s.update({"extra.weight": torch.zeros(2)})),
+        "1 unexpected tensors",
+    ),
+    (
+        "tensor_wrong_shape",
+        lambda d: edit_tensors(d / "model.safetensors", lambda s: s.update({LAST: torch.zeros(3)})),
+        "wrong shape",
+    ),
+    (
+        "tensor_integer_dtype",
+        lambda d: edit_tensors(d / "model.safetensors", lambda s: s.update({LAST: s[LAST].to(torch.int32)})),
+        "wrong dtype kind",
+    ),
     ("tensor_nan", lambda d: edit_tensors(d / "model.safetensors", set_value(LAST, (0,), float("nan"))), "NaN or Inf"),
-    ("tensor_minus_inf", lambda d: edit_tensors(d / "model.safetensors", set_value(PROBE, (2, 2), float("-inf"))), "NaN or Inf"),
+    (
+        "tensor_minus_inf",
+        lambda d: edit_tensors(d / "model.safetensors", set_value(PROBE, (2, 2), float("-inf"))),
+        "NaN or Inf",
+    ),
     ("config_garbage", lambda d: (d / "config.json").write_text("{ nope"), "config.json: not valid JSON"),
     ("config_a_list", lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: must be a JSON object"),
-    ("config_preset_incomplete", lambda d: (d / "config.json").write_text(json.dumps({"pg_train": {"preset": {"name": "x"}}})), "pg_train.preset is incomplete"),
+    (
+        "config_preset_incomplete",
+        lambda d: (d / "config.json").write_text(json.dumps({"pg_train": {"preset": {"name": "x"}}})),
+        "pg_train.preset is incomplete",
+    ),
     ("config_missing", lambda d: (d / "config.json").unlink(), "config.json: missing"),
 ]
 SHARDED_CORPUS = [
     ("index_garbage", lambda d: (d / "model.safetensors.index.json").write_text("]["), "unreadable index"),
-    ("index_map_is_a_list", lambda d: (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]})), "weight_map must map"),
+    (
+        "index_map_is_a_list",
+        lambda d: (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]})),
+        "weight_map must map",
+    ),
     ("shard_missing", lambda d: shard_holding(d, LAST).unlink(), "lists shard files that do not exist"),
     ("shard_lacks_a_mapped_tensor", lambda d: edit_tensors(shard_holding(d, LAST), _drop(LAST)), "does not hold them"),
     ("shard_garbage", lambda d: shard_holding(d, PROBE).write_bytes(b"\xff" * 100), "unreadable safetensors file"),
@@ -212,7 +268,11 @@ def test_init_from_no_partial_load(run_copy, case):
     edit_tensors(checkpoint / "model.safetensors", INIT_FROM_DAMAGE[case])
     model = build_student(load_config([], []))
     before = snapshot(model)
-    assert any(not torch.equal(before[n], t) for n, t in load_file(str(checkpoint / "model.safetensors")).items() if n in before and before[n].shape == t.shape)
+    assert any(
+        not torch.equal(before[n], t)
+        for n, t in load_file(str(checkpoint / "model.safetensors")).items()
+        if n in before and before[n].shape == t.shape
+    )
     with pytest.raises(Exception) as err:
         load_training_weights(model, checkpoint)
     assert changed_tensors(model, before) == []
@@ -241,7 +301,9 @@ def test_nonfinite_checkpoint_init_from_loads_only_with_the_opt_in(run_copy):
     assert torch.isnan(model.state_dict()[PROBE][0, 0])
 
 
-@pytest.mark.parametrize("case", ["weights_nan", "weights_wrong_shape", "weights_garbage", "ema_nan", "ema_wrong_shape", "ema_garbage"])
+@pytest.mark.parametrize(
+    "case", ["weights_nan", "weights_wrong_shape", "weights_garbage", "ema_nan", "ema_wrong_shape", "ema_garbage"]
+)
 def test_resume_refuses_a_damaged_checkpoint_before_loading_anything(run_copy, case):
     """Accelerate loads the model, then the EMA: each is checked before either is touched."""
     out, checkpoint = run_copy
@@ -275,7 +337,9 @@ def ema_pair():
     return ema, other.state_dict()
 
 
-@pytest.mark.parametrize("case", ["last_wrong_shape", "last_nan", "names_reordered_one_missing", "decay_out_of_range", "shadow_not_tensor"])
+@pytest.mark.parametrize(
+    "case", ["last_wrong_shape", "last_nan", "names_reordered_one_missing", "decay_out_of_range", "shadow_not_tensor"]
+)
 def test_ema_state_no_partial_load(ema_pair, case):
     ema, state = ema_pair
     before = [s.clone() for s in ema.shadow]

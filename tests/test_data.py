@@ -1,4 +1,5 @@
 """Data sources, preprocessing, bad input, sharding and exact resume."""
+
 import itertools
 import json
 
@@ -8,8 +9,16 @@ import torch
 from PIL import Image
 
 from pg_train.data import (
-    BadSample, CocoPairs, DataConfig, ManifestPairs, NoValidSamplesError, PairDataset, PairLoader,
-    Preprocess, SyntheticPairs, build_loader,
+    BadSample,
+    CocoPairs,
+    DataConfig,
+    ManifestPairs,
+    NoValidSamplesError,
+    PairDataset,
+    PairLoader,
+    Preprocess,
+    SyntheticPairs,
+    build_loader,
 )
 from pg_train.data.images import open_image
 
@@ -31,7 +40,9 @@ def manifest_with(tmp_path, bad_line: str | None, good: int = 3):
     lines = []
     for i in range(good):
         image, mask = write_pair(tmp_path, f"good{i}")
-        lines.append(json.dumps({"image1": image, "mask1": mask, "image2": image, "mask2": mask, "caption": f"object {i}"}))
+        lines.append(
+            json.dumps({"image1": image, "mask1": mask, "image2": image, "mask2": mask, "caption": f"object {i}"})
+        )
     if bad_line is not None:
         lines.insert(1, bad_line)
     path = tmp_path / "manifest.jsonl"
@@ -68,10 +79,19 @@ def _bad_cases(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", [
-    "missing_file", "unreadable_image_truncated", "unreadable_image_garbage", "size_mismatch",
-    "empty_mask", "non_binary_mask", "malformed_record_json", "malformed_record_field",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_file",
+        "unreadable_image_truncated",
+        "unreadable_image_garbage",
+        "size_mismatch",
+        "empty_mask",
+        "non_binary_mask",
+        "malformed_record_json",
+        "malformed_record_field",
+    ],
+)
 def test_bad_input_is_skipped_and_counted_or_raises_in_strict_mode(tmp_path, case):
     bad = _bad_cases(tmp_path)[case]
     reason = case.rsplit("_", 1)[0] if case.startswith(("unreadable", "malformed")) else case
@@ -89,13 +109,20 @@ def test_bad_input_is_skipped_and_counted_or_raises_in_strict_mode(tmp_path, cas
 
     # Strict: the error names the file and line.
     strict = PairLoader(PairDataset(source, SMALL, strict=True), batch_size=4, shuffle=False)
-    with pytest.raises(BadSample, match=f"manifest.jsonl:2"):
+    with pytest.raises(BadSample, match="manifest.jsonl:2"):
         next(iter(strict))
 
 
 def test_bad_input_everywhere_fails_clearly_instead_of_looping(tmp_path):
-    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps({"image1": f"missing{i}.png", "mask1": "m.png", "image2": "x.png", "mask2": "m.png"}) for i in range(5)))
-    loader = PairLoader(PairDataset(ManifestPairs(tmp_path / "manifest.jsonl"), SMALL, max_refill=2), batch_size=2, shuffle=False)
+    (tmp_path / "manifest.jsonl").write_text(
+        "\n".join(
+            json.dumps({"image1": f"missing{i}.png", "mask1": "m.png", "image2": "x.png", "mask2": "m.png"})
+            for i in range(5)
+        )
+    )
+    loader = PairLoader(
+        PairDataset(ManifestPairs(tmp_path / "manifest.jsonl"), SMALL, max_refill=2), batch_size=2, shuffle=False
+    )
     with pytest.raises(NoValidSamplesError, match="no valid sample.*missing_file"):
         list(itertools.islice(iter(loader), 10))
 
@@ -173,7 +200,9 @@ def test_coco_polygon_and_rle_load_with_exact_masks(tmp_path):
     # pycocotools rasterises polygon edges: the box's interior is exact, the boundary within a pixel.
     assert poly_pair.mask1[6:14, 11:19].all() and not poly_pair.mask1[:4].any() and not poly_pair.mask1[:, 22:].any()
     assert abs(int(poly_pair.mask1.sum()) - int(polygon_mask.sum())) <= 2 * (10 + 10) + 1
-    with_refs = CocoPairs(tmp_path / "instances.json", tmp_path, refs=tmp_path / "refs.json", pairing="augment", min_pixels=1)
+    with_refs = CocoPairs(
+        tmp_path / "instances.json", tmp_path, refs=tmp_path / "refs.json", pairing="augment", min_pixels=1
+    )
     assert len(with_refs) == 1
     pair = with_refs.load(0)
     assert pair.caption == "the small box bottom left" and pair.mask2.any() and pair.mask2.shape == (30, 40)
@@ -252,8 +281,16 @@ def test_preprocessed_shapes_and_normalisation():
 
 
 def test_synthetic_attribute_subsets_and_distinct_colours():
-    source = SyntheticPairs(30, seed=3, colours=("red", "blue", "green"), textures=("plain",), distinct_colours=True,
-                            min_objects=2, max_objects=3, sizes=("large",))
+    source = SyntheticPairs(
+        30,
+        seed=3,
+        colours=("red", "blue", "green"),
+        textures=("plain",),
+        distinct_colours=True,
+        min_objects=2,
+        max_objects=3,
+        sizes=("large",),
+    )
     for i in range(30):
         _, objects, _ = source.scene(i)
         colours = [o.colour for o in objects]
@@ -281,6 +318,8 @@ def test_same_image_pairing_keeps_one_pixel_tensor_through_collate_and_the_devic
     assert moved["masks2"].dtype == torch.bfloat16
     augmented = PairDataset(SyntheticPairs(3, pairing="augment"), SMALL)
     batch = collate_pairs([augmented[i] for i in range(3)])
-    assert batch["pixel_values2"] is not batch["pixel_values1"] and not torch.equal(batch["pixel_values2"], batch["pixel_values1"])
+    assert batch["pixel_values2"] is not batch["pixel_values1"] and not torch.equal(
+        batch["pixel_values2"], batch["pixel_values1"]
+    )
     with pytest.raises(ValueError, match="pairing must be 'same' or 'augment'"):
         SyntheticPairs(3, pairing="shuffled")

@@ -1,6 +1,7 @@
 """Every input format the data sources read, fed awkward and hostile input: a bad file is one
 sample's problem (skipped and counted by a named reason, or in strict mode an error naming the
 manifest line and field), never an exception of another type, never a silently wrong mask."""
+
 import io
 import json
 import struct
@@ -23,11 +24,14 @@ BOX = (10, 10, 30, 30)  # x0, y0, x1, y1 of the good masks' object
 def png_bytes(width: int, height: int, *, bit_depth: int = 1, colour_type: int = 0, pixel_rows: bytes = b"") -> bytes:
     """A PNG written chunk by chunk, so a header can claim any size without the pixels existing
     (a decompression bomb costs nothing to build)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixel_rows)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixel_rows)) + chunk(b"IEND", b"")
+    )
 
 
 def good_mask() -> np.ndarray:
@@ -69,8 +73,12 @@ def files(tmp_path):
     (tmp_path / "zero_size.png").write_bytes(png_bytes(0, 0))
     (tmp_path / "bomb.png").write_bytes(png_bytes(20_000, 10_000))  # 200 M pixels: above PIL's error threshold
     (tmp_path / "big.png").write_bytes(png_bytes(10_000, 10_000))  # 100 M: PIL only warns, ours refuses
-    (tmp_path / "garbage_pixels.png").write_bytes(png_bytes(WIDTH, HEIGHT, bit_depth=8, colour_type=2, pixel_rows=b"\x07" * 100))
-    Image.fromarray(np.zeros((32, 32), dtype=np.uint8) + 255 * np.eye(32, dtype=np.uint8)).save(tmp_path / "small_mask.png")
+    (tmp_path / "garbage_pixels.png").write_bytes(
+        png_bytes(WIDTH, HEIGHT, bit_depth=8, colour_type=2, pixel_rows=b"\x07" * 100)
+    )
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8) + 255 * np.eye(32, dtype=np.uint8)).save(
+        tmp_path / "small_mask.png"
+    )
     Image.fromarray(np.zeros((HEIGHT, WIDTH), dtype=np.uint8)).save(tmp_path / "empty_mask.png")
     soft = good_mask().astype(np.uint8) * 255
     soft[0:5, 0:5] = 128
@@ -82,7 +90,13 @@ def files(tmp_path):
 
 
 def record(**changes) -> dict:
-    base = {"image1": "good.png", "mask1": "good_mask.png", "image2": "good.png", "mask2": "good_mask.png", "caption": "the object"}
+    base = {
+        "image1": "good.png",
+        "mask1": "good_mask.png",
+        "image2": "good.png",
+        "mask2": "good_mask.png",
+        "caption": "the object",
+    }
     base.update(changes)
     return {k: v for k, v in base.items() if v is not DROP}
 
@@ -126,24 +140,79 @@ CORPUS = [
     ("mask_number", line(mask1=7), "malformed_record", "mask1"),
     ("mask_list", line(mask2=[1, 2]), "malformed_record", "mask2"),
     # RLE masks
-    ("rle_negative_counts", line(mask1={"size": [HEIGHT, WIDTH], "counts": [-1, HEIGHT * WIDTH + 1]}), "malformed_record", "negative"),
+    (
+        "rle_negative_counts",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": [-1, HEIGHT * WIDTH + 1]}),
+        "malformed_record",
+        "negative",
+    ),
     ("rle_short_counts", line(mask1={"size": [HEIGHT, WIDTH], "counts": [100, 50]}), "malformed_record", "sum to 150"),
-    ("rle_long_counts", line(mask1={"size": [HEIGHT, WIDTH], "counts": [HEIGHT * WIDTH, 5]}), "malformed_record", "mask1"),
+    (
+        "rle_long_counts",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": [HEIGHT * WIDTH, 5]}),
+        "malformed_record",
+        "mask1",
+    ),
     ("rle_empty_counts", line(mask1={"size": [HEIGHT, WIDTH], "counts": []}), "malformed_record", "sum to 0"),
     ("rle_empty_string", line(mask1={"size": [HEIGHT, WIDTH], "counts": ""}), "malformed_record", "sum to 0"),
-    ("rle_float_counts", line(mask1={"size": [HEIGHT, WIDTH], "counts": [1.5, HEIGHT * WIDTH - 1.5]}), "malformed_record", "integers"),
-    ("rle_string_in_counts", line(mask1={"size": [HEIGHT, WIDTH], "counts": ["3", HEIGHT * WIDTH - 3]}), "malformed_record", "integers"),
-    ("rle_bool_counts", line(mask1={"size": [HEIGHT, WIDTH], "counts": [True, HEIGHT * WIDTH - 1]}), "malformed_record", "integers"),
+    (
+        "rle_float_counts",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": [1.5, HEIGHT * WIDTH - 1.5]}),
+        "malformed_record",
+        "integers",
+    ),
+    (
+        "rle_string_in_counts",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": ["3", HEIGHT * WIDTH - 3]}),
+        "malformed_record",
+        "integers",
+    ),
+    (
+        "rle_bool_counts",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": [True, HEIGHT * WIDTH - 1]}),
+        "malformed_record",
+        "integers",
+    ),
     ("rle_counts_object", line(mask1={"size": [HEIGHT, WIDTH], "counts": {"a": 1}}), "malformed_record", "counts"),
     ("rle_missing_counts", line(mask1={"size": [HEIGHT, WIDTH]}), "malformed_record", "mask1"),
-    ("rle_size_three_numbers", line(mask1={"size": [HEIGHT, WIDTH, 3], "counts": [HEIGHT * WIDTH]}), "malformed_record", "size"),
-    ("rle_size_negative", line(mask1={"size": [-HEIGHT, -WIDTH], "counts": [HEIGHT * WIDTH]}), "malformed_record", "size"),
+    (
+        "rle_size_three_numbers",
+        line(mask1={"size": [HEIGHT, WIDTH, 3], "counts": [HEIGHT * WIDTH]}),
+        "malformed_record",
+        "size",
+    ),
+    (
+        "rle_size_negative",
+        line(mask1={"size": [-HEIGHT, -WIDTH], "counts": [HEIGHT * WIDTH]}),
+        "malformed_record",
+        "size",
+    ),
     ("rle_size_strings", line(mask1={"size": ["48", "64"], "counts": [HEIGHT * WIDTH]}), "malformed_record", "size"),
-    ("rle_size_other_than_image", line(mask2={"size": [10, 10], "counts": [40, 20, 40]}), "size_mismatch", "image2/mask2"),
+    (
+        "rle_size_other_than_image",
+        line(mask2={"size": [10, 10], "counts": [40, 20, 40]}),
+        "size_mismatch",
+        "image2/mask2",
+    ),
     ("rle_huge_size", line(mask1={"size": [100_000, 100_000], "counts": [10**10]}), "image_too_large", "100000x100000"),
-    ("rle_string_bad_characters", line(mask1={"size": [HEIGHT, WIDTH], "counts": "~~~~"}), "malformed_record", "RLE character"),
-    ("rle_string_ends_mid_count", line(mask1={"size": [HEIGHT, WIDTH], "counts": "P"}), "malformed_record", "ends inside"),
-    ("rle_string_of_another_size", line(mask1={"size": [HEIGHT, WIDTH], "counts": "0c0"}), "malformed_record", "sum to"),
+    (
+        "rle_string_bad_characters",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": "~~~~"}),
+        "malformed_record",
+        "RLE character",
+    ),
+    (
+        "rle_string_ends_mid_count",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": "P"}),
+        "malformed_record",
+        "ends inside",
+    ),
+    (
+        "rle_string_of_another_size",
+        line(mask1={"size": [HEIGHT, WIDTH], "counts": "0c0"}),
+        "malformed_record",
+        "sum to",
+    ),
     # JSON lines
     ("json_list_not_object", b'["good.png", "good_mask.png"]', "malformed_record", "JSON object"),
     ("json_number", b"42", "malformed_record", "JSON object"),
@@ -190,7 +259,7 @@ def test_adversarial_manifest_input_is_skipped_by_reason_or_named_in_strict_mode
 
     # Strict: the error names the manifest line.
     strict = PairLoader(PairDataset(source, SMALL, strict=True), batch_size=4, shuffle=False)
-    with pytest.raises(BadSample, match=f"manifest.jsonl:2"):
+    with pytest.raises(BadSample, match="manifest.jsonl:2"):
         next(iter(strict))
 
 
@@ -202,7 +271,10 @@ def test_decompression_bomb_is_a_bad_sample_not_a_crash(files):
     assert len(next(iter(loader))["indices"]) == 4
     assert loader.skip_counts == {"image_too_large": 1}
     strict = PairLoader(PairDataset(ManifestPairs(path), SMALL, strict=True), batch_size=4, shuffle=False)
-    with pytest.raises(BadSample, match=r"manifest\.jsonl:2 image1.*bomb\.png: 20000x10000 = 200,000,000 pixels > data\.max_image_pixels"):
+    with pytest.raises(
+        BadSample,
+        match=r"manifest\.jsonl:2 image1.*bomb\.png: 20000x10000 = 200,000,000 pixels > data\.max_image_pixels",
+    ):
         next(iter(strict))
 
 
@@ -221,7 +293,9 @@ def test_decompression_bomb_limit_from_the_config(files):
     from pg_train.data import build_source
 
     path = write_manifest(files, line())
-    cfg = load_config([], ["data.source=manifest", f"data.manifest={path}", f"data.max_image_pixels={WIDTH * HEIGHT - 1}"])
+    cfg = load_config(
+        [], ["data.source=manifest", f"data.manifest={path}", f"data.max_image_pixels={WIDTH * HEIGHT - 1}"]
+    )
     with pytest.raises(BadSample) as err:
         build_source(cfg.data).load(0)
     assert err.value.reason == "image_too_large"
@@ -290,7 +364,12 @@ def test_jsonl_line_separators_inside_a_caption_are_text(files, name):
     """str.splitlines() breaks on these; JSON allows them raw inside strings. The caption is
     kept whole, the record count is right and a later bad line keeps its line number."""
     caption = f"left{SEPARATORS[name]}right"
-    lines = [json.dumps(record(caption=caption), ensure_ascii=False).encode(), line(caption="two"), b'{"broken": ', line(caption="four")]
+    lines = [
+        json.dumps(record(caption=caption), ensure_ascii=False).encode(),
+        line(caption="two"),
+        b'{"broken": ',
+        line(caption="four"),
+    ]
     path = files / "manifest.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     source = ManifestPairs(path)
@@ -332,7 +411,10 @@ def test_adversarial_coco_annotation_is_a_bad_sample(files, name):
     good = [[10, 10, 30, 10, 30, 30, 10, 30]]
     instances = {
         "images": [{"id": 1, "file_name": "good.png", "height": HEIGHT, "width": WIDTH}],
-        "annotations": [{"id": 1, "image_id": 1, "segmentation": good}, {"id": 2, "image_id": 1, "segmentation": segmentation}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "segmentation": good},
+            {"id": 2, "image_id": 1, "segmentation": segmentation},
+        ],
     }
     (files / "instances.json").write_text(json.dumps(instances))
     source = CocoPairs(files / "instances.json", files, pairing="same")

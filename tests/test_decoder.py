@@ -1,5 +1,6 @@
 """The last-layer-trimmed decoder must be the same function of the kept rows as the full
 Qwen2 forward: values, gradients and the KV cache it leaves for decoding."""
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -55,11 +56,21 @@ def test_the_cache_it_fills_decodes_like_the_full_forwards_cache(model):
     embeds, mask, positions = _inputs(model, pad=True)
     full_cache, trimmed_cache = DynamicCache(), DynamicCache()
     prompt = slice(0, -1)
-    decoder(inputs_embeds=embeds[:, prompt], attention_mask=mask[:, prompt], position_ids=positions[:, prompt], cache=full_cache, use_cache=True)
-    decoder_hidden_states(decoder, embeds[:, prompt], mask[:, prompt], positions[:, prompt], slice(-1, None), cache=trimmed_cache)
+    decoder(
+        inputs_embeds=embeds[:, prompt],
+        attention_mask=mask[:, prompt],
+        position_ids=positions[:, prompt],
+        cache=full_cache,
+        use_cache=True,
+    )
+    decoder_hidden_states(
+        decoder, embeds[:, prompt], mask[:, prompt], positions[:, prompt], slice(-1, None), cache=trimmed_cache
+    )
     step = dict(inputs_embeds=embeds[:, -1:], attention_mask=mask, position_ids=positions[:, -1:])
     expected = decoder(**step, cache=full_cache, use_cache=True).last_hidden_state
-    got = decoder_hidden_states(decoder, step["inputs_embeds"], mask, step["position_ids"], slice(-1, None), cache=trimmed_cache)
+    got = decoder_hidden_states(
+        decoder, step["inputs_embeds"], mask, step["position_ids"], slice(-1, None), cache=trimmed_cache
+    )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert trimmed_cache.get_seq_length() == full_cache.get_seq_length() == embeds.shape[1]
 

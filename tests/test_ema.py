@@ -1,12 +1,13 @@
 """The EMA teacher: fp32 shadow, placements, exact restore, accumulation, checkpoints."""
+
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-
 from conftest import make_batch
+
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model
 from pg_train.model.regions import region_cells
@@ -179,7 +180,9 @@ def test_ranks_hold_identical_shadows_under_zero2_on_two_processes(tmp_path):
 def test_predicted_bytes_equal_held_bytes(placement):
     student = build_model("tiny", seed=0)
     ema = EMATeacher(student, placement=placement)
-    assert ema.memory_bytes() == EMATeacher.predicted_bytes(student, placement, training_device="cpu", model_dtype=torch.float32)
+    assert ema.memory_bytes() == EMATeacher.predicted_bytes(
+        student, placement, training_device="cpu", model_dtype=torch.float32
+    )
 
 
 def test_teacher_generates_without_dropout_and_restores_train_mode():

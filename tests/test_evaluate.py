@@ -1,9 +1,10 @@
 """Evaluation: RefCOCO-style metrics, the caption controls, and the gallery."""
+
 import pytest
 import torch
+from conftest import with_lora_weights
 from PIL import Image
 
-from conftest import with_lora_weights
 from pg_train.evaluate import TEXT_HEIGHT, TILE, caption_inputs, ciou_giou, evaluate, heldout_batches
 from pg_train.model import build_model
 from pg_train.pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, iou_counts
@@ -43,7 +44,9 @@ def test_controls_change_the_caption_input_and_the_prediction():
     assert truth_len[0] == 8 and decoded and batch["captions"][0].startswith(decoded)  # cut at max_caption_len
     with torch.no_grad():
         masks = {
-            kind: forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], model.embed_tokens()(ids), lens)
+            kind: forward_mask_with_text_embeds(
+                model, batch["pixel_values2"], batch["sam_pixel_values2"], model.embed_tokens()(ids), lens
+            )
             for kind, (ids, lens) in inputs.items()
         }
     assert not torch.allclose(masks["cycle"], masks["empty"])
@@ -55,7 +58,9 @@ def test_controls_change_the_caption_input_and_the_prediction():
 def test_gallery_png_is_written_with_the_expected_size(tmp_path):
     model = lively()
     batches = heldout_batches(model, samples=4, batch_size=2, seed=7, device="cpu")
-    results = evaluate(model, batches, PseudoGumbelConfig(max_caption_len=6), gallery_path=tmp_path / "gallery.png", gallery_size=3)
+    results = evaluate(
+        model, batches, PseudoGumbelConfig(max_caption_len=6), gallery_path=tmp_path / "gallery.png", gallery_size=3
+    )
     with Image.open(tmp_path / "gallery.png") as image:
         assert image.size == (2 * TILE, 3 * (TILE + TEXT_HEIGHT))
     assert results["samples"] == 4
@@ -69,10 +74,35 @@ def test_evaluate_cli_on_a_training_checkpoint(tmp_path):
     from pg_train.evaluate import main as evaluate_main
     from pg_train.train import train
 
-    train(load_config([], [f"output_dir={tmp_path / 'run'}", "max_steps=1", "objective_kind=supervised", "tensorboard=false", "progress=false",
-                           "objective.max_caption_len=6", "data.num_samples=8"]))
-    assert evaluate_main(["--checkpoint", str(tmp_path / "run" / "checkpoints" / "step-00000001"), "--samples", "4", "--batch-size", "2",
-                          "--output", str(tmp_path / "eval")]) == 0
+    train(
+        load_config(
+            [],
+            [
+                f"output_dir={tmp_path / 'run'}",
+                "max_steps=1",
+                "objective_kind=supervised",
+                "tensorboard=false",
+                "progress=false",
+                "objective.max_caption_len=6",
+                "data.num_samples=8",
+            ],
+        )
+    )
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(tmp_path / "run" / "checkpoints" / "step-00000001"),
+                "--samples",
+                "4",
+                "--batch-size",
+                "2",
+                "--output",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "eval" / "eval.json").is_file() and (tmp_path / "eval" / "gallery.png").is_file()
 
 
@@ -88,7 +118,9 @@ def test_controls_caption_sensitivity_is_zero_when_the_seg_state_ignores_the_cap
     original = model.segment_from_embeds
 
     def caption_blind(caption_embeds, caption_mask, **kwargs):
-        return original(caption_embeds=torch.zeros_like(caption_embeds), caption_mask=torch.ones_like(caption_mask), **kwargs)
+        return original(
+            caption_embeds=torch.zeros_like(caption_embeds), caption_mask=torch.ones_like(caption_mask), **kwargs
+        )
 
     model.segment_from_embeds = caption_blind
     blind = evaluate(model, batches, cfg)
@@ -119,6 +151,8 @@ def test_controls_request_summary_loss_reads_the_caption_at_the_seg_state():
     cfg = PseudoGumbelConfig(max_caption_len=6)
     ids, lens = tokenize_captions(model, batch["captions"], cfg.max_caption_len)
     embeds = model.embed_tokens()(ids).detach().requires_grad_()
-    _, seg_hidden = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens, return_seg_hidden=True)
+    _, seg_hidden = forward_mask_with_text_embeds(
+        model, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lens, return_seg_hidden=True
+    )
     request_summary_loss(model, seg_hidden, ids, lens).sum().backward()
     assert embeds.grad is not None and embeds.grad[0, : lens[0]].abs().sum() > 0

@@ -1,5 +1,6 @@
 """Caption decoding with a static KV cache (buffers allocated once, fixed-shape steps: what CUDA
 graph capture needs) gives exactly the tokens of the dynamic-cache decoding."""
+
 import pytest
 import torch
 from conftest import make_batch, with_lora_weights
@@ -30,9 +31,18 @@ def test_static_cache_decoding_equals_dynamic_token_for_token(model, sampled):
     out = {}
     for static in (False, True):
         out[static] = generate_from_embeds(
-            model.language_model, embeds, attention, max_new_tokens=12, min_new_tokens=2, eos_token_id=model.eos_token_id,
-            pad_token_id=model.tokenizer.pad_token_id, stop=model.prompts.stop, do_sample=sampled, temperature=1.5,
-            generator=torch.Generator().manual_seed(3), static_cache=static,
+            model.language_model,
+            embeds,
+            attention,
+            max_new_tokens=12,
+            min_new_tokens=2,
+            eos_token_id=model.eos_token_id,
+            pad_token_id=model.tokenizer.pad_token_id,
+            stop=model.prompts.stop,
+            do_sample=sampled,
+            temperature=1.5,
+            generator=torch.Generator().manual_seed(3),
+            static_cache=static,
         )
     assert torch.equal(out[False][0], out[True][0]) and torch.equal(out[False][1], out[True][1])
 
@@ -43,9 +53,20 @@ def test_static_cache_decoding_stops_where_the_dynamic_one_does(model):
     vocab = model.preset.language.vocab_size
     keep = torch.zeros(vocab, dtype=torch.bool)
     keep[[model.eos_token_id, *model.tokenizer.encode("red blue", add_special_tokens=False)]] = True
-    out = [generate_from_embeds(model.language_model, embeds, attention, max_new_tokens=10, eos_token_id=model.eos_token_id,
-                                pad_token_id=model.tokenizer.pad_token_id, suppress_token_ids=(~keep).nonzero().flatten(),
-                                stop=model.prompts.stop, static_cache=static) for static in (False, True)]
+    out = [
+        generate_from_embeds(
+            model.language_model,
+            embeds,
+            attention,
+            max_new_tokens=10,
+            eos_token_id=model.eos_token_id,
+            pad_token_id=model.tokenizer.pad_token_id,
+            suppress_token_ids=(~keep).nonzero().flatten(),
+            stop=model.prompts.stop,
+            static_cache=static,
+        )
+        for static in (False, True)
+    ]
     assert torch.equal(out[0][0], out[1][0]) and out[0][1].tolist() == out[1][1].tolist()
 
 
@@ -64,5 +85,7 @@ def test_static_cache_teacher_captions_for_every_ema_placement(placement):
         cfg = PseudoGumbelConfig(max_caption_len=10, static_cache=static)
         captions[static] = generate_pseudo_tokens_with_ema(ema, pixel_values, cells, cfg, student=student)
     assert torch.equal(captions[False][0], captions[True][0]) and torch.equal(captions[False][1], captions[True][1])
-    plain = generate_pseudo_tokens_with_ema(student, pixel_values, cells, PseudoGumbelConfig(max_caption_len=10, static_cache=True))
+    plain = generate_pseudo_tokens_with_ema(
+        student, pixel_values, cells, PseudoGumbelConfig(max_caption_len=10, static_cache=True)
+    )
     assert not torch.equal(plain[0], captions[True][0]), "the test needs the teacher to differ from the student"

@@ -1,13 +1,14 @@
 """Hugging Face datasets as a source: formats, column mapping, and the manifest's sharding,
 resume and skip-and-count behaviour, map-style and streaming."""
+
 import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from formats import hf_dataset, write_pairs
+
 from pg_train.data import BadSample, DataConfig, ManifestPairs, Preprocess, build_loader, build_source
 from pg_train.data.hf import HFPairs, HFStreamPairs
 
@@ -53,7 +54,9 @@ def test_hf_dataset_rows_read_as_the_manifest_pairs(data, where, mask_column):
     for i in (0, 2, 6):
         got, want = source.load(i), manifest.load(i)
         assert got.caption == want.caption and np.array_equal(np.asarray(got.image1), np.asarray(want.image1))
-        if mask_column == "mask_polygon":  # rasterised by pycocotools: the box's interior exactly, its edge within a pixel
+        if (
+            mask_column == "mask_polygon"
+        ):  # rasterised by pycocotools: the box's interior exactly, its edge within a pixel
             rows, cols = np.nonzero(want.mask1)
             assert got.mask1[rows.min() + 1 : rows.max(), cols.min() + 1 : cols.max()].all()
             assert abs(int(got.mask1.sum()) - int(want.mask1.sum())) <= 2 * (16 + 20) + 1
@@ -69,7 +72,9 @@ def test_hf_dataset_cells_get_the_file_readers_checks(data):
     with pytest.raises(BadSample) as err:
         small.load(0)
     assert err.value.reason == "image_too_large" and "row 0 image" in str(err.value)
-    assert build_source(config(data, "parquet", max_image_pixels=48 * 40)).load(0).caption == "object number 0"  # at the limit: read
+    assert (
+        build_source(config(data, "parquet", max_image_pixels=48 * 40)).load(0).caption == "object number 0"
+    )  # at the limit: read
 
 
 def test_hf_dataset_split_and_column_errors_name_what_is_missing(data):
@@ -94,7 +99,10 @@ def test_hf_dataset_split_and_column_errors_name_what_is_missing(data):
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_hf_dataset_shards_resume_and_skips_exactly_like_the_manifest(data, world_size):
     for rank in range(world_size):
-        loaders = {s: build_loader(config(data, s), SMALL, batch_size=2, rank=rank, world_size=world_size, seed=4) for s in ("manifest", "parquet")}
+        loaders = {
+            s: build_loader(config(data, s), SMALL, batch_size=2, rank=rank, world_size=world_size, seed=4)
+            for s in ("manifest", "parquet")
+        }
         assert loaders["manifest"].shard(0) == loaders["parquet"].shard(0)
         runs = {s: list(itertools.islice(iter(loader), 6)) for s, loader in loaders.items()}  # crosses epochs
         assert_same_batches(runs["parquet"], runs["manifest"])
@@ -112,10 +120,14 @@ def test_hf_dataset_shards_resume_and_skips_exactly_like_the_manifest(data, worl
 @pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 0), (2, 2)])
 def test_hf_streaming_shards_resume_and_skips_like_the_manifest_in_stream_order(data, world_size, workers):
     for rank in range(world_size):
-        manifest = build_loader(config(data, "manifest", shuffle=False), SMALL, 2, rank=rank, world_size=world_size, seed=4)
+        manifest = build_loader(
+            config(data, "manifest", shuffle=False), SMALL, 2, rank=rank, world_size=world_size, seed=4
+        )
         stream_cfg = config(data, "parquet", shuffle=False, hf_streaming=True, num_workers=workers)
         streaming = build_loader(stream_cfg, SMALL, 2, rank=rank, world_size=world_size, seed=4)
-        assert isinstance(streaming.dataset.source, HFStreamPairs) and len(streaming.dataset) == 7  # length from the parquet footer
+        assert (
+            isinstance(streaming.dataset.source, HFStreamPairs) and len(streaming.dataset) == 7
+        )  # length from the parquet footer
         want = list(itertools.islice(iter(manifest), 5))
         assert_same_batches(list(itertools.islice(iter(streaming), 5)), want)
         assert streaming.skip_counts == manifest.skip_counts
@@ -132,7 +144,9 @@ def test_hf_streaming_shuffle_is_seeded_per_epoch_and_covers_the_rows(data):
 
     def captions_per_epoch(seed):
         by_epoch = {}
-        for batch in itertools.islice(iter(build_loader(cfg, SMALL, batch_size=4, seed=seed)), 6):  # 2 batches per epoch
+        for batch in itertools.islice(
+            iter(build_loader(cfg, SMALL, batch_size=4, seed=seed)), 6
+        ):  # 2 batches per epoch
             by_epoch.setdefault(batch["epoch"], []).extend(batch["captions"])
         return list(by_epoch.values())
 

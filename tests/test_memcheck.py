@@ -1,5 +1,6 @@
 """memcheck: exact static prediction on the tiny preset, the reference prediction, and the
 audits catching each of the design note's three suspected bugs."""
+
 import json
 
 import pytest
@@ -24,17 +25,22 @@ def test_healthy_tiny_run_matches_prediction_exactly_and_passes(tmp_path, capsys
         assert rows[component]["measured"] > 0
         assert abs(rows[component]["error"]) <= 0.01, component
     assert abs(rows["activations saved for backward"]["error"]) <= 0.5
-    assert abs(rows["peak RSS growth, first step"]["error"]) <= 1.0 and rows["peak RSS growth, first step"]["measured"] > 0
+    assert (
+        abs(rows["peak RSS growth, first step"]["error"]) <= 1.0 and rows["peak RSS growth, first step"]["measured"] > 0
+    )
     assert all(a["passed"] for a in report["audits"]) and len(report["audits"]) == 4
     out = capsys.readouterr().out
     assert "design note" in out and "memcheck: PASS (exit 0)" in out
 
 
-@pytest.mark.parametrize("bug, failing_audit, diagnosis", [
-    ("no-ema", "EMA exists", "EMA is absent"),
-    ("detach-text-embeds", "gradients reach LoRA", "detached"),
-    ("no-optimizer-step", "optimizer holds state", "optimizer state is absent"),
-])
+@pytest.mark.parametrize(
+    "bug, failing_audit, diagnosis",
+    [
+        ("no-ema", "EMA exists", "EMA is absent"),
+        ("detach-text-embeds", "gradients reach LoRA", "detached"),
+        ("no-optimizer-step", "optimizer holds state", "optimizer state is absent"),
+    ],
+)
 def test_broken_runs_exit_1_with_the_right_diagnosis(tmp_path, capsys, bug, failing_audit, diagnosis):
     code, report = run(tmp_path, "--inject", bug)
     assert code == 1
@@ -75,7 +81,9 @@ def test_zero2_two_processes_partition_is_measured_and_audited(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["exit_code"] == 0
     rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
-    assert abs(rows["optimizer state"]["error"]) <= 1e-3 and "gradients" not in rows  # padding only; ZeRO frees grads in its step
+    assert (
+        abs(rows["optimizer state"]["error"]) <= 1e-3 and "gradients" not in rows
+    )  # padding only; ZeRO frees grads in its step
     deployment = report["measured_config"]["prediction"]["deployment"]
     assert deployment["world_size"] == 2 and deployment["zero_stage"] == 2
     partition = [a for a in report["audits"] if a["name"].startswith("optimizer state is partitioned")]

@@ -1,8 +1,9 @@
 """Structure and behaviour of the Sa2VA model (tiny preset on CPU, real preset on meta)."""
+
 import pytest
 import torch
-
 from conftest import DATA_DIR, make_batch
+
 from pg_train.model import build_model, component_parameter_counts, to_sa2va_state_dict
 from pg_train.model.generate import generate_from_embeds
 from pg_train.model.regions import region_cells
@@ -45,9 +46,8 @@ def test_trainable_parts_are_exactly_lora_mlp1_fcs_and_mask_decoder(preset):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "nothing is trainable"
     for name in trainable:
-        assert (
-            "lora_" in name
-            or name.startswith(("mlp1.", "text_hidden_fcs.", "grounding_encoder.sam2_model.sam_mask_decoder."))
+        assert "lora_" in name or name.startswith(
+            ("mlp1.", "text_hidden_fcs.", "grounding_encoder.sam2_model.sam_mask_decoder.")
         ), name
     assert any(n.startswith("grounding_encoder.sam2_model.sam_mask_decoder.conv_s0") for n in trainable)
     assert not any(n.startswith(("vision_model.", "grounding_encoder.sam2_model.image_encoder.")) for n in trainable)
@@ -69,7 +69,9 @@ def test_pixel_shuffle_v2_layout():
     out = pixel_shuffle_v2(x, 0.5)
     assert out.shape == (2, 4, 4, 12)
     for i, j in [(0, 0), (1, 2), (3, 3), (2, 1)]:
-        expected = torch.cat([x[:, 2 * i, 2 * j], x[:, 2 * i, 2 * j + 1], x[:, 2 * i + 1, 2 * j], x[:, 2 * i + 1, 2 * j + 1]], dim=-1)
+        expected = torch.cat(
+            [x[:, 2 * i, 2 * j], x[:, 2 * i, 2 * j + 1], x[:, 2 * i + 1, 2 * j], x[:, 2 * i + 1, 2 * j + 1]], dim=-1
+        )
         torch.testing.assert_close(out[:, i, j], expected, rtol=0, atol=0)
 
 
@@ -79,7 +81,13 @@ def test_shapes_of_every_stage(tiny_model):
     features = m.extract_feature(pixel_values)
     assert features.shape == (2, 256, m.preset.language.hidden_size)
     ids, attention, cells = region_inputs(m, pixel_values, masks)
-    out = m(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, region_cells=cells, output_hidden_states=True)
+    out = m(
+        input_ids=ids,
+        attention_mask=attention,
+        pixel_values=pixel_values,
+        region_cells=cells,
+        output_hidden_states=True,
+    )
     assert out.logits.shape == (2, ids.shape[1], m.preset.language.vocab_size)
     seg = out.hidden_states[-1][torch.arange(2), torch.tensor([5, 7])]
     assert seg.shape == (2, m.preset.language.hidden_size)
@@ -135,8 +143,12 @@ def _caption(m, pixel_values, masks, max_new_tokens=12):
     ids, attention, cells = region_inputs(m, pixel_values, masks)
     embeds = m.embed_with_images(ids, m.extract_feature(pixel_values), cells)
     tokens, lengths = generate_from_embeds(
-        m.language_model, embeds, attention, max_new_tokens=max_new_tokens,
-        eos_token_id=m.eos_token_id, pad_token_id=m.tokenizer.pad_token_id,
+        m.language_model,
+        embeds,
+        attention,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=m.eos_token_id,
+        pad_token_id=m.tokenizer.pad_token_id,
     )
     return ids, attention, cells, tokens, lengths
 
@@ -177,8 +189,14 @@ def _generate(m, embeds, attention, allowed=None, **kwargs):
         keep[allowed] = True
         suppress = (~keep).nonzero().flatten()
     return generate_from_embeds(
-        m.language_model, embeds, attention, max_new_tokens=8, eos_token_id=m.eos_token_id,
-        pad_token_id=m.tokenizer.pad_token_id, suppress_token_ids=suppress, **kwargs,
+        m.language_model,
+        embeds,
+        attention,
+        max_new_tokens=8,
+        eos_token_id=m.eos_token_id,
+        pad_token_id=m.tokenizer.pad_token_id,
+        suppress_token_ids=suppress,
+        **kwargs,
     )
 
 
@@ -193,8 +211,13 @@ def test_generation_stops_at_eos_and_suppresses_ids(tiny_model):
     # Suppressed ids never appear.
     suppressed = torch.tensor([m.eos_token_id, m.seg_token_id, m.img_context_id])
     tokens, lengths = generate_from_embeds(
-        m.language_model, embeds, attention, max_new_tokens=8,
-        eos_token_id=m.eos_token_id, pad_token_id=m.tokenizer.pad_token_id, suppress_token_ids=suppressed,
+        m.language_model,
+        embeds,
+        attention,
+        max_new_tokens=8,
+        eos_token_id=m.eos_token_id,
+        pad_token_id=m.tokenizer.pad_token_id,
+        suppress_token_ids=suppressed,
     )
     assert lengths.tolist() == [8, 8]
     assert not torch.isin(tokens, suppressed).any()

@@ -2,6 +2,7 @@
 (issue 16), each checked against an independent computation: a closed form, hand-computed
 values, or the model's own untrimmed forward. Each test is named for the property and fails on
 the mutant of scripts/mutation_test.py that breaks it."""
+
 import copy
 import json
 import math
@@ -10,18 +11,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import accelerate_launch, with_lora_weights
+from test_pseudo_gumbel import make_step_batch
+from test_train import FAST, metrics
 
 import pg_train.pseudo_gumbel as pg
-from conftest import accelerate_launch, with_lora_weights
 from pg_train.config import load_config, objective_for
 from pg_train.distributed import unwrap
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model, get_preset
 from pg_train.model.templates import TEMPLATE_SETS
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, mask_loss, pseudo_gumbel_step, resize_target
+from pg_train.pseudo_gumbel import (
+    PseudoGumbelConfig,
+    forward_mask_with_text_embeds,
+    mask_loss,
+    pseudo_gumbel_step,
+    resize_target,
+)
 from pg_train.train import REQUEUE_EXIT_CODE, build_student, train
-from test_pseudo_gumbel import make_step_batch
-from test_train import FAST, metrics
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -68,7 +75,9 @@ def test_batch_mean_loss_of_the_step_from_its_mask_logits():
     student = with_lora_weights(build_model("tiny", seed=0))
     batch = make_step_batch(student, batch_size=2)
     with torch.no_grad():
-        out = pseudo_gumbel_step(student, copy.deepcopy(student).eval(), batch, PseudoGumbelConfig(max_caption_len=4, topk=8))
+        out = pseudo_gumbel_step(
+            student, copy.deepcopy(student).eval(), batch, PseudoGumbelConfig(max_caption_len=4, topk=8)
+        )
     side = out.mask_logits.shape[-1]
     target = F.adaptive_avg_pool2d(batch["masks2"][:, None].float(), side)[:, 0].flatten(1)
     logits = out.mask_logits.float().flatten(1)
@@ -90,23 +99,41 @@ def test_seg_row_is_the_hidden_state_of_the_prompts_seg_token():
     caption_embeds = torch.randn(2, T, D, generator=torch.Generator().manual_seed(3))
     lengths = torch.tensor([5, 3])  # one padded caption: the row must not depend on padding
     with torch.no_grad():
-        masks, seg_hidden = forward_mask_with_text_embeds(model, batch["pixel_values2"], batch["sam_pixel_values2"], caption_embeds, lengths,
-                                                          return_seg_hidden=True)
+        masks, seg_hidden = forward_mask_with_text_embeds(
+            model, batch["pixel_values2"], batch["sam_pixel_values2"], caption_embeds, lengths, return_seg_hidden=True
+        )
         prefix_ids = torch.tensor(model.prompts.segment_prefix()).expand(2, -1)
         suffix_ids = torch.tensor(model.prompts.segment_suffix()[0]).expand(2, -1)
         ids = torch.cat([prefix_ids, torch.full((2, T), -1), suffix_ids], 1)[0].tolist()
         seg_rows = [i for i, t in enumerate(ids) if t == model.seg_token_id]
         assert len(seg_rows) == 1
-        embeds = torch.cat([model.embed_with_images(prefix_ids, model.extract_feature(batch["pixel_values2"]), None), caption_embeds,
-                            model.embed_tokens()(suffix_ids)], 1)
-        attention = torch.cat([torch.ones_like(prefix_ids), (torch.arange(T)[None] < lengths[:, None]).long(), torch.ones_like(suffix_ids)], 1)
+        embeds = torch.cat(
+            [
+                model.embed_with_images(prefix_ids, model.extract_feature(batch["pixel_values2"]), None),
+                caption_embeds,
+                model.embed_tokens()(suffix_ids),
+            ],
+            1,
+        )
+        attention = torch.cat(
+            [
+                torch.ones_like(prefix_ids),
+                (torch.arange(T)[None] < lengths[:, None]).long(),
+                torch.ones_like(suffix_ids),
+            ],
+            1,
+        )
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        hidden = model.language_model.model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions).last_hidden_state
+        hidden = model.language_model.model(
+            inputs_embeds=embeds, attention_mask=attention, position_ids=positions
+        ).last_hidden_state
         expected = hidden[:, seg_rows[0]]
         torch.testing.assert_close(seg_hidden, expected, rtol=1e-5, atol=1e-5)
         for neighbour in (seg_rows[0] - 1, seg_rows[0] + 1):  # the test can tell a row off by one
             assert (hidden[:, neighbour] - expected).abs().max() > 1e-3
-        torch.testing.assert_close(masks, model.predict_masks(expected, batch["sam_pixel_values2"]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            masks, model.predict_masks(expected, batch["sam_pixel_values2"]), rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("template", sorted(TEMPLATE_SETS))
@@ -140,7 +167,9 @@ def test_pass1_uses_masked_caption(monkeypatch):
         out = pseudo_gumbel_step(student, teacher, batch, cfg)
     assert len(fed) == 1
     replaced = out.masked_ids != out.caption_ids
-    assert replaced.any() and torch.equal(replaced, out.replaced & replaced)  # masking changed some tokens, only where it says
+    assert replaced.any() and torch.equal(
+        replaced, out.replaced & replaced
+    )  # masking changed some tokens, only where it says
     assert torch.equal(fed[0], out.masked_ids)  # pass 1 saw them, not the teacher's caption
 
 
@@ -171,7 +200,10 @@ def test_ema_after_optimizer_step_only_when_the_optimizer_stepped(sync, skipped,
         for p in student.parameters():
             if p.requires_grad:
                 p.add_(1.0)
-    assert ema.update_if_stepped(student, SimpleNamespace(sync_gradients=sync, optimizer_step_was_skipped=skipped)) is updates
+    assert (
+        ema.update_if_stepped(student, SimpleNamespace(sync_gradients=sync, optimizer_step_was_skipped=skipped))
+        is updates
+    )
     params = dict(student.named_parameters())
     for name, old, new in zip(ema.names, before, ema.shadow):
         expected = 0.75 * old + 0.25 * params[name].detach() if updates else old
@@ -197,7 +229,9 @@ def test_resume_restores_rng_with_dropout_and_a_sampling_teacher(tmp_path):
     losses = [r["loss"] for r in metrics(tmp_path / "full")]
     assert len(set(losses)) == len(losses) == 6
     assert [r["loss"] for r in metrics(tmp_path / "cut")] == losses
-    assert [r["caption_len_mean"] for r in metrics(tmp_path / "cut")] == [r["caption_len_mean"] for r in metrics(tmp_path / "full")]
+    assert [r["caption_len_mean"] for r in metrics(tmp_path / "cut")] == [
+        r["caption_len_mean"] for r in metrics(tmp_path / "full")
+    ]
     ours, theirs = dict(unwrap(resumed.model).named_parameters()), dict(unwrap(full.model).named_parameters())
     assert all(torch.equal(ours[n], theirs[n]) for n in resumed.ema.names)
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.shadow, full.ema.shadow))
@@ -210,8 +244,20 @@ def test_resume_restores_rng_per_rank_under_zero2_with_dropout_and_sampling(tmp_
     killed after step 4 and resumed; losses, weights and EMA equal the uninterrupted run's."""
     args = [*FAST, *RANDOM, "max_steps=7", "save_every=100"]
     accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "full"), f"output_dir={tmp_path / 'full_run'}", *args)
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "cut"), f"output_dir={tmp_path / 'cut_run'}", *args, "stop_at_step=4")
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "resumed"), f"output_dir={tmp_path / 'cut_run'}", *args, "resume=auto")
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "cut"),
+        f"output_dir={tmp_path / 'cut_run'}",
+        *args,
+        "stop_at_step=4",
+    )
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "resumed"),
+        f"output_dir={tmp_path / 'cut_run'}",
+        *args,
+        "resume=auto",
+    )
     assert [r["loss"] for r in metrics(tmp_path / "cut_run")] == [r["loss"] for r in metrics(tmp_path / "full_run")]
     for rank in (0, 1):
         full = json.loads((tmp_path / f"full.rank{rank}.json").read_text())
@@ -227,7 +273,9 @@ def test_preset_defaults_for_topk_and_caption_length_follow_the_preset_unless_se
         return o.topk, o.max_caption_len
 
     assert objective("model.preset=sa2va-4b") == (128, 64)  # SPEC §3
-    assert objective() == objective("model.preset=tiny") == objective("model.preset=tiny-112") == (64, 24)  # the default job as before
+    assert (
+        objective() == objective("model.preset=tiny") == objective("model.preset=tiny-112") == (64, 24)
+    )  # the default job as before
     assert objective("model.preset=sa2va-4b", "objective.topk=32") == (32, 64)
     assert objective("objective.max_caption_len=16", "model.preset=sa2va-4b") == (128, 16)  # order does not matter
     (tmp_path / "a.yaml").write_text("model:\n  preset: sa2va-4b\nobjective:\n  topk: 200\n")
@@ -251,8 +299,11 @@ def test_preset_defaults_follow_a_checkpoint_and_reach_evaluate_and_memcheck(tmp
     cfg = load_config([], [f"model.checkpoint={tmp_path / 'tiny'}", "model.preset=sa2va-4b"])
     assert (cfg.objective.topk, cfg.objective.max_caption_len) == (64, 24)
 
-    for argv, cfg, expected in (([], None, (128, 64)), (["--preset", "tiny"], None, (64, 24)),
-                                ([], load_config([], ["model.preset=sa2va-4b"]), (128, 64))):
+    for argv, cfg, expected in (
+        ([], None, (128, 64)),
+        (["--preset", "tiny"], None, (64, 24)),
+        ([], load_config([], ["model.preset=sa2va-4b"]), (128, 64)),
+    ):
         d = deployment_from(parse_args(argv), cfg)
         assert (d.topk, d.caption_len) == expected, argv
 
@@ -267,7 +318,9 @@ def test_preset_defaults_follow_a_checkpoint_and_reach_evaluate_and_memcheck(tmp
         seen["objective"] = objective
         raise Stop
 
-    monkeypatch.setattr(evaluate, "load_checkpoint", lambda path, device: (SimpleNamespace(preset=get_preset("sa2va-4b")), None))
+    monkeypatch.setattr(
+        evaluate, "load_checkpoint", lambda path, device: (SimpleNamespace(preset=get_preset("sa2va-4b")), None)
+    )
     monkeypatch.setattr(evaluate, "heldout_batches", lambda *args, **kwargs: [])
     monkeypatch.setattr(evaluate, "evaluate", capture)
     with pytest.raises(Stop):
@@ -300,7 +353,9 @@ def test_teacher_caption_ends_at_eos_once_the_minimum_length_is_reached():
     model.language_model.lm_head.register_forward_hook(lambda module, inputs, logits: logits.index_fill(-1, eos, 1e4))
     batch = make_step_batch(model, batch_size=2)
     cells, _ = region_cells(batch["region_masks1"], model.grid_size)
-    captions, lengths = generate_pseudo_tokens_with_ema(model, batch["pixel_values1"], cells, PseudoGumbelConfig(max_caption_len=8, min_caption_len=2))
+    captions, lengths = generate_pseudo_tokens_with_ema(
+        model, batch["pixel_values1"], cells, PseudoGumbelConfig(max_caption_len=8, min_caption_len=2)
+    )
     assert lengths.tolist() == [2, 2] and captions.shape[1] == 2
 
 
@@ -320,7 +375,9 @@ def test_gumbel_noise_does_not_reuse_the_masking_streams_numbers(monkeypatch):
 
     monkeypatch.setattr(pg, "topk_gumbel_softmax", spy)
     with torch.no_grad():
-        out = pseudo_gumbel_step(student, student, batch, PseudoGumbelConfig(max_caption_len=4, min_caption_len=4, topk=8))
+        out = pseudo_gumbel_step(
+            student, student, batch, PseudoGumbelConfig(max_caption_len=4, min_caption_len=4, topk=8)
+        )
     T = out.caption_ids.shape[1]
     masking = torch.stack([torch.rand(T, 2, generator=g) for g in sample_generators(batch["sample_seeds"], 0)])
     assert not torch.isin(seen["uniform"].flatten(), masking.flatten()).any()

@@ -1,16 +1,24 @@
 """The six steps of the Pseudo-Gumbel objective (SPEC §3), each property able to fail."""
+
 import copy
 
 import pytest
 import torch
-
 from conftest import make_batch, with_lora_weights
+
 from pg_train.bench.gumbel import naive_topk_gumbel_softmax
 from pg_train.model import build_model
 from pg_train.model.regions import region_cells
 from pg_train.pseudo_gumbel import (
-    PseudoGumbelConfig, forward_for_logits, generate_pseudo_tokens_with_ema, pseudo_gumbel_step,
-    random_mask_tokens, sample_generators, special_ids, topk_gumbel_softmax, uniform_noise,
+    PseudoGumbelConfig,
+    forward_for_logits,
+    generate_pseudo_tokens_with_ema,
+    pseudo_gumbel_step,
+    random_mask_tokens,
+    sample_generators,
+    special_ids,
+    topk_gumbel_softmax,
+    uniform_noise,
 )
 
 
@@ -39,7 +47,9 @@ def test_teacher_forced_caption_logits_reproduce_teacher_greedy_caption():
     # prefix of the greedy continuation; padding after it is masked out).
     lengths = torch.tensor([int(lengths[0]), 7])
     captions[1, 7:] = teacher.tokenizer.pad_token_id
-    masked, replaced = random_mask_tokens(captions, lengths, 0.0, special_ids(teacher), sample_generators(torch.tensor([1, 2]), 0))
+    masked, replaced = random_mask_tokens(
+        captions, lengths, 0.0, special_ids(teacher), sample_generators(torch.tensor([1, 2]), 0)
+    )
     assert not replaced.any() and torch.equal(masked, captions)
     with torch.no_grad():
         logits = forward_for_logits(student, batch["pixel_values1"], cells, masked, lengths)
@@ -56,9 +66,13 @@ def test_teacher_forced_detects_the_seeds_off_by_one_slice():
     teacher = with_lora_weights(build_model("tiny", seed=0)).eval()
     batch = make_step_batch(teacher)
     cells, _ = region_cells(batch["region_masks1"], teacher.grid_size)
-    captions, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, PseudoGumbelConfig(max_caption_len=10))
+    captions, lengths = generate_pseudo_tokens_with_ema(
+        teacher, batch["pixel_values1"], cells, PseudoGumbelConfig(max_caption_len=10)
+    )
     with torch.no_grad():
-        shifted = forward_for_logits(teacher, batch["pixel_values1"], cells, torch.cat([captions, captions[:, -1:]], 1), lengths + 1)
+        shifted = forward_for_logits(
+            teacher, batch["pixel_values1"], cells, torch.cat([captions, captions[:, -1:]], 1), lengths + 1
+        )
     assert shifted[:, 1:].argmax(-1).tolist() != captions.tolist()
 
 
@@ -90,11 +104,17 @@ def test_batch_invariance_with_padded_caption_slots():
     embeds = torch.randn(2, 9, D)
     lengths = torch.tensor([9, 4])
     with torch.no_grad():
-        together = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lengths)
+        together = forward_mask_with_text_embeds(
+            student, batch["pixel_values2"], batch["sam_pixel_values2"], embeds, lengths
+        )
         garbage = embeds.clone()
         garbage[1, 4:] = 1e3  # whatever sits in padded slots must not matter
-        with_garbage = forward_mask_with_text_embeds(student, batch["pixel_values2"], batch["sam_pixel_values2"], garbage, lengths)
-        alone = forward_mask_with_text_embeds(student, batch["pixel_values2"][1:], batch["sam_pixel_values2"][1:], embeds[1:, :4], lengths[1:])
+        with_garbage = forward_mask_with_text_embeds(
+            student, batch["pixel_values2"], batch["sam_pixel_values2"], garbage, lengths
+        )
+        alone = forward_mask_with_text_embeds(
+            student, batch["pixel_values2"][1:], batch["sam_pixel_values2"][1:], embeds[1:, :4], lengths[1:]
+        )
     torch.testing.assert_close(with_garbage, together, rtol=0, atol=0)
     torch.testing.assert_close(alone[0], together[1], rtol=1e-4, atol=1e-5)
 
@@ -181,7 +201,9 @@ def test_special_tokens_never_enter_captions_masking_or_gumbel_over_many_seeds()
         captions = torch.randint(0, 400, (4, 32), generator=torch.Generator().manual_seed(seed))
         lengths = torch.tensor([32, 20, 5, 0])
         captions[torch.arange(32)[None] >= lengths[:, None]] = model.tokenizer.pad_token_id
-        masked, replaced = random_mask_tokens(captions, lengths, 0.25, special, sample_generators(torch.arange(4) + 10 * seed, 0))
+        masked, replaced = random_mask_tokens(
+            captions, lengths, 0.25, special, sample_generators(torch.arange(4) + 10 * seed, 0)
+        )
         real = torch.arange(32)[None] < lengths[:, None]
         assert not special[masked[real]].any()
         assert torch.equal(masked[~real], captions[~real])  # padding untouched
@@ -190,7 +212,13 @@ def test_special_tokens_never_enter_captions_masking_or_gumbel_over_many_seeds()
         real_total += int(real.sum())
         logits = torch.randn(4, 32, V, generator=torch.Generator().manual_seed(seed)) * 5
         logits[..., special] += 100  # specials are the most likely ids: still never picked
-        _, hard = topk_gumbel_softmax(logits, torch.randn(V, 8), special, uniform_noise(sample_generators(torch.arange(4) + seed, 1), 32, 64), topk=64)
+        _, hard = topk_gumbel_softmax(
+            logits,
+            torch.randn(V, 8),
+            special,
+            uniform_noise(sample_generators(torch.arange(4) + seed, 1), 32, 64),
+            topk=64,
+        )
         assert not special[hard].any()
     assert abs(replaced_total / real_total - 0.25) < 0.02, replaced_total / real_total
 
@@ -201,7 +229,9 @@ def test_special_tokens_never_enter_captions_masking_or_gumbel_over_many_seeds()
     cells, _ = region_cells(batch["region_masks1"], model.grid_size)
     for do_sample in (False, True):
         cfg = PseudoGumbelConfig(max_caption_len=16, do_sample=do_sample)
-        captions, lengths = generate_pseudo_tokens_with_ema(model, batch["pixel_values1"], cells, cfg, torch.Generator().manual_seed(0))
+        captions, lengths = generate_pseudo_tokens_with_ema(
+            model, batch["pixel_values1"], cells, cfg, torch.Generator().manual_seed(0)
+        )
         real = torch.arange(captions.shape[1])[None] < lengths[:, None]
         assert real.any() and not special[captions[real]].any()
 
@@ -216,9 +246,12 @@ def test_k_policy_tiny_and_empty_masks_and_prompt_k_equals_cells():
     assert fallback.tolist() == [True, False, False]
     assert cells.flatten(1).sum(1).tolist()[:2] == [1, 6]
     batch = {
-        "pixel_values1": torch.randn(3, 3, 448, 448), "region_masks1": masks,
-        "pixel_values2": torch.randn(3, 3, 448, 448), "sam_pixel_values2": torch.randn(3, 3, 128, 128),
-        "masks2": masks, "sample_seeds": torch.arange(3),
+        "pixel_values1": torch.randn(3, 3, 448, 448),
+        "region_masks1": masks,
+        "pixel_values2": torch.randn(3, 3, 448, 448),
+        "sam_pixel_values2": torch.randn(3, 3, 128, 128),
+        "masks2": masks,
+        "sample_seeds": torch.arange(3),
     }
     with torch.no_grad():
         out = pseudo_gumbel_step(model, model, batch, PseudoGumbelConfig(max_caption_len=4))

@@ -1,12 +1,13 @@
 """RefCOCO-family evaluation: cIoU / gIoU at the image's resolution, on answers known by construction."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from formats import MASKS, box_mask, write_refer
 from PIL import Image
 
-from formats import MASKS, box_mask, write_refer
 from pg_train.data import Preprocess
 from pg_train.data.refer import ReferPairs
 from pg_train.eval_refcoco import evaluate_split
@@ -23,10 +24,19 @@ def logits_of(mask: np.ndarray, factor: int = 2) -> torch.Tensor:
 
 def predictor(answers: dict, cycle: str = "perfect"):
     """Stub model: referring masks looked up by expression; cycle = the truth (perfect) or nothing."""
+
     def predict(batch):
-        referring = [logits_of(answers[c]) if answers else logits_of(t.numpy()) for c, t in zip(batch["captions"], batch["truths"])]
+        referring = [
+            logits_of(answers[c]) if answers else logits_of(t.numpy())
+            for c, t in zip(batch["captions"], batch["truths"])
+        ]
         cycles = [logits_of(t.numpy() if cycle == "perfect" else np.zeros_like(t.numpy())) for t in batch["truths"]]
-        return {"referring": torch.stack(referring), "cycle": torch.stack(cycles), "cycle_captions": ["a caption"] * len(cycles)}
+        return {
+            "referring": torch.stack(referring),
+            "cycle": torch.stack(cycles),
+            "cycle_captions": ["a caption"] * len(cycles),
+        }
+
     return predict
 
 
@@ -54,7 +64,9 @@ def test_refcoco_eval_known_partial_overlap_gives_its_exact_ciou_and_giou(refer)
         "box in the middle": box_mask(h, w, 0, 10, 0, 10),  # disjoint, 100 px: I 0, U 500
         "middle thing": box_mask(h, w, 10, 30, 10, 40),  # a superset, 600 px: I 400, U 600
     }
-    result = evaluate_split(refer.subset("testA"), predictor(answers, cycle="nothing"), SMALL, batch_size=2, progress=False)
+    result = evaluate_split(
+        refer.subset("testA"), predictor(answers, cycle="nothing"), SMALL, batch_size=2, progress=False
+    )
     assert result["referring"]["cIoU"] == pytest.approx((200 + 0 + 400) / (400 + 500 + 600))
     assert result["referring"]["gIoU"] == pytest.approx((200 / 400 + 0 / 500 + 400 / 600) / 3)
     assert result["cycle"] == {"cIoU": 0.0, "gIoU": 0.0}  # predicting nothing for a real object
@@ -87,8 +99,20 @@ def test_refcoco_eval_cli_on_a_released_format_tiny_checkpoint(tmp_path, capsys)
 
     refer_dir, images = write_refer(tmp_path)
     save_pretrained(build_model("tiny", seed=0), tmp_path / "ckpt")
-    code = main(["--checkpoint", str(tmp_path / "ckpt"), "--refer-dir", str(refer_dir), "--images", str(images),
-                 "--batch-size", "2", "--output", str(tmp_path / "eval")])
+    code = main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--refer-dir",
+            str(refer_dir),
+            "--images",
+            str(images),
+            "--batch-size",
+            "2",
+            "--output",
+            str(tmp_path / "eval"),
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "eval" / "refcoco.json").read_text())
     assert list(results["splits"]) == ["testA", "val"] and results["refs"] == "refs(unc).p"  # every split but train

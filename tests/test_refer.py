@@ -1,4 +1,5 @@
 """RefCOCO-family data in the refer toolkit's layout: refs pickles, splits, sentences, safety."""
+
 import collections
 import io
 import pickle
@@ -6,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from formats import MASKS, POLYGON_ANN, REFS, write_refer
 from pycocotools import mask as mask_utils
 
-from formats import MASKS, POLYGON_ANN, REFS, write_refer
 from pg_train.data import BadSample, DataConfig, Preprocess, build_loader, build_source
 from pg_train.data.refer import ReferFormatError, ReferPairs, RestrictedUnpickler, load_refs_pickle
 
@@ -27,7 +28,11 @@ def test_refs_pickle_every_sentence_is_a_pair_with_its_annotation_mask(tmp_path)
     assert train.sentences(0) == train.sentences(1) == ["the big square", "square on the left"]
     with pytest.raises(BadSample) as err:
         train.load(2)
-    assert err.value.reason == "malformed_record" and "refs(unc).p ref_id 4" in str(err.value) and "ann_id 999" in str(err.value)
+    assert (
+        err.value.reason == "malformed_record"
+        and "refs(unc).p ref_id 4" in str(err.value)
+        and "ann_id 999" in str(err.value)
+    )
 
 
 def test_refs_pickle_one_pair_per_ref_draws_one_of_its_sentences(tmp_path):
@@ -37,7 +42,10 @@ def test_refs_pickle_one_pair_per_ref_draws_one_of_its_sentences(tmp_path):
     pair = per_ref.load(0)
     assert pair.caption in REFS[2]["sentences"] and per_ref.sentences(0) == REFS[2]["sentences"]
     assert pair.caption == per_ref.load(0).caption  # deterministic for (seed, index)
-    drawn = {ReferPairs(refer_dir, images, split="testA", per="ref", pairing="same", min_pixels=1, seed=s).load(0).caption for s in range(12)}
+    drawn = {
+        ReferPairs(refer_dir, images, split="testA", per="ref", pairing="same", min_pixels=1, seed=s).load(0).caption
+        for s in range(12)
+    }
     assert len(drawn) > 1  # another seed can draw another sentence
 
 
@@ -78,11 +86,14 @@ def test_restricted_unpickler_refuses_code_and_runs_none_of_it(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    pytest.param(lambda: pickle.dumps([torch.zeros(2)]), id="tensor"),
-    pytest.param(lambda: pickle.dumps([np.int64(3)]), id="numpy scalar"),
-    pytest.param(lambda: pickle.dumps([collections.OrderedDict(a=1)]), id="OrderedDict"),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(lambda: pickle.dumps([torch.zeros(2)]), id="tensor"),
+        pytest.param(lambda: pickle.dumps([np.int64(3)]), id="numpy scalar"),
+        pytest.param(lambda: pickle.dumps([collections.OrderedDict(a=1)]), id="OrderedDict"),
+    ],
+)
 def test_restricted_unpickler_refuses_any_non_builtin_object(tmp_path, payload):
     path = tmp_path / "refs(umd).p"
     path.write_bytes(payload())
@@ -111,7 +122,9 @@ def test_refs_pickle_through_the_config_and_the_training_loader(tmp_path):
     refer_dir, images = write_refer(tmp_path)
     with pytest.raises(ConfigError, match="data.refer_dir"):
         load_config([], ["data.source=refer"])
-    cfg = load_config([], ["data.source=refer", f"data.refer_dir={refer_dir}", f"data.coco_images={images}", "data.min_pixels=1"]).data
+    cfg = load_config(
+        [], ["data.source=refer", f"data.refer_dir={refer_dir}", f"data.coco_images={images}", "data.min_pixels=1"]
+    ).data
     assert isinstance(build_source(cfg), ReferPairs)
     loader = build_loader(DataConfig(**{**cfg.__dict__, "shuffle": False}), SMALL, batch_size=3)
     batch = next(iter(loader))

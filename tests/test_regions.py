@@ -4,6 +4,7 @@ The official code resizes the full-resolution region mask to the 16x16 grid with
 `F.interpolate(mode="nearest")`: output cell (i, j) takes input pixel (floor(i*H/G), floor(j*W/G)),
 and `.bool()` sets every cell whose sample is non-zero.
 """
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """SLURM launch: the rendered script, per-node commands under a fake srun, preemption with
 requeue and resume, and a real 2-machine DeepSpeed launch on one host."""
+
 import json
 import os
 import signal
@@ -10,12 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, accelerate_launch, wait_for_metric_lines
+
 from pg_train.slurm import main as slurm_main
 from pg_train.slurm import render
 
-FAST = ["batch_size=2", "objective.max_caption_len=6", "objective.topk=16", "data.num_samples=24", "tensorboard=false", "progress=false"]
+FAST = [
+    "batch_size=2",
+    "objective.max_caption_len=6",
+    "objective.topk=16",
+    "data.num_samples=24",
+    "tensorboard=false",
+    "progress=false",
+]
 
 FAKE_SRUN = """#!/bin/bash
 # Fake srun: run the command once per node (sequentially) with that node's SLURM_NODEID.
@@ -53,9 +61,15 @@ def fake_bin(tmp_path, **scripts) -> Path:
 
 
 def slurm_env(tmp_path, bin_dir, nodes, **extra):
-    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}", "CAPTURE": str(tmp_path),
-           "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_JOB_NODELIST": f"node[01-0{nodes}]", "SLURM_JOB_ID": "4242",
-           "SLURM_SUBMIT_DIR": str(REPO)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}",
+        "CAPTURE": str(tmp_path),
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_JOB_NODELIST": f"node[01-0{nodes}]",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_SUBMIT_DIR": str(REPO),
+    }
     env.update(extra)
     return env
 
@@ -67,12 +81,39 @@ def free_port() -> int:
 
 
 def test_render_two_nodes_of_eight_gpus(capsys):
-    assert slurm_main(["submit", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "12:00:00", "--dry-run",
-                       "--", "--config", "my run.yaml", "optim.lr=2e-5"]) == 0
+    assert (
+        slurm_main(
+            [
+                "submit",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "8",
+                "--partition",
+                "gpu",
+                "--time",
+                "12:00:00",
+                "--dry-run",
+                "--",
+                "--config",
+                "my run.yaml",
+                "optim.lr=2e-5",
+            ]
+        )
+        == 0
+    )
     script = capsys.readouterr().out
-    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=gpu",
-                 "#SBATCH --time=12:00:00", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "export GPUS_PER_NODE=8",
-                 "set -- --config 'my run.yaml' optim.lr=2e-5"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=12:00:00",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@300",
+        "export GPUS_PER_NODE=8",
+        "set -- --config 'my run.yaml' optim.lr=2e-5",
+    ):
         assert line in script.splitlines(), line
     assert "WORLD_SIZE=$((NNODES * GPUS_PER_NODE))" in script and "--machine_rank \\$SLURM_NODEID" in script
     assert "--deepspeed_multinode_launcher standard" in script and "launch/train.py --resume auto" in script
@@ -83,8 +124,14 @@ def test_render_two_nodes_of_eight_gpus(capsys):
 def test_srun_gives_each_node_its_machine_rank_and_the_same_main_address(tmp_path):
     bin_dir = fake_bin(tmp_path, srun=FAKE_SRUN, scontrol=FAKE_SCONTROL, accelerate=FAKE_ACCELERATE)
     env = slurm_env(tmp_path, bin_dir, nodes=2, GPUS_PER_NODE="8", ACCELERATE=str(bin_dir / "accelerate"))
-    proc = subprocess.run(["bash", "launch/slurm/train.sbatch", "--config", "my.yaml", "optim.lr=2e-5"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", "launch/slurm/train.sbatch", "--config", "my.yaml", "optim.lr=2e-5"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     commands = [(tmp_path / f"node{n}.txt").read_text().split() for n in (0, 1)]
     for rank, args in enumerate(commands):
@@ -93,7 +140,14 @@ def test_srun_gives_each_node_its_machine_rank_and_the_same_main_address(tmp_pat
         assert value("--main_process_ip") == "node01"
         assert value("--num_machines") == "2" and value("--num_processes") == "16"
         assert value("--deepspeed_multinode_launcher") == "standard"
-        assert args[args.index("launch/train.py"):] == ["launch/train.py", "--resume", "auto", "--config", "my.yaml", "optim.lr=2e-5"]
+        assert args[args.index("launch/train.py") :] == [
+            "launch/train.py",
+            "--resume",
+            "auto",
+            "--config",
+            "my.yaml",
+            "optim.lr=2e-5",
+        ]
     assert not (tmp_path / "requeue.log").exists()
 
 
@@ -101,11 +155,23 @@ def test_srun_gives_each_node_its_machine_rank_and_the_same_main_address(tmp_pat
 def test_preempt_usr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path):
     bin_dir = fake_bin(tmp_path, srun=FAKE_SRUN, scontrol=FAKE_SCONTROL)
     out = tmp_path / "run"
-    env = slurm_env(tmp_path, bin_dir, nodes=1, GPUS_PER_NODE="2", MAIN_PORT=str(free_port()),
-                    ACCELERATE_CONFIG="accelerate_configs/cpu_zero2_2proc.yaml")
+    env = slurm_env(
+        tmp_path,
+        bin_dir,
+        nodes=1,
+        GPUS_PER_NODE="2",
+        MAIN_PORT=str(free_port()),
+        ACCELERATE_CONFIG="accelerate_configs/cpu_zero2_2proc.yaml",
+    )
     args = ["--output-dir", str(out), "--max-steps", "500", "save_every=1000", *FAST]
-    proc = subprocess.Popen(["bash", "launch/slurm/train.sbatch", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", "launch/slurm/train.sbatch", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_metric_lines(out / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGUSR1)
     log, _ = proc.communicate(timeout=300)
@@ -118,8 +184,14 @@ def test_preempt_usr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path
 
     # SLURM starts the script again after the requeue; it resumes at the next step.
     env["SLURM_RESTART_COUNT"] = "1"
-    again = subprocess.run(["bash", "launch/slurm/train.sbatch", *args, "--max-steps", str(stopped + 2)], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        ["bash", "launch/slurm/train.sbatch", *args, "--max-steps", str(stopped + 2)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, stopped + 3))
@@ -128,14 +200,34 @@ def test_preempt_usr1_checkpoints_requeues_and_the_requeued_run_resumes(tmp_path
 @pytest.mark.slow
 def test_two_machines_on_one_host_match_the_single_node_run(tmp_path):
     overrides = [*FAST, "max_steps=3"]
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "single"), f"output_dir={tmp_path / 'single_run'}", *overrides)
+    accelerate_launch(
+        "tests/dist/train_probe.py", str(tmp_path / "single"), f"output_dir={tmp_path / 'single_run'}", *overrides
+    )
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        cmd = [str(Path(sys.prefix) / "bin" / "accelerate"), "launch", "--config_file", "accelerate_configs/cpu_zero2_2proc.yaml",
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--deepspeed_multinode_launcher", "standard",
-               "tests/dist/train_probe.py", str(tmp_path / "multi"), f"output_dir={tmp_path / 'multi_run'}", *overrides]
+        cmd = [
+            str(Path(sys.prefix) / "bin" / "accelerate"),
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu_zero2_2proc.yaml",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--deepspeed_multinode_launcher",
+            "standard",
+            "tests/dist/train_probe.py",
+            str(tmp_path / "multi"),
+            f"output_dir={tmp_path / 'multi_run'}",
+            *overrides,
+        ]
         procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)

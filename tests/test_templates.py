@@ -3,6 +3,7 @@
 Expected ids come from the tokenizer's own encoding of the whole prompt string, as the official
 Sa2VA code builds its input (`tokenizer.encode(input_text)`), never from the code under test.
 """
+
 import itertools
 
 import pytest
@@ -18,15 +19,17 @@ N_IMAGE = 6  # image slots per view in these prompts (256 on Sa2VA-4B; the count
 def captions() -> list[str]:
     """Captions of the shapes a teacher writes: sentence case or not, punctuation at the end,
     digits, quotes, brackets, an apostrophe."""
-    starts = ["a", "A", "the", "The", "two", "3", "left", "man's", "\"red\"", "(small)"]
-    middles = ["red circle", "dog on the left", "person in a blue shirt", "cup near 2 plates", "sign saying \"stop\""]
-    ends = ["", ".", ",", ")", "!", "\"", " ."]
+    starts = ["a", "A", "the", "The", "two", "3", "left", "man's", '"red"', "(small)"]
+    middles = ["red circle", "dog on the left", "person in a blue shirt", "cup near 2 plates", 'sign saying "stop"']
+    ends = ["", ".", ",", ")", "!", '"', " ."]
     return [f"{s} {m}{e}" for s, m, e in itertools.product(starts, middles, ends)]
 
 
 @pytest.fixture(scope="module")
 def prompts(qwen_tokenizer):
-    return PromptBuilder(qwen_tokenizer, QWEN_SPECIAL_IDS, N_IMAGE, "sa2va", chat_template="phi3_chat", vocab_size=151_679)
+    return PromptBuilder(
+        qwen_tokenizer, QWEN_SPECIAL_IDS, N_IMAGE, "sa2va", chat_template="phi3_chat", vocab_size=151_679
+    )
 
 
 def image_string(n=N_IMAGE):
@@ -36,7 +39,10 @@ def image_string(n=N_IMAGE):
 def test_whole_string_encoding_of_the_region_prompt(prompts, qwen_tokenizer):
     for k in (1, 3, 17):
         text = (
-            "<|user|>\n" + image_string() + "\nThere are 1 part regions in the picture: region1<vp>" + "<IMG_CONTEXT>" * k
+            "<|user|>\n"
+            + image_string()
+            + "\nThere are 1 part regions in the picture: region1<vp>"
+            + "<IMG_CONTEXT>" * k
             + "</vp>.\nPlease give me a short description of the region in the picture marked by region1.<|end|>\n<|assistant|>\n"
         )
         assert prompts.region_prompt(k) == qwen_tokenizer.encode(text, add_special_tokens=False)
@@ -47,13 +53,19 @@ def test_whole_string_encoding_of_the_segment_prompt_with_a_caption(prompts, qwe
     assert suffix[seg_index] == QWEN_SPECIAL_IDS["[SEG]"]
     for caption in captions():
         ours = prompts.segment_prefix() + prompts.segment_caption_ids(caption) + suffix
-        text = "<|user|>\n" + image_string() + f"\nPlease segment {caption} in this image.<|end|>\n<|assistant|>\nIt is [SEG].<|end|>"
+        text = (
+            "<|user|>\n"
+            + image_string()
+            + f"\nPlease segment {caption} in this image.<|end|>\n<|assistant|>\nIt is [SEG].<|end|>"
+        )
         assert ours == qwen_tokenizer.encode(text, add_special_tokens=False), caption
 
 
 def test_whole_string_encoding_of_answers_with_the_end_text(prompts, qwen_tokenizer):
     for caption in captions():
-        assert prompts.answer_ids(caption, with_end=True) == qwen_tokenizer.encode(caption + "<|end|>", add_special_tokens=False)
+        assert prompts.answer_ids(caption, with_end=True) == qwen_tokenizer.encode(
+            caption + "<|end|>", add_special_tokens=False
+        )
         assert prompts.answer_ids(caption) == qwen_tokenizer.encode(caption, add_special_tokens=False)
     # The old splice: the caption's ids followed by the end text's own ids differs for almost all.
     end_alone = qwen_tokenizer.encode("<|end|>", add_special_tokens=False)
@@ -81,12 +93,18 @@ def test_whole_string_encoding_of_generated_captions_read_in_the_segment_prompt(
 @pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
 def test_whole_string_encoding_for_every_chat_template(template, qwen_tokenizer):
     chat = CHAT_TEMPLATES[template]
-    prompts = PromptBuilder(qwen_tokenizer, QWEN_SPECIAL_IDS, N_IMAGE, "sa2va", chat_template=template, vocab_size=151_679)
-    text = (chat.user_start + image_string() + "\nThere are 1 part regions in the picture: region1<vp><IMG_CONTEXT></vp>.\n"
-            "Please give me a short description of the region in the picture marked by region1." + chat.assistant_start)
+    prompts = PromptBuilder(
+        qwen_tokenizer, QWEN_SPECIAL_IDS, N_IMAGE, "sa2va", chat_template=template, vocab_size=151_679
+    )
+    text = (
+        chat.user_start + image_string() + "\nThere are 1 part regions in the picture: region1<vp><IMG_CONTEXT></vp>.\n"
+        "Please give me a short description of the region in the picture marked by region1." + chat.assistant_start
+    )
     assert prompts.region_prompt(1) == qwen_tokenizer.encode(text, add_special_tokens=False)
     caption = "a dog on the left."
-    assert prompts.answer_ids(caption, with_end=True) == qwen_tokenizer.encode(caption + chat.end_text, add_special_tokens=False)
+    assert prompts.answer_ids(caption, with_end=True) == qwen_tokenizer.encode(
+        caption + chat.end_text, add_special_tokens=False
+    )
 
 
 # ---- stopping ------------------------------------------------------------------------------------
@@ -108,21 +126,39 @@ class ScriptedHead(torch.nn.Module):
 def tiny_real_vocab_lm():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=151_679, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    config = Qwen2Config(
+        vocab_size=151_679,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
     config._attn_implementation = "sdpa"
     return Qwen2ForCausalLM(config).eval()
 
 
-def generate_scripted(qwen_tokenizer, scripts, stop, min_new_tokens=0, check_every=None, max_new_tokens=16, static_cache=False):
+def generate_scripted(
+    qwen_tokenizer, scripts, stop, min_new_tokens=0, check_every=None, max_new_tokens=16, static_cache=False
+):
     from pg_train.model.generate import generate_from_embeds
 
     lm = tiny_real_vocab_lm()
     lm.lm_head = ScriptedHead(scripts, 151_679, QWEN_SPECIAL_IDS["<|im_end|>"])
     embeds = torch.randn(len(scripts), 3, 16)
-    return generate_from_embeds(lm, embeds, torch.ones(len(scripts), 3, dtype=torch.long), max_new_tokens=max_new_tokens,
-                                min_new_tokens=min_new_tokens, eos_token_id=QWEN_SPECIAL_IDS["<|im_end|>"],
-                                pad_token_id=151_643, stop=stop, check_every=check_every, static_cache=static_cache)
+    return generate_from_embeds(
+        lm,
+        embeds,
+        torch.ones(len(scripts), 3, dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=QWEN_SPECIAL_IDS["<|im_end|>"],
+        pad_token_id=151_643,
+        stop=stop,
+        check_every=check_every,
+        static_cache=static_cache,
+    )
 
 
 def as_ids(tok, pieces: list[str]) -> list[int]:
@@ -140,8 +176,10 @@ def test_stop_on_end_text_cuts_before_the_tag_whatever_bpe_glued_to_it(qwen_toke
         "the (left)": tok.encode("the (left)<|end|>", add_special_tokens=False),  # `)<`
         'said "hi"': tok.encode('said "hi"<|end|>', add_special_tokens=False),  # `"<`
         "a cat": tok.encode("a cat <|end|>", add_special_tokens=False),  # `Ġ<|`
-        "a dog": tok.encode("a dog", add_special_tokens=False) + as_ids(tok, ["<", "|", "end", "|", ">"]),  # the tag in 5 ids
-        "two cups": tok.encode("two cups", add_special_tokens=False) + as_ids(tok, ["Ġ<|", "end", "|", ">Ċ"]),  # and a newline after
+        "a dog": tok.encode("a dog", add_special_tokens=False)
+        + as_ids(tok, ["<", "|", "end", "|", ">"]),  # the tag in 5 ids
+        "two cups": tok.encode("two cups", add_special_tokens=False)
+        + as_ids(tok, ["Ġ<|", "end", "|", ">Ċ"]),  # and a newline after
     }
     expected = {}
     scripts = list(cases.values())
@@ -149,12 +187,14 @@ def test_stop_on_end_text_cuts_before_the_tag_whatever_bpe_glued_to_it(qwen_toke
     stop = EndTextStop(tok, "<|end|>", QWEN_SPECIAL_IDS["<|im_end|>"], 151_679)
     tokens, lengths = generate_scripted(tok, scripts, stop, check_every=check_every, static_cache=static_cache)
     end_alone = tok.encode("<|end|>", add_special_tokens=False)
-    assert sum(end_alone == s[-len(end_alone):] for s in scripts) <= 2, "the id sequence of <|end|> alone rarely appears"
+    assert sum(end_alone == s[-len(end_alone) :] for s in scripts) <= 2, (
+        "the id sequence of <|end|> alone rarely appears"
+    )
     for row, text in enumerate(cases):
         want = expected.get(text, text)
         got = tokens[row, : lengths[row]].tolist()
         assert got == tok.encode(want, add_special_tokens=False), (text, tok.decode(got))
-        assert (tokens[row, lengths[row]:] == 151_643).all()
+        assert (tokens[row, lengths[row] :] == 151_643).all()
 
 
 def test_stop_on_end_text_only_after_min_new_tokens(qwen_tokenizer):
@@ -207,7 +247,9 @@ def test_config_template_of_a_checkpoint_decides_its_prompts(tmp_path, template)
     tok = model.tokenizer
     chat = CHAT_TEMPLATES[template]
     region = model.prompts.region_prompt(1)
-    assert region[: len(tok.encode(chat.user_start, add_special_tokens=False))] == tok.encode(chat.user_start, add_special_tokens=False)
+    assert region[: len(tok.encode(chat.user_start, add_special_tokens=False))] == tok.encode(
+        chat.user_start, add_special_tokens=False
+    )
     assert model.prompts.stop.end_text == chat.end_text
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
     assert (im_start in region) == (template == "qwen_chat")

@@ -1,5 +1,6 @@
 """InternVL dynamic tiling, against the algorithm InternVL documents (its `dynamic_preprocess`,
 written out below as the reference), and the model reading tiled images end to end."""
+
 import dataclasses
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pg_train.data.loader import PairDataset, Preprocess, collate_pairs, preprocess_for
+from pg_train.data.loader import PairDataset, collate_pairs, preprocess_for
 from pg_train.data.tiling import Tiling
 from pg_train.data.types import RawPair
 
@@ -16,8 +17,13 @@ def internvl_layout(width, height, min_num=1, max_num=12, image_size=448, use_th
     """InternVL's dynamic_preprocess layout, transcribed from its documented code: returns the
     number of views and the (cols, rows) grid."""
     aspect_ratio = width / height
-    target_ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                        if i * j <= max_num and i * j >= min_num)
+    target_ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    )
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
     best_ratio_diff, best_ratio, area = float("inf"), (1, 1), width * height
     for ratio in target_ratios:
@@ -31,7 +37,18 @@ def internvl_layout(width, height, min_num=1, max_num=12, image_size=448, use_th
     return blocks + (1 if use_thumbnail and blocks != 1 else 0), best_ratio
 
 
-SIZES = [(640, 480), (480, 640), (1024, 1024), (448, 448), (300, 200), (1920, 1080), (100, 1000), (4000, 500), (800, 799), (1, 1)]
+SIZES = [
+    (640, 480),
+    (480, 640),
+    (1024, 1024),
+    (448, 448),
+    (300, 200),
+    (1920, 1080),
+    (100, 1000),
+    (4000, 500),
+    (800, 799),
+    (1, 1),
+]
 
 
 @pytest.mark.parametrize("max_num", [12, 6, 1])
@@ -115,7 +132,16 @@ class Pairs:
             image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
             mask = np.zeros((h, w), dtype=bool)
             mask[h // 4 : h // 2, w // 3 : w // 2] = True
-            self.items.append(RawPair(image, mask, image.transpose(Image.FLIP_LEFT_RIGHT), mask[:, ::-1].copy(), "a thing", f"pair {len(self.items)}"))
+            self.items.append(
+                RawPair(
+                    image,
+                    mask,
+                    image.transpose(Image.FLIP_LEFT_RIGHT),
+                    mask[:, ::-1].copy(),
+                    "a thing",
+                    f"pair {len(self.items)}",
+                )
+            )
 
     def __len__(self):
         return len(self.items)
@@ -131,7 +157,12 @@ def test_tiling_batches_give_each_sample_what_it_gives_alone():
     from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
 
     model = build_model("tiny", seed=0).eval()
-    model.preset = dataclasses.replace(model.preset, vision=dataclasses.replace(model.preset.vision, dynamic_image_size=True, max_dynamic_patch=3, use_thumbnail=True))
+    model.preset = dataclasses.replace(
+        model.preset,
+        vision=dataclasses.replace(
+            model.preset.vision, dynamic_image_size=True, max_dynamic_patch=3, use_thumbnail=True
+        ),
+    )
     preprocess = preprocess_for(model.preset)
     dataset = PairDataset(Pairs(), preprocess)
     items = [dataset[0], dataset[1]]
@@ -158,8 +189,14 @@ def test_tiling_and_config_template_overrides_from_the_training_config():
     from pg_train.data.loader import preprocess_for
     from pg_train.train import build_student
 
-    cfg = load_config(overrides=["model.dynamic_image_size=true", "model.max_dynamic_patch=4", "model.use_thumbnail=true",
-                                 "model.chat_template=qwen_chat"])
+    cfg = load_config(
+        overrides=[
+            "model.dynamic_image_size=true",
+            "model.max_dynamic_patch=4",
+            "model.use_thumbnail=true",
+            "model.chat_template=qwen_chat",
+        ]
+    )
     model = build_student(cfg)
     tiling = preprocess_for(model.preset).tiling
     assert (tiling.dynamic, tiling.max_num, tiling.use_thumbnail) == (True, 4, True)

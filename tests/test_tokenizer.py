@@ -1,11 +1,18 @@
 """The offline tiny tokenizer and the special-token check every model build runs."""
+
 import json
 
 import pytest
 
 from pg_train.model.tokenizer import (
-    REQUIRED_SINGLE_TOKENS, SPECIAL_TOKENS, TINY_BASE_VOCAB, TINY_TOKENIZER_FILE,
-    SpecialTokenError, load_tiny_tokenizer, special_token_ids, train_tiny_tokenizer,
+    REQUIRED_SINGLE_TOKENS,
+    SPECIAL_TOKENS,
+    TINY_BASE_VOCAB,
+    TINY_TOKENIZER_FILE,
+    SpecialTokenError,
+    load_tiny_tokenizer,
+    special_token_ids,
+    train_tiny_tokenizer,
 )
 
 

@@ -1,7 +1,7 @@
 """The training application: default run, ZeRO-2 on 2 CPU processes, exact resume, signals,
 non-finite losses and configuration errors."""
+
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, accelerate_launch, wait_for_metric_lines
+
 from pg_train.config import ConfigError, load_config
 from pg_train.train import REQUEUE_EXIT_CODE, NonFiniteLossError, train
 
-FAST = ["batch_size=2", "objective.max_caption_len=6", "objective.topk=16", "data.num_samples=24", "tensorboard=false", "progress=false"]
+FAST = [
+    "batch_size=2",
+    "objective.max_caption_len=6",
+    "objective.topk=16",
+    "data.num_samples=24",
+    "tensorboard=false",
+    "progress=false",
+]
 
 
 def metrics(out_dir):
@@ -22,8 +29,17 @@ def metrics(out_dir):
 
 
 def test_cli_default_job_runs_five_steps_with_finite_losses_and_a_checkpoint(tmp_path):
-    cmd = [str(Path(sys.prefix) / "bin" / "accelerate"), "launch", "--num_processes", "1", "launch/train.py",
-           "--max-steps", "5", "--output-dir", str(tmp_path)]
+    cmd = [
+        str(Path(sys.prefix) / "bin" / "accelerate"),
+        "launch",
+        "--num_processes",
+        "1",
+        "launch/train.py",
+        "--max-steps",
+        "5",
+        "--output-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = metrics(tmp_path)
@@ -36,7 +52,9 @@ def test_cli_default_job_runs_five_steps_with_finite_losses_and_a_checkpoint(tmp
 
 @pytest.mark.slow
 def test_zero2_two_processes_shard_data_partition_optimizer_and_agree_on_weights(tmp_path):
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=4", *FAST)
+    accelerate_launch(
+        "tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=4", *FAST
+    )
     ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
     assert not set(ranks[0]["consumed"]) & set(ranks[1]["consumed"])
     assert len(ranks[0]["consumed"]) == len(ranks[1]["consumed"]) == 4 * 2
@@ -54,11 +72,23 @@ def test_zero2_two_processes_shard_data_partition_optimizer_and_agree_on_weights
 def test_resume_after_interruption_equals_uninterrupted_run_under_zero2(tmp_path):
     args = [*FAST, "max_steps=6", "save_every=100"]
     accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "full"), f"output_dir={tmp_path / 'full_run'}", *args)
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "cut"), f"output_dir={tmp_path / 'cut_run'}", *args, "stop_at_step=3")
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "cut"),
+        f"output_dir={tmp_path / 'cut_run'}",
+        *args,
+        "stop_at_step=3",
+    )
     cut = json.loads((tmp_path / "cut.rank0.json").read_text())
     assert cut["exit_code"] == REQUEUE_EXIT_CODE
     assert (tmp_path / "cut_run" / "checkpoints" / "step-00000003").is_dir()
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "resumed"), f"output_dir={tmp_path / 'cut_run'}", *args, "resume=auto")
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "resumed"),
+        f"output_dir={tmp_path / 'cut_run'}",
+        *args,
+        "resume=auto",
+    )
     full = [json.loads((tmp_path / f"full.rank{r}.json").read_text()) for r in (0, 1)]
     resumed = [json.loads((tmp_path / f"resumed.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["loss"] for r in metrics(tmp_path / "cut_run")] == [r["loss"] for r in metrics(tmp_path / "full_run")]
@@ -69,7 +99,16 @@ def test_resume_after_interruption_equals_uninterrupted_run_under_zero2(tmp_path
 
 
 def test_signal_usr1_checkpoints_and_exits_with_requeue_code_then_resumes(tmp_path):
-    cmd = [sys.executable, "launch/train.py", "--output-dir", str(tmp_path), "--max-steps", "500", "save_every=1000", *FAST]
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "500",
+        "save_every=1000",
+        *FAST,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_metric_lines(tmp_path / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGUSR1)
@@ -78,8 +117,24 @@ def test_signal_usr1_checkpoints_and_exits_with_requeue_code_then_resumes(tmp_pa
     stopped_at = metrics(tmp_path)[-1]["step"]
     assert (tmp_path / "checkpoints" / f"step-{stopped_at:08d}").is_dir()
     assert stopped_at < 500
-    resumed = subprocess.run([sys.executable, "launch/train.py", "--output-dir", str(tmp_path), "--max-steps", str(stopped_at + 2),
-                              "--resume", "auto", "save_every=1000", *FAST], cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            str(stopped_at + 2),
+            "--resume",
+            "auto",
+            "save_every=1000",
+            *FAST,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step-{stopped_at:08d}'} at step {stopped_at}" in resumed.stdout
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, stopped_at + 3))
@@ -116,12 +171,17 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_too_many_in_a_row(tmp_p
         train(cfg)
 
 
-@pytest.mark.parametrize("poisoned, dropped, ema_updates", [
-    ({1}, [1, 0, 0, 0], [1, 2, 3, 4]),  # first micro-batch lost: the window steps on the second
-    ({1, 2}, [2, 0, 0, 0], [0, 1, 2, 3]),  # the whole window lost: no update, and later windows stay aligned
-    ({4}, [0, 1, 0, 0], [1, 2, 3, 4]),  # the boundary micro-batch lost: the first one's gradients still apply
-])
-def test_nonfinite_micro_batches_under_gradient_accumulation_keep_windows_aligned(tmp_path, monkeypatch, poisoned, dropped, ema_updates):
+@pytest.mark.parametrize(
+    "poisoned, dropped, ema_updates",
+    [
+        ({1}, [1, 0, 0, 0], [1, 2, 3, 4]),  # first micro-batch lost: the window steps on the second
+        ({1, 2}, [2, 0, 0, 0], [0, 1, 2, 3]),  # the whole window lost: no update, and later windows stay aligned
+        ({4}, [0, 1, 0, 0], [1, 2, 3, 4]),  # the boundary micro-batch lost: the first one's gradients still apply
+    ],
+)
+def test_nonfinite_micro_batches_under_gradient_accumulation_keep_windows_aligned(
+    tmp_path, monkeypatch, poisoned, dropped, ema_updates
+):
     poison_calls(monkeypatch, poisoned)
     result = train(load_config([], [*FAST, f"output_dir={tmp_path}", "max_steps=4", "grad_accum=2"]))
     lines = metrics(tmp_path)
@@ -135,8 +195,15 @@ def test_nonfinite_micro_batches_under_gradient_accumulation_keep_windows_aligne
 
 @pytest.mark.slow
 def test_lost_boundary_micro_batch_under_zero2_gradient_accumulation_applies_the_rest_on_every_rank(tmp_path):
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3",
-                      "grad_accum=2", *FAST, env={"PG_POISON": "1:4"})  # rank 1, step 2's last micro-batch returns NaN
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "probe"),
+        f"output_dir={tmp_path / 'run'}",
+        "max_steps=3",
+        "grad_accum=2",
+        *FAST,
+        env={"PG_POISON": "1:4"},
+    )  # rank 1, step 2's last micro-batch returns NaN
     ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["skipped"] for r in ranks] == [[0, 1, 0], [0, 1, 0]]
     assert [r["ema_updates"] for r in ranks] == [[1, 2, 3], [1, 2, 3]]
@@ -145,15 +212,18 @@ def test_lost_boundary_micro_batch_under_zero2_gradient_accumulation_applies_the
     assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
-    ("batch_size=two", "batch_size: expected an integer"),
-    ("ema.placement=gpu", "ema.placement"),
-    ("data.source=manifest", "data.manifest: required"),
-    ("objective.min_caption_len=100", "objective.min_caption_len"),
-    ("model.preset=huge", "model.preset: unknown preset"),
-    ("resume=/does/not/exist", "resume:"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+        ("batch_size=two", "batch_size: expected an integer"),
+        ("ema.placement=gpu", "ema.placement"),
+        ("data.source=manifest", "data.manifest: required"),
+        ("objective.min_caption_len=100", "objective.min_caption_len"),
+        ("model.preset=huge", "model.preset: unknown preset"),
+        ("resume=/does/not/exist", "resume:"),
+    ],
+)
 def test_config_error_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config([], [override])
@@ -161,8 +231,20 @@ def test_config_error_names_the_key(override, message):
 
 def test_config_error_from_cli_exits_2_before_building_anything(tmp_path):
     (tmp_path / "bad.yaml").write_text("optim:\n  lr: 1e-4\n  momentum: 0.9\n")
-    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(tmp_path / "bad.yaml"), "--output-dir", str(tmp_path / "run")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/train.py",
+            "--config",
+            str(tmp_path / "bad.yaml"),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "bad.yaml: unknown config key 'optim.momentum'" in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -171,7 +253,9 @@ def test_config_error_from_cli_exits_2_before_building_anything(tmp_path):
 def test_yaml_files_and_overrides_compose(tmp_path):
     (tmp_path / "a.yaml").write_text("max_steps: 7\noptim:\n  lr: 0.001\nobjective:\n  tau: 0.5\n")
     (tmp_path / "b.yaml").write_text("optim:\n  lr: 0.002\n")
-    cfg = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"], ["objective.tau=0.9", "model.lora_targets=[q_proj,v_proj]"])
+    cfg = load_config(
+        [tmp_path / "a.yaml", tmp_path / "b.yaml"], ["objective.tau=0.9", "model.lora_targets=[q_proj,v_proj]"]
+    )
     assert cfg.max_steps == 7 and cfg.optim.lr == 0.002 and cfg.objective.tau == 0.9
     assert cfg.model.lora_targets == ["q_proj", "v_proj"]
 
@@ -182,8 +266,14 @@ def test_scientific_notation_without_a_dot_is_a_number():
 
 @pytest.mark.slow
 def test_zero2_with_optimizer_offload_trains_on_two_processes(tmp_path):
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3", *FAST,
-                      config="accelerate_configs/cpu_zero2_offload_2proc.yaml")
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "probe"),
+        f"output_dir={tmp_path / 'run'}",
+        "max_steps=3",
+        *FAST,
+        config="accelerate_configs/cpu_zero2_offload_2proc.yaml",
+    )
     ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
     assert all(loss is not None for loss in ranks[0]["losses"]) and len(ranks[0]["losses"]) == 3
@@ -213,7 +303,9 @@ def test_bitsandbytes_8bit_adamw_and_4bit_base_train_and_resume(tmp_path):
     lines = metrics(tmp_path)
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in lines)
-    assert not torch.equal(resumed.model.language_model.model.layers[0].self_attn.q_proj.lora_B.default.weight, lora_before)
+    assert not torch.equal(
+        resumed.model.language_model.model.layers[0].self_attn.q_proj.lora_B.default.weight, lora_before
+    )
     from pg_train.model import to_sa2va_state_dict
 
     with pytest.raises(ValueError, match="4-bit"):
@@ -222,7 +314,14 @@ def test_bitsandbytes_8bit_adamw_and_4bit_base_train_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_zero2_with_8bit_adamw_on_two_processes(tmp_path):
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3", *FAST, "optim.name=adamw8bit")
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "probe"),
+        f"output_dir={tmp_path / 'run'}",
+        "max_steps=3",
+        *FAST,
+        "optim.name=adamw8bit",
+    )
     ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["trainable_bytes_hash"] == ranks[1]["trainable_bytes_hash"]
     for r in ranks:  # two 1-byte moments, half of the parameters each (+ block scales)
@@ -231,8 +330,14 @@ def test_zero2_with_8bit_adamw_on_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2(tmp_path):
-    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={tmp_path / 'run'}", "max_steps=3", *FAST,
-                      env={"PG_POISON": "1:2"})  # rank 1's second step returns NaN
+    accelerate_launch(
+        "tests/dist/train_probe.py",
+        str(tmp_path / "probe"),
+        f"output_dir={tmp_path / 'run'}",
+        "max_steps=3",
+        *FAST,
+        env={"PG_POISON": "1:2"},
+    )  # rank 1's second step returns NaN
     ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["skipped"] for r in ranks] == [[0, 1, 0], [0, 1, 0]]
     assert ranks[0]["finite_weights"] and ranks[1]["finite_weights"]
@@ -241,14 +346,32 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2(tmp
 
 @pytest.mark.parametrize("kind", ["supervised", "mixed"])
 def test_supervised_and_mixed_objectives_train_with_periodic_evaluation(tmp_path, kind):
-    result = train(load_config([], [*FAST, f"output_dir={tmp_path}", "max_steps=2", f"objective_kind={kind}", "eval_every=2", "eval_samples=4"]))
+    result = train(
+        load_config(
+            [],
+            [
+                *FAST,
+                f"output_dir={tmp_path}",
+                "max_steps=2",
+                f"objective_kind={kind}",
+                "eval_every=2",
+                "eval_samples=4",
+            ],
+        )
+    )
     lines = metrics(tmp_path)
-    assert result.exit_code == 0 and [r["step"] for r in lines] == [0, 1, 2]  # step 0: the starting point, evaluation only
+    assert result.exit_code == 0 and [r["step"] for r in lines] == [
+        0,
+        1,
+        2,
+    ]  # step 0: the starting point, evaluation only
     assert "loss" not in lines[0] and "eval/cycle_gIoU" in lines[0]
     lines = lines[1:]
     assert all(r["loss"] is not None and r["lm_loss"] > 0 for r in lines)
     assert "eval/cycle_gIoU" in lines[1] and "eval/shuffled_gIoU" in lines[1] and "eval/cycle_gIoU" not in lines[0]
-    assert 0 <= lines[1]["eval/caption_sensitivity"] and not torch.backends.cuda.cudnn_sdp_enabled()  # off unless cudnn_attention=true
+    assert (
+        0 <= lines[1]["eval/caption_sensitivity"] and not torch.backends.cuda.cudnn_sdp_enabled()
+    )  # off unless cudnn_attention=true
 
 
 def test_extra_trainable_prefixes_unfreeze_named_parts_only():
@@ -256,7 +379,11 @@ def test_extra_trainable_prefixes_unfreeze_named_parts_only():
 
     model = build_student(load_config([], ["model.extra_trainable=[vision_model.]"]))
     assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("vision_model."))
-    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("grounding_encoder.sam2_model.image_encoder."))
+    assert not any(
+        p.requires_grad
+        for n, p in model.named_parameters()
+        if n.startswith("grounding_encoder.sam2_model.image_encoder.")
+    )
     with pytest.raises(ValueError, match="matches no parameter"):
         build_student(load_config([], ["model.extra_trainable=[nothing.]"]))
 

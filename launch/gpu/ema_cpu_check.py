@@ -6,6 +6,7 @@ Large bf16 parameters on the GPU are changed by kernels queued right before each
 copy that the host reads too early sees the old values); the shadow is compared after every
 update with the closed form computed from blocking copies. The CPU suite cannot show this race.
 """
+
 import argparse
 import json
 import sys
@@ -24,7 +25,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 2
-    student = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(args.numel, device="cuda", dtype=torch.bfloat16)) for _ in range(4)])
+    student = torch.nn.ParameterList(
+        [torch.nn.Parameter(torch.zeros(args.numel, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
+    )
     ema = EMATeacher(student, decay=0.5, placement="cpu")
     expected = [s.clone() for s in ema.shadow]
     worst = 0.0
@@ -36,8 +39,14 @@ def main() -> int:
         for e, p in zip(expected, student):
             e.lerp_(p.detach().float().cpu(), 0.5)  # blocking copy: the reference
         worst = max(worst, max(float((s - e).abs().max()) for s, e in zip(ema.shadow, expected)))
-    report = {"steps": args.steps, "numel_per_param": args.numel, "max_abs_diff": worst, "exact": worst == 0.0,
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report = {
+        "steps": args.steps,
+        "numel_per_param": args.numel,
+        "max_abs_diff": worst,
+        "exact": worst == 0.0,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+    }
     print(json.dumps(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -3,6 +3,7 @@
 
     python launch/gpu/profile_step.py OUT_DIR [--batch 8] [--preset sa2va-4b]
 """
+
 import argparse
 import copy
 import sys
@@ -13,8 +14,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from pg_train.bench.seed_step import full_copy_ema_update, seed_literal_step
 from pg_train.bench.step import make_batches
-from pg_train.model import build_offline
 from pg_train.ema import EMATeacher
+from pg_train.model import build_offline
 from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
 
 

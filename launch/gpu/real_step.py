@@ -7,6 +7,7 @@ every vocabulary-sized cost (lm_head rows, top-k over 151,679 logits) is the rea
 
     python launch/gpu/real_step.py OUT.json [--batches 1,4,8] [--preset tiny]   # tiny: a CPU dry run
 """
+
 import argparse
 import json
 import sys
@@ -36,8 +37,12 @@ def main():
     device = torch.device("cuda" if cuda else "cpu")
     start = time.perf_counter()
     model = build(args.preset, None, str(device), torch.bfloat16).train()
-    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-               "build_s": round(time.perf_counter() - start, 2), "params": component_parameter_counts(model)}
+    results = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "build_s": round(time.perf_counter() - start, 2),
+        "params": component_parameter_counts(model),
+    }
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ema = EMATeacher(model, placement="same")
     cfg = PseudoGumbelConfig(max_caption_len=64, min_caption_len=64, topk=128)

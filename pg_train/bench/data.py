@@ -4,6 +4,7 @@ training samples/s, measured in one run on this machine.
 
     python -m pg_train.bench.data [--batches 20 --batch-size 2] [--no-training] [--json report.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,17 @@ def parquet_from_manifest(manifest: Path, directory: Path) -> Path:
     rows = []
     for line in manifest.read_text().splitlines():
         record = json.loads(line)
-        row = {key: {"bytes": (manifest.parent / record[key]).read_bytes(), "path": None} for key in ("image1", "mask1", "image2", "mask2")}
+        row = {
+            key: {"bytes": (manifest.parent / record[key]).read_bytes(), "path": None}
+            for key in ("image1", "mask1", "image2", "mask2")
+        }
         rows.append({**row, "caption": record["caption"]})
-    features = datasets.Features({**{key: datasets.Image() for key in ("image1", "mask1", "image2", "mask2")}, "caption": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            **{key: datasets.Image() for key in ("image1", "mask1", "image2", "mask2")},
+            "caption": datasets.Value("string"),
+        }
+    )
     directory.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(directory / "train-00000-of-00001.parquet"))
     return directory
@@ -52,8 +61,17 @@ def training_rate(batch_size: int, steps: int) -> float:
     from pg_train.train import train
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config([], [f"output_dir={out}", f"max_steps={steps}", f"batch_size={batch_size}", "save_every=100000",
-                               "tensorboard=false", "progress=false"])
+        cfg = load_config(
+            [],
+            [
+                f"output_dir={out}",
+                f"max_steps={steps}",
+                f"batch_size={batch_size}",
+                "save_every=100000",
+                "tensorboard=false",
+                "progress=false",
+            ],
+        )
         result = train(cfg)
     times = [r["step_time_s"] for r in result.history[2:]]  # skip warm-up steps
     return batch_size / (sum(times) / len(times))
@@ -73,8 +91,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         manifest = SyntheticPairs(64, seed=0).export_manifest(tmp)
         parquet = str(parquet_from_manifest(manifest, Path(tmp) / "parquet"))
-        sources = (("synthetic", {}), ("manifest", {"manifest": str(manifest)}),
-                   ("hf", {"hf_path": parquet, **hf_columns}), ("hf streaming", {"hf_path": parquet, "hf_streaming": True, **hf_columns}))
+        sources = (
+            ("synthetic", {}),
+            ("manifest", {"manifest": str(manifest)}),
+            ("hf", {"hf_path": parquet, **hf_columns}),
+            ("hf streaming", {"hf_path": parquet, "hf_streaming": True, **hf_columns}),
+        )
         # rounds interleave the sources, and each rate is the median over rounds: on a machine
         # others share, a burst of load then lands on one round of every source, not on one source
         runs: dict[str, list[float]] = {}
@@ -90,7 +112,9 @@ def main(argv=None):
         rates = {name: statistics.median(values) for name, values in runs.items()}
         cpu_rates = {name: statistics.median(values) for name, values in cpu_runs.items()}
     train_rate = None if args.no_training else training_rate(args.batch_size, args.steps)
-    print(f"batch size {args.batch_size}, tiny preset sizes (448 px MLLM, 128 px SAM2), 2 CPU cores shared by loader and trainer")
+    print(
+        f"batch size {args.batch_size}, tiny preset sizes (448 px MLLM, 128 px SAM2), 2 CPU cores shared by loader and trainer"
+    )
     print(f"{'':34} {'samples/s':>10} {'vs training':>12}")
     for name, rate in rates.items():
         print(f"{name:34} {rate:>10.1f} " + (f"{rate / train_rate:>11.1f}x" if train_rate else f"{'-':>12}"))
@@ -98,16 +122,37 @@ def main(argv=None):
         print(f"{'training (tiny, data in-process)':34} {train_rate:>10.1f} {1.0:>11.1f}x")
     for name, rate in cpu_rates.items():
         print(f"{name:34} {rate:>10.1f}")
-    ratios = {f"{hf} / manifest, {w} workers": rates[f"loader {hf}, {w} workers"] / rates[f"loader manifest, {w} workers"]
-              for hf in ("hf", "hf streaming") for w in (0, 2)}
-    ratios.update({f"{hf} / manifest, per CPU second": cpu_rates[f"loader {hf}, per CPU second"] / cpu_rates["loader manifest, per CPU second"]
-                   for hf in ("hf", "hf streaming")})
+    ratios = {
+        f"{hf} / manifest, {w} workers": rates[f"loader {hf}, {w} workers"] / rates[f"loader manifest, {w} workers"]
+        for hf in ("hf", "hf streaming")
+        for w in (0, 2)
+    }
+    ratios.update(
+        {
+            f"{hf} / manifest, per CPU second": cpu_rates[f"loader {hf}, per CPU second"]
+            / cpu_rates["loader manifest, per CPU second"]
+            for hf in ("hf", "hf streaming")
+        }
+    )
     for name, ratio in ratios.items():
         print(f"{name:34} {ratio:>10.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"batch_size": args.batch_size, "batches": args.batches, "rounds": args.rounds, "samples_per_s": rates, "runs": runs,
-                                               "samples_per_cpu_s": cpu_rates, "cpu_runs": cpu_runs,
-                                               "training_samples_per_s": train_rate, "ratios": ratios}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "batch_size": args.batch_size,
+                    "batches": args.batches,
+                    "rounds": args.rounds,
+                    "samples_per_s": rates,
+                    "runs": runs,
+                    "samples_per_cpu_s": cpu_rates,
+                    "cpu_runs": cpu_runs,
+                    "training_samples_per_s": train_rate,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

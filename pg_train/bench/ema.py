@@ -3,6 +3,7 @@ bytes each placement holds for Sa2VA-4B (meta) next to the seed's full bf16 copy
 
     python -m pg_train.bench.ema [--repeats 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def main(argv=None):
     masks[:, 100:300, 120:260] = 1
     cells, _ = region_cells(masks, student.grid_size)
     cfg = PseudoGumbelConfig(max_caption_len=args.caption_len, min_caption_len=args.caption_len)
-    print(f"tiny preset on {torch.get_num_threads()} CPU threads, batch {B}, {args.caption_len}-token captions; median of {args.repeats}")
+    print(
+        f"tiny preset on {torch.get_num_threads()} CPU threads, batch {B}, {args.caption_len}-token captions; median of {args.repeats}"
+    )
     print(f"{'placement':10} {'update ms':>10} {'swap in+out ms':>15} {'generation ms':>14} {'(update+swap)/gen':>18}")
     for placement in ("same", "cpu", "full:cpu"):
         ema = EMATeacher(student, placement=placement)
@@ -52,12 +55,19 @@ def main(argv=None):
                 pass
 
         swap_s = timed(swap, args.repeats) if placement != "full:cpu" else 0.0
-        generation = timed(lambda: generate_pseudo_tokens_with_ema(ema, pixel_values, cells, cfg, student=student), max(3, args.repeats // 4))
-        print(f"{placement:10} {update * 1e3:>10.3f} {swap_s * 1e3:>15.3f} {generation * 1e3:>14.1f} {(update + swap_s) / generation:>18.4f}")
+        generation = timed(
+            lambda: generate_pseudo_tokens_with_ema(ema, pixel_values, cells, cfg, student=student),
+            max(3, args.repeats // 4),
+        )
+        print(
+            f"{placement:10} {update * 1e3:>10.3f} {swap_s * 1e3:>15.3f} {generation * 1e3:>14.1f} {(update + swap_s) / generation:>18.4f}"
+        )
 
     real = build_model("sa2va-4b", device="meta")
     full_bf16 = sum(p.numel() for p in real.parameters()) * 2
-    print("\nSa2VA-4B (built on meta), bytes the EMA holds per device, LoRA r=128 + mlp1 + fcs + SAM2 decoder trainable:")
+    print(
+        "\nSa2VA-4B (built on meta), bytes the EMA holds per device, LoRA r=128 + mlp1 + fcs + SAM2 decoder trainable:"
+    )
     print(f"{'placement':12} {'device':8} {'GiB':>7} {'vs full bf16 copy':>18}")
     print(f"{'seed: copy':12} {'cuda:0':8} {full_bf16 / 2**30:>7.2f} {1.0:>17.2f}x")
     for placement in ("same", "cpu", "full:cuda:1"):

@@ -9,6 +9,7 @@ memory above the inputs and the bytes autograd saves for backward. The naive ver
 machine's memory both variants are measured side by side at the largest batch that fits, and
 ours is also run at the requested batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,17 +116,25 @@ def main(argv=None):
             if r is None:
                 print(f"{dtype_name:5} {side_by_side:>3} {variant:7} {'failed (out of memory?)':>32}")
                 continue
-            print(f"{dtype_name:5} {side_by_side:>3} {variant:7} {r['time_s']:>10.3f} {r['peak_bytes'] / 2**20:>10.0f} {r['saved_bytes'] / 2**20:>10.0f}")
+            print(
+                f"{dtype_name:5} {side_by_side:>3} {variant:7} {r['time_s']:>10.3f} {r['peak_bytes'] / 2**20:>10.0f} {r['saved_bytes'] / 2**20:>10.0f}"
+            )
         if rows["naive"] and rows["ours"]:
             n, o = rows["naive"], rows["ours"]
-            print(f"{dtype_name:5} {side_by_side:>3} naive/ours: peak memory {n['peak_bytes'] / max(o['peak_bytes'], 1):.1f}x, "
-                  f"saved for backward {n['saved_bytes'] / max(o['saved_bytes'], 1):.1f}x, time {n['time_s'] / o['time_s']:.2f}x")
+            print(
+                f"{dtype_name:5} {side_by_side:>3} naive/ours: peak memory {n['peak_bytes'] / max(o['peak_bytes'], 1):.1f}x, "
+                f"saved for backward {n['saved_bytes'] / max(o['saved_bytes'], 1):.1f}x, time {n['time_s'] / o['time_s']:.2f}x"
+            )
         if side_by_side != args.batch:
-            print(f"{dtype_name:5}      naive at B={args.batch} needs ~{naive_bytes(args.batch, T, k, D, V, elem) / 2**30:.0f} GiB "
-                  f"(> {budget / 2**30:.0f} GiB usable here): measured side by side at B={side_by_side}")
+            print(
+                f"{dtype_name:5}      naive at B={args.batch} needs ~{naive_bytes(args.batch, T, k, D, V, elem) / 2**30:.0f} GiB "
+                f"(> {budget / 2**30:.0f} GiB usable here): measured side by side at B={side_by_side}"
+            )
             r = measure("ours", dtype_name, args.batch, T, k, D, V, args.repeats, args.device)
             if r:
-                print(f"{dtype_name:5} {args.batch:>3} {'ours':7} {r['time_s']:>10.3f} {r['peak_bytes'] / 2**20:>10.0f} {r['saved_bytes'] / 2**20:>10.0f}")
+                print(
+                    f"{dtype_name:5} {args.batch:>3} {'ours':7} {r['time_s']:>10.3f} {r['peak_bytes'] / 2**20:>10.0f} {r['saved_bytes'] / 2**20:>10.0f}"
+                )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Peak-memory measurement that works on CPU (RSS sampled by a thread) and CUDA (allocator)."""
+
 from __future__ import annotations
 
 import threading

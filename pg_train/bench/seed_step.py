@@ -16,6 +16,7 @@ Fairness: the teacher generates with the same batched, left-padded, KV-cached de
 the corrected one, and masking, the pass-2 prompt, SAM2 and the loss are the same functions, so
 with equal weights and noise both steps give the same captions and the same loss.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,29 +26,49 @@ import torch
 from ..model.decoder import untrimmed_last_layer
 from ..model.regions import region_cells as select_region_cells
 from ..pseudo_gumbel import (
-    PseudoGumbelConfig, generate_pseudo_tokens_with_ema, mask_loss, random_mask_tokens,
-    region_prompts, resize_target, sample_generators, segment_prompt, special_ids, uniform_noise, with_space_slot,
+    PseudoGumbelConfig,
+    generate_pseudo_tokens_with_ema,
+    mask_loss,
+    random_mask_tokens,
+    region_prompts,
+    resize_target,
+    sample_generators,
+    segment_prompt,
+    special_ids,
+    uniform_noise,
+    with_space_slot,
 )
 from .gumbel import naive_topk_gumbel_softmax
 
 
-def full_vocab_caption_logits(student, pixel_values, region_cells, caption_ids, caption_lengths, num_views=None) -> torch.Tensor:
+def full_vocab_caption_logits(
+    student, pixel_values, region_cells, caption_ids, caption_lengths, num_views=None
+) -> torch.Tensor:
     """Pass 1 as the note writes it: logits [B, L, V] for every row, then the caption rows."""
     prompt_ids, prompt_mask = region_prompts(student, region_cells, num_views)
     prompt_ids, prompt_mask = prompt_ids.to(caption_ids.device), prompt_mask.to(caption_ids.device)
     T, P = caption_ids.shape[1], prompt_ids.shape[1]
     caption_mask = (torch.arange(T, device=caption_ids.device)[None] < caption_lengths[:, None]).long()
     out = student(
-        mode="lm", input_ids=torch.cat([prompt_ids, caption_ids], dim=1), attention_mask=torch.cat([prompt_mask, caption_mask], dim=1),
-        pixel_values=pixel_values, region_cells=region_cells, use_cache=False, num_views=num_views,
+        mode="lm",
+        input_ids=torch.cat([prompt_ids, caption_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, caption_mask], dim=1),
+        pixel_values=pixel_values,
+        region_cells=region_cells,
+        use_cache=False,
+        num_views=num_views,
     )
     return out.logits[:, P - 1 : P - 1 + T]
 
 
-def literal_segment_pass(student, pixel_values, sam_pixel_values, text_embeds, caption_lengths, space_slot=None, num_views=None) -> torch.Tensor:
+def literal_segment_pass(
+    student, pixel_values, sam_pixel_values, text_embeds, caption_lengths, space_slot=None, num_views=None
+) -> torch.Tensor:
     """Pass 2 as the note writes it: the causal LM over prefix | caption embeddings | suffix
     (logits [B, L, V] for every row, unused), then the last hidden state at the [SEG] row."""
-    prefix_ids, prefix_mask, caption_mask, suffix_ids, seg_index = segment_prompt(student, caption_lengths, text_embeds.shape[1], text_embeds.device, num_views)
+    prefix_ids, prefix_mask, caption_mask, suffix_ids, seg_index = segment_prompt(
+        student, caption_lengths, text_embeds.shape[1], text_embeds.device, num_views
+    )
     if space_slot is not None:
         text_embeds, caption_mask = with_space_slot(student, text_embeds, caption_mask, space_slot)
     T = text_embeds.shape[1]
@@ -55,8 +76,11 @@ def literal_segment_pass(student, pixel_values, sam_pixel_values, text_embeds, c
     embeds = torch.cat([prefix, text_embeds.to(prefix.dtype), student.embed_tokens()(suffix_ids)], dim=1)
     attention_mask = torch.cat([prefix_mask, caption_mask, torch.ones_like(suffix_ids)], dim=1)
     out = student.language_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=student.position_ids(attention_mask),
-        output_hidden_states=True, use_cache=False,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=student.position_ids(attention_mask),
+        output_hidden_states=True,
+        use_cache=False,
     )
     seg_hidden = out.hidden_states[-1][:, prefix_ids.shape[1] + T + seg_index]
     return student.predict_masks(seg_hidden, sam_pixel_values)
@@ -74,23 +98,39 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
     clock = clock or (lambda name: contextlib.nullcontext())
     special = special_ids(student)
     seeds = batch["sample_seeds"]
-    cells, _ = select_region_cells(batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule)
+    cells, _ = select_region_cells(
+        batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
+    )
     with clock("teacher"), untrimmed_last_layer():
-        caption_ids, lengths = generate_pseudo_tokens_with_ema(teacher, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1"))
+        caption_ids, lengths = generate_pseudo_tokens_with_ema(
+            teacher, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1")
+        )
     with clock("mask"):
         masked_ids, _ = random_mask_tokens(caption_ids, lengths, cfg.mask_ratio, special, sample_generators(seeds, 0))
     student.clear_vision_cache()  # the note runs the vision tower for every use of an image
     with clock("pass1"):
-        logits = full_vocab_caption_logits(student, batch["pixel_values1"], cells, masked_ids, lengths, batch.get("num_views1"))
+        logits = full_vocab_caption_logits(
+            student, batch["pixel_values1"], cells, masked_ids, lengths, batch.get("num_views1")
+        )
     with clock("gumbel"):
         k = min(cfg.topk, logits.shape[-1])
         uniform = uniform_noise(sample_generators(seeds, 1), logits.shape[1], k)
         twin, needs_slot = student.prompts.leading_space.on(logits.device)
-        text_embeds, hard_ids = naive_topk_gumbel_softmax(logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k, twin)
+        text_embeds, hard_ids = naive_topk_gumbel_softmax(
+            logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k, twin
+        )
         space_slot = needs_slot[hard_ids[:, 0]] & (lengths > 0) if hard_ids.shape[1] else None
     student.clear_vision_cache()
     with clock("pass2"):
-        mask_logits = literal_segment_pass(student, batch["pixel_values2"], batch["sam_pixel_values2"], text_embeds, lengths, space_slot, batch.get("num_views2"))
+        mask_logits = literal_segment_pass(
+            student,
+            batch["pixel_values2"],
+            batch["sam_pixel_values2"],
+            text_embeds,
+            lengths,
+            space_slot,
+            batch.get("num_views2"),
+        )
     with clock("loss"):
         target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
         loss = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)["loss"]

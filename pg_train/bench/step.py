@@ -18,6 +18,7 @@ MFU (CUDA only): model FLOPs counted as 2 x parameters x tokens for each forward
 lm_head rows actually computed, vision tower, SAM2 ignored) and 2x that for backward through
 the trainable path, over the step time and the card's dense bf16 peak given by --peak-tflops.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,6 +93,7 @@ def make_batches(model, batch_size: int, steps: int, device, pairing: str = "aug
 def persistent_bytes(model, optimizer, teacher) -> int:
     """Bytes of the distinct storages a step keeps between steps: weights, optimizer state and
     the teacher (an EMA shadow, plus its model for `full:` placement, or a full copy)."""
+
     def module_tensors(module):
         return list(module.parameters()) + list(module.buffers())
 
@@ -126,7 +128,9 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
     else:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     clock = StageClock(device)
-    hooks = clock.watch(model.vision_model, "vision") + clock.watch(model.grounding_encoder.sam2_model.image_encoder, "sam2_encoder")
+    hooks = clock.watch(model.vision_model, "vision") + clock.watch(
+        model.grounding_encoder.sam2_model.image_encoder, "sam2_encoder"
+    )
     if variant == "seed":
         hooks += clock.watch(teacher.vision_model, "vision")
     steps, first = [], None
@@ -138,7 +142,12 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
             start = time.perf_counter()
             if variant != "seed":
                 out = pseudo_gumbel_step(model, teacher, batch, cfg, observer=clock)
-                result = {"loss": out.loss, "caption_ids": out.caption_ids, "caption_lengths": out.caption_lengths, "hard_ids": out.hard_ids}
+                result = {
+                    "loss": out.loss,
+                    "caption_ids": out.caption_ids,
+                    "caption_lengths": out.caption_lengths,
+                    "hard_ids": out.hard_ids,
+                }
             else:
                 result = seed_literal_step(model, teacher, batch, cfg, clock)
             with clock("backward"):
@@ -162,15 +171,22 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
     timed = steps[1:] or steps
     median = {k: statistics.median(s.get(k, 0.0) for s in timed) for k in ("total",) + STAGES + PARTS}
     report = {
-        "variant": variant, "times_s": median, "first_loss": float(first["loss"]), "first_captions": first["caption_ids"].tolist(),
-        "first_hard_ids": first["hard_ids"].tolist(), "samples_per_s": args.batch / median["total"],
-        "persistent_bytes": persistent, "step_peak_bytes": max(peak_bytes[1:] or peak_bytes),
+        "variant": variant,
+        "times_s": median,
+        "first_loss": float(first["loss"]),
+        "first_captions": first["caption_ids"].tolist(),
+        "first_hard_ids": first["hard_ids"].tolist(),
+        "samples_per_s": args.batch / median["total"],
+        "persistent_bytes": persistent,
+        "step_peak_bytes": max(peak_bytes[1:] or peak_bytes),
     }
     if device.type == "cuda":
         report["peak_bytes"] = torch.cuda.max_memory_allocated(device)  # absolute: everything resident
         views = float(batches[0]["num_views1"].float().mean())
         report["image_views"] = views
-        report["mfu"] = model_flops(model, args.batch, args.caption_len, views) / median["total"] / (args.peak_tflops * 1e12)
+        report["mfu"] = (
+            model_flops(model, args.batch, args.caption_len, views) / median["total"] / (args.peak_tflops * 1e12)
+        )
     else:
         report["peak_bytes"] = persistent + report["step_peak_bytes"]
     del model, optimizer, teacher, batches
@@ -203,7 +219,9 @@ def model_flops(model, batch: int, caption_len: int, views: float = 1.0) -> floa
     D, V = model.preset.language.hidden_size, model.preset.language.vocab_size
     extra_image_tokens = (views - 1) * model.preset.vision.num_image_tokens
     region = len(model.prompts.region_prompt(8)) + extra_image_tokens
-    segment = len(model.prompts.segment_prefix()) + extra_image_tokens + caption_len + len(model.prompts.segment_suffix()[0])
+    segment = (
+        len(model.prompts.segment_prefix()) + extra_image_tokens + caption_len + len(model.prompts.segment_suffix()[0])
+    )
     vision_tokens = ((model.preset.vision.image_size // model.preset.vision.patch_size) ** 2 + 1) * views
     per_sample = (
         2 * llm_params * (region + caption_len)  # teacher generation (prefill + decode, KV cache)
@@ -221,11 +239,17 @@ def print_table(reports: dict[str, dict], args, device) -> None:
     and "untrimmed" (ours with every layer on every row) when it was run."""
     seed = reports["seed"]
     mine = [name for name in ("ours", "untrimmed") if name in reports]
-    print(f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, pairing {getattr(args, 'pairing', 'augment')}, {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
-          f"median of {max(1, args.steps - 1)} step(s) after a warm-up step"
-          f"{'; cuDNN attention off' if args.no_cudnn_attention else ''}")
-    print(f"{'stage':16}" + "".join(f" {name + ' s':>12}" for name in mine + ["seed"]) + "".join(f" {'seed/' + name:>15}" for name in mine))
+    print(
+        f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, pairing {getattr(args, 'pairing', 'augment')}, {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
+        f"median of {max(1, args.steps - 1)} step(s) after a warm-up step"
+        f"{'; cuDNN attention off' if args.no_cudnn_attention else ''}"
+    )
+    print(
+        f"{'stage':16}"
+        + "".join(f" {name + ' s':>12}" for name in mine + ["seed"])
+        + "".join(f" {'seed/' + name:>15}" for name in mine)
+    )
 
     def row(label, values, ratios, note=""):
         print(f"{label:16}" + "".join(f" {v:12.3f}" for v in values) + "".join(f" {r:15.2f}" for r in ratios) + note)
@@ -234,7 +258,11 @@ def print_table(reports: dict[str, dict], args, device) -> None:
         values = [reports[name]["times_s"][stage] for name in mine + ["seed"]]
         label = f"  ({stage} part)" if stage in PARTS else stage
         row(label, values, [values[-1] / v if v > 0 else float("nan") for v in values[:-1]])
-    row("samples/s", [reports[n]["samples_per_s"] for n in mine + ["seed"]], [reports[n]["samples_per_s"] / seed["samples_per_s"] for n in mine])
+    row(
+        "samples/s",
+        [reports[n]["samples_per_s"] for n in mine + ["seed"]],
+        [reports[n]["samples_per_s"] / seed["samples_per_s"] for n in mine],
+    )
     gib = 2**30
 
     def memory_row(label, key, note=""):
@@ -246,30 +274,52 @@ def print_table(reports: dict[str, dict], args, device) -> None:
         memory_row("step RSS GiB", "step_peak_bytes", "   (peak RSS growth during a step)")
     memory_row("peak GiB", "peak_bytes")
     if "mfu" in reports["ours"]:
-        print(f"{'MFU':16}" + "".join(f" {reports[n]['mfu']:12.1%}" for n in mine + ["seed"]) + f"   (analytic FLOPs / {args.peak_tflops} TFLOP/s)")
+        print(
+            f"{'MFU':16}"
+            + "".join(f" {reports[n]['mfu']:12.1%}" for n in mine + ["seed"])
+            + f"   (analytic FLOPs / {args.peak_tflops} TFLOP/s)"
+        )
     for name in mine:
         r = reports[name]
-        print(f"first step, same weights and noise, {name} vs seed: captions equal {r['first_captions'] == seed['first_captions']}, "
-              f"Gumbel picks equal {r['first_hard_ids'] == seed['first_hard_ids']}, loss {r['first_loss']:.6f} vs {seed['first_loss']:.6f} "
-              f"(|diff| {abs(r['first_loss'] - seed['first_loss']):.1e})")
+        print(
+            f"first step, same weights and noise, {name} vs seed: captions equal {r['first_captions'] == seed['first_captions']}, "
+            f"Gumbel picks equal {r['first_hard_ids'] == seed['first_hard_ids']}, loss {r['first_loss']:.6f} vs {seed['first_loss']:.6f} "
+            f"(|diff| {abs(r['first_loss'] - seed['first_loss']):.1e})"
+        )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pg_train.bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pg_train.bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny", choices=("tiny", "bench", "sa2va-4b"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="steps per variant; the first is a warm-up")
-    parser.add_argument("--caption-len", type=int, default=16, help="teacher captions are forced to this length (min = max)")
+    parser.add_argument(
+        "--caption-len", type=int, default=16, help="teacher captions are forced to this length (min = max)"
+    )
     parser.add_argument("--topk", type=int, default=128)
-    parser.add_argument("--pairing", default="augment", choices=("augment", "same"),
-                        help="image 2 = an augmented view of image 1, or image 1 itself (ours then runs the ViT once per step)")
+    parser.add_argument(
+        "--pairing",
+        default="augment",
+        choices=("augment", "same"),
+        help="image 2 = an augmented view of image 1, or image 1 itself (ours then runs the ViT once per step)",
+    )
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)")
-    parser.add_argument("--variants", default="ours,seed",
-                        help="comma list of ours, seed and untrimmed (ours with the last layer on every row)")
-    parser.add_argument("--no-cudnn-attention", action="store_true",
-                        help="CUDA: keep SDPA off the cuDNN backend (it builds a graph per new shape, on the host)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card (H100/H200 SXM: 989)"
+    )
+    parser.add_argument(
+        "--variants",
+        default="ours,seed",
+        help="comma list of ours, seed and untrimmed (ours with the last layer on every row)",
+    )
+    parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="CUDA: keep SDPA off the cuDNN backend (it builds a graph per new shape, on the host)",
+    )
     parser.add_argument("--json", help="write both reports here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

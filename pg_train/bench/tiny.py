@@ -6,6 +6,7 @@ Build time is reported cold (first build in this process: includes importing tra
 Qwen2, peft and sam2 modules) and warm; then one full forward (vision, LLM, SAM2) and one
 64-token batched generation with a KV cache, batch 2.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -42,12 +43,27 @@ def main():
     def forward_and_generate():
         with torch.no_grad():
             cells, _ = region_cells(masks, model.grid_size)
-            ids, attention = left_pad([model.prompts.region_prompt(int(k)) for k in cells.flatten(1).sum(1)], model.tokenizer.pad_token_id)
-            out = model(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, region_cells=cells, output_hidden_states=True)
+            ids, attention = left_pad(
+                [model.prompts.region_prompt(int(k)) for k in cells.flatten(1).sum(1)], model.tokenizer.pad_token_id
+            )
+            out = model(
+                input_ids=ids,
+                attention_mask=attention,
+                pixel_values=pixel_values,
+                region_cells=cells,
+                output_hidden_states=True,
+            )
             model.predict_masks(out.hidden_states[-1][:, -1], sam_pixel_values)
             embeds = model.embed_with_images(ids, model.extract_feature(pixel_values), cells)
-            generate_from_embeds(model.language_model, embeds, attention, max_new_tokens=64, min_new_tokens=64,
-                                 eos_token_id=model.eos_token_id, pad_token_id=model.tokenizer.pad_token_id)
+            generate_from_embeds(
+                model.language_model,
+                embeds,
+                attention,
+                max_new_tokens=64,
+                min_new_tokens=64,
+                eos_token_id=model.eos_token_id,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
 
     forward_and_generate()
     runs = []

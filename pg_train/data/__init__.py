@@ -1,5 +1,6 @@
 """Training pairs (image1, mask1, image2, mask2, caption) from synthetic scenes, a JSONL
 manifest or COCO/RefCOCO annotations, preprocessed for the MLLM and SAM2."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +11,6 @@ from .loader import NoValidSamplesError, PairDataset, PairLoader, Preprocess, co
 from .manifest import ManifestPairs
 from .synthetic import COLOURS, TEXTURES, SyntheticPairs
 from .types import REASONS, BadSample, RawPair
-
 
 SOURCES = ("synthetic", "manifest", "coco", "refer", "hf", "video")
 
@@ -63,10 +63,19 @@ class DataConfig:
 
 def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.source == "synthetic":
-        return SyntheticPairs(cfg.num_samples, seed=seed, image_size=cfg.image_size, min_pixels=cfg.min_pixels,
-                              min_objects=cfg.min_objects, max_objects=cfg.max_objects, sizes=tuple(cfg.sizes),
-                              colours=tuple(cfg.colours or COLOURS), textures=tuple(cfg.textures or TEXTURES),
-                              distinct_colours=cfg.distinct_colours, pairing=cfg.pairing)
+        return SyntheticPairs(
+            cfg.num_samples,
+            seed=seed,
+            image_size=cfg.image_size,
+            min_pixels=cfg.min_pixels,
+            min_objects=cfg.min_objects,
+            max_objects=cfg.max_objects,
+            sizes=tuple(cfg.sizes),
+            colours=tuple(cfg.colours or COLOURS),
+            textures=tuple(cfg.textures or TEXTURES),
+            distinct_colours=cfg.distinct_colours,
+            pairing=cfg.pairing,
+        )
     if cfg.source == "manifest":
         if not cfg.manifest:
             raise ValueError("data.source=manifest needs data.manifest=<path to .jsonl>")
@@ -74,14 +83,25 @@ def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.source == "coco":
         if not (cfg.coco_instances and cfg.coco_images):
             raise ValueError("data.source=coco needs data.coco_instances and data.coco_images")
-        return CocoPairs(cfg.coco_instances, cfg.coco_images, cfg.coco_refs, cfg.pairing, seed, cfg.min_pixels, cfg.max_image_pixels)
+        return CocoPairs(
+            cfg.coco_instances, cfg.coco_images, cfg.coco_refs, cfg.pairing, seed, cfg.min_pixels, cfg.max_image_pixels
+        )
     if cfg.source == "refer":
         from .refer import ReferPairs
 
         if not (cfg.refer_dir and cfg.coco_images):
             raise ValueError("data.source=refer needs data.refer_dir and data.coco_images")
-        return ReferPairs(cfg.refer_dir, cfg.coco_images, cfg.refer_split_by, cfg.refer_split, cfg.refer_pairs, cfg.pairing, seed, cfg.min_pixels,
-                          cfg.max_image_pixels)
+        return ReferPairs(
+            cfg.refer_dir,
+            cfg.coco_images,
+            cfg.refer_split_by,
+            cfg.refer_split,
+            cfg.refer_pairs,
+            cfg.pairing,
+            seed,
+            cfg.min_pixels,
+            cfg.max_image_pixels,
+        )
     if cfg.source == "hf":
         from .hf import build_hf_source
 
@@ -91,19 +111,48 @@ def build_source(cfg: DataConfig, seed: int = 0):
 
         if not cfg.video_dir:
             raise ValueError("data.source=video needs data.video_dir")
-        return VideoPairs(cfg.video_dir, cfg.video_annotations, cfg.video_frame_distance, cfg.sav_ann_every, cfg.min_pixels, cfg.max_image_pixels)
+        return VideoPairs(
+            cfg.video_dir,
+            cfg.video_annotations,
+            cfg.video_frame_distance,
+            cfg.sav_ann_every,
+            cfg.min_pixels,
+            cfg.max_image_pixels,
+        )
     raise ValueError(f"data.source must be one of {SOURCES}; got {cfg.source!r}")
 
 
-def build_loader(cfg: DataConfig, preprocess: Preprocess, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> PairLoader:
+def build_loader(
+    cfg: DataConfig, preprocess: Preprocess, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> PairLoader:
     dataset = PairDataset(build_source(cfg, seed), preprocess, strict=cfg.strict)
     loader_class = PairLoader
     if cfg.source == "hf" and cfg.hf_streaming:  # positions in stream order (hf.py shuffles the stream itself)
         from .hf import StreamingPairLoader as loader_class
-    return loader_class(dataset, batch_size, rank=rank, world_size=world_size, seed=seed, num_workers=cfg.num_workers, shuffle=cfg.shuffle)
+    return loader_class(
+        dataset,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_workers=cfg.num_workers,
+        shuffle=cfg.shuffle,
+    )
 
 
 __all__ = [
-    "DataConfig", "build_source", "build_loader", "PairDataset", "PairLoader", "Preprocess", "collate_pairs",
-    "SyntheticPairs", "ManifestPairs", "CocoPairs", "RawPair", "BadSample", "REASONS", "NoValidSamplesError",
+    "DataConfig",
+    "build_source",
+    "build_loader",
+    "PairDataset",
+    "PairLoader",
+    "Preprocess",
+    "collate_pairs",
+    "SyntheticPairs",
+    "ManifestPairs",
+    "CocoPairs",
+    "RawPair",
+    "BadSample",
+    "REASONS",
+    "NoValidSamplesError",
 ]

@@ -1,4 +1,5 @@
 """The second view: one random geometric + photometric augmentation applied to image and mask alike."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,9 @@ from PIL import Image, ImageEnhance
 from torchvision.transforms import InterpolationMode
 
 
-def augmented_view(image: Image.Image, mask: np.ndarray, rng: np.random.Generator, min_pixels: int = 1, tries: int = 5) -> tuple[Image.Image, np.ndarray]:
+def augmented_view(
+    image: Image.Image, mask: np.ndarray, rng: np.random.Generator, min_pixels: int = 1, tries: int = 5
+) -> tuple[Image.Image, np.ndarray]:
     """Flip, affine (rotation, scale, translation — which also crops), colour jitter.
 
     The mask goes through the same geometry with nearest interpolation. If the object leaves
@@ -22,9 +25,23 @@ def augmented_view(image: Image.Image, mask: np.ndarray, rng: np.random.Generato
         angle = float(rng.uniform(-15, 15))
         scale = float(rng.uniform(0.8, 1.25))
         translate = [int(rng.uniform(-0.1, 0.1) * w), int(rng.uniform(-0.1, 0.1) * h)]
-        moved_mask = TF.affine(mask_image, angle=angle, translate=translate, scale=scale, shear=[0.0], interpolation=InterpolationMode.NEAREST)
+        moved_mask = TF.affine(
+            mask_image,
+            angle=angle,
+            translate=translate,
+            scale=scale,
+            shear=[0.0],
+            interpolation=InterpolationMode.NEAREST,
+        )
         if (np.asarray(moved_mask) > 127).sum() >= min_pixels:
-            image = TF.affine(image, angle=angle, translate=translate, scale=scale, shear=[0.0], interpolation=InterpolationMode.BILINEAR)
+            image = TF.affine(
+                image,
+                angle=angle,
+                translate=translate,
+                scale=scale,
+                shear=[0.0],
+                interpolation=InterpolationMode.BILINEAR,
+            )
             mask_image = moved_mask
             break
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):

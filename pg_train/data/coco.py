@@ -4,6 +4,7 @@ Each usable annotation is one pair: the object in its image, and either the same
 (`pairing="same"`) or an augmented view (`pairing="augment"`). With a refs file (RefCOCO's
 list of {"ann_id", "sentences": [{"sent": ...}]}, as JSON), the first expression is the caption.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def _check_polygons(segmentation: list, where: str) -> list[list[float]]:
     return polygons
 
 
-def annotation_mask(segmentation, height: int, width: int, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def annotation_mask(
+    segmentation, height: int, width: int, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Polygons (list of [x0, y0, x1, y1, ...]) or RLE (compressed or not) -> bool [H, W],
     validated before pycocotools sees it (see images.validate_rle)."""
     from pycocotools import mask as mask_utils
@@ -45,20 +48,34 @@ def annotation_mask(segmentation, height: int, width: int, where: str, max_pixel
     if not (is_int_value(height) and is_int_value(width) and height >= 1 and width >= 1):
         raise BadSample("malformed_record", where, f"image size {height!r}x{width!r} is not two positive integers")
     if height * width > max_pixels:
-        raise BadSample("image_too_large", where, f"{height}x{width} = {height * width:,} pixels > data.max_image_pixels = {max_pixels:,}")
+        raise BadSample(
+            "image_too_large",
+            where,
+            f"{height}x{width} = {height * width:,} pixels > data.max_image_pixels = {max_pixels:,}",
+        )
     rles = mask_utils.frPyObjects(_check_polygons(segmentation, where), height, width)
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
 class CocoPairs:
-    def __init__(self, instances: str | Path, image_root: str | Path, refs: str | Path | None = None, pairing: str = "augment", seed: int = 0, min_pixels: int = 16,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        instances: str | Path,
+        image_root: str | Path,
+        refs: str | Path | None = None,
+        pairing: str = "augment",
+        seed: int = 0,
+        min_pixels: int = 16,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         if pairing not in ("same", "augment"):
             raise ValueError(f"pairing must be 'same' or 'augment', got {pairing!r}")
         self.instances_path = Path(instances)
         data = json.loads(self.instances_path.read_text())
         self.images = {img["id"]: img for img in data["images"]}
-        self.annotations = [a for a in data["annotations"] if not a.get("iscrowd", 0) or isinstance(a.get("segmentation"), dict)]
+        self.annotations = [
+            a for a in data["annotations"] if not a.get("iscrowd", 0) or isinstance(a.get("segmentation"), dict)
+        ]
         self.image_root = Path(image_root)
         self.pairing = pairing
         self.seed = seed

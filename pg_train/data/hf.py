@@ -15,6 +15,7 @@ stream order) shards, refills and resumes the same way. Shuffling there is datas
 buffer shuffle, reseeded per epoch (the order is deterministic for a (seed, epoch), not a full
 permutation); a resumed run re-reads the stream up to its position.
 """
+
 from __future__ import annotations
 
 import io
@@ -74,7 +75,9 @@ def _caption(value, where: str) -> str | None:
         return value
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return value[0]  # several expressions: the first (like coco_refs)
-    raise BadSample("malformed_record", where, f"caption must be a string (or a list of strings), got {type(value).__name__}")
+    raise BadSample(
+        "malformed_record", where, f"caption must be a string (or a list of strings), got {type(value).__name__}"
+    )
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,11 @@ def data_files(path: Path, split: str) -> list[Path]:
     for suffix in DATA_SUFFIXES:
         files = sorted(p for p in path.rglob(f"*{suffix}") if p.is_file())
         if files:
-            named = [f for f in files if f.name.startswith((f"{split}-", f"{split}.", f"{split}_")) or split in f.relative_to(path).parts[:-1]]
+            named = [
+                f
+                for f in files
+                if f.name.startswith((f"{split}-", f"{split}.", f"{split}_")) or split in f.relative_to(path).parts[:-1]
+            ]
             return named or files
     raise FileNotFoundError(f"{path}: no .parquet or .arrow files (and not a save_to_disk folder)")
 
@@ -190,12 +197,16 @@ def open_hf_dataset(path: str, split: str = "train", streaming: bool = False, ca
     if local.exists():
         files = data_files(local, split)
         builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, cache_dir=cache_dir)
+        ds = datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", streaming=streaming, cache_dir=cache_dir
+        )
         return ds, (count_rows(files) if streaming else len(ds)), str(local)
     try:
         ds = datasets.load_dataset(path, split=split, streaming=streaming, cache_dir=cache_dir)
     except (ConnectionError, OSError, ValueError) as err:
-        raise ValueError(f"data.hf_path={path!r} is not a local folder or file, and the hub could not provide it ({err})") from err
+        raise ValueError(
+            f"data.hf_path={path!r} is not a local folder or file, and the hub could not provide it ({err})"
+        ) from err
     info = getattr(ds, "info", None)
     splits = getattr(info, "splits", None) or {}
     rows = splits[split].num_examples if split in splits else None
@@ -219,9 +230,15 @@ def _check_columns(dataset, columns: Columns, name: str) -> None:
     """A mapped column the dataset lacks is a configuration error, found before training (a
     stream that does not state its columns is checked row by row instead)."""
     present = dataset.column_names
-    absent = [c for c in columns.required() + ([columns.caption] if columns.caption else []) if present is not None and c not in present]
+    absent = [
+        c
+        for c in columns.required() + ([columns.caption] if columns.caption else [])
+        if present is not None and c not in present
+    ]
     if absent:
-        raise ValueError(f"{name}: column(s) {absent} not in the dataset (columns: {present}); set data.hf_image/hf_mask/hf_caption/...")
+        raise ValueError(
+            f"{name}: column(s) {absent} not in the dataset (columns: {present}); set data.hf_image/hf_mask/hf_caption/..."
+        )
 
 
 class HFPairs:
@@ -246,7 +263,16 @@ class HFStreamPairs:
     rereading; a request behind the window restarts the stream (the next epoch, a refill that
     wrapped around). Picklable for DataLoader workers (each keeps its own stream)."""
 
-    def __init__(self, stream, num_rows: int, reader: RowReader, name: str, shuffle: bool = True, buffer_size: int = 1000, window: int = 256):
+    def __init__(
+        self,
+        stream,
+        num_rows: int,
+        reader: RowReader,
+        name: str,
+        shuffle: bool = True,
+        buffer_size: int = 1000,
+        window: int = 256,
+    ):
         _check_columns(stream, reader.columns, name)
         self.stream = _raw_images(stream, reader.columns)
         self.num_rows, self.reader, self.name = num_rows, reader, name
@@ -294,8 +320,10 @@ class HFStreamPairs:
             try:
                 row = next(self._rows)
             except StopIteration:
-                raise ValueError(f"{self.name}: the stream ended after {self._next} rows, but its length was given as {self.num_rows} "
-                                 "(data.hf_num_rows)") from None
+                raise ValueError(
+                    f"{self.name}: the stream ended after {self._next} rows, but its length was given as {self.num_rows} "
+                    "(data.hf_num_rows)"
+                ) from None
             self._cache[self._next] = row
             self._next += 1
             if len(self._cache) > self.window:
@@ -321,7 +349,9 @@ class StreamingPairLoader(PairLoader):
 def build_hf_source(cfg, seed: int = 0, cache_dir: str | None = None):
     """HFPairs or HFStreamPairs for a DataConfig with source=hf."""
     if not cfg.hf_path:
-        raise ValueError("data.source=hf needs data.hf_path (a save_to_disk folder, parquet/arrow files, or a hub name)")
+        raise ValueError(
+            "data.source=hf needs data.hf_path (a save_to_disk folder, parquet/arrow files, or a hub name)"
+        )
     columns = Columns(cfg.hf_image, cfg.hf_mask, cfg.hf_caption, cfg.hf_image2, cfg.hf_mask2)
     reader = RowReader(columns, cfg.pairing, seed, cfg.min_pixels, cfg.max_image_pixels)
     ds, rows, name = open_hf_dataset(cfg.hf_path, cfg.hf_split, cfg.hf_streaming, cache_dir)

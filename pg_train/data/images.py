@@ -1,4 +1,5 @@
 """Reading images and masks robustly, and turning them into model inputs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -74,7 +75,11 @@ def _read(path: str | Path, where: str, convert, max_pixels: int = DEFAULT_MAX_I
         with image:
             width, height = image.size
             if width * height > max_pixels:
-                raise BadSample("image_too_large", where, f"{path}: {width}x{height} = {width * height:,} pixels > data.max_image_pixels = {max_pixels:,}")
+                raise BadSample(
+                    "image_too_large",
+                    where,
+                    f"{path}: {width}x{height} = {width * height:,} pixels > data.max_image_pixels = {max_pixels:,}",
+                )
             if width == 0 or height == 0:
                 raise BadSample("unreadable_image", where, f"{path}: {width}x{height} image")
             image.load()
@@ -132,7 +137,7 @@ def rle_string_counts(counts: str | bytes) -> np.ndarray:
     codes = np.frombuffer(data, dtype=np.uint8).astype(np.int64) - 48
     bad = np.flatnonzero((codes < 0) | (codes > 63))
     if bad.size:
-        raise ValueError(f"character {data[bad[0]:bad[0] + 1]!r} at {bad[0]} is not an RLE character ('0'..'o')")
+        raise ValueError(f"character {data[bad[0] : bad[0] + 1]!r} at {bad[0]} is not an RLE character ('0'..'o')")
     if codes.size == 0:
         return codes
     last = (codes & 0x20) == 0  # a value's last character
@@ -167,7 +172,11 @@ def validate_rle(rle, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     if height < 1 or width < 1:
         raise BadSample("malformed_record", where, f"RLE size {height}x{width} is empty")
     if height * width > max_pixels:
-        raise BadSample("image_too_large", where, f"RLE mask {height}x{width} = {height * width:,} pixels > data.max_image_pixels = {max_pixels:,}")
+        raise BadSample(
+            "image_too_large",
+            where,
+            f"RLE mask {height}x{width} = {height * width:,} pixels > data.max_image_pixels = {max_pixels:,}",
+        )
     if isinstance(counts, (str, bytes)):
         try:
             runs = rle_string_counts(counts)
@@ -176,19 +185,31 @@ def validate_rle(rle, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     elif isinstance(counts, list):
         wrong = [i for i, v in enumerate(counts) if not is_int_value(v)]
         if wrong:
-            raise BadSample("malformed_record", where, f"RLE counts must be integers; entry {wrong[0]} is {counts[wrong[0]]!r}"[:200])
+            raise BadSample(
+                "malformed_record",
+                where,
+                f"RLE counts must be integers; entry {wrong[0]} is {counts[wrong[0]]!r}"[:200],
+            )
         try:
             runs = np.array(counts, dtype=np.int64).reshape(-1)
         except OverflowError as err:
             raise BadSample("malformed_record", where, f"an RLE count does not fit 64 bits ({err})") from err
     else:
-        raise BadSample("malformed_record", where, f"RLE counts must be a list of integers or a compressed string, got {type(counts).__name__}")
+        raise BadSample(
+            "malformed_record",
+            where,
+            f"RLE counts must be a list of integers or a compressed string, got {type(counts).__name__}",
+        )
     negative = np.flatnonzero(runs < 0)
     if negative.size:
         raise BadSample("malformed_record", where, f"RLE count {negative[0]} is negative ({runs[negative[0]]})")
     # a Python int sum: counts near 2**63 must not wrap around to H x W
     if sum(runs.tolist()) != height * width:
-        raise BadSample("malformed_record", where, f"RLE counts sum to {sum(runs.tolist())}, size {height}x{width} needs {height * width}")
+        raise BadSample(
+            "malformed_record",
+            where,
+            f"RLE counts sum to {sum(runs.tolist())}, size {height}x{width} needs {height * width}",
+        )
     return height, width
 
 
@@ -199,7 +220,9 @@ def decode_rle(rle: dict, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     height, width = validate_rle(rle, where, max_pixels)
     counts = rle["counts"]
     if isinstance(counts, list):
-        compressed = mask_utils.frPyObjects({"size": [height, width], "counts": [int(v) for v in counts]}, height, width)
+        compressed = mask_utils.frPyObjects(
+            {"size": [height, width], "counts": [int(v) for v in counts]}, height, width
+        )
     else:
         compressed = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
     return mask_utils.decode(compressed).astype(bool)
@@ -207,7 +230,9 @@ def decode_rle(rle: dict, where: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 def check_pair(image: Image.Image, mask: np.ndarray, where: str, min_pixels: int) -> None:
     if mask.shape != (image.height, image.width):
-        raise BadSample("size_mismatch", where, f"mask {mask.shape[1]}x{mask.shape[0]}, image {image.width}x{image.height}")
+        raise BadSample(
+            "size_mismatch", where, f"mask {mask.shape[1]}x{mask.shape[0]}, image {image.width}x{image.height}"
+        )
     if int(mask.sum()) < min_pixels:
         raise BadSample("empty_mask", where, f"{int(mask.sum())} pixels < {min_pixels}")
 

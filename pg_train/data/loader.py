@@ -3,6 +3,7 @@
 A source is anything with `__len__` and `load(index) -> RawPair` that raises `BadSample` for a
 sample it cannot produce (synthetic.py, manifest.py, coco.py).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -18,7 +19,15 @@ from .types import BadSample, unforeseen_errors_as_bad_sample
 
 # pixel_valuesN holds every sample's views back to back ([sum of num_viewsN, 3, S, S]; one view
 # per sample unless the model tiles its images).
-TENSOR_KEYS = ("pixel_values1", "num_views1", "region_masks1", "pixel_values2", "num_views2", "sam_pixel_values2", "masks2")
+TENSOR_KEYS = (
+    "pixel_values1",
+    "num_views1",
+    "region_masks1",
+    "pixel_values2",
+    "num_views2",
+    "sam_pixel_values2",
+    "masks2",
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +46,13 @@ class Preprocess:
 def preprocess_for(preset) -> Preprocess:
     """The preprocessing a model preset implies (sizes, and the tiling of its config.json)."""
     vision = preset.vision
-    tiling = Tiling(vision.image_size, vision.dynamic_image_size, vision.min_dynamic_patch, vision.max_dynamic_patch, vision.use_thumbnail)
+    tiling = Tiling(
+        vision.image_size,
+        vision.dynamic_image_size,
+        vision.min_dynamic_patch,
+        vision.max_dynamic_patch,
+        vision.use_thumbnail,
+    )
     return Preprocess(vision.image_size, preset.sam2.image_size, tiling)
 
 
@@ -92,7 +107,11 @@ class PairDataset(Dataset):
 def collate_pairs(items: list[dict]) -> dict:
     good = [item for item in items if "pixel_values1" in item]
     views = ("pixel_values1", "pixel_values2")
-    batch: dict = {key: (torch.cat if key in views else torch.stack)([item[key] for item in good]) for key in TENSOR_KEYS} if good else {}
+    batch: dict = (
+        {key: (torch.cat if key in views else torch.stack)([item[key] for item in good]) for key in TENSOR_KEYS}
+        if good
+        else {}
+    )
     if good and all(item["pixel_values2"] is item["pixel_values1"] for item in good):
         batch["pixel_values2"] = batch["pixel_values1"]  # kept one tensor (see PairDataset)
     batch["captions"] = [item["caption"] for item in good]
@@ -143,7 +162,17 @@ class PairLoader:
     batches that would have come next.
     """
 
-    def __init__(self, dataset: PairDataset, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, num_workers: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        dataset: PairDataset,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle: bool = True,
+    ):
         if len(dataset) < world_size:
             raise ValueError(f"{len(dataset)} samples cannot be shared by {world_size} ranks")
         self.dataset = dataset
@@ -176,7 +205,10 @@ class PairLoader:
     def sample_seeds(self, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         """A seed per (data seed, epoch, sample) for the objective's per-sample noise."""
         return torch.tensor(
-            [int(np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1, np.uint64)[0] % 2**62) for i in indices.tolist()],
+            [
+                int(np.random.SeedSequence([self.seed, epoch, int(i)]).generate_state(1, np.uint64)[0] % 2**62)
+                for i in indices.tolist()
+            ],
             dtype=torch.long,
         )
 
@@ -192,8 +224,13 @@ class PairLoader:
         while True:
             order = self.shard(self.epoch)[self.batches_done * self.batch_size :]
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, sampler=order, collate_fn=collate_pairs,
-                num_workers=self.num_workers, persistent_workers=False, generator=self.iterator_generator(self.epoch),
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=order,
+                collate_fn=collate_pairs,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                generator=self.iterator_generator(self.epoch),
             )
             for batch in loader:
                 self.batches_done += 1
@@ -221,8 +258,11 @@ class PairLoader:
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
-            "skip_counts": dict(self.skip_counts), "epoch_skip_counts": dict(self.epoch_skip_counts),
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "skip_counts": dict(self.skip_counts),
+            "epoch_skip_counts": dict(self.epoch_skip_counts),
             "epoch_valid": self.epoch_valid,
         }
 

@@ -9,6 +9,7 @@ for the rest of the file. Lines end at "\n" (or "\r\n") only: U+2028, U+2029, U+
 other characters `str.splitlines()` also breaks on are legal inside JSON strings. A leading
 UTF-8 byte-order mark is accepted; a line that is not UTF-8 is that line's problem.
 """
+
 from __future__ import annotations
 
 import json

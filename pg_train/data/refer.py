@@ -14,6 +14,7 @@ One pair per (ref, sentence) (`per="sentence"`: every expression is a sample, as
 evaluates) or per ref (`per="ref"`: one sentence of the ref, drawn from (seed, index)); every
 sentence of a ref stays available through `sentences(index)`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,7 +45,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     constructing or calling anything: no `__reduce__` payload can run."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refused global {module}.{name} (only built-in containers and scalars are allowed)")
+        raise pickle.UnpicklingError(
+            f"refused global {module}.{name} (only built-in containers and scalars are allowed)"
+        )
 
 
 def load_refs_pickle(path: str | Path) -> list[dict]:
@@ -55,7 +58,16 @@ def load_refs_pickle(path: str | Path) -> list[dict]:
     try:
         # Python 2 pickles (the released ones) hold byte strings: decode them as UTF-8.
         refs = RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="utf-8").load()
-    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        UnicodeDecodeError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+    ) as err:
         raise ReferFormatError(f"{path}: not a refer-toolkit refs pickle ({type(err).__name__}: {err})") from err
     if not isinstance(refs, list):
         raise ReferFormatError(f"{path}: expected a list of refs, got {type(refs).__name__}")
@@ -88,7 +100,9 @@ def read_instances(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
     except json.JSONDecodeError as err:
         raise ReferFormatError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
     except (KeyError, TypeError) as err:
-        raise ReferFormatError(f"{path}: expected {{'images': [{{'id', ...}}], 'annotations': [{{'id', ...}}]}} ({err!r})") from err
+        raise ReferFormatError(
+            f"{path}: expected {{'images': [{{'id', ...}}], 'annotations': [{{'id', ...}}]}} ({err!r})"
+        ) from err
     return images, annotations
 
 
@@ -111,9 +125,18 @@ class ReferEntry:
 
 
 class ReferPairs:
-    def __init__(self, refer_dir: str | Path, image_root: str | Path, split_by: str | None = None, split: str | None = "train",
-                 per: str = "sentence", pairing: str = "augment", seed: int = 0, min_pixels: int = 16,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        refer_dir: str | Path,
+        image_root: str | Path,
+        split_by: str | None = None,
+        split: str | None = "train",
+        per: str = "sentence",
+        pairing: str = "augment",
+        seed: int = 0,
+        min_pixels: int = 16,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         if per not in ("sentence", "ref"):
             raise ValueError(f"data.refer_pairs must be 'sentence' or 'ref', got {per!r}")
         if pairing not in ("same", "augment"):
@@ -133,7 +156,9 @@ class ReferPairs:
         self.entries: list[ReferEntry] = []
         for position, ref in enumerate(refs):
             if not isinstance(ref, dict):
-                self.entries.append(ReferEntry(len(self.refs), None, f"ref #{position} is a {type(ref).__name__}, not a dict"))
+                self.entries.append(
+                    ReferEntry(len(self.refs), None, f"ref #{position} is a {type(ref).__name__}, not a dict")
+                )
                 self.refs.append({})
                 continue
             if split is not None and ref.get("split") != split:
@@ -178,7 +203,9 @@ class ReferPairs:
 
     def _where(self, entry: ReferEntry) -> str:
         ref = self.refs[entry.ref_index]
-        return f"{self.refs_path} ref_id {ref.get('ref_id', '?')}" + (f" sentence {entry.sentence}" if entry.sentence is not None else "")
+        return f"{self.refs_path} ref_id {ref.get('ref_id', '?')}" + (
+            f" sentence {entry.sentence}" if entry.sentence is not None else ""
+        )
 
     def sentences(self, index: int) -> list[str]:
         """Every expression of sample `index`'s ref."""

@@ -5,6 +5,7 @@ one 28-px cell of the 16x16 prompt grid at 448 px, overlaps resolved by drawing 
 exact visible mask of each, and a templated description of the target ("the small red striped
 triangle at the top left"). The second image is an augmented view of the first.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,18 @@ from .augment import augmented_view
 from .types import RawPair
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
-    "orange": (245, 140, 30), "purple": (140, 60, 190), "pink": (240, 120, 190), "brown": (130, 85, 40),
-    "black": (25, 25, 25), "white": (245, 245, 245), "gray": (128, 128, 128), "cyan": (40, 200, 210),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 190),
+    "pink": (240, 120, 190),
+    "brown": (130, 85, 40),
+    "black": (25, 25, 25),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "cyan": (40, 200, 210),
 }
 SHAPES = ("circle", "square", "triangle", "rectangle", "ellipse", "star", "diamond", "hexagon")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
@@ -42,7 +52,11 @@ class SceneObject:
         x, y = self.center
         vertical = "top" if y < height / 3 else "bottom" if y > 2 * height / 3 else "middle"
         horizontal = "left" if x < width / 3 else "right" if x > 2 * width / 3 else "center"
-        where = "center" if (vertical, horizontal) == ("middle", "center") else f"{vertical} {horizontal}".replace("middle ", "")
+        where = (
+            "center"
+            if (vertical, horizontal) == ("middle", "center")
+            else f"{vertical} {horizontal}".replace("middle ", "")
+        )
         texture = "" if self.texture == "plain" else f"{self.texture} "
         return f"the {self.size} {self.colour} {texture}{self.shape} at the {where}"
 
@@ -50,8 +64,10 @@ class SceneObject:
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
     def ring(n, radii, phase=0.0):
         return [
-            (cx + radii[i % len(radii)] * math.cos(angle + phase + 2 * math.pi * i / n),
-             cy + radii[i % len(radii)] * math.sin(angle + phase + 2 * math.pi * i / n))
+            (
+                cx + radii[i % len(radii)] * math.cos(angle + phase + 2 * math.pi * i / n),
+                cy + radii[i % len(radii)] * math.sin(angle + phase + 2 * math.pi * i / n),
+            )
             for i in range(n)
         ]
 
@@ -108,17 +124,36 @@ class SyntheticPairs:
     """`len` scenes; `load(i)` -> RawPair of image/mask, augmented image/mask (the same image and
     mask with `pairing="same"`), description."""
 
-    def __init__(self, num_samples: int = 512, seed: int = 0, image_size: int = 448, min_objects: int = 2, max_objects: int = 5,
-                 min_pixels: int = 16, sizes: tuple[str, ...] = tuple(SIZES), colours: tuple[str, ...] = tuple(COLOURS),
-                 textures: tuple[str, ...] = TEXTURES, distinct_colours: bool = False, pairing: str = "augment"):
-        for field, chosen, known in (("sizes", sizes, SIZES), ("colours", colours, COLOURS), ("textures", textures, TEXTURES)):
+    def __init__(
+        self,
+        num_samples: int = 512,
+        seed: int = 0,
+        image_size: int = 448,
+        min_objects: int = 2,
+        max_objects: int = 5,
+        min_pixels: int = 16,
+        sizes: tuple[str, ...] = tuple(SIZES),
+        colours: tuple[str, ...] = tuple(COLOURS),
+        textures: tuple[str, ...] = TEXTURES,
+        distinct_colours: bool = False,
+        pairing: str = "augment",
+    ):
+        for field, chosen, known in (
+            ("sizes", sizes, SIZES),
+            ("colours", colours, COLOURS),
+            ("textures", textures, TEXTURES),
+        ):
             unknown = set(chosen) - set(known)
             if unknown or not chosen:
-                raise ValueError(f"synthetic {field} {sorted(unknown) or list(chosen)}: expected a non-empty subset of {list(known)}")
+                raise ValueError(
+                    f"synthetic {field} {sorted(unknown) or list(chosen)}: expected a non-empty subset of {list(known)}"
+                )
         if pairing not in ("same", "augment"):
             raise ValueError(f"synthetic pairing must be 'same' or 'augment', got {pairing!r}")
         if distinct_colours and len(colours) < max_objects:
-            raise ValueError(f"synthetic distinct_colours needs at least max_objects={max_objects} colours, got {len(colours)}")
+            raise ValueError(
+                f"synthetic distinct_colours needs at least max_objects={max_objects} colours, got {len(colours)}"
+            )
         self.sizes = tuple(sizes)
         self.colours = tuple(colours)
         self.textures = tuple(textures)
@@ -156,10 +191,13 @@ class SyntheticPairs:
             extent = float(rng.uniform(low, high)) * scale
             margin = extent / 2
             obj = SceneObject(
-                shape=str(rng.choice(SHAPES)), colour=palette[n] if palette else str(rng.choice(self.colours)),
+                shape=str(rng.choice(SHAPES)),
+                colour=palette[n] if palette else str(rng.choice(self.colours)),
                 texture=str(rng.choice(self.textures)),
-                size=size_name, center=(float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin))),
-                extent=extent, angle=float(rng.uniform(0, 2 * math.pi)),
+                size=size_name,
+                center=(float(rng.uniform(margin, size - margin)), float(rng.uniform(margin, size - margin))),
+                extent=extent,
+                angle=float(rng.uniform(0, 2 * math.pi)),
             )
             mask = _shape_mask(obj, size, size)
             pixels = np.where(mask[..., None], _texture(obj, size, size), pixels)
@@ -181,7 +219,10 @@ class SyntheticPairs:
         else:
             image2, mask2 = augmented_view(image, masks[target], rng, min_pixels=self.min_pixels)
         return RawPair(
-            image1=image, mask1=masks[target], image2=image2, mask2=mask2,
+            image1=image,
+            mask1=masks[target],
+            image2=image2,
+            mask2=mask2,
             caption=objects[target].describe(self.image_size, self.image_size),
             where=f"synthetic(seed={self.seed}, index={index})",
         )

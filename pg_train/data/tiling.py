@@ -10,6 +10,7 @@ The grid choice is InternVL's `find_closest_aspect_ratio`: the candidate grids i
 count, the smallest aspect-ratio difference wins, and on a tie the later (larger) grid wins when
 the image has more than half its pixel count.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,15 +31,22 @@ class Tiling:
 
     def __post_init__(self):
         if not 1 <= self.min_num <= self.max_num:
-            raise ValueError(f"tiling needs 1 <= min_dynamic_patch <= max_dynamic_patch, got {self.min_num}, {self.max_num}")
+            raise ValueError(
+                f"tiling needs 1 <= min_dynamic_patch <= max_dynamic_patch, got {self.min_num}, {self.max_num}"
+            )
 
     def grid(self, width: int, height: int) -> tuple[int, int]:
         """(cols, rows) of the tile grid for an image of width x height."""
         if not self.dynamic:
             return 1, 1
         candidates = sorted(
-            {(i, j) for n in range(self.min_num, self.max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if self.min_num <= i * j <= self.max_num},
+            {
+                (i, j)
+                for n in range(self.min_num, self.max_num + 1)
+                for i in range(1, n + 1)
+                for j in range(1, n + 1)
+                if self.min_num <= i * j <= self.max_num
+            },
             key=lambda ratio: ratio[0] * ratio[1],
         )
         aspect = width / height
@@ -64,7 +72,9 @@ class Tiling:
         if cols * rows == 1:
             return [image.resize((size, size), Image.BICUBIC)]
         resized = image.resize((cols * size, rows * size), Image.BICUBIC)
-        tiles = [resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)]
+        tiles = [
+            resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)) for r in range(rows) for c in range(cols)
+        ]
         if self.use_thumbnail:
             tiles.append(image.resize((size, size), Image.BICUBIC))
         return tiles

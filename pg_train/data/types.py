@@ -1,4 +1,5 @@
 """What every data source produces, and how a bad sample is described."""
+
 from __future__ import annotations
 
 import contextlib

@@ -14,6 +14,7 @@ frame makes no pair and is counted (`absent_in_other_frame`); an annotation that
 becomes one bad sample (`malformed_record` / `unreadable_image`, skipped and counted by the loader).
 Captions are None: the teacher captions the region.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 # _read: the package's one checked way of reading an image file (header size check first)
 from .images import DEFAULT_MAX_IMAGE_PIXELS, _read, check_pair, decode_rle, open_image
 from .types import BadSample, RawPair
@@ -59,8 +61,15 @@ class FramePair:
 
 
 class VideoPairs:
-    def __init__(self, video_dir: str | Path, annotations: str | Path | None = None, frame_distance: int = 5, sav_ann_every: int = 4,
-                 min_pixels: int = 16, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        video_dir: str | Path,
+        annotations: str | Path | None = None,
+        frame_distance: int = 5,
+        sav_ann_every: int = 4,
+        min_pixels: int = 16,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         if frame_distance < 1:
             raise ValueError(f"data.video_frame_distance must be >= 1, got {frame_distance}")
         self.root = Path(video_dir)
@@ -69,8 +78,15 @@ class VideoPairs:
             raise FileNotFoundError(f"{self.root}: no JPEGImages/<video>/ frame folders")
         self.annotations_dir = _resolution_dir(Path(annotations) if annotations else self.root / "Annotations")
         if not self.annotations_dir.is_dir():
-            raise FileNotFoundError(f"annotations folder {self.annotations_dir} does not exist (data.video_annotations)")
-        self.distance, self.ann_every, self.min_pixels, self.max_pixels = frame_distance, sav_ann_every, min_pixels, max_pixels
+            raise FileNotFoundError(
+                f"annotations folder {self.annotations_dir} does not exist (data.video_annotations)"
+            )
+        self.distance, self.ann_every, self.min_pixels, self.max_pixels = (
+            frame_distance,
+            sav_ann_every,
+            min_pixels,
+            max_pixels,
+        )
         self.pairs: list[FramePair] = []
         self.absent_in_other_frame = 0
         sav_files = sorted(self.annotations_dir.glob("*_manual.json"))
@@ -82,17 +98,29 @@ class VideoPairs:
             for folder in sorted(p for p in self.annotations_dir.iterdir() if p.is_dir()):
                 self._index_davis(folder)
         if not self.pairs:
-            raise ValueError(f"{self.annotations_dir}: no object appears in two frames {frame_distance} annotated frames apart "
-                             f"({self.absent_in_other_frame} absent in the other frame)")
+            raise ValueError(
+                f"{self.annotations_dir}: no object appears in two frames {frame_distance} annotated frames apart "
+                f"({self.absent_in_other_frame} absent in the other frame)"
+            )
 
-    def _add(self, video: str, frames: list[str], present: list[set[int] | tuple[str, str]], masks: list[dict] | None = None) -> None:
+    def _add(
+        self, video: str, frames: list[str], present: list[set[int] | tuple[str, str]], masks: list[dict] | None = None
+    ) -> None:
         """Pairs (t, t + distance) of every object present in t. `present[k]`: the object ids
         in annotated frame k, or (reason, detail) when its annotation cannot be read; `masks[k]`
         (SA-V): object id -> RLE."""
         for k in range(len(frames) - self.distance):
             first, second = present[k], present[k + self.distance]
             if isinstance(first, tuple) or isinstance(second, tuple):
-                self.pairs.append(FramePair(video, frames[k], frames[k + self.distance], -1, problem=first if isinstance(first, tuple) else second))
+                self.pairs.append(
+                    FramePair(
+                        video,
+                        frames[k],
+                        frames[k + self.distance],
+                        -1,
+                        problem=first if isinstance(first, tuple) else second,
+                    )
+                )
                 continue
             for obj in sorted(first):
                 if obj not in second:
@@ -128,7 +156,9 @@ class VideoPairs:
                 present.append({obj for obj, rle in by_id.items() if mask_utils.area(_rle_bytes(rle)) > 0})
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             # the whole file is unusable: one bad sample that names it (skipped and counted)
-            self.pairs.append(FramePair(video, "?", "?", -1, problem=("malformed_record", f"{path}: {type(err).__name__}: {err}")))
+            self.pairs.append(
+                FramePair(video, "?", "?", -1, problem=("malformed_record", f"{path}: {type(err).__name__}: {err}"))
+            )
             return
         frames = [f"{k * self.ann_every:05d}" for k in range(len(masklets))]
         self._add(video, frames, present, masks)

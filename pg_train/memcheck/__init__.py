@@ -5,6 +5,7 @@
 
 Exit codes: 0 audits pass and measurement within tolerance, 1 an audit failed, 2 out of tolerance.
 """
+
 from .measure import BUGS, Audit, Measurement, measure
 from .predict import Deployment, Prediction, alternative_estimates, predict
 

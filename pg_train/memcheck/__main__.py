@@ -8,6 +8,7 @@ JSON (`--json PATH`): {"reference": prediction, "measured_config": {"prediction"
 "comparison": [{component, predicted, measured, error}], "phases": {...}}, "audits": [{name,
 passed, evidence}], "exit_code"}; bytes everywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,29 +34,65 @@ def fmt(nbytes: int | None) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pg_train.memcheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[], help="training YAML (preset, batch, caption length, EMA, LoRA, optimizer, ...)")
+    parser = argparse.ArgumentParser(
+        prog="python -m pg_train.memcheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="training YAML (preset, batch, caption length, EMA, LoRA, optimizer, ...)",
+    )
     parser.add_argument("--preset", help="model preset to predict (default sa2va-4b) and measure (default tiny)")
     parser.add_argument("--world-size", type=int, default=8, help="processes for the prediction (default 8)")
-    parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 2), help="DeepSpeed ZeRO stage of the prediction (0 = none)")
+    parser.add_argument(
+        "--zero-stage", type=int, default=2, choices=(0, 2), help="DeepSpeed ZeRO stage of the prediction (0 = none)"
+    )
     parser.add_argument("--offload", action="store_true", help="predict ZeRO-2 with the optimizer state in host memory")
     parser.add_argument("--ema-placement", help="same | cpu | full:<device>")
     parser.add_argument("--batch-size", type=int, help="per process")
     parser.add_argument("--caption-len", type=int)
-    parser.add_argument("--image-size", default="1024x1024", help="input images WIDTHxHEIGHT: how many views a tiling preset cuts "
-                        "them into (Sa2VA-4B: 1024x1024 -> 9 tiles + thumbnail = 2,560 image tokens; default 1024x1024)")
+    parser.add_argument(
+        "--image-size",
+        default="1024x1024",
+        help="input images WIDTHxHEIGHT: how many views a tiling preset cuts "
+        "them into (Sa2VA-4B: 1024x1024 -> 9 tiles + thumbnail = 2,560 image tokens; default 1024x1024)",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=2, help="measured steps (the last is reported)")
     parser.add_argument("--no-measure", action="store_true", help="prediction only")
-    parser.add_argument("--measure-preset", help="preset of the measured run (default: tiny on CPU, the predicted preset on CUDA)")
+    parser.add_argument(
+        "--measure-preset", help="preset of the measured run (default: tiny on CPU, the predicted preset on CUDA)"
+    )
     parser.add_argument("--json", help="write the full report here")
-    parser.add_argument("--tolerance", type=float, default=0.05, help="relative error allowed per static component (default 0.05)")
-    parser.add_argument("--peak-tolerance", type=float, default=0.5, help="relative error allowed for the peak / saved activations (default 0.5)")
-    parser.add_argument("--rss-tolerance", type=float, default=1.0, help="CPU: relative error allowed for the first step's RSS growth (default 1.0)")
-    parser.add_argument("--inject", action="append", default=[], choices=BUGS, help="reproduce a suspected bug in the measured run (self-test)")
-    parser.add_argument("--distributed", action="store_true",
-                        help="measure through Accelerate/DeepSpeed (run under `accelerate launch ... -m pg_train.memcheck`): "
-                             "ZeRO partitions are measured and audited per rank")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.05, help="relative error allowed per static component (default 0.05)"
+    )
+    parser.add_argument(
+        "--peak-tolerance",
+        type=float,
+        default=0.5,
+        help="relative error allowed for the peak / saved activations (default 0.5)",
+    )
+    parser.add_argument(
+        "--rss-tolerance",
+        type=float,
+        default=1.0,
+        help="CPU: relative error allowed for the first step's RSS growth (default 1.0)",
+    )
+    parser.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        choices=BUGS,
+        help="reproduce a suspected bug in the measured run (self-test)",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="measure through Accelerate/DeepSpeed (run under `accelerate launch ... -m pg_train.memcheck`): "
+        "ZeRO partitions are measured and audited per rank",
+    )
     return parser.parse_args(argv)
 
 
@@ -82,7 +119,9 @@ def deployment_from(args, cfg) -> Deployment:
         caption_len=args.caption_len or objective.max_caption_len,
         image_size=parse_image_size(args.image_size),
         topk=objective.topk,
-        world_size=args.world_size, zero_stage=args.zero_stage, offload_optimizer=args.offload,
+        world_size=args.world_size,
+        zero_stage=args.zero_stage,
+        offload_optimizer=args.offload,
         optimizer=cfg.optim.name if cfg else "adamw",
         ema_placement=args.ema_placement or (cfg.ema.placement if cfg else "same"),
         gradient_checkpointing=args.gradient_checkpointing or bool(cfg and cfg.model.gradient_checkpointing),
@@ -110,17 +149,23 @@ def build(preset: str, cfg, device: str, dtype: torch.dtype):
 def print_prediction(title: str, pred, alternatives: dict | None = None) -> None:
     d = pred.deployment
     print(f"\n== {title}")
-    print(f"   batch {d.batch_size}/process, captions {d.caption_len} tokens, {d.world_size} process(es), "
-          f"{'ZeRO-' + str(d.zero_stage) if d.zero_stage else 'no ZeRO'}{' + optimizer offload' if d.offload_optimizer else ''}, "
-          f"EMA {d.ema_placement}, {d.dtype}, grad. checkpointing {'on' if d.gradient_checkpointing else 'off'}")
-    print(f"   images {d.image_size[0]}x{d.image_size[1]}: {pred.views} view(s) per image (InternVL tiling when the preset has it)")
+    print(
+        f"   batch {d.batch_size}/process, captions {d.caption_len} tokens, {d.world_size} process(es), "
+        f"{'ZeRO-' + str(d.zero_stage) if d.zero_stage else 'no ZeRO'}{' + optimizer offload' if d.offload_optimizer else ''}, "
+        f"EMA {d.ema_placement}, {d.dtype}, grad. checkpointing {'on' if d.gradient_checkpointing else 'off'}"
+    )
+    print(
+        f"   images {d.image_size[0]}x{d.image_size[1]}: {pred.views} view(s) per image (InternVL tiling when the preset has it)"
+    )
     print(f"   {'component':22} {'device':8} {'bytes':>12}  note")
     for r in pred.static + pred.host:
         print(f"   {r.component:22} {r.device:8} {fmt(r.bytes):>12}  {r.note}")
     static = pred.static_bytes(d.device)
     print(f"   {'static on ' + d.device:31} {fmt(static):>12}")
     for phase, act in pred.phases.items():
-        print(f"   phase {phase:25} {fmt(act['saved']):>12} saved + {fmt(act['transient']).strip():>11} transient -> {fmt(static + act['total']).strip()} in use")
+        print(
+            f"   phase {phase:25} {fmt(act['saved']):>12} saved + {fmt(act['transient']).strip():>11} transient -> {fmt(static + act['total']).strip()} in use"
+        )
     print(f"   predicted peak: {fmt(pred.peak_bytes).strip()} ({pred.peak_phase})")
     if alternatives:
         print("   beside it:")
@@ -168,7 +213,9 @@ def compare(pred, meas, tolerance: float, peak_tolerance: float, rss_tolerance: 
         error = (measured - predicted) / predicted if predicted else (0.0 if measured == 0 else float("inf"))
         within = abs(error) <= tolerance
         ok &= within
-        rows.append({"component": component, "predicted": predicted, "measured": measured, "error": error, "within": within})
+        rows.append(
+            {"component": component, "predicted": predicted, "measured": measured, "error": error, "within": within}
+        )
     saved_measured = sum(p["saved_for_backward"] for p in meas.phases.values())
     saved_predicted = pred.phases["backward"]["saved"]
     if meas.device.startswith("cuda"):
@@ -191,14 +238,19 @@ def compare(pred, meas, tolerance: float, peak_tolerance: float, rss_tolerance: 
         error = (measured - predicted) / predicted
         within = abs(error) <= tol
         ok &= within
-        rows.append({"component": label, "predicted": predicted, "measured": measured, "error": error, "within": within})
+        rows.append(
+            {"component": label, "predicted": predicted, "measured": measured, "error": error, "within": within}
+        )
     return rows, ok
 
 
 def diagnose(rows: list[dict]) -> list[str]:
     """Name the components that are (nearly) absent when reality is far below the prediction."""
-    return [f"{r['component']} is absent or incomplete: measured {fmt(r['measured']).strip()}, predicted {fmt(r['predicted']).strip()}"
-            for r in rows if r["predicted"] > 0 and r["measured"] < 0.5 * r["predicted"]]
+    return [
+        f"{r['component']} is absent or incomplete: measured {fmt(r['measured']).strip()}, predicted {fmt(r['predicted']).strip()}"
+        for r in rows
+        if r["predicted"] > 0 and r["measured"] < 0.5 * r["predicted"]
+    ]
 
 
 def main(argv=None) -> int:
@@ -213,7 +265,9 @@ def main(argv=None) -> int:
     deployment = deployment_from(args, cfg)
     meta_model = build(reference_preset, cfg, "meta", torch.bfloat16)
     reference = predict(meta_model, deployment)
-    print_prediction(f"predicted budget per GPU: {reference_preset}", reference, alternative_estimates(meta_model, deployment))
+    print_prediction(
+        f"predicted budget per GPU: {reference_preset}", reference, alternative_estimates(meta_model, deployment)
+    )
     if reference_preset == "sa2va-4b":
         print_seed_comparison(reference, meta_model)
     report["reference"] = reference.to_dict()
@@ -228,18 +282,26 @@ def main(argv=None) -> int:
 
 
 def run_measured(args, cfg, report) -> int:
+    from ..builders import build_optimizer
     from ..ema import EMATeacher
     from ..pseudo_gumbel import PseudoGumbelConfig
-    from ..builders import build_optimizer
 
     cuda = torch.cuda.is_available()
     device = "cuda:0" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     preset = args.measure_preset or ((args.preset or (cfg.model.preset if cfg else "sa2va-4b")) if cuda else "tiny")
-    d = dataclasses.replace(deployment_from(args, cfg), world_size=1, zero_stage=0, offload_optimizer=False,
-                            dtype="bf16" if cuda else "fp32", device=device)
+    d = dataclasses.replace(
+        deployment_from(args, cfg),
+        world_size=1,
+        zero_stage=0,
+        offload_optimizer=False,
+        dtype="bf16" if cuda else "fp32",
+        device=device,
+    )
     if not cuda:
-        d = dataclasses.replace(d, batch_size=args.batch_size or (cfg.batch_size if cfg else 4), caption_len=args.caption_len or 16)
+        d = dataclasses.replace(
+            d, batch_size=args.batch_size or (cfg.batch_size if cfg else 4), caption_len=args.caption_len or 16
+        )
     model = build(preset, cfg, device, dtype)
     if d.gradient_checkpointing:
         from ..model import enable_gradient_checkpointing
@@ -254,41 +316,69 @@ def run_measured(args, cfg, report) -> int:
         from ..accel import build_accelerator
 
         if "LOCAL_RANK" not in os.environ:
-            raise SystemExit("--distributed: run under `accelerate launch --config_file <deepspeed config> -m pg_train.memcheck --distributed`")
+            raise SystemExit(
+                "--distributed: run under `accelerate launch --config_file <deepspeed config> -m pg_train.memcheck --distributed`"
+            )
         accelerator = build_accelerator(micro_batch_size=d.batch_size)
         student, optimizer = accelerator.prepare(model, optimizer)
         plugin = accelerator.state.deepspeed_plugin
-        d = dataclasses.replace(d, world_size=accelerator.num_processes, zero_stage=plugin.zero_stage if plugin else 0,
-                                device=str(accelerator.device) if cuda else "cpu")
+        d = dataclasses.replace(
+            d,
+            world_size=accelerator.num_processes,
+            zero_stage=plugin.zero_stage if plugin else 0,
+            device=str(accelerator.device) if cuda else "cpu",
+        )
         backward = accelerator.backward
     ema = None if "no-ema" in args.inject else EMATeacher(student, placement=d.ema_placement)
     # the deployment's caption length and top-k, so prediction and measurement describe one step
-    objective = dataclasses.replace(cfg.objective if cfg else PseudoGumbelConfig(), max_caption_len=d.caption_len, min_caption_len=d.caption_len,
-                                    topk=d.topk)
+    objective = dataclasses.replace(
+        cfg.objective if cfg else PseudoGumbelConfig(),
+        max_caption_len=d.caption_len,
+        min_caption_len=d.caption_len,
+        topk=d.topk,
+    )
     pred = predict(model, d)
     batch = build_batch(model, d.batch_size, torch.device(device), seed=accelerator.process_index if accelerator else 0)
-    meas = measure(student, optimizer, ema, objective, batch, steps=args.steps, inject=tuple(args.inject), backward=backward,
-                   gradient_checkpointing=d.gradient_checkpointing)
+    meas = measure(
+        student,
+        optimizer,
+        ema,
+        objective,
+        batch,
+        steps=args.steps,
+        inject=tuple(args.inject),
+        backward=backward,
+        gradient_checkpointing=d.gradient_checkpointing,
+    )
     if accelerator is not None and not accelerator.is_main_process:
         # Every rank measured and audited its own partition; the main process reports.
         audits_ok = all(a.passed for a in meas.audits)
         return 0 if audits_ok else 1
     rows, within = compare(pred, meas, args.tolerance, args.peak_tolerance, args.rss_tolerance)
 
-    print_prediction(f"measured run: {preset} on {device}{' (injected: ' + ', '.join(args.inject) + ')' if args.inject else ''}", pred)
+    print_prediction(
+        f"measured run: {preset} on {device}{' (injected: ' + ', '.join(args.inject) + ')' if args.inject else ''}",
+        pred,
+    )
     print(f"\n== predicted vs measured ({args.steps} steps, the last one measured)")
     print(f"   {'component':28} {'predicted':>12} {'measured':>12} {'error':>8}")
     for r in rows:
         flag = "" if r["within"] else "  <- out of tolerance"
-        print(f"   {r['component']:28} {fmt(r['predicted']):>12} {fmt(r['measured']):>12} {100 * r['error']:7.1f}%{flag}")
+        print(
+            f"   {r['component']:28} {fmt(r['predicted']):>12} {fmt(r['measured']):>12} {100 * r['error']:7.1f}%{flag}"
+        )
     print(f"   phases (measured): {'time':>9} {'peak above entry':>17} {'saved for backward':>19}")
     for name, ph in meas.phases.items():
         print(f"     {name:25} {ph['s']:7.3f} s {fmt(ph['peak_above_entry']):>17} {fmt(ph['saved_for_backward']):>19}")
     if not cuda:
-        print(f"   process RSS grew by {fmt(meas.peak_bytes).strip()} during the warm measured step (the allocator reuses step 1's memory)")
+        print(
+            f"   process RSS grew by {fmt(meas.peak_bytes).strip()} during the warm measured step (the allocator reuses step 1's memory)"
+        )
     for reason in diagnose(rows):
         print(f"   diagnosis: {reason}")
-    print("\n== audits (the design note's three suspicions, the teacher swap and checkpointing, on the production step)")
+    print(
+        "\n== audits (the design note's three suspicions, the teacher swap and checkpointing, on the production step)"
+    )
     for audit in meas.audits:
         print(f"   [{'PASS' if audit.passed else 'FAIL'}] {audit.name}")
         for line in audit.evidence:
@@ -297,8 +387,12 @@ def run_measured(args, cfg, report) -> int:
     exit_code = 0 if audits_ok and within else 1 if not audits_ok else 2
     print(f"\nmemcheck: {'PASS' if exit_code == 0 else 'FAIL'} (exit {exit_code})")
     report["measured_config"] = {
-        "preset": preset, "prediction": pred.to_dict(), "comparison": rows, "phases": meas.phases,
-        "losses": meas.losses, "diagnosis": diagnose(rows),
+        "preset": preset,
+        "prediction": pred.to_dict(),
+        "comparison": rows,
+        "phases": meas.phases,
+        "losses": meas.losses,
+        "diagnosis": diagnose(rows),
     }
     report["audits"] = [dataclasses.asdict(a) for a in meas.audits]
     return exit_code

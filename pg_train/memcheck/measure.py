@@ -7,6 +7,7 @@ frozen LoRA or checkpointing that is off in the real code fails them. `inject` r
 design note's three suspected bugs on purpose (through hooks and arguments, not by patching), to
 show that the audits catch them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ import torch
 from ..bench.memory import PeakMemory, SavedTensorBytes
 from ..distributed import unwrap
 from ..ema import EMATeacher
-from .predict import gradient_free
 from ..pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
+from .predict import gradient_free
 
 BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step")
 
@@ -106,7 +107,11 @@ class _Phase:
     def __exit__(self, *exc):
         self.meter.__exit__(*exc)
         self.saved.__exit__(*exc)
-        record = {"s": round(time.perf_counter() - self.start, 4), "peak_above_entry": self.meter.peak_bytes, "saved_for_backward": self.saved.bytes}
+        record = {
+            "s": round(time.perf_counter() - self.start, 4),
+            "peak_above_entry": self.meter.peak_bytes,
+            "saved_for_backward": self.saved.bytes,
+        }
         if self.device.type == "cuda":
             record["peak_allocated"] = self.entry + self.meter.peak_bytes
             record["reserved"] = torch.cuda.memory_reserved(self.device)
@@ -133,8 +138,12 @@ def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pai
 
 
 PHASES = {  # pseudo_gumbel_step's stages -> memcheck's phase names (predict's for the passes)
-    "teacher": "teacher generation", "mask": "masking", "pass1": "pass 1 (caption logits)", "gumbel": "gumbel",
-    "pass2": "pass 2 (segment)", "loss": "loss",
+    "teacher": "teacher generation",
+    "mask": "masking",
+    "pass1": "pass 1 (caption logits)",
+    "gumbel": "gumbel",
+    "pass2": "pass 2 (segment)",
+    "loss": "loss",
 }
 
 
@@ -156,7 +165,11 @@ class _TeacherProbe:
 
     def _differs(self, root) -> list[str]:
         named = dict(root.named_parameters())
-        return [n for n, s in zip(self.ema.names, self.ema.shadow) if not torch.equal(named[n].detach(), s.to(named[n].device, named[n].dtype))]
+        return [
+            n
+            for n, s in zip(self.ema.names, self.ema.shadow)
+            if not torch.equal(named[n].detach(), s.to(named[n].device, named[n].dtype))
+        ]
 
     def __enter__(self):
         self.shadow_vs_student = len(self._differs(self.model))  # before the swap: does the check say anything?
@@ -167,7 +180,11 @@ class _TeacherProbe:
     def _hook(self, root):
         def probe(_module, _args):
             if self.seen is None:
-                self.seen = {"model": "the student" if root is self.model else "the separate teacher", "not_shadow": self._differs(root)}
+                self.seen = {
+                    "model": "the student" if root is self.model else "the separate teacher",
+                    "not_shadow": self._differs(root),
+                }
+
         return probe
 
     def __exit__(self, *exc):
@@ -180,8 +197,17 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [mod for mod in model.language_model.modules() if type(mod).__name__.endswith("DecoderLayer")]
 
 
-def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, batch: dict, steps: int = 2, inject: tuple[str, ...] = (),
-            backward=None, gradient_checkpointing: bool = False) -> Measurement:
+def measure(
+    model,
+    optimizer,
+    ema: EMATeacher | None,
+    cfg: PseudoGumbelConfig,
+    batch: dict,
+    steps: int = 2,
+    inject: tuple[str, ...] = (),
+    backward=None,
+    gradient_checkpointing: bool = False,
+) -> Measurement:
     """Run `steps` training steps; phases and audits come from the last one (the first warms up).
 
     The forward is `pseudo_gumbel_step` itself — the function training calls — with an observer
@@ -206,8 +232,12 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
     layer_calls = [0]
     # Counted at the layer's first module, before it runs: checkpointing replays the layer's forward
     # (not the layer's own hooks) and stops the replay once the tensors backward needs are back.
-    hooks = [getattr(layer, "input_layernorm", layer).register_forward_pre_hook(lambda *_: layer_calls.__setitem__(0, layer_calls[0] + 1))
-             for layer in layers]
+    hooks = [
+        getattr(layer, "input_layernorm", layer).register_forward_pre_hook(
+            lambda *_: layer_calls.__setitem__(0, layer_calls[0] + 1)
+        )
+        for layer in layers
+    ]
     if "detach-text-embeds" in inject:
         hooks.append(model.register_forward_pre_hook(_detach_pass2_input, with_kwargs=True))
 
@@ -224,11 +254,16 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
             @contextlib.contextmanager
             def observer(stage):
                 m.stages.append(stage)
-                with phase(PHASES.get(stage, stage)), (probe if stage == "teacher" and probe is not None else contextlib.nullcontext()):
+                with (
+                    phase(PHASES.get(stage, stage)),
+                    probe if stage == "teacher" and probe is not None else contextlib.nullcontext(),
+                ):
                     yield
 
             overall = PeakMemory(device).__enter__()
-            out = pseudo_gumbel_step(student, teacher, {**batch, "sample_seeds": torch.arange(B) + 1000 * step}, cfg, observer=observer)
+            out = pseudo_gumbel_step(
+                student, teacher, {**batch, "sample_seeds": torch.arange(B) + 1000 * step}, cfg, observer=observer
+            )
             if last:
                 m.audits.append(_audit_gradients(out.loss, out.text_embeds, pass1_params, ema, frozen_lora))
             before_backward = layer_calls[0]
@@ -250,9 +285,15 @@ def measure(model, optimizer, ema: EMATeacher | None, cfg: PseudoGumbelConfig, b
                 m.first_step_growth = overall.peak_bytes
             m.losses.append(float(out.loss.detach()))
             if last:
-                m.peak_bytes = overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
+                m.peak_bytes = (
+                    overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
+                )
                 m.audits.insert(0, _audit_ema(ema, model, shadow_before, probe))
-                m.audits.append(_audit_zero_partition(optimizer, trainable) if zero_optimizer(optimizer) is not None else _audit_optimizer(optimizer, trainable))
+                m.audits.append(
+                    _audit_zero_partition(optimizer, trainable)
+                    if zero_optimizer(optimizer) is not None
+                    else _audit_optimizer(optimizer, trainable)
+                )
                 m.audits.append(_audit_checkpointing(gradient_checkpointing, layers, recomputed))
             del out
     finally:
@@ -266,16 +307,23 @@ def _audit_checkpointing(requested: bool, layers: list, recomputed: int) -> Audi
     (a flag that was never set shows otherwise only as activations out of tolerance)."""
     flagged = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
     audit = Audit("gradient checkpointing is on where requested", False)
-    audit.evidence.append(f"requested: {'yes' if requested else 'no'}; {flagged}/{len(layers)} LLM decoder layers flagged; "
-                          f"{recomputed} layer forwards recomputed in backward")
+    audit.evidence.append(
+        f"requested: {'yes' if requested else 'no'}; {flagged}/{len(layers)} LLM decoder layers flagged; "
+        f"{recomputed} layer forwards recomputed in backward"
+    )
     if requested and (flagged < len(layers) or recomputed == 0):
-        audit.evidence.append("gradient checkpointing requested but off: the LLM layers' activations are kept, not recomputed")
+        audit.evidence.append(
+            "gradient checkpointing requested but off: the LLM layers' activations are kept, not recomputed"
+        )
     audit.passed = not requested or (bool(layers) and flagged == len(layers) and recomputed > 0)
     return audit
 
 
 def _audit_ema(ema: EMATeacher | None, model, shadow_before, probe: _TeacherProbe | None = None) -> Audit:
-    audit = Audit("EMA exists, is fp32, follows the trainable tensors, moves by the decay rule and is the teacher's weights", False)
+    audit = Audit(
+        "EMA exists, is fp32, follows the trainable tensors, moves by the decay rule and is the teacher's weights",
+        False,
+    )
     if ema is None:
         audit.evidence.append("no EMA object: the teacher is the student itself (EMA absent)")
         return audit
@@ -298,15 +346,26 @@ def _audit_ema(ema: EMATeacher | None, model, shadow_before, probe: _TeacherProb
     # A shadow that equals an unchanged student cannot move; that is the optimizer's audit to flag.
     checks["moves by the decay rule"] = worst <= 1e-5 and (moved > 0 or gap == 0)
     if probe is not None:
-        seen = probe.seen or {"model": "no model (the teacher stage never reached an lm_head)", "not_shadow": list(ema.names)}
+        seen = probe.seen or {
+            "model": "no model (the teacher stage never reached an lm_head)",
+            "not_shadow": list(ema.names),
+        }
         swapped = not seen["not_shadow"]
         checks["the teacher generates with the shadow's weights (swapped in)"] = swapped and probe.seen is not None
-        audit.evidence.append(f"teacher stage: {seen['model']} generated; {len(seen['not_shadow'])}/{len(ema.names)} trainable tensors differ "
-                              f"from the shadow ({probe.shadow_vs_student} differed between shadow and student before the stage)")
+        audit.evidence.append(
+            f"teacher stage: {seen['model']} generated; {len(seen['not_shadow'])}/{len(ema.names)} trainable tensors differ "
+            f"from the shadow ({probe.shadow_vs_student} differed between shadow and student before the stage)"
+        )
         if not swapped and probe.shadow_vs_student:
-            audit.evidence.append("the teacher is the student's current weights: the EMA shadow was not swapped in (no swap)")
-    audit.evidence.append(f"placement {ema.placement.kind}, {ema.memory_bytes()} bytes, decay {ema.decay}, {len(ema.names)} tensors")
-    audit.evidence.append(f"largest move in the checked update {moved:.3e}, largest deviation from the decay rule {worst:.3e}")
+            audit.evidence.append(
+                "the teacher is the student's current weights: the EMA shadow was not swapped in (no swap)"
+            )
+    audit.evidence.append(
+        f"placement {ema.placement.kind}, {ema.memory_bytes()} bytes, decay {ema.decay}, {len(ema.names)} tensors"
+    )
+    audit.evidence.append(
+        f"largest move in the checked update {moved:.3e}, largest deviation from the decay rule {worst:.3e}"
+    )
     audit.evidence += [f"{'ok  ' if ok else 'FAIL'} {what}" for what, ok in checks.items()]
     audit.passed = all(checks.values())
     return audit
@@ -323,10 +382,22 @@ def _audit_gradients(loss, text_embeds, pass1_params: dict, ema, frozen_lora: li
         return audit
     (grad_embeds,) = torch.autograd.grad(loss, text_embeds, retain_graph=True, allow_unused=True)
     if grad_embeds is None:
-        audit.evidence.append("the mask loss does not depend on text_embeds: detached between the Gumbel output and the loss")
+        audit.evidence.append(
+            "the mask loss does not depend on text_embeds: detached between the Gumbel output and the loss"
+        )
         return audit
     names = list(pass1_params)
-    grads = torch.autograd.grad(text_embeds, [pass1_params[n] for n in names], grad_outputs=grad_embeds, retain_graph=True, allow_unused=True) if names else []
+    grads = (
+        torch.autograd.grad(
+            text_embeds,
+            [pass1_params[n] for n in names],
+            grad_outputs=grad_embeds,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        if names
+        else []
+    )
     reached = {n for n, g in zip(names, grads) if g is not None and bool(g.abs().sum() > 0)}
     # An adapter is reached when A or B gets a gradient: while B is still 0 (initialisation,
     # before the first optimizer step) A's gradient is exactly 0 by construction.
@@ -343,9 +414,17 @@ def _audit_gradients(loss, text_embeds, pass1_params: dict, ema, frozen_lora: li
         if ema.teacher_model is not None:
             teacher_grads += sum(1 for p in ema.teacher_model.parameters() if p.grad is not None or p.requires_grad)
     audit.evidence.append(f"|dL/d text_embeds| = {float(grad_embeds.norm()):.3e}")
-    audit.evidence.append(f"through text_embeds: {sum(adapters.values())}/{len(lora)} LoRA adapters, {sum(n in reached for n in mlp1)}/{len(mlp1)} mlp1 tensors non-zero")
+    audit.evidence.append(
+        f"through text_embeds: {sum(adapters.values())}/{len(lora)} LoRA adapters, {sum(n in reached for n in mlp1)}/{len(mlp1)} mlp1 tensors non-zero"
+    )
     audit.evidence.append(f"teacher tensors that require or hold a gradient: {teacher_grads}")
-    audit.passed = bool(lora) and all(adapters.values()) and all(n in reached for n in mlp1) and teacher_grads == 0 and float(grad_embeds.abs().sum()) > 0
+    audit.passed = (
+        bool(lora)
+        and all(adapters.values())
+        and all(n in reached for n in mlp1)
+        and teacher_grads == 0
+        and float(grad_embeds.abs().sum()) > 0
+    )
     return audit
 
 
@@ -358,10 +437,14 @@ def _audit_zero_partition(optimizer, trainable: dict) -> Audit:
     world = dist.get_world_size() if dist.is_initialized() else 1
     total = sum(p.numel() for p in trainable.values())
     master = sum(t.numel() for t in zero.single_partition_of_fp32_groups)
-    moments = [t.numel() for s in zero.optimizer.state.values() for k, t in s.items() if torch.is_tensor(t) and t.dim() > 0]
+    moments = [
+        t.numel() for s in zero.optimizer.state.values() for k, t in s.items() if torch.is_tensor(t) and t.dim() > 0
+    ]
     share = total / world
     audit = Audit(f"optimizer state is partitioned: this rank holds 1/{world} of it (ZeRO)", False)
-    audit.evidence.append(f"{total:,} trainable parameters; this rank: fp32 master {master:,}, moments {moments} (1/{world} = {share:,.0f})")
+    audit.evidence.append(
+        f"{total:,} trainable parameters; this rank: fp32 master {master:,}, moments {moments} (1/{world} = {share:,.0f})"
+    )
     within = lambda n: 0.99 * share <= n <= 1.01 * share + 64  # noqa: E731
     audit.passed = within(master) and len(moments) >= 2 and all(within(n) for n in moments)
     if not moments:
@@ -375,10 +458,14 @@ def _audit_optimizer(optimizer, trainable: dict) -> Audit:
     expected = {n: p for n, p in trainable.items() if not gradient_free(n)}
     with_state = [n for n, p in expected.items() if len(inner.state.get(p, {})) > 0]
     state_bytes = storage_bytes(v for s in inner.state.values() for v in s.values() if torch.is_tensor(v))
-    audit.evidence.append(f"{len(with_state)}/{len(expected)} trainable tensors have optimizer state ({state_bytes:,} bytes); "
-                          f"{len(trainable) - len(expected)} more (SAM2's IoU and object-score heads) never get a gradient by design")
+    audit.evidence.append(
+        f"{len(with_state)}/{len(expected)} trainable tensors have optimizer state ({state_bytes:,} bytes); "
+        f"{len(trainable) - len(expected)} more (SAM2's IoU and object-score heads) never get a gradient by design"
+    )
     if not with_state:
-        audit.evidence.append("no optimizer state at all: the optimizer never stepped (or was never given the parameters)")
+        audit.evidence.append(
+            "no optimizer state at all: the optimizer never stepped (or was never given the parameters)"
+        )
     missing = [n for n in expected if n not in with_state]
     grouped = {id(p) for group in inner.param_groups for p in group["params"]}
     ungrouped = [n for n, p in trainable.items() if id(p) not in grouped]

@@ -5,6 +5,7 @@ tensors the run will hold. Activations are estimated per phase from the model's 
 (what autograd keeps per token and layer); the peak is the largest phase on top of the static
 components, not the sum of everything.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -56,7 +57,9 @@ class Row:
 class Prediction:
     deployment: Deployment
     static: list[Row] = field(default_factory=list)
-    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # per phase: saved / transient / total activation bytes
+    phases: dict[str, dict[str, int]] = field(
+        default_factory=dict
+    )  # per phase: saved / transient / total activation bytes
     host: list[Row] = field(default_factory=list)
     views: int = 1  # MLLM views per image (InternVL tiling)
 
@@ -99,7 +102,9 @@ def optimizer_state_bytes(trainable: int, n_tensors: int, d: Deployment) -> tupl
     if d.zero_stage >= 1:
         # fp32 master copy + Adam moments (fp32, or 1 byte each with bitsandbytes), split 1/N
         moments = 2 if d.optimizer == "adamw8bit" else 8
-        return (4 + moments) * trainable // d.world_size, f"fp32 master + Adam moments, 1/{d.world_size} (ZeRO-{d.zero_stage})"
+        return (
+            4 + moments
+        ) * trainable // d.world_size, f"fp32 master + Adam moments, 1/{d.world_size} (ZeRO-{d.zero_stage})"
     if d.optimizer == "adamw8bit":
         return 2 * trainable + 4 * n_tensors, "two 8-bit moments (bitsandbytes) + step counters"
     # torch AdamW: moments in the parameter dtype, plus a 4-byte step counter per tensor
@@ -110,8 +115,13 @@ def gradient_bytes(trainable: int, d: Deployment) -> tuple[int, str]:
     if d.zero_stage >= 2:
         # reduced gradients kept only for this rank's partition (param dtype + fp32 copy for
         # the optimizer) + the reduce buckets (two with overlap_comm) and the allgather bucket.
-        buckets = d.reduce_bucket_size * d.elem * (2 if d.overlap_comm else 1) + min(d.allgather_bucket_size, trainable) * d.elem
-        return (d.elem + 4) * trainable // d.world_size + min(buckets, 3 * trainable * d.elem), "partition + reduce/allgather buckets"
+        buckets = (
+            d.reduce_bucket_size * d.elem * (2 if d.overlap_comm else 1)
+            + min(d.allgather_bucket_size, trainable) * d.elem
+        )
+        return (d.elem + 4) * trainable // d.world_size + min(
+            buckets, 3 * trainable * d.elem
+        ), "partition + reduce/allgather buckets"
     return d.elem * trainable, "full gradients of the trainable tensors"
 
 
@@ -140,13 +150,21 @@ def predict(model, d: Deployment) -> Prediction:
     # ZeRO allocates for every trainable tensor; torch only for those that get a gradient.
     grads, note = gradient_bytes(trainable if d.zero_stage else with_grad, d)
     pred.static.append(Row("gradients", dev, grads, note))
-    optim, note = optimizer_state_bytes(trainable if d.zero_stage else with_grad, n_trainable if d.zero_stage else n_with_grad, d)
-    (pred.host if d.offload_optimizer else pred.static).append(Row("optimizer state", "cpu" if d.offload_optimizer else dev, optim, note))
-    for where, nbytes in EMATeacher.predicted_bytes(module, d.ema_placement, training_device=dev, model_dtype=torch.bfloat16 if d.elem == 2 else torch.float32).items():
+    optim, note = optimizer_state_bytes(
+        trainable if d.zero_stage else with_grad, n_trainable if d.zero_stage else n_with_grad, d
+    )
+    (pred.host if d.offload_optimizer else pred.static).append(
+        Row("optimizer state", "cpu" if d.offload_optimizer else dev, optim, note)
+    )
+    for where, nbytes in EMATeacher.predicted_bytes(
+        module, d.ema_placement, training_device=dev, model_dtype=torch.bfloat16 if d.elem == 2 else torch.float32
+    ).items():
         row = Row("EMA", where, nbytes, d.ema_placement)
         (pred.static if where == dev else pred.host).append(row)
     if dev.startswith("cuda"):
-        pred.static.append(Row("CUDA context", dev, CUDA_CONTEXT_BYTES, "driver, cuBLAS workspace; outside the allocator"))
+        pred.static.append(
+            Row("CUDA context", dev, CUDA_CONTEXT_BYTES, "driver, cuBLAS workspace; outside the allocator")
+        )
     pred.phases = activation_phases(module, d)
     return pred
 
@@ -199,17 +217,20 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     prompt = image_tokens + 40 + d.region_cells  # template text ~40 tokens
     segment = image_tokens + 30 + T
     per_layer = saved_per_token_layer(module, e)
+
     # The last layer runs only on the rows read (pg_train.model.decoder): full activations for
     # those, ~4h per other row (its norm input and output, keys, values); never checkpointed.
     def last_layer_saved(tokens, rows_read):
         return rows_read * per_layer + (tokens - rows_read) * 4 * h * e
 
     if d.gradient_checkpointing:  # one hidden state per layer and token; a layer is recomputed at a time
+
         def llm_saved(tokens, rows_read):
             return (layers - 1) * tokens * h * e + last_layer_saved(tokens, rows_read)
 
         recompute = per_layer * B * max(prompt + T, segment)
     else:
+
         def llm_saved(tokens, rows_read):
             return (layers - 1) * tokens * per_layer + last_layer_saved(tokens, rows_read)
 
@@ -232,7 +253,10 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
         "pass 2 (segment)": (pass1 + gumbel + pass2, max(vit_transient, sam_transient)),
         "backward": (pass1 + gumbel + pass2, logits + recompute),
     }
-    return {name: {"saved": saved, "transient": transient, "total": saved + transient} for name, (saved, transient) in phases.items()}
+    return {
+        name: {"saved": saved, "transient": transient, "total": saved + transient}
+        for name, (saved, transient) in phases.items()
+    }
 
 
 SEED_TABLE_GB = [  # the design note's hand estimate (问题3), per GPU, in GB
@@ -254,6 +278,7 @@ def alternative_estimates(model, d: Deployment) -> dict[str, int]:
     total = sum(p.numel() for p in module.parameters())
     return {
         "weights x dtype (all parameters, bf16)": total * 2,
-        f"DeepSpeed ZeRO-2 formula (2P + 18P/N, N={d.world_size}, all parameters trainable)": 2 * total + 18 * total // max(1, d.world_size),
+        f"DeepSpeed ZeRO-2 formula (2P + 18P/N, N={d.world_size}, all parameters trainable)": 2 * total
+        + 18 * total // max(1, d.world_size),
         "design note (43-47 GB table, midpoint)": int(45e9),
     }

@@ -1,4 +1,5 @@
 """`build_model(preset)`: the single way to construct a Sa2VA model (timm's create_model idea)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,11 @@ def apply_lora(model: Sa2VAModel, lora: LoraDims) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), bias="none",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
     )
     inject_adapter_in_model(config, model.language_model)
 
@@ -72,7 +76,9 @@ def build_model(
     if tokenizer is not None:
         token_ids = special_token_ids(tokenizer, preset.special_token_ids)
         if len(tokenizer) > preset.language.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocabulary is {preset.language.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but the model vocabulary is {preset.language.vocab_size}"
+            )
     elif preset.special_token_ids is not None:
         token_ids = dict(preset.special_token_ids)
     else:

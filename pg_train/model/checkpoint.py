@@ -10,6 +10,7 @@ NaN or Inf, an unreadable shard or a config.json whose two descriptions of the m
 is an error naming them, raised before a single weight is copied (`state_check.py`). (`strict=False` loading is how a public implementation of this method trained on the
 wrong weights without noticing.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,14 @@ import torch
 from .build import apply_lora, build_model, set_trainable
 from .presets import PRESETS, LanguageDims, LoraDims, ModelPreset, VisionDims, preset_from_dict
 from .sa2va import Sa2VAModel
-from .state_check import CheckpointError, check_finite, check_state_dict, check_state_shapes, read_safetensors, read_safetensors_shapes
+from .state_check import (
+    CheckpointError,
+    check_finite,
+    check_state_dict,
+    check_state_shapes,
+    read_safetensors,
+    read_safetensors_shapes,
+)
 from .tokenizer import load_tokenizer
 
 CONFIG_NAME = "config.json"
@@ -123,7 +131,9 @@ def _hf_config(preset: ModelPreset, token_ids: dict[str, int], dtype: torch.dtyp
     }
 
 
-def save_pretrained(model: Sa2VAModel, directory: str | Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30) -> Path:
+def save_pretrained(
+    model: Sa2VAModel, directory: str | Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 * 2**30
+) -> Path:
     """Write `model` as a released-format checkpoint (LoRA merged, safetensors, tokenizer)."""
     from safetensors.torch import save_file
 
@@ -151,7 +161,9 @@ def save_pretrained(model: Sa2VAModel, directory: str | Path, *, dtype: torch.dt
             save_file(shard, str(directory / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (directory / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     preset = dataclasses.replace(model.preset, lora=model.lora or model.preset.lora)
     param_dtype = dtype or next(model.parameters()).dtype
     (directory / CONFIG_NAME).write_text(json.dumps(_hf_config(preset, model.token_ids, param_dtype), indent=2))
@@ -211,7 +223,9 @@ def check_config_sections_agree(config: dict, preset: ModelPreset, path: Path) -
             continue
         theirs, mine = released[key], getattr(getattr(preset, ours), attribute)
         if theirs != mine or isinstance(theirs, bool) != isinstance(mine, bool):
-            disagreements.append(f"{section + '.' if section else ''}{key} = {theirs!r} but pg_train.preset.{ours}.{attribute} = {mine!r}")
+            disagreements.append(
+                f"{section + '.' if section else ''}{key} = {theirs!r} but pg_train.preset.{ours}.{attribute} = {mine!r}"
+            )
     if disagreements:
         raise CheckpointError(
             f"{path / CONFIG_NAME}: the released config and pg_train's own section disagree "
@@ -228,7 +242,9 @@ def preset_from_config(config: dict, path: Path) -> ModelPreset:
     preset = _dims_from_config(config, path)
     template = config.get("template", preset.template)
     if template not in CHAT_TEMPLATES:
-        raise CheckpointError(f"{path / CONFIG_NAME}: template {template!r} is not supported; known: {sorted(CHAT_TEMPLATES)}")
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: template {template!r} is not supported; known: {sorted(CHAT_TEMPLATES)}"
+        )
     return dataclasses.replace(preset, template=template, vision=_tiling_from_config(config, preset.vision, path))
 
 
@@ -246,8 +262,10 @@ def _tiling_from_config(config: dict, vision: VisionDims, path: Path) -> VisionD
             values[key] = config[key]
     vision = dataclasses.replace(vision, **values)
     if not 1 <= vision.min_dynamic_patch <= vision.max_dynamic_patch:
-        raise CheckpointError(f"{path / CONFIG_NAME}: needs 1 <= min_dynamic_patch <= max_dynamic_patch, "
-                              f"got {vision.min_dynamic_patch}, {vision.max_dynamic_patch}")
+        raise CheckpointError(
+            f"{path / CONFIG_NAME}: needs 1 <= min_dynamic_patch <= max_dynamic_patch, "
+            f"got {vision.min_dynamic_patch}, {vision.max_dynamic_patch}"
+        )
     return vision
 
 
@@ -259,32 +277,47 @@ def _dims_from_config(config: dict, path: Path) -> ModelPreset:
         try:
             preset = preset_from_dict(config["pg_train"]["preset"])
         except (KeyError, TypeError) as err:
-            raise CheckpointError(f"{path / CONFIG_NAME}: pg_train.preset is incomplete ({type(err).__name__}: {err})") from err
+            raise CheckpointError(
+                f"{path / CONFIG_NAME}: pg_train.preset is incomplete ({type(err).__name__}: {err})"
+            ) from err
         check_config_sections_agree(config, preset, path)
         return preset
     try:
         llm, vis = config["llm_config"], config["vision_config"]
         language = LanguageDims(
-            hidden_size=llm["hidden_size"], num_layers=llm["num_hidden_layers"],
-            num_heads=llm["num_attention_heads"], num_kv_heads=llm["num_key_value_heads"],
-            intermediate_size=llm["intermediate_size"], vocab_size=llm["vocab_size"],
-            rope_theta=llm.get("rope_theta", 1e6), rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
+            hidden_size=llm["hidden_size"],
+            num_layers=llm["num_hidden_layers"],
+            num_heads=llm["num_attention_heads"],
+            num_kv_heads=llm["num_key_value_heads"],
+            intermediate_size=llm["intermediate_size"],
+            vocab_size=llm["vocab_size"],
+            rope_theta=llm.get("rope_theta", 1e6),
+            rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
             max_position_embeddings=llm.get("max_position_embeddings", 32768),
             tie_word_embeddings=llm.get("tie_word_embeddings", False),
         )
         vision = VisionDims(
-            hidden_size=vis["hidden_size"], num_layers=vis["num_hidden_layers"],
-            num_heads=vis["num_attention_heads"], mlp_size=vis["intermediate_size"],
+            hidden_size=vis["hidden_size"],
+            num_layers=vis["num_hidden_layers"],
+            num_heads=vis["num_attention_heads"],
+            mlp_size=vis["intermediate_size"],
             image_size=vis.get("image_size", config.get("force_image_size", 448)),
-            patch_size=vis.get("patch_size", 14), layer_norm_eps=vis.get("layer_norm_eps", 1e-6),
-            qkv_bias=vis.get("qkv_bias", True), downsample_ratio=config.get("downsample_ratio", 0.5),
+            patch_size=vis.get("patch_size", 14),
+            layer_norm_eps=vis.get("layer_norm_eps", 1e-6),
+            qkv_bias=vis.get("qkv_bias", True),
+            downsample_ratio=config.get("downsample_ratio", 0.5),
         )
     except KeyError as err:
         raise CheckpointError(f"{path / CONFIG_NAME}: missing field {err}") from err
     if config.get("ps_version", "v2") != "v2":
         raise CheckpointError(f"{path / CONFIG_NAME}: ps_version {config['ps_version']!r} unsupported (expected 'v2')")
-    return ModelPreset(name="sa2va-hf", vision=vision, language=language, sam2=PRESETS["sa2va-4b"].sam2,
-                       template=config.get("template", "phi3_chat"))
+    return ModelPreset(
+        name="sa2va-hf",
+        vision=vision,
+        language=language,
+        sam2=PRESETS["sa2va-4b"].sam2,
+        template=config.get("template", "phi3_chat"),
+    )
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
@@ -328,7 +361,11 @@ def _read_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 
 def _check_vocab(preset: ModelPreset, shapes: dict[str, tuple], tokenizer, directory: Path) -> None:
     vocab = preset.language.vocab_size
-    rows = {n: shapes[n][0] for n in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight") if n in shapes}
+    rows = {
+        n: shapes[n][0]
+        for n in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+        if n in shapes
+    }
     problems = [f"{n} has {r} rows" for n, r in rows.items() if r != vocab]
     if len(tokenizer) > vocab:
         problems.append(f"the tokenizer has {len(tokenizer)} tokens")

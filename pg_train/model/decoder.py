@@ -13,6 +13,7 @@ Layers are called through their modules (`layer(...)`, `attn.q_proj(...)`), so L
 wrappers, 4-bit bases, forward hooks and DeepSpeed see them as in Qwen2Model.forward, whose
 layer loop this mirrors.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,6 @@ import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward, rotate_half
-
 
 # False inside `untrimmed_last_layer()` only.
 TRIM_LAST_LAYER = True
@@ -39,8 +39,14 @@ def untrimmed_last_layer():
         TRIM_LAST_LAYER = previous
 
 
-def decoder_hidden_states(decoder, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                          keep: slice, cache=None) -> torch.Tensor:
+def decoder_hidden_states(
+    decoder,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    keep: slice,
+    cache=None,
+) -> torch.Tensor:
     """Final-norm hidden states [B, R, D] of rows `keep` (a step-1 slice of the L input rows).
 
     decoder: a Qwen2Model (`language_model.model`); attention_mask [B, L] (or [B, past + L]
@@ -51,25 +57,44 @@ def decoder_hidden_states(decoder, inputs_embeds: torch.Tensor, attention_mask: 
         raise ValueError("decoder_hidden_states supports Qwen2 with full attention under SDPA only")
     rows = range(inputs_embeds.shape[1])[keep]
     if rows.step != 1 or len(rows) == 0:
-        raise ValueError(f"keep must select a non-empty run of consecutive rows, got {keep} of {inputs_embeds.shape[1]}")
+        raise ValueError(
+            f"keep must select a non-empty run of consecutive rows, got {keep} of {inputs_embeds.shape[1]}"
+        )
     if not TRIM_LAST_LAYER:
-        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                       use_cache=cache is not None).last_hidden_state[:, keep]
+        return decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state[:, keep]
     mask = create_causal_mask(
-        config=decoder.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids,
+        config=decoder.config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        cache=cache,
+        position_ids=position_ids,
     )
     hidden = inputs_embeds
     position_embeddings = decoder.rotary_emb(hidden, position_ids)
     *lower, last = decoder.layers[: decoder.config.num_hidden_layers]
     for layer in lower:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
-                       cache=cache, use_cache=cache is not None)
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
     past = 0 if cache is None else cache.get_seq_length(last.self_attn.layer_idx)
     hidden = _last_layer_rows(last, hidden, mask, position_embeddings, rows, past, cache)
     return decoder.norm(hidden)
 
 
-def _last_layer_rows(layer, hidden: torch.Tensor, mask, position_embeddings, rows: range, past: int, cache) -> torch.Tensor:
+def _last_layer_rows(
+    layer, hidden: torch.Tensor, mask, position_embeddings, rows: range, past: int, cache
+) -> torch.Tensor:
     """Qwen2DecoderLayer.forward for the query rows `rows`, keys and values from every row."""
     attn = layer.self_attn
     B, L, _ = hidden.shape
@@ -88,8 +113,16 @@ def _last_layer_rows(layer, hidden: torch.Tensor, mask, position_embeddings, row
     else:
         mask = mask[:, :, kept]
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-    out, _ = interface(attn, query, key, value, mask, dropout=0.0 if not attn.training else attn.attention_dropout,
-                       scaling=attn.scaling, sliding_window=attn.sliding_window)
+    out, _ = interface(
+        attn,
+        query,
+        key,
+        value,
+        mask,
+        dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling,
+        sliding_window=attn.sliding_window,
+    )
     hidden = hidden[:, kept] + attn.o_proj(out.reshape(B, len(rows), -1).contiguous())
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 

@@ -1,4 +1,5 @@
 """Batched caption generation over `inputs_embeds` with a KV cache (left padding)."""
+
 from __future__ import annotations
 
 import torch
@@ -54,7 +55,9 @@ def generate_from_embeds(
     if static_cache:
         cache = StaticCache(config=language_model.config, max_cache_len=P + max_new_tokens)
         # Future columns start at 0 and are filled as tokens arrive: one shape for every step.
-        attention_mask = torch.cat([attention_mask, torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)], dim=1)
+        attention_mask = torch.cat(
+            [attention_mask, torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)], dim=1
+        )
         step_mask = attention_mask[:, :P]
     else:
         cache = DynamicCache()
@@ -70,7 +73,9 @@ def generate_from_embeds(
     for t in range(max_new_tokens):
         # Only the last row's logits are read: its last layer runs on that row alone (keys and
         # values for every row still go to the cache).
-        hidden = decoder_hidden_states(language_model.model, step_embeds, step_mask, step_positions, slice(-1, None), cache=cache)
+        hidden = decoder_hidden_states(
+            language_model.model, step_embeds, step_mask, step_positions, slice(-1, None), cache=cache
+        )
         logits = language_model.lm_head(hidden[:, -1]).float()
         if suppress is not None:
             logits[:, suppress] = float("-inf")

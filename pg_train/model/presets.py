@@ -5,10 +5,11 @@ hiera-large v1). `tiny` keeps every structural choice (448 px, 16x16 token grid,
 v2, untied lm_head, SAM2 with high-res features and object scores) but shrinks widths and depths
 so that it builds in well under a second and runs on two CPU cores.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -143,18 +144,30 @@ SA2VA_4B_SPECIAL_TOKEN_IDS = {
 
 TINY_VISION = VisionDims(hidden_size=32, num_layers=2, num_heads=2, mlp_size=64)
 TINY_SAM2 = Sam2Dims(
-    embed_dim=8, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
-    window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4),
-    d_model=32, mem_dim=16, memory_attention_layers=1, memory_attention_ffn=64,
-    fuser_layers=1, image_size=128,
+    embed_dim=8,
+    num_heads=1,
+    stages=(1, 2, 2, 1),
+    global_att_blocks=(4,),
+    window_spec=(8, 4, 4, 2),
+    window_pos_embed_bkg_spatial_size=(4, 4),
+    d_model=32,
+    mem_dim=16,
+    memory_attention_layers=1,
+    memory_attention_ffn=64,
+    fuser_layers=1,
+    image_size=128,
 )
 
 TINY = ModelPreset(
     name="tiny",
     vision=TINY_VISION,
     language=LanguageDims(
-        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=128, vocab_size=0,  # 0: taken from the tiny tokenizer
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=0,  # 0: taken from the tiny tokenizer
         max_position_embeddings=2048,
     ),
     sam2=TINY_SAM2,
@@ -165,15 +178,31 @@ TINY = ModelPreset(
 PRESETS: dict[str, ModelPreset] = {
     "sa2va-4b": ModelPreset(
         name="sa2va-4b",
-        vision=VisionDims(hidden_size=1024, num_layers=24, num_heads=16, mlp_size=4096,
-                          dynamic_image_size=True, min_dynamic_patch=1, max_dynamic_patch=12, use_thumbnail=True),
+        vision=VisionDims(
+            hidden_size=1024,
+            num_layers=24,
+            num_heads=16,
+            mlp_size=4096,
+            dynamic_image_size=True,
+            min_dynamic_patch=1,
+            max_dynamic_patch=12,
+            use_thumbnail=True,
+        ),
         language=LanguageDims(
-            hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
-            intermediate_size=11008, vocab_size=151_679,
+            hidden_size=2048,
+            num_layers=36,
+            num_heads=16,
+            num_kv_heads=2,
+            intermediate_size=11008,
+            vocab_size=151_679,
         ),
         sam2=Sam2Dims(
-            embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
-            window_spec=(8, 4, 16, 8), window_pos_embed_bkg_spatial_size=(7, 7),
+            embed_dim=144,
+            num_heads=2,
+            stages=(2, 6, 36, 4),
+            global_att_blocks=(23, 33, 43),
+            window_spec=(8, 4, 16, 8),
+            window_pos_embed_bkg_spatial_size=(7, 7),
         ),
         special_token_ids=SA2VA_4B_SPECIAL_TOKEN_IDS,
     ),
@@ -188,8 +217,13 @@ PRESETS: dict[str, ModelPreset] = {
         name="bench",
         vision=TINY_VISION,
         language=LanguageDims(
-            hidden_size=2048, num_layers=2, num_heads=16, num_kv_heads=2,
-            intermediate_size=11008, vocab_size=151_679, max_position_embeddings=4096,
+            hidden_size=2048,
+            num_layers=2,
+            num_heads=16,
+            num_kv_heads=2,
+            intermediate_size=11008,
+            vocab_size=151_679,
+            max_position_embeddings=4096,
         ),
         sam2=TINY_SAM2,
         lora=LoraDims(r=16, alpha=32, dropout=0.0),
@@ -220,8 +254,11 @@ def preset_from_dict(data: dict[str, Any]) -> ModelPreset:
         sam2=_from_dict(Sam2Dims, data["sam2"]),
         lora=_from_dict(LoraDims, data.get("lora", {})),
         # a checkpoint written before presets carried objective defaults: its registry preset's
-        objective=_from_dict(ObjectiveDefaults, data["objective"]) if "objective" in data
-        else PRESETS[data["name"]].objective if data["name"] in PRESETS else ObjectiveDefaults(),
+        objective=_from_dict(ObjectiveDefaults, data["objective"])
+        if "objective" in data
+        else PRESETS[data["name"]].objective
+        if data["name"] in PRESETS
+        else ObjectiveDefaults(),
         template=data.get("template", "phi3_chat"),
         special_token_ids=data.get("special_token_ids"),
     )

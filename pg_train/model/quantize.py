@@ -1,4 +1,5 @@
 """QLoRA-style 4-bit frozen LLM base (bitsandbytes NF4) for small GPUs."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,12 @@ def quantize_llm_base_4bit(model, compute_dtype: torch.dtype = torch.bfloat16) -
                 continue
             device = child.weight.device
             quantized = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None,
-                compute_dtype=compute_dtype, quant_type="nf4", device="meta" if device.type == "meta" else None,
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                device="meta" if device.type == "meta" else None,
             )
             # bitsandbytes repacks CPU weights for inference the first time an eval-mode forward
             # runs (teacher generation); training forwards on the repacked weights then fail

@@ -11,6 +11,7 @@ builds from its bytes using merges of rank < r, so its last merge is the pair th
 before r. Ids: ranks 0 … 151,642, then Qwen's control and Qwen2.5's extra tokens (151,643 …
 151,664), then Sa2VA's 14 added tokens (151,665 … 151,678), as in the released tokenizer.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,14 +26,41 @@ QWEN2_SPLIT_PATTERN = (
 )
 QWEN_CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN25_EXTRA_TOKENS = [
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 SA2VA_ADDED_TOKENS = [
-    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-    "[SEG]", "<p>", "</p>", "<vp>", "</vp>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "[SEG]",
+    "<p>",
+    "</p>",
+    "<vp>",
+    "</vp>",
 ]
 NUM_BPE_TOKENS = 151_643
 
@@ -102,13 +130,17 @@ def build_qwen_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerF
     merges = sorted(((ranks[t], _last_merge(t, ranks)) for t in ranks if len(t) > 1))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(as_text(a), as_text(b)) for _, (a, b) in merges], fuse_unk=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(QWEN_CONTROL_TOKENS + QWEN25_EXTRA_TOKENS + SA2VA_ADDED_TOKENS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         additional_special_tokens=QWEN25_EXTRA_TOKENS + SA2VA_ADDED_TOKENS + ["<|im_start|>"],
     )

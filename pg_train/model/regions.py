@@ -1,4 +1,5 @@
 """Region mask -> cells of the image-token grid (the visual prompt's K slots)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,9 @@ def region_coverage(masks: torch.Tensor, grid_size: int) -> torch.Tensor:
 REGION_RULES = ("nearest", "coverage")
 
 
-def region_cells(masks: torch.Tensor, grid_size: int, threshold: float = 0.5, empty_policy: str = "largest",
-                 rule: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+def region_cells(
+    masks: torch.Tensor, grid_size: int, threshold: float = 0.5, empty_policy: str = "largest", rule: str = "nearest"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the grid cells of each region.
 
     `rule`:
@@ -47,7 +49,9 @@ def region_cells(masks: torch.Tensor, grid_size: int, threshold: float = 0.5, em
         if no_pixels.any():
             raise ValueError(f"region masks of samples {no_pixels.nonzero().flatten().tolist()} are empty")
         if empty_policy == "error":
-            raise ValueError(f"regions of samples {empty.nonzero().flatten().tolist()} select no grid cell (region rule {rule!r})")
+            raise ValueError(
+                f"regions of samples {empty.nonzero().flatten().tolist()} select no grid cell (region rule {rule!r})"
+            )
         if empty_policy != "largest":
             raise ValueError(f"unknown empty_policy {empty_policy!r}; expected 'largest' or 'error'")
         flat = coverage.flatten(1)

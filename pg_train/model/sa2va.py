@@ -3,6 +3,7 @@
 Module names are the released checkpoint's names (`vision_model`, `mlp1`, `language_model`,
 `grounding_encoder.sam2_model`, `text_hidden_fcs`), so loading is a prefix mapping.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,14 @@ def build_language_model(preset: ModelPreset):
 
 
 class Sa2VAModel(nn.Module):
-    def __init__(self, preset: ModelPreset, token_ids: dict[str, int], tokenizer=None, template: str = "sa2va",
-                 chat_template: str | None = None):
+    def __init__(
+        self,
+        preset: ModelPreset,
+        token_ids: dict[str, int],
+        tokenizer=None,
+        template: str = "sa2va",
+        chat_template: str | None = None,
+    ):
         super().__init__()
         self.preset = preset
         self.tokenizer = tokenizer
@@ -69,8 +76,14 @@ class Sa2VAModel(nn.Module):
 
     def set_prompts(self, template: str, chat_template: str) -> None:
         """Build the prompts of a wording set and chat template (the checkpoint's by default)."""
-        self.prompts = PromptBuilder(self.tokenizer, self.token_ids, self.preset.vision.num_image_tokens, template,
-                                     chat_template=chat_template, vocab_size=self.preset.language.vocab_size)
+        self.prompts = PromptBuilder(
+            self.tokenizer,
+            self.token_ids,
+            self.preset.vision.num_image_tokens,
+            template,
+            chat_template=chat_template,
+            vocab_size=self.preset.language.vocab_size,
+        )
 
     # ---- vision ---------------------------------------------------------------------------
     @property
@@ -128,8 +141,13 @@ class Sa2VAModel(nn.Module):
     def embed_tokens(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
-    def embed_with_images(self, input_ids: torch.Tensor, image_features: torch.Tensor, region_cells: torch.Tensor | None,
-                          num_views: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_with_images(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor,
+        region_cells: torch.Tensor | None,
+        num_views: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with every `<IMG_CONTEXT>` slot filled, in order: each sample's image
         tokens (G*G per view, its views in order), then (visual prompt) the tokens of the region's
         set cells, row-major, from the sample's last view — the thumbnail when tiled, as in the
@@ -145,7 +163,11 @@ class Sa2VAModel(nn.Module):
             raise ValueError(f"{image_features.shape[0]} image views for num_views {num_views.tolist()}")
         slots = input_ids == self.img_context_id
         n_img = image_features.shape[1] * num_views.to(input_ids.device)
-        cell_counts = region_cells.flatten(1).sum(1) if region_cells is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        cell_counts = (
+            region_cells.flatten(1).sum(1)
+            if region_cells is not None
+            else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        )
         expected = n_img + cell_counts.to(input_ids.device)
         found = slots.sum(1)
         if not torch.equal(found, expected):
@@ -188,15 +210,22 @@ class Sa2VAModel(nn.Module):
         slots in the middle), so a padded sample sees the positions it would see alone."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def lm_forward(self, input_ids, attention_mask, pixel_values, region_cells=None, logits_to_keep=0, num_views=None, **kwargs):
+    def lm_forward(
+        self, input_ids, attention_mask, pixel_values, region_cells=None, logits_to_keep=0, num_views=None, **kwargs
+    ):
         """Teacher-forced forward of a tokenised prompt with its image (and optional region)."""
         embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells, num_views)
         return self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=self.position_ids(attention_mask),
-            logits_to_keep=logits_to_keep, **kwargs,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(attention_mask),
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
 
-    def caption_logits(self, input_ids, attention_mask, pixel_values, region_cells, first_row: int, num_rows: int, num_views=None) -> torch.Tensor:
+    def caption_logits(
+        self, input_ids, attention_mask, pixel_values, region_cells, first_row: int, num_rows: int, num_views=None
+    ) -> torch.Tensor:
         """Logits [B, num_rows, V] of rows first_row .. first_row+num_rows-1 only.
 
         lm_head runs on the selected hidden states: the [B, L, V] tensor of a full forward
@@ -204,14 +233,27 @@ class Sa2VAModel(nn.Module):
         """
         embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells, num_views)
         rows = slice(first_row, first_row + num_rows)
-        hidden = decoder_hidden_states(self.language_model.model, embeds, attention_mask, self.position_ids(attention_mask), rows)
+        hidden = decoder_hidden_states(
+            self.language_model.model, embeds, attention_mask, self.position_ids(attention_mask), rows
+        )
         # contiguous(): matmul will not fold a strided tensor that requires grad into one 2-D
         # GEMM; it broadcasts lm_head's [V, D] weight to a batch of B copies instead (measured
         # on CPU bf16, batch 8, V = 151,679, a strided row slice: a 5 GB copy, 24 s of a 26 s pass 1).
         return self.language_model.lm_head(hidden.contiguous())
 
-    def segment_from_embeds(self, prefix_ids, caption_embeds, caption_mask, suffix_ids, seg_index: int, pixel_values, sam_pixel_values,
-                            return_seg_hidden: bool = False, prefix_mask=None, num_views=None):
+    def segment_from_embeds(
+        self,
+        prefix_ids,
+        caption_embeds,
+        caption_mask,
+        suffix_ids,
+        seg_index: int,
+        pixel_values,
+        sam_pixel_values,
+        return_seg_hidden: bool = False,
+        prefix_mask=None,
+        num_views=None,
+    ):
         """Mask logits [B, S/4, S/4] for the prompt prefix + caption embeddings + suffix.
 
         prefix_ids [B, P] (with the image slots), caption_embeds [B, T, D], caption_mask [B, T]
@@ -226,12 +268,14 @@ class Sa2VAModel(nn.Module):
         suffix = self.embed_tokens()(suffix_ids)
         embeds = torch.cat([prefix, caption_embeds.to(prefix.dtype), suffix], dim=1)
         prefix_mask = torch.ones_like(prefix_ids) if prefix_mask is None else prefix_mask.to(prefix_ids)
-        attention_mask = torch.cat(
-            [prefix_mask, caption_mask.to(prefix_ids.dtype), torch.ones_like(suffix_ids)], dim=1
-        )
+        attention_mask = torch.cat([prefix_mask, caption_mask.to(prefix_ids.dtype), torch.ones_like(suffix_ids)], dim=1)
         seg_row = P + caption_embeds.shape[1] + seg_index
         seg_hidden = decoder_hidden_states(
-            self.language_model.model, embeds, attention_mask, self.position_ids(attention_mask), slice(seg_row, seg_row + 1),
+            self.language_model.model,
+            embeds,
+            attention_mask,
+            self.position_ids(attention_mask),
+            slice(seg_row, seg_row + 1),
         )[:, 0]
         masks = self.predict_masks(seg_hidden, sam_pixel_values)
         return (masks, seg_hidden) if return_seg_hidden else masks
@@ -252,13 +296,17 @@ class Sa2VAModel(nn.Module):
         for key, value in state_dict.items():
             if key.startswith(prefixes):
                 if key not in current or not torch.equal(current[key].cpu(), value.cpu()):
-                    raise RuntimeError(f"4-bit base tensor {key} differs from this model's: the checkpoint belongs to another base")
+                    raise RuntimeError(
+                        f"4-bit base tensor {key} differs from this model's: the checkpoint belongs to another base"
+                    )
             else:
                 rest[key] = value
         result = super().load_state_dict(rest, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
         if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"Error(s) in loading state_dict: missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}")
+            raise RuntimeError(
+                f"Error(s) in loading state_dict: missing {missing[:10]}, unexpected {result.unexpected_keys[:10]}"
+            )
         return type(result)(missing, result.unexpected_keys)
 
     # ---- grounding ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The frozen image encoder runs once per image; the trainable mask decoder turns t
 embedding of the [SEG] token into a mask. Names under `sam2_model.` are the original SAM2 names,
 so checkpoints map by prefix (plus `gamma` <-> `g_weight`, see checkpoint.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,9 @@ def build_sam2(dims: Sam2Dims) -> nn.Module:
         window_spec=dims.window_spec,
     )
     neck = FpnNeck(
-        position_encoding=PositionEmbeddingSine(num_pos_feats=dims.d_model, normalize=True, scale=None, temperature=10000),
+        position_encoding=PositionEmbeddingSine(
+            num_pos_feats=dims.d_model, normalize=True, scale=None, temperature=10000
+        ),
         d_model=dims.d_model,
         backbone_channel_list=dims.backbone_channel_list,
         fpn_top_down_levels=[2, 3],
@@ -47,8 +50,14 @@ def build_sam2(dims: Sam2Dims) -> nn.Module:
 
     def rope_attention(kv_in_dim: int | None = None, **extra) -> nn.Module:
         return RoPEAttention(
-            rope_theta=10000.0, feat_sizes=(feat, feat), embedding_dim=dims.d_model, num_heads=1,
-            downsample_rate=1, dropout=0.1, kv_in_dim=kv_in_dim, **extra,
+            rope_theta=10000.0,
+            feat_sizes=(feat, feat),
+            embedding_dim=dims.d_model,
+            num_heads=1,
+            downsample_rate=1,
+            dropout=0.1,
+            kv_in_dim=kv_in_dim,
+            **extra,
         )
 
     memory_attention = MemoryAttention(
@@ -69,7 +78,9 @@ def build_sam2(dims: Sam2Dims) -> nn.Module:
     )
     memory_encoder = MemoryEncoder(
         out_dim=dims.mem_dim,
-        position_encoding=PositionEmbeddingSine(num_pos_feats=dims.mem_dim, normalize=True, scale=None, temperature=10000),
+        position_encoding=PositionEmbeddingSine(
+            num_pos_feats=dims.mem_dim, normalize=True, scale=None, temperature=10000
+        ),
         mask_downsampler=MaskDownSampler(embed_dim=dims.d_model, kernel_size=3, stride=2, padding=1),
         fuser=Fuser(
             CXBlock(dim=dims.d_model, kernel_size=7, padding=3, layer_scale_init_value=1e-6, use_dwconv=True),

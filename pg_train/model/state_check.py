@@ -6,6 +6,7 @@ a missing or mis-shaped one, so a refused checkpoint has already overwritten par
 pg_train (released checkpoints, `model.init_from`, resume, the EMA shadow) therefore checks
 names, shapes, dtype kinds and finiteness here first and copies only when all of it holds.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -49,7 +50,10 @@ def check_state_shapes(expected: Mapping[str, tuple], found: Mapping[str, tuple]
     if unexpected:
         parts.append(f"  {len(unexpected)} unexpected tensors:" + _list([f"{n} {list(found[n])}" for n in unexpected]))
     if wrong:
-        parts.append(f"  {len(wrong)} tensors with the wrong shape:" + _list([f"{n}: checkpoint {list(found[n])}, model {list(expected[n])}" for n in wrong]))
+        parts.append(
+            f"  {len(wrong)} tensors with the wrong shape:"
+            + _list([f"{n}: checkpoint {list(found[n])}, model {list(expected[n])}" for n in wrong])
+        )
     raise CheckpointError("\n".join(parts))
 
 
@@ -88,25 +92,38 @@ def _refuse_nonfinite(report: list[str], where: str | Path) -> None:
 
 def _refuse_wrong_kinds(wrong_kind: list[str], where: str | Path) -> None:
     if wrong_kind:
-        raise CheckpointError(f"{where}: {len(wrong_kind)} tensors of the wrong dtype kind (nothing was loaded):" + _list(sorted(wrong_kind)))
+        raise CheckpointError(
+            f"{where}: {len(wrong_kind)} tensors of the wrong dtype kind (nothing was loaded):"
+            + _list(sorted(wrong_kind))
+        )
 
 
 def _kind_mismatch(name: str, stored: torch.dtype, expected: torch.dtype) -> list[str]:
     return [f"{name}: checkpoint {stored}, model {expected}"] if _kind(stored) != _kind(expected) else []
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], where: str | Path, *, allow_nonfinite: bool = False) -> None:
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    where: str | Path,
+    *,
+    allow_nonfinite: bool = False,
+) -> None:
     """Everything that would make `load_state_dict` fail or load something wrong: names,
     shapes, dtype kinds (floating vs integer vs bool) and finiteness, each listed by name."""
     not_tensors = sorted(n for n, t in state.items() if not isinstance(t, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f"{where}: entries that are not tensors (nothing was loaded):" + _list(not_tensors))
-    check_state_shapes({n: tuple(t.shape) for n, t in expected.items()}, {n: tuple(t.shape) for n, t in state.items()}, where)
+    check_state_shapes(
+        {n: tuple(t.shape) for n, t in expected.items()}, {n: tuple(t.shape) for n, t in state.items()}, where
+    )
     _refuse_wrong_kinds([m for n in expected for m in _kind_mismatch(n, state[n].dtype, expected[n].dtype)], where)
     check_finite(state, where, allow_nonfinite=allow_nonfinite)
 
 
-def load_state_dict_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str | Path, *, allow_nonfinite: bool = False) -> None:
+def load_state_dict_checked(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str | Path, *, allow_nonfinite: bool = False
+) -> None:
     """`module.load_state_dict(state, strict=True)`, but all-or-nothing: validated completely
     first (`check_state_dict`), so a refused checkpoint leaves every weight bitwise unchanged."""
     check_state_dict(module.state_dict(), state, where, allow_nonfinite=allow_nonfinite)
@@ -130,7 +147,9 @@ def read_safetensors(path: str | Path, names: list[str] | None = None) -> dict[s
             present = set(f.keys())
             absent = sorted(set(names or ()) - present)
             if absent:
-                raise CheckpointError(f"{path}: the file does not hold {len(absent)} tensors it should:" + _list(absent))
+                raise CheckpointError(
+                    f"{path}: the file does not hold {len(absent)} tensors it should:" + _list(absent)
+                )
             return {name: f.get_tensor(name) for name in (names if names is not None else sorted(present))}
     except CheckpointError:
         raise
@@ -150,7 +169,9 @@ def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise _unreadable(path, err) from err
 
 
-def check_safetensors_file(path: str | Path, expected: Mapping[str, torch.Tensor], *, allow_nonfinite: bool = False) -> None:
+def check_safetensors_file(
+    path: str | Path, expected: Mapping[str, torch.Tensor], *, allow_nonfinite: bool = False
+) -> None:
     """`check_state_dict` for a file too large to hold twice: the header's names and shapes
     first, then one tensor at a time (dtype kind, finiteness), none of them kept."""
     from safetensors import safe_open

@@ -12,6 +12,7 @@ on the device with one gather per step; state `len(end)` means the end text has 
 end of generation, `trim` cuts each row before the end text, fragments included: the `.` of
 `.<` stays (re-encoded alone), the `<` goes, a space before the tag goes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -97,7 +98,9 @@ class EndTextStop:
         each row's state; forbidding them keeps the first tokens whole caption text."""
         return self._table(states.device)[states] != 0
 
-    def trim(self, tokens: torch.Tensor, num_generated: torch.Tensor, max_len: int, min_len: int = 0) -> tuple[list[int], ...]:
+    def trim(
+        self, tokens: torch.Tensor, num_generated: torch.Tensor, max_len: int, min_len: int = 0
+    ) -> tuple[list[int], ...]:
         """Rows of generated ids -> caption ids (a list per row) cut before eos or the end text.
 
         Ids wholly before the end text are kept as generated. The id the end text starts inside

@@ -11,6 +11,7 @@ Two rules make the ids what the released model saw:
   the punctuation before it. Tests compare every prompt with the whole-string encoding using
   the real Qwen vocabulary (tests/test_templates.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -117,8 +118,15 @@ class LeadingSpace:
 class PromptBuilder:
     """Builds id sequences for the region-caption prompt and the segmentation prompt."""
 
-    def __init__(self, tokenizer, token_ids: dict[str, int], num_image_tokens: int, template: str = "sa2va",
-                 chat_template: str = "phi3_chat", vocab_size: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        token_ids: dict[str, int],
+        num_image_tokens: int,
+        template: str = "sa2va",
+        chat_template: str = "phi3_chat",
+        vocab_size: int | None = None,
+    ):
         if template not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {template!r}; known: {sorted(TEMPLATE_SETS)}")
         if chat_template not in CHAT_TEMPLATES:
@@ -142,8 +150,12 @@ class PromptBuilder:
         self._region_between = self._encode_template(t.region_between)
         self._region_end = self._encode_template(t.region_question + chat.assistant_start)
         self._segment_between = self._encode_template(t.segment_between)
-        self._segment_after_caption = self._encode_template(t.segment_after_caption + chat.assistant_start + t.answer_before_seg)
-        self._segment_after_seg = self._encode_template(t.answer_after_seg + (chat.end_text if t.answer_has_end else ""))
+        self._segment_after_caption = self._encode_template(
+            t.segment_after_caption + chat.assistant_start + t.answer_before_seg
+        )
+        self._segment_after_seg = self._encode_template(
+            t.answer_after_seg + (chat.end_text if t.answer_has_end else "")
+        )
         end = self._encode_template(chat.end_text)
         self._end_special_id = end[0] if len(end) == 1 and end[0] in set(tokenizer.all_special_ids) else None
 
@@ -179,8 +191,13 @@ class PromptBuilder:
         if num_region_cells < 1:
             raise ValueError(f"a region prompt needs K >= 1 region cells, got {num_region_cells}")
         return (
-            self._user_start + self._image_ids(num_views) + self._region_between
-            + [self.vp_start] + [self.ctx] * num_region_cells + [self.vp_end] + self._region_end
+            self._user_start
+            + self._image_ids(num_views)
+            + self._region_between
+            + [self.vp_start]
+            + [self.ctx] * num_region_cells
+            + [self.vp_end]
+            + self._region_end
         )
 
     def answer_ids(self, caption: str, with_end: bool = False) -> list[int]:
@@ -214,6 +231,6 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, length - len(seq):] = 1
+            ids[row, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, length - len(seq) :] = 1
     return ids, mask

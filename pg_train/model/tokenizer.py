@@ -5,6 +5,7 @@ Sa2VA prompts, the synthetic scene vocabulary) and shipped as `assets/tiny_token
 needs no download and never changes under the tests. Like Qwen's, ordinary text ids come first
 and the special / added tokens are appended after them in Sa2VA's order.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +20,23 @@ EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 # Qwen's control tokens then Sa2VA's added tokens, in the released order.
 SPECIAL_TOKENS = [
-    PAD_TOKEN, "<|im_start|>", EOS_TOKEN,
-    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-    "[SEG]", "<p>", "</p>", "<vp>", "</vp>",
+    PAD_TOKEN,
+    "<|im_start|>",
+    EOS_TOKEN,
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "[SEG]",
+    "<p>",
+    "</p>",
+    "<vp>",
+    "</vp>",
 ]
 # The tokens the model logic depends on: each must be exactly one known id.
 REQUIRED_SINGLE_TOKENS = ("[SEG]", "<vp>", "</vp>", "<IMG_CONTEXT>", "<img>", "</img>")
@@ -39,11 +54,20 @@ _WORDS = (
 
 def _training_corpus() -> list[str]:
     corpus = [
-        "<|user|>\n", "<|end|>\n", "<|assistant|>\n", "<|end|>",
+        "<|user|>\n",
+        "<|end|>\n",
+        "<|assistant|>\n",
+        "<|end|>",
         "There are 1 part regions in the picture: region1",
-        "Please segment: ", "Please segment {expression} in this image.",
+        "Please segment: ",
+        "Please segment {expression} in this image.",
         "Please give me a short description of region1.",
-        " Region: ", ". Describe this region briefly.", "It is ", "Sure, ", ".", "\n",
+        " Region: ",
+        ". Describe this region briefly.",
+        "It is ",
+        "Sure, ",
+        ".",
+        "\n",
     ]
     for colour in _COLOURS:
         for shape in _SHAPES:
@@ -72,7 +96,9 @@ def train_tiny_tokenizer():
 
 def _wrap(tokenizer_object) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer_object, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+        tokenizer_object=tokenizer_object,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)],
     )
 
@@ -102,7 +128,7 @@ def special_id_mask(tokenizer, vocab_size: int) -> torch.Tensor:
     (image, region, [SEG], chat control, padding) and lm_head rows beyond the tokenizer."""
 
     mask = torch.zeros(vocab_size, dtype=torch.bool)
-    mask[len(tokenizer):] = True
+    mask[len(tokenizer) :] = True
     added = list(getattr(tokenizer, "added_tokens_decoder", {}).keys())
     ids = [i for i in added + list(tokenizer.all_special_ids) if i is not None and 0 <= i < vocab_size]
     mask[ids] = True

@@ -4,6 +4,7 @@ Written here rather than taken from transformers' `InternVLVisionModel` because 
 Sa2VA checkpoints use the original InternViT names (`attn.qkv`, `ls1`, `mlp.fc1`, ...): keeping
 those names makes checkpoint loading a prefix mapping instead of a tensor-splitting exercise.
 """
+
 from __future__ import annotations
 
 import torch
