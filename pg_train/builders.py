@@ -14,6 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .model import build_model, enable_gradient_checkpointing, from_pretrained
+from .model.checkpoint import TILING_KEYS
 from .model.presets import get_preset
 from .model.state_check import load_state_dict_checked, read_safetensors
 
@@ -47,11 +48,7 @@ def unfreeze_extra(model, prefixes: list[str]) -> None:
 def apply_input_overrides(model, m) -> None:
     """`model.chat_template` and the tiling keys, where set, replace the checkpoint's (or
     preset's) values: they decide what the model is shown, not its weights."""
-    tiling = {
-        k: getattr(m, k)
-        for k in ("dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")
-        if getattr(m, k) is not None
-    }
+    tiling = {k: getattr(m, k) for k in TILING_KEYS if getattr(m, k) is not None}
     if tiling:
         model.preset = dataclasses.replace(model.preset, vision=dataclasses.replace(model.preset.vision, **tiling))
     if m.chat_template is not None and model.prompts is not None:

@@ -303,6 +303,16 @@ def segment_prompt(
     return prefix.to(device), prefix_mask.to(device), caption_mask, suffix, seg_index
 
 
+def space_slot_rows(
+    needs_slot: torch.Tensor, caption_ids: torch.Tensor, caption_lengths: torch.Tensor
+) -> torch.Tensor | None:
+    """Bool [B]: the rows whose first caption id has no single-token leading-space twin (see
+    templates.LeadingSpace); None for captions of no tokens at all."""
+    if caption_ids.shape[1] == 0:
+        return None
+    return needs_slot[caption_ids[:, 0]] & (caption_lengths > 0)
+
+
 def with_space_slot(
     model, text_embeds: torch.Tensor, caption_mask: torch.Tensor, space_slot: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +334,7 @@ def answer_caption_embeds(
         return model.embed_tokens()(caption_ids), None
     twin, needs_slot = model.prompts.leading_space.on(caption_ids.device)
     rows = torch.cat([twin[caption_ids[:, :1]], caption_ids[:, 1:]], dim=1)
-    space_slot = needs_slot[caption_ids[:, 0]] & (caption_lengths > 0)
+    space_slot = space_slot_rows(needs_slot, caption_ids, caption_lengths)
     return model.embed_tokens()(rows), space_slot
 
 
@@ -490,7 +500,7 @@ def pseudo_gumbel_step(
         )
     if text_embeds.requires_grad:
         text_embeds.retain_grad()
-    space_slot = needs_slot[hard_ids[:, 0]] & (caption_lengths > 0) if hard_ids.shape[1] else None
+    space_slot = space_slot_rows(needs_slot, hard_ids, caption_lengths)
     with observe("pass2"):
         mask_logits = forward_mask_with_text_embeds(  # 5
             student,

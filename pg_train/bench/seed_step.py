@@ -34,6 +34,7 @@ from ..pseudo_gumbel import (
     resize_target,
     sample_generators,
     segment_prompt,
+    space_slot_rows,
     special_ids,
     uniform_noise,
     with_space_slot,
@@ -119,7 +120,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
         text_embeds, hard_ids = naive_topk_gumbel_softmax(
             logits, student.embed_tokens().weight, special.to(logits.device), uniform, cfg.tau, k, twin
         )
-        space_slot = needs_slot[hard_ids[:, 0]] & (lengths > 0) if hard_ids.shape[1] else None
+        space_slot = space_slot_rows(needs_slot, hard_ids, lengths)
     student.clear_vision_cache()
     with clock("pass2"):
         mask_logits = literal_segment_pass(

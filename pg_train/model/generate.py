@@ -108,10 +108,9 @@ def generate_from_embeds(
             break
         if static_cache:
             attention_mask[:, P + t] = (~finished).long()
-            step_mask = attention_mask
         else:
             attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=1)
-            step_mask = attention_mask
+        step_mask = attention_mask
         step_positions = step_positions[:, -1:] + 1
         step_embeds = embed(next_ids)[:, None]
     if stop is not None:

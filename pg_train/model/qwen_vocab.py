@@ -20,11 +20,13 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
+from .tokenizer import EOS_TOKEN, PAD_TOKEN, SA2VA_ADDED_TOKENS
+
 # Qwen2's pre-tokenizer split (single digits, unlike tiktoken's cl100k \p{N}{1,3}).
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-QWEN_CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_CONTROL_TOKENS = [PAD_TOKEN, "<|im_start|>", EOS_TOKEN]
 QWEN25_EXTRA_TOKENS = [
     "<|object_ref_start|>",
     "<|object_ref_end|>",
@@ -45,22 +47,6 @@ QWEN25_EXTRA_TOKENS = [
     "<|fim_pad|>",
     "<|repo_name|>",
     "<|file_sep|>",
-]
-SA2VA_ADDED_TOKENS = [
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-    "[SEG]",
-    "<p>",
-    "</p>",
-    "<vp>",
-    "</vp>",
 ]
 NUM_BPE_TOKENS = 151_643
 
@@ -140,7 +126,7 @@ def build_qwen_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerF
     tok.add_special_tokens(QWEN_CONTROL_TOKENS + QWEN25_EXTRA_TOKENS + SA2VA_ADDED_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
         additional_special_tokens=QWEN25_EXTRA_TOKENS + SA2VA_ADDED_TOKENS + ["<|im_start|>"],
     )

@@ -18,11 +18,8 @@ TINY_BASE_VOCAB = 480
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
-# Qwen's control tokens then Sa2VA's added tokens, in the released order.
-SPECIAL_TOKENS = [
-    PAD_TOKEN,
-    "<|im_start|>",
-    EOS_TOKEN,
+# Sa2VA's added tokens, in the released order (ids 151,665 ... 151,678 in the real tokenizer).
+SA2VA_ADDED_TOKENS = [
     "<img>",
     "</img>",
     "<IMG_CONTEXT>",
@@ -38,6 +35,8 @@ SPECIAL_TOKENS = [
     "<vp>",
     "</vp>",
 ]
+# Qwen's control tokens then Sa2VA's added tokens, in the released order.
+SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", EOS_TOKEN, *SA2VA_ADDED_TOKENS]
 # The tokens the model logic depends on: each must be exactly one known id.
 REQUIRED_SINGLE_TOKENS = ("[SEG]", "<vp>", "</vp>", "<IMG_CONTEXT>", "<img>", "</img>")
 
