@@ -383,6 +383,11 @@ def validate(cfg: TrainConfig) -> None:
         (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)"),
         (cfg.objective.temperature > 0, "objective.temperature", "must be > 0"),
+        (
+            cfg.objective.static_cache or not cfg.objective.cuda_graphs,
+            "objective.cuda_graphs",
+            "needs objective.static_cache=true (a graph replays fixed shapes)",
+        ),
         (cfg.objective.sample_top_k >= 0, "objective.sample_top_k", "must be >= 0 (0: the whole vocabulary)"),
         (
             cfg.objective.bce_weight >= 0 and cfg.objective.dice_weight >= 0,

@@ -40,6 +40,9 @@ class PseudoGumbelConfig:
     sample_top_k: int = 0
     # decode with key/value buffers allocated once and fixed-shape steps (graph-ready; same tokens)
     static_cache: bool = False
+    # CUDA: capture the static-cache decoding step in a CUDA graph and replay it (needs static_cache;
+    # ignored off CUDA, where the static-cache path runs eagerly)
+    cuda_graphs: bool = False
     # loss (computed at the SAM2 decoder's resolution, see mask_loss)
     bce_weight: float = 2.0
     dice_weight: float = 0.5
@@ -122,6 +125,7 @@ def generate_pseudo_tokens_with_ema(
             top_k=cfg.sample_top_k,
             generator=generator,
             static_cache=cfg.static_cache,
+            cuda_graphs=cfg.cuda_graphs,
         )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 

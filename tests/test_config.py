@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
         ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
         ("optim.grad_clip=-1", "optim.grad_clip"),
         ("objective.temperature=0", "objective.temperature"),
+        ("objective.cuda_graphs=true", "objective.cuda_graphs"),
         ("objective.sample_top_k=-1", "objective.sample_top_k"),
         ("objective.dice_weight=-1", "objective.bce_weight"),
         ("objective.region_rule=bilinear", "objective.region_rule"),

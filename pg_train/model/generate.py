@@ -26,6 +26,7 @@ def generate_from_embeds(
     generator: torch.Generator | None = None,
     check_every: int | None = None,
     static_cache: bool = False,
+    cuda_graphs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (or sampled) decoding of a left-padded batch.
 
@@ -43,6 +44,9 @@ def generate_from_embeds(
     mask of that full length, so every decoding step has the same shapes and no host-side
     bookkeeping — what capturing the step in a CUDA graph needs. Same tokens as the dynamic
     cache (tests/test_generate.py).
+
+    `cuda_graphs` (with `static_cache`, CUDA only): the per-token step is captured once and
+    replayed. Elsewhere it is ignored and the static-cache step runs eagerly.
     """
     from transformers import DynamicCache, StaticCache
 
