@@ -133,7 +133,9 @@ def evaluate(
                 lengths.append(n)
                 tokens += row[:n]
             if gallery_path is not None and len(rows) < gallery_size:
-                rows += _gallery_rows(module, batch, inputs, predictions, target, gallery_size - len(rows))
+                rows += _samples_from(
+                    module, batch, inputs["cycle"], predictions["cycle"], target, gallery_size - len(rows)
+                )
     finally:
         hook.remove()
         module.train(was_training)
@@ -191,43 +193,88 @@ MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
 
 
-def _to_image(pixel_values: torch.Tensor) -> Image.Image:
+def _to_array(pixel_values: torch.Tensor) -> np.ndarray:
+    """[TILE, TILE, 3] uint8 RGB of one normalised view."""
     array = ((pixel_values.float().cpu() * STD + MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array).resize((TILE, TILE))
+    return np.asarray(Image.fromarray(array).resize((TILE, TILE)))
 
 
-def _overlay(image: Image.Image, mask: torch.Tensor, colour: tuple[int, int, int], alpha: float = 0.45) -> Image.Image:
-    mask_image = Image.fromarray((mask.float().cpu().numpy() > 0.5).astype(np.uint8) * int(255 * alpha)).resize(
-        image.size
-    )
+def _mask_array(mask: torch.Tensor) -> np.ndarray:
+    """[TILE, TILE] bool of a mask at any resolution (nearest: the pixels the model scored)."""
+    image = Image.fromarray((mask.float().cpu().numpy() > 0.5).astype(np.uint8) * 255)
+    return np.asarray(image.resize((TILE, TILE), Image.Resampling.NEAREST)) > 127
+
+
+def _samples_from(module, batch, cycle_caption, cycle_logits, target, limit) -> list[dict]:
+    """Gallery samples of one batch as data, at most `limit`: image1 / image2 [TILE, TILE, 3]
+    uint8 (the whole-image view), region1 / true2 / pred2 [TILE, TILE] bool (the region of
+    image 1; image 2's true mask at SAM2's input resolution and the mask predicted from the
+    model's own caption at the logits'), the caption (decoded), the ground-truth expression, and
+    the sample's IoU against `target` (at the logits' resolution, as the metrics count it)."""
+    ids, lens = cycle_caption
+    whole1, whole2 = whole_image_views(batch, "1"), whole_image_views(batch, "2")
+    predicted = (cycle_logits > 0).float()
+    inter, union = iou_counts(cycle_logits, target)
+    samples = []
+    for b in range(min(limit, batch["region_masks1"].shape[0])):
+        samples.append(
+            {
+                "image1": _to_array(whole1[b]),
+                "region1": _mask_array(batch["region_masks1"][b]),
+                "image2": _to_array(whole2[b]),
+                "true2": _mask_array(batch["masks2"][b]),
+                "pred2": _mask_array(predicted[b]),
+                "caption": module.tokenizer.decode(ids[b, : int(lens[b])].tolist()),
+                "truth": batch["captions"][b] or "",
+                "iou": float(inter[b] / union[b]) if float(union[b]) > 0 else 1.0,
+            }
+        )
+    return samples
+
+
+@torch.no_grad()
+def gallery_samples(model, batches, cfg: PseudoGumbelConfig, n: int = 4) -> list[dict]:
+    """The first `n` samples of `batches` as data (see _samples_from): the model captions region
+    1 of image 1 (greedy, as the cycle evaluation), then segments image 2 from that caption. Only
+    the cycle path runs (one caption generation and one mask pass a batch), so it is cheap."""
+    module = unwrap(model)
+    was_training = module.training
+    module.eval()
+    samples: list[dict] = []
+    try:
+        for batch in batches:
+            if len(samples) >= n:
+                break
+            inputs = caption_inputs(model, batch, cfg)
+            logits = segment_from_caption(model, batch, *inputs["cycle"])
+            target = resize_target(batch["masks2"].to(logits.device), logits.shape[-2:])
+            samples += _samples_from(module, batch, inputs["cycle"], logits, target, n - len(samples))
+    finally:
+        module.train(was_training)
+    return samples
+
+
+def _overlay(image: Image.Image, mask: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.45) -> Image.Image:
+    mask_image = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * int(255 * alpha)).resize(image.size)
     return Image.composite(Image.new("RGB", image.size, colour), image, mask_image)
 
 
-def _gallery_rows(module, batch, inputs, predictions, target, limit) -> list[tuple]:
-    rows = []
-    tokenizer = module.tokenizer
-    ids, lens = inputs["cycle"]
-    whole1, whole2 = whole_image_views(batch, "1"), whole_image_views(batch, "2")
-    for b in range(min(limit, batch["region_masks1"].shape[0])):
-        left = _overlay(_to_image(whole1[b]), batch["region_masks1"][b], (255, 200, 0))
-        right = _overlay(_to_image(whole2[b]), target[b], (0, 200, 0))
-        right = _overlay(right, (predictions["cycle"][b] > 0).float(), (220, 0, 0), alpha=0.5)
-        caption = tokenizer.decode(ids[b, : int(lens[b])].tolist())
-        rows.append((left, right, f"model: {caption}"[:90], f"truth: {batch['captions'][b] or ''}"[:90]))
-    return rows
-
-
-def write_gallery(rows: list[tuple], path: str | Path) -> None:
+def write_gallery(samples: list[dict], path: str | Path) -> None:
     """One row per sample: image 1 with its region (yellow) | image 2 with the true mask (green)
-    and the mask predicted from the model's own caption (red); the caption underneath."""
-    canvas = Image.new("RGB", (2 * TILE, max(1, len(rows)) * (TILE + TEXT_HEIGHT)), "white")
+    and the mask predicted from the model's own caption (red); the caption underneath.
+    (pg_train.report draws the same samples with matplotlib in a run's report.png, and saves
+    them with save_samples.)"""
+    canvas = Image.new("RGB", (2 * TILE, max(1, len(samples)) * (TILE + TEXT_HEIGHT)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (left, right, caption, truth) in enumerate(rows):
+    for i, s in enumerate(samples):
         top = i * (TILE + TEXT_HEIGHT)
+        left = _overlay(Image.fromarray(s["image1"]), s["region1"], (255, 200, 0))
+        right = _overlay(Image.fromarray(s["image2"]), s["true2"], (0, 200, 0))
+        right = _overlay(right, s["pred2"], (220, 0, 0), alpha=0.5)
         canvas.paste(left, (0, top))
         canvas.paste(right, (TILE, top))
-        draw.text((4, top + TILE + 4), caption, fill="black")
-        draw.text((4, top + TILE + 24), truth, fill="gray")
+        draw.text((4, top + TILE + 4), f"model: {s['caption']}"[:90], fill="black")
+        draw.text((4, top + TILE + 24), f"truth: {s['truth']}"[:90], fill="gray")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 

@@ -4,7 +4,7 @@
 #   stage 2  configs/learn_tiny_pg.yaml       Pseudo-Gumbel from stage 1  -> runs/learn_tiny/pg
 #   ablation stage 2 with mask_ratio 0, tau 0.3, tau 1.0                  -> runs/learn_tiny/pg_*
 #   control  stage 1 continued 600 steps (ground-truth text)              -> runs/learn_tiny/sup_more
-# then the table and docs/learning/curves.png. SKIP_ABLATION=1 runs the recipe only.
+# then the table and docs/learning/curves.png (python -m pg_train.report --compare). SKIP_ABLATION=1 runs the recipe only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,4 +23,4 @@ if [ -z "${SKIP_ABLATION:-}" ]; then
 fi
 runs=("warm-up only=runs/learn_tiny/warmup" "+warm-up + Pseudo-Gumbel=runs/learn_tiny/pg")
 [ -z "${SKIP_ABLATION:-}" ] && runs+=("+PG mask_ratio 0=runs/learn_tiny/pg_mask0" "+PG tau 0.3=runs/learn_tiny/pg_tau0.3" "+PG tau 1.0=runs/learn_tiny/pg_tau1.0" "+warm-up continued (supervised)=runs/learn_tiny/sup_more")
-"$PY" scripts/learning_report.py --out docs/learning "${runs[@]}"
+"$PY" -m pg_train.report --out docs/learning --compare "${runs[@]}"
