@@ -186,11 +186,11 @@ def plot_curves(records: list[dict], axes) -> None:
         ax.grid(alpha=0.3)
 
 
-def _outline(ax, mask: np.ndarray, colour: str) -> None:
-    """The mask's border in `colour` over a black edge (readable on any object's colour)."""
+def _outline(ax, mask: np.ndarray, colour: str, edge: str = "black", width: float = 2) -> None:
+    """The mask's border in `colour` over an `edge`-coloured rim (readable on any object's colour)."""
     mask = np.asarray(mask, bool)
     if mask.any() and not mask.all():
-        _stroke(ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=2), 2)
+        _stroke(ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width), width, edge)
 
 
 def _red_fill(mask: np.ndarray) -> np.ndarray:
@@ -209,8 +209,8 @@ def _wrap(text: str, width: int = 44, lines: int = 3) -> str:
     return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder=" …"))
 
 
-def _stroke(artist, width: float) -> None:
-    artist.set_path_effects([patheffects.Stroke(linewidth=width + 2, foreground="black"), patheffects.Normal()])
+def _stroke(artist, width: float, edge: str = "black") -> None:
+    artist.set_path_effects([patheffects.Stroke(linewidth=width + 2, foreground=edge), patheffects.Normal()])
 
 
 def plot_gallery(samples: list[dict], image1_axes, image2_axes) -> None:
@@ -231,6 +231,7 @@ def plot_gallery(samples: list[dict], image1_axes, image2_axes) -> None:
         ax2.set_label(f"gallery-image2-{i}")
         ax2.imshow(s["image2"])
         ax2.imshow(_red_fill(s["pred2"]))
+        _outline(ax2, s["pred2"], "red", edge="white", width=1.2)  # visible on a red object too
         _outline(ax2, s["true2"], "lime")
         empty = " (predicted nothing)" if not np.asarray(s["pred2"]).any() else ""
         ax2.set_title(
@@ -464,7 +465,7 @@ def plot_comparison(curves: dict[str, list[tuple[int, float, float, float]]]) ->
     )
     for ax in (cycle_ax, referring_ax):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     return fig
 
 
