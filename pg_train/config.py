@@ -64,6 +64,9 @@ class EMAConfig:
     decay: float = 0.999
     placement: str = "same"  # same | cpu | full:<device>
     warmup: bool = False
+    # full:<device> only: the teacher captions the next micro-batch while the student trains on
+    # this one (a teacher one update older; pg_train.overlap)
+    overlap: bool = False
 
 
 @dataclass
@@ -75,6 +78,15 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class CurriculumConfig:
+    """objective_kind=curriculum: a supervised warm-up, then Pseudo-Gumbel from it, in one run."""
+
+    supervised_steps: int = 0  # optimizer steps of the supervised stage; the rest are Pseudo-Gumbel
+    lr: float | None = None  # Pseudo-Gumbel stage's peak lr (its own warm-up and cosine); None: optim.lr
+    restart_ema: bool = True  # the teacher starts as the warmed-up student (as a second run would)
 
 
 @dataclass
@@ -92,12 +104,13 @@ class TrainConfig:
     stop_at_step: int | None = None  # behave as if preempted after this step (checkpoint, exit 75)
     tensorboard: bool = True
     progress: bool = True
-    objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed
+    objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed | curriculum
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: off)
     eval_samples: int = 16  # held-out synthetic scenes (a different seed than training)
     cudnn_attention: bool = False  # CUDA: allow SDPA's cuDNN backend (slow for shapes that change every step)
     model: ModelConfig = field(default_factory=ModelConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     # the default preset's objective defaults; load_config re-applies the chosen preset's
     objective: PseudoGumbelConfig = field(default_factory=lambda: objective_for(PRESETS[ModelConfig.preset]))
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -307,14 +320,35 @@ def validate(cfg: TrainConfig) -> None:
             "must be 'nearest' (the released model's) or 'coverage'",
         ),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
+        (
+            not cfg.ema.overlap or cfg.ema.placement.startswith("full:"),
+            "ema.overlap",
+            "needs ema.placement=full:<device> (a teacher copy the student's step does not touch)",
+        ),
+        (
+            not cfg.ema.overlap or cfg.objective_kind in ("pseudo_gumbel", "mixed"),
+            "ema.overlap",
+            "needs objective_kind pseudo_gumbel or mixed (the objectives with a teacher)",
+        ),
+        (
+            not (cfg.ema.overlap and cfg.objective.do_sample),
+            "ema.overlap",
+            "decodes greedily only (sampling in the teacher's thread would share the student's random stream)",
+        ),
         (len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
         (cfg.optim.name in ("adamw", "adamw8bit"), "optim.name", "must be adamw or adamw8bit"),
         (
-            cfg.objective_kind in ("pseudo_gumbel", "supervised", "mixed"),
+            cfg.objective_kind in ("pseudo_gumbel", "supervised", "mixed", "curriculum"),
             "objective_kind",
-            "must be pseudo_gumbel, supervised or mixed",
+            "must be pseudo_gumbel, supervised, mixed or curriculum",
         ),
+        (
+            cfg.objective_kind != "curriculum" or 0 < cfg.curriculum.supervised_steps < cfg.max_steps,
+            "curriculum.supervised_steps",
+            "must be in (0, max_steps) with objective_kind=curriculum",
+        ),
+        (cfg.curriculum.lr is None or cfg.curriculum.lr > 0, "curriculum.lr", "must be > 0 (or null: optim.lr)"),
         (cfg.eval_every >= 0 and cfg.eval_samples >= 1, "eval_every", "eval_every must be >= 0 and eval_samples >= 1"),
         (cfg.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}"),
         (

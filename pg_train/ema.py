@@ -114,6 +114,15 @@ class EMATeacher:
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
         self.num_updates += 1
 
+    @torch.no_grad()
+    def restart_from(self, student) -> None:
+        """shadow <- student, as a new EMA would start: the curriculum's Pseudo-Gumbel stage takes
+        the warmed-up student as its teacher, as a second run started from its checkpoint would."""
+        for s, p in zip(self.shadow, self._params(unwrap(student))):
+            s.copy_(p.detach())
+        self.num_updates = 0
+        self._teacher_synced_at = -1
+
     def update_if_stepped(self, student, accelerator) -> bool:
         """Update only when the optimizer really stepped: at the end of a gradient-accumulation
         cycle (`sync_gradients`) and not skipped by the loss scaler. Returns whether it did."""
@@ -132,12 +141,7 @@ class EMATeacher:
         teacher model, refreshed from the shadow when it changed.
         """
         if self.teacher_model is not None:
-            if self._teacher_synced_at != self.num_updates:
-                with torch.no_grad():
-                    for p, s in zip(self._params(self.teacher_model), self.shadow):
-                        p.copy_(s.to(p.dtype))
-                self._teacher_synced_at = self.num_updates
-            yield self.teacher_model
+            yield self.synced_copy()
             return
         module = unwrap(student)
         params = self._params(module)
@@ -157,6 +161,19 @@ class EMATeacher:
                     p.copy_(b.to(p.device, non_blocking=True))
             if params[0].device.type == "cuda":
                 torch.cuda.current_stream(params[0].device).synchronize()
+
+    def synced_copy(self):
+        """placement=full: the separate teacher model with the current shadow copied in (when it
+        changed). Later updates write the shadow only, so the copy may be read while the student
+        trains (pg_train.overlap) until the next call."""
+        if self.teacher_model is None:
+            raise ValueError(f"synced_copy needs ema.placement=full:<device>, this EMA is placed {self.placement.kind}")
+        if self._teacher_synced_at != self.num_updates:
+            with torch.no_grad():
+                for p, s in zip(self._params(self.teacher_model), self.shadow):
+                    p.copy_(s.to(p.dtype))
+            self._teacher_synced_at = self.num_updates
+        return self.teacher_model
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -130,6 +130,18 @@ def generate_pseudo_tokens_with_ema(
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 
 
+def caption_batch(teacher, batch: dict, cfg: PseudoGumbelConfig, student=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 for a whole batch as pseudo_gumbel_step runs it (its region cells, its views), for
+    a caller that captions ahead of the step (pg_train.overlap)."""
+    model = unwrap(student if student is not None else teacher)
+    cells, _ = select_region_cells(
+        batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
+    )
+    return generate_pseudo_tokens_with_ema(
+        teacher, batch["pixel_values1"], cells, cfg, None, student, batch.get("num_views1")
+    )
+
+
 def views_per_sample(num_views: torch.Tensor | None, batch_size: int) -> list[int]:
     return [1] * batch_size if num_views is None else [int(n) for n in num_views.tolist()]
 
@@ -466,7 +478,9 @@ def pseudo_gumbel_step(
     batch: `pixel_values1` [B, 3, 448, 448] and `region_masks1` [B, H, W] (image 1 and its
     region), `pixel_values2` [B, 3, 448, 448], `sam_pixel_values2` [B, 3, S, S] and `masks2`
     [B, H', W'] (image 2 and the same object's mask); optional `sample_seeds` [B] (else drawn
-    from `generator`) seed each sample's masking and Gumbel noise.
+    from `generator`) seed each sample's masking and Gumbel noise; optional `teacher_captions`
+    (ids [B, T], lengths [B]): step 1's output made beforehand (pg_train.overlap: by a teacher
+    one update older, while the student trained on the previous batch).
     `observer`: `observer(stage) -> context manager` wrapped around each of STAGES (timing,
     memory, profiling: bench.step, memcheck, the GPU profile); none by default.
     """
@@ -483,7 +497,7 @@ def pseudo_gumbel_step(
     )
 
     with observe("teacher"):
-        caption_ids, caption_lengths = generate_pseudo_tokens_with_ema(
+        caption_ids, caption_lengths = batch.get("teacher_captions") or generate_pseudo_tokens_with_ema(
             teacher, batch["pixel_values1"], cells, cfg, generator, student, views1
         )  # 1
     with observe("mask"):

@@ -1,5 +1,5 @@
-"""The training loop: build -> prepare -> for step: batch -> pseudo_gumbel_step -> backward ->
-optimizer step -> EMA -> log -> checkpoint. Read top to bottom; `launch/train.py` is the CLI.
+"""The training loop, as named phases: set_up -> restore -> loop of (optimizer_window -> record ->
+evaluate -> checkpoint/stop) -> finish. Read top to bottom; `launch/train.py` is the CLI.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import math
 import signal
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -37,14 +36,12 @@ from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
 from .ema import EMATeacher
+from .overlap import OverlappedTeacher
 from .pseudo_gumbel import pseudo_gumbel_step
 from .supervised import supervised_step
+from .window import NonFiniteGuard, NonFiniteLossError, WindowResult, grad_norms, optimizer_window  # noqa: F401
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass
@@ -60,13 +57,77 @@ class TrainResult:
     loader: object = None
 
 
-def objective_step(model, ema, batch: dict, cfg: TrainConfig):
-    """The configured objective's forward: Pseudo-Gumbel, supervised (ground-truth text), or both."""
-    if cfg.objective_kind == "supervised":
-        return supervised_step(model, batch, cfg.objective, cfg.supervised)
-    out = pseudo_gumbel_step(model, ema, batch, cfg.objective)
-    if cfg.objective_kind == "mixed":
-        sup = supervised_step(model, batch, cfg.objective, cfg.supervised)
+@dataclasses.dataclass
+class Run:
+    """What set_up builds and every phase reads: the prepared model and optimizer, the teacher,
+    the data and where the run writes."""
+
+    cfg: TrainConfig
+    accelerator: object
+    model: object  # as accelerator.prepare returned it (DDP / DeepSpeed engine or the module)
+    optimizer: object
+    ema: EMATeacher
+    loader: object
+    heldout: list  # held-out batches for evaluation (empty: eval_every=0)
+    out_dir: Path
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def say(self, text: str) -> None:
+        self.accelerator.print(f"[pg_train] {text}")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries from step to step; `state_dict()` is what each checkpoint saves
+    beside the model, optimizer, EMA and RNG states."""
+
+    loader: object
+    ema: EMATeacher
+    guard: NonFiniteGuard
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    overlap: OverlappedTeacher | None = None  # ema.overlap: the batch in flight is part of the state
+    restored_captions: dict | None = None  # ema.overlap: the in-flight batch's captions, from a checkpoint
+
+    def state_dict(self) -> dict:
+        data = self.overlap.state_dict() if self.overlap else {"data": self.loader.state_dict(), "captions": None}
+        return {
+            "step": self.step,
+            "nonfinite_total": self.guard.total,
+            "data": data["data"],
+            "teacher_captions": data["captions"],
+            "ema_updates": self.ema.num_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.guard.total = state["step"], state["nonfinite_total"]
+        self.loader.load_state_dict(state["data"])
+        self.restored_captions = state.get("teacher_captions")
+
+
+# ---- the objective of a step --------------------------------------------------------------------
+def objective_kind_at(step: int, cfg: TrainConfig) -> str:
+    """The objective step `step` (0-based) trains: curriculum = supervised, then Pseudo-Gumbel."""
+    if cfg.objective_kind == "curriculum":
+        return "supervised" if step < cfg.curriculum.supervised_steps else "pseudo_gumbel"
+    return cfg.objective_kind
+
+
+def objective_step(model, ema, batch: dict, cfg: TrainConfig, kind: str | None = None, observer=None):
+    """The objective's forward: Pseudo-Gumbel, supervised (ground-truth text), or both (mixed)."""
+    kind = kind or objective_kind_at(0, cfg)
+    if kind == "supervised":
+        return supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
+    out = pseudo_gumbel_step(model, ema, batch, cfg.objective, observer=observer)
+    if kind == "mixed":
+        sup = supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
         out.loss = out.loss + cfg.supervised.mix_weight * sup.loss
         out.metrics["loss"] = out.loss.detach()
         out.metrics["lm_loss"] = sup.metrics["lm_loss"]
@@ -74,6 +135,40 @@ def objective_step(model, ema, batch: dict, cfg: TrainConfig):
     return out
 
 
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the end (a function of the step,
+    so resuming needs no scheduler state). A curriculum's Pseudo-Gumbel stage has its own
+    warm-up and cosine, from curriculum.lr, as a second run would."""
+    o, peak, start, end = cfg.optim, cfg.optim.lr, 0, cfg.max_steps
+    if cfg.objective_kind == "curriculum":
+        switch = cfg.curriculum.supervised_steps
+        if step < switch:
+            end = switch
+        else:
+            start, peak = switch, cfg.curriculum.lr or cfg.optim.lr
+    step, steps = step - start, end - start
+    if step < o.warmup_steps:
+        return peak * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+    return peak * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def training_inputs(batch: dict, device) -> dict:
+    """A loader batch as the objectives take it: its tensors on `device`, the captions (text) as they are."""
+    return {**batch_to_device(batch, device), "captions": batch["captions"]}
+
+
+def micro_batches(run: Run, state: TrainState):
+    """The objective's inputs, batch after batch; with ema.overlap, captioned one step ahead by
+    the teacher in a background thread (pg_train.overlap)."""
+    to_inputs = lambda batch: training_inputs(batch, run.accelerator.device)  # noqa: E731
+    if not run.cfg.ema.overlap:
+        return (to_inputs(batch) for batch in run.loader)
+    state.overlap = OverlappedTeacher(run.loader, to_inputs, run.ema, run.cfg.objective, state.restored_captions)
+    return state.overlap
+
+
+# ---- records ------------------------------------------------------------------------------------
 def held_out_evaluation(model, heldout: list[dict], cfg: TrainConfig) -> dict[str, float]:
     """pg_train.evaluate's numbers on the held-out batches, as `eval/*` metrics."""
     from .evaluate import KINDS, evaluate
@@ -95,25 +190,41 @@ def write_record(record: dict, metrics_path: Path, tracker=None) -> None:
         )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at max_steps (a function of the
-    step, so resuming needs no scheduler state)."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = min(1.0, (step - o.warmup_steps) / max(1, cfg.max_steps - o.warmup_steps))
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def grad_norms(model) -> dict[str, float]:
-    """Gradient norms per trainable group (available when the optimizer is not ZeRO-sharded)."""
-    groups: dict[str, float] = Counter()
-    for name, p in unwrap(model).named_parameters():
-        if p.grad is None:
-            continue
-        group = "lora" if "lora_" in name else "decoder" if "sam_mask_decoder" in name else name.split(".")[0]
-        groups[group] += float(p.grad.detach().float().pow(2).sum())
-    return {f"grad_norm/{k}": v**0.5 for k, v in groups.items()}
+def step_record(run: Run, state: TrainState, window: WindowResult, lr: float, seconds: float) -> dict:
+    """The metrics.jsonl line of a step: every number the objective declared in its `metrics`
+    (averaged over ranks), then the step's own: lr, non-finite drops, region and caption ranges,
+    the EMA, the data and the time."""
+    out, accelerator, cfg = window.out, run.accelerator, run.cfg
+    keys = sorted(out.metrics)
+    local = torch.stack([out.metrics[k].float().reshape(()) for k in keys]).to(accelerator.device)
+    mean = accelerator.reduce(local, "mean") if accelerator.num_processes > 1 else local
+    record = {"step": state.step, "objective": objective_kind_at(state.step - 1, cfg)}
+    record.update({k: float(v) for k, v in zip(keys, mean)})
+    if not window.stepped:
+        record.update(loss=None, bce=None, dice=None)
+    record.update(
+        lr=lr,
+        skipped_nonfinite=window.dropped,
+        nonfinite_total=state.guard.total,
+        region_k_min=int(out.region_k.min()),
+        region_k_max=int(out.region_k.max()),
+        region_fallbacks=int(out.region_fallback.sum()),
+        caption_len_min=int(out.caption_lengths.min()),
+        caption_len_max=int(out.caption_lengths.max()),
+        ema_distance=run.ema.distance_to(run.model),
+        ema_updates=run.ema.num_updates,
+        skipped_samples=dict(run.loader.skip_counts),
+        epoch=run.loader.epoch,
+        step_time_s=seconds,
+        samples_per_s=cfg.batch_size * cfg.grad_accum * accelerator.num_processes / seconds,
+    )
+    if out.text_embeds.grad is not None:
+        record["grad_norm/text_embeds"] = float(out.text_embeds.grad.float().norm())
+    record.update(window.grad_norms)
+    if hasattr(run.model, "get_global_grad_norm"):  # DeepSpeed: the norms are sharded; it has the global one
+        global_norm = run.model.get_global_grad_norm()
+        record["grad_norm/global"] = float(global_norm) if global_norm is not None else None
+    return record
 
 
 class StopFlag:
@@ -128,7 +239,10 @@ class StopFlag:
         self.requested = True
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+# ---- the phases ---------------------------------------------------------------------------------
+def set_up(cfg: TrainConfig) -> Run:
+    """Accelerator, student, optimizer, EMA teacher, data and held-out batches; the resolved config
+    written to the output directory."""
     configure_environment()
     # cuDNN attention builds a graph per new sequence shape on the host, and this objective's
     # shapes change every step (region size, caption length, KV length while decoding): on an
@@ -142,29 +256,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         log_with="tensorboard" if cfg.tensorboard else None,
         project_dir=str(out_dir),
     )
-    main = accelerator.is_main_process
-    say = accelerator.print
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    deepspeed = accelerator.state.deepspeed_plugin is not None
-    if main:
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    say(
+    accelerator.print(
         f"[pg_train] {accelerator.num_processes} process(es) on {accelerator.device}"
-        f"{' with DeepSpeed ZeRO-' + str(accelerator.state.deepspeed_plugin.zero_stage) if deepspeed else ''}; output in {out_dir}"
+        f"{' with DeepSpeed ZeRO-' + str(plugin.zero_stage) if plugin else ''}; output in {out_dir}"
     )
-
-    # ---- build ------------------------------------------------------------------------------
     model = build_student(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    say(
+    accelerator.print(
         f"[pg_train] model {model.preset.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{sum(p.numel() for p in trainable):,} trainable"
     )
-    optimizer = build_optimizer(trainable, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, build_optimizer(trainable, cfg))
     ema = EMATeacher(
         model,
         decay=cfg.ema.decay,
@@ -198,181 +307,141 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.tensorboard:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=flat)
+    return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir)
 
-    # ---- resume -----------------------------------------------------------------------------
-    step, nonfinite_total, nonfinite_in_a_row = 0, 0, 0
-    checkpoint = newest_checkpoint(out_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+
+def restore(run: Run) -> TrainState:
+    """Step 0, or the state of the checkpoint `cfg.resume` names (`auto`: the newest complete one),
+    validated before anything is copied; metrics.jsonl lines of steps to be redone are dropped."""
+    cfg, accelerator = run.cfg, run.accelerator
+    state = TrainState(run.loader, run.ema, NonFiniteGuard(cfg.max_nonfinite_in_a_row))
+    checkpoint = newest_checkpoint(run.out_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
     if cfg.resume == "auto" and checkpoint is None:
-        say("[pg_train] --resume auto: no complete checkpoint yet, starting from step 0")
+        run.say("--resume auto: no complete checkpoint yet, starting from step 0")
     if checkpoint is not None:
-        check_resume_weights(
-            checkpoint, module, ema, allow_nonfinite=cfg.model.allow_nonfinite_weights
-        )  # before anything is copied
+        check_resume_weights(checkpoint, unwrap(run.model), run.ema, allow_nonfinite=cfg.model.allow_nonfinite_weights)
         accelerator.load_state(str(checkpoint))
-        state = load_trainer_state(checkpoint, accelerator.process_index)
-        step, nonfinite_total = state["step"], state["nonfinite_total"]
-        loader.load_state_dict(state["data"])
+        state.load_state_dict(load_trainer_state(checkpoint, accelerator.process_index))
         saved_rng = load_rng_state(checkpoint, accelerator.process_index)
         if saved_rng is None:
-            say(
-                f"[pg_train] {checkpoint} has no rng_state_rank*.pt (an older pg_train): random streams rest on Accelerate's copy"
+            run.say(
+                f"{checkpoint} has no rng_state_rank*.pt (an older pg_train): random streams rest on Accelerate's copy"
             )
         else:  # the last thing before the first step, so nothing drawn while resuming shifts dropout or sampling
             set_rng_state(saved_rng)
-        say(f"[pg_train] resumed from {checkpoint} at step {step}")
-    metrics_path = out_dir / "metrics.jsonl"
-    if main and metrics_path.exists():  # drop lines of steps the resumed run will redo
-        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        run.say(f"resumed from {checkpoint} at step {state.step}")
+    if run.main and run.metrics_path.exists():  # drop lines of steps the resumed run will redo
+        lines = run.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= state.step]
+        run.metrics_path.write_text("".join(line + "\n" for line in kept))
+    return state
 
-    def trainer_state() -> dict:
-        return {
-            "step": step,
-            "nonfinite_total": nonfinite_total,
-            "data": loader.state_dict(),
-            "ema_updates": ema.num_updates,
-        }
 
-    # ---- loop -------------------------------------------------------------------------------
-    stop = StopFlag()
+def evaluate_if_due(run: Run, state: TrainState) -> dict:
+    """Held-out evaluation every eval_every steps, at the last step, and at step 0 (the starting
+    point, so a run shows what training changed). Every rank evaluates."""
+    every, step = run.cfg.eval_every, state.step
+    if every and (step % every == 0 or step == run.cfg.max_steps):
+        return held_out_evaluation(run.model, run.heldout, run.cfg)
+    return {}
+
+
+def checkpoint_or_stop(run: Run, state: TrainState, stop: StopFlag, progress) -> bool:
+    """Checkpoint when due, or when a stop was requested on any rank; True: stop now."""
+    cfg = run.cfg
+    requested = stop.requested or (cfg.stop_at_step is not None and state.step >= cfg.stop_at_step)
+    flag = torch.tensor([float(requested)], device=run.accelerator.device)
+    stop_now = run.accelerator.reduce(flag, "max").item() > 0
+    if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stop_now:
+        path = save_checkpoint(run.accelerator, run.out_dir, state.step, state.state_dict(), cfg.keep_last)
+        if run.main:
+            progress.write(f"[pg_train] checkpoint {path}")
+    return stop_now
+
+
+def begin_stage_if_due(run: Run, state: TrainState, progress) -> None:
+    """Curriculum: at the switch the Pseudo-Gumbel stage begins, its teacher the warmed-up student."""
+    cfg = run.cfg
+    if cfg.objective_kind == "curriculum" and state.step == cfg.curriculum.supervised_steps:
+        if cfg.curriculum.restart_ema:
+            run.ema.restart_from(run.model)
+        progress.write(f"[pg_train] step {state.step}: supervised warm-up done, Pseudo-Gumbel from here")
+
+
+def log_step(run: Run, state: TrainState, window: WindowResult, lr: float, seconds: float, evaluation: dict, progress):
+    """The step's record to metrics.jsonl (and TensorBoard) every log_every steps, at the last
+    step and with every evaluation; the progress bar's loss and IoU."""
+    cfg = run.cfg
+    if not (state.step % cfg.log_every == 0 or state.step == cfg.max_steps or evaluation):
+        return
+    record = {**step_record(run, state, window, lr, seconds), **evaluation}
+    if run.main:
+        write_record(record, run.metrics_path, run.accelerator if cfg.tensorboard else None)
+    state.history.append(record)
+    loss = "skip" if record["loss"] is None else f"{record['loss']:.3f}"
+    progress.set_postfix(loss=loss, iou=f"{record['iou']:.3f}", refresh=False)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    run = set_up(cfg)
+    state = restore(run)
     from tqdm.auto import tqdm
 
     progress = tqdm(
         total=cfg.max_steps,
-        initial=step,
-        disable=not (main and cfg.progress),
+        initial=state.step,
+        disable=not (run.main and cfg.progress),
         dynamic_ncols=True,
         desc="train",
         mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s, not every step
     )
-    batches = iter(loader)
-    history = []
-    if cfg.eval_every and step == 0:  # the starting point, so a run shows what training changed
-        record = {"step": 0, **held_out_evaluation(model, heldout, cfg)}  # every rank evaluates, as in the loop
-        if main:
-            write_record(record, metrics_path, accelerator if cfg.tensorboard else None)
-    started = time.perf_counter()
-    first_step = step
-    while step < cfg.max_steps:
-        step_start = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
+    if cfg.eval_every and state.step == 0:  # the starting point, so a run shows what training changed
+        record = {"step": 0, **held_out_evaluation(run.model, run.heldout, cfg)}  # every rank evaluates
+        if run.main:
+            write_record(record, run.metrics_path, run.accelerator if cfg.tensorboard else None)
+    batches, stop = micro_batches(run, state), StopFlag()
+    started, first_step = time.perf_counter(), state.step
+    while state.step < cfg.max_steps:
+        step_start, lr, kind = time.perf_counter(), lr_at(state.step, cfg), objective_kind_at(state.step, cfg)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        dropped = 0  # micro-batches of this window with a non-finite loss (every rank agrees)
-        finite_out = None  # the window's last finite micro-batch, for logging
-        norms: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
-            batch = next(batches)
-            inputs = batch_to_device(batch, accelerator.device)
-            inputs["captions"] = batch["captions"]
-            # Entered for every micro-batch, lost ones too, so Accelerate's window (and DeepSpeed's
-            # accumulation boundary, which follows it) stays aligned with this loop's.
-            with accelerator.accumulate(model):
-                out = objective_step(model, ema, inputs, cfg)
-                # Every rank must agree before backward: a rank that skipped alone would hang the
-                # others, and one that did not would all-reduce NaN gradients into everyone.
-                bad = (~torch.isfinite(out.loss.detach())).float().reshape(1).to(accelerator.device)
-                if accelerator.reduce(bad, "max").item() > 0:
-                    dropped += 1
-                    nonfinite_total += 1
-                    nonfinite_in_a_row += 1
-                    if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_in_a_row} micro-batches in a row had a non-finite loss (step {step + 1}); "
-                            f"stopping. Lower optim.lr, check the data, or raise max_nonfinite_in_a_row."
-                        )
-                    if not (accelerator.sync_gradients and finite_out is not None):
-                        continue  # nothing of it reaches the gradients
-                    # The window's last micro-batch is lost but earlier ones left gradients. One
-                    # process steps on them as they are; several reduce them (and DeepSpeed steps)
-                    # inside the boundary's backward, so every rank runs a backward of exactly
-                    # zero (0 x the trainable weights; the NaN graph is never touched).
-                    if deepspeed or accelerator.num_processes > 1:
-                        accelerator.backward(sum(p.sum() for p in trainable) * 0.0)
-                else:
-                    nonfinite_in_a_row = 0
-                    finite_out = out
-                    accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    if not deepspeed:
-                        norms = grad_norms(model)
-                        if cfg.optim.grad_clip > 0:
-                            accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        stepped = finite_out is not None  # a window with no finite micro-batch makes no update
-        if stepped:
-            ema.update_if_stepped(model, accelerator)
-        out = finite_out if finite_out is not None else out  # log the last finite micro-batch
-        step += 1
-
-        # ---- evaluate and log ------------------------------------------------------------------
-        evaluation = {}
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            evaluation = held_out_evaluation(model, heldout, cfg)
-        if step % cfg.log_every == 0 or step == cfg.max_steps or evaluation:
-            keys = ("loss", "bce", "dice", "iou", "caption_len_mean", "replaced_fraction", "region_k_mean")
-            local = torch.stack([out.metrics[k].float().reshape(()) for k in keys]).to(accelerator.device)
-            mean = accelerator.reduce(local, "mean") if accelerator.num_processes > 1 else local
-            record = {"step": step, **{k: float(v) for k, v in zip(keys, mean)}}
-            record.update({k: float(out.metrics[k]) for k in ("lm_loss", "supervised_iou") if k in out.metrics})
-            if not stepped:
-                record.update(loss=None, bce=None, dice=None)
-            record.update(
-                lr=lr,
-                skipped_nonfinite=dropped,
-                nonfinite_total=nonfinite_total,
-                region_k_min=int(out.region_k.min()),
-                region_k_max=int(out.region_k.max()),
-                region_fallbacks=int(out.region_fallback.sum()),
-                caption_len_min=int(out.caption_lengths.min()),
-                caption_len_max=int(out.caption_lengths.max()),
-                ema_distance=ema.distance_to(model),
-                ema_updates=ema.num_updates,
-                skipped_samples=dict(loader.skip_counts),
-                epoch=loader.epoch,
-                step_time_s=time.perf_counter() - step_start,
-            )
-            record["samples_per_s"] = (
-                cfg.batch_size * cfg.grad_accum * accelerator.num_processes / record["step_time_s"]
-            )
-            if out.text_embeds.grad is not None:
-                record["grad_norm/text_embeds"] = float(out.text_embeds.grad.float().norm())
-            record.update(norms)
-            record.update(evaluation)
-            if deepspeed and hasattr(model, "get_global_grad_norm"):
-                global_norm = model.get_global_grad_norm()
-                record["grad_norm/global"] = float(global_norm) if global_norm is not None else None
-            if main:
-                write_record(record, metrics_path, accelerator if cfg.tensorboard else None)
-            history.append(record)
-            progress.set_postfix(
-                loss=f"{record['loss']:.3f}" if record["loss"] is not None else "skip",
-                iou=f"{record['iou']:.3f}",
-                refresh=False,
-            )
+        begin_stage_if_due(run, state, progress)
+        window = optimizer_window(
+            batches,
+            lambda batch, observer: objective_step(run.model, run.ema, batch, cfg, kind, observer),
+            model=run.model,
+            optimizer=run.optimizer,
+            ema=run.ema,
+            accelerator=run.accelerator,
+            grad_accum=cfg.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+            guard=state.guard,
+            step=state.step,
+        )
+        state.step += 1
+        evaluation = evaluate_if_due(run, state)
+        log_step(run, state, window, lr, time.perf_counter() - step_start, evaluation, progress)
         progress.update(1)
-
-        # ---- checkpoint / stop ------------------------------------------------------------------
-        requested = stop.requested or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
-        stop_now = accelerator.reduce(torch.tensor([float(requested)], device=accelerator.device), "max").item() > 0
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
-            path = save_checkpoint(accelerator, out_dir, step, trainer_state(), cfg.keep_last)
-            progress.write(f"[pg_train] checkpoint {path}") if main else None
-        if stop_now:
+        if checkpoint_or_stop(run, state, stop, progress):
             progress.close()
-            say(
-                f"[pg_train] stop requested by signal: checkpointed at step {step}; exiting with {REQUEUE_EXIT_CODE} (requeue and resume)"
+            run.say(f"stop requested: checkpointed at step {state.step}; exiting with {REQUEUE_EXIT_CODE} (requeue)")
+            finish(run, state)
+            return TrainResult(
+                REQUEUE_EXIT_CODE, state.step, state.history, run.model, run.optimizer, run.ema, run.loader
             )
-            accelerator.end_training()
-            return TrainResult(REQUEUE_EXIT_CODE, step, history, model, optimizer, ema, loader)
-
     progress.close()
     elapsed = time.perf_counter() - started
-    accelerator.end_training()
-    if main:
-        _summary(history, step - first_step, elapsed, loader, nonfinite_total, out_dir)
-    return TrainResult(0, step, history, model, optimizer, ema, loader)
+    finish(run, state)
+    if run.main:
+        _summary(state.history, state.step - first_step, elapsed, run.loader, state.guard.total, run.out_dir)
+    return TrainResult(0, state.step, state.history, run.model, run.optimizer, run.ema, run.loader)
+
+
+def finish(run: Run, state: TrainState) -> None:
+    """The teacher's thread joined, the trackers ended."""
+    if state.overlap is not None:
+        state.overlap.close()
+    run.accelerator.end_training()
 
 
 def _summary(history, steps, elapsed, loader, nonfinite_total, out_dir) -> None:

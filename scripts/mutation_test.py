@@ -7,7 +7,7 @@
 
 A passing suite is evidence only if it can fail. Each mutant below is one small, plausible bug
 (a snippet of a file and its replacement) in pg_train/pseudo_gumbel.py, pg_train/ema.py or the
-training window of pg_train/train.py (plus the [SEG] suffix of templates.py and the data
+training window (pg_train/window.py) and loop (pg_train/train.py) (plus the [SEG] suffix of templates.py and the data
 iterator's generator, the two places those properties live). For each mutant the repository is
 copied to a temporary directory (the files `git ls-files` lists, tracked and untracked-but-not-
 ignored, with their working-tree content; or `git archive REV` with --tree REV), the mutant is
@@ -51,6 +51,7 @@ TESTS = {
     "pg_train/model/templates.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
     "pg_train/ema.py": ("tests/test_properties.py", "tests/test_ema.py"),
     "pg_train/train.py": ("tests/test_properties.py", "tests/test_train.py"),
+    "pg_train/window.py": ("tests/test_properties.py", "tests/test_train.py", "tests/test_audits.py"),
     "pg_train/builders.py": ("tests/test_properties.py", "tests/test_train.py"),
     "pg_train/data/loader.py": ("tests/test_properties.py", "tests/test_data.py"),
 }
@@ -75,7 +76,7 @@ class Mutant:
         return self.tests or TESTS[self.file]
 
 
-PG, EMA, TRAIN = "pg_train/pseudo_gumbel.py", "pg_train/ema.py", "pg_train/train.py"
+PG, EMA, TRAIN, WINDOW = "pg_train/pseudo_gumbel.py", "pg_train/ema.py", "pg_train/train.py", "pg_train/window.py"
 
 MUTANTS = [
     Mutant(
@@ -142,10 +143,10 @@ MUTANTS = [
     Mutant(
         "pass1-unmasked-caption",
         PG,
-        'forward_for_logits(student, batch["pixel_values1"], cells, masked_ids, caption_lengths',
-        'forward_for_logits(student, batch["pixel_values1"], cells, caption_ids, caption_lengths',
+        'student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1',
+        'student, batch["pixel_values1"], cells, caption_ids, caption_lengths, views1',
     ),
-    Mutant("pass1-logit-rows-one-late", PG, "first_row=P - 1, num_rows=T", "first_row=P, num_rows=T"),
+    Mutant("pass1-logit-rows-one-late", PG, "first_row=P - 1,\n", "first_row=P,\n"),
     # ---- step 2: masking
     Mutant(
         "masking-ratio-inverted",
@@ -168,8 +169,8 @@ MUTANTS = [
     Mutant(
         "masking-and-gumbel-share-a-stream",
         PG,
-        "uniform = uniform_noise(sample_generators(seeds, 1)",
-        "uniform = uniform_noise(sample_generators(seeds, 0)",
+        "            sample_generators(seeds, 1), caption_logits.shape[1]",
+        "            sample_generators(seeds, 0), caption_logits.shape[1]",
     ),
     Mutant("sample-seeds-ignored", PG, '    seeds = batch.get("sample_seeds")\n', "    seeds = None\n"),
     # ---- step 4: Gumbel
@@ -198,7 +199,10 @@ MUTANTS = [
         "index_add_(0, topk_ids[:, 0], grad_out.to(weight.dtype))",
     ),
     Mutant(
-        "straight-through-soft-grad-sign", PG, "grad_soft[start:end] = torch.bmm(", "grad_soft[start:end] = -torch.bmm("
+        "straight-through-soft-grad-sign",
+        PG,
+        "                    torch.bmm(gathered, grad_out",
+        "                    -torch.bmm(gathered, grad_out",
     ),
     # ---- step 1: the teacher
     Mutant(
@@ -260,19 +264,20 @@ MUTANTS = [
     # ---- the training window
     Mutant(
         "ema-before-optimizer-step",
-        TRAIN,
-        "                    optimizer.step()\n                optimizer.zero_grad(set_to_none=True)\n"
-        "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"
-        "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
+        WINDOW,
+        "                    optimizer.step()\n            optimizer.zero_grad(set_to_none=True)\n"
+        "    stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n"
+        '    if stepped and ema is not None:\n        with observe("EMA update"):\n'
+        "            ema.update_if_stepped(model, accelerator)\n",
         "                    ema.update_if_stepped(model, accelerator)\n                    optimizer.step()\n"
-        "                optimizer.zero_grad(set_to_none=True)\n"
-        "        stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n",
+        "            optimizer.zero_grad(set_to_none=True)\n"
+        "    stepped = finite_out is not None  # a window with no finite micro-batch makes no update\n",
     ),
     Mutant(
         "ema-updates-without-a-step",
-        TRAIN,
-        "        if stepped:\n            ema.update_if_stepped(model, accelerator)\n",
-        "        if True:\n            ema.update_if_stepped(model, accelerator)\n",
+        WINDOW,
+        "    if stepped and ema is not None:\n",
+        "    if ema is not None:\n",
     ),
     Mutant(
         "init-from-not-strict",
@@ -292,35 +297,37 @@ MUTANTS = [
         "            set_rng_state(saved_rng)\n",
         "            from accelerate.utils import set_seed as reseed\n            reseed(cfg.seed)\n",
     ),
-    Mutant("resume-skips-data-position", TRAIN, '        loader.load_state_dict(state["data"])\n', "        pass\n"),
+    Mutant(
+        "resume-skips-data-position", TRAIN, '        self.loader.load_state_dict(state["data"])\n', "        pass\n"
+    ),
     Mutant(
         "resume-drops-its-checkpoint-step-metrics",
         TRAIN,
-        'json.loads(line)["step"] <= step]',
-        'json.loads(line)["step"] < step]',
+        'json.loads(line)["step"] <= state.step]',
+        'json.loads(line)["step"] < state.step]',
     ),
     Mutant(
         "warmup-lr-starts-at-zero",
         TRAIN,
-        "        return o.lr * (step + 1) / o.warmup_steps\n",
-        "        return o.lr * step / o.warmup_steps\n",
+        "        return peak * (step + 1) / o.warmup_steps\n",
+        "        return peak * step / o.warmup_steps\n",
     ),
     Mutant(
         "cosine-decays-to-zero",
         TRAIN,
-        "o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5",
-        "o.lr * (0.0 + (1 - o.min_lr_ratio) * 0.5",
+        "peak * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5",
+        "peak * (0.0 + (1 - o.min_lr_ratio) * 0.5",
     ),
     Mutant(
         "stop-without-checkpoint",
         TRAIN,
-        "if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:",
-        "if step % cfg.save_every == 0 or step == cfg.max_steps:",
+        "if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stop_now:",
+        "if state.step % cfg.save_every == 0 or state.step == cfg.max_steps:",
     ),
     # ("min" instead of "max" is no bug: Accelerate's reduce sums for every reduction but "max")
     Mutant(
         "nonfinite-dropped-only-when-every-rank-agrees",
-        TRAIN,
+        WINDOW,
         'if accelerator.reduce(bad, "max").item() > 0:',
         'if accelerator.reduce(bad, "mean").item() >= 1:',
         tests=("tests/test_train.py::test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank_under_zero2",),

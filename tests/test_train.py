@@ -404,3 +404,18 @@ def test_init_from_a_training_checkpoint_loads_its_weights_and_starts_a_new_stag
     assert any(not torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)  # training moved something
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         build_student(load_config([], [f"model.init_from={tmp_path}"]))
+
+
+def test_curriculum_trains_supervised_then_pseudo_gumbel_in_one_run(tmp_path):
+    """objective_kind=curriculum: supervised for curriculum.supervised_steps, then Pseudo-Gumbel
+    with its own warm-up and cosine from curriculum.lr, its teacher restarted from the student."""
+    args = [*FAST, f"output_dir={tmp_path}", "max_steps=6", "objective_kind=curriculum"]
+    args += ["curriculum.supervised_steps=3", "curriculum.lr=0.002", "optim.lr=0.001", "optim.warmup_steps=2"]
+    args += ["optim.min_lr_ratio=0.1", "ema.decay=0.9"]
+    assert train(load_config([], args)).exit_code == 0
+    lines = metrics(tmp_path)
+    assert [r["objective"] for r in lines] == ["supervised"] * 3 + ["pseudo_gumbel"] * 3
+    assert all("lm_loss" in r for r in lines[:3]) and not any("lm_loss" in r for r in lines[3:])
+    assert [r["ema_updates"] for r in lines] == [1, 2, 3, 1, 2, 3]  # the teacher restarts at the switch
+    # each stage its own schedule: warm-up peak x (i + 1) / 2 for i < 2, then the cosine's start (the peak)
+    assert [r["lr"] for r in lines] == pytest.approx([0.0005, 0.001, 0.001, 0.001, 0.002, 0.002])

@@ -311,7 +311,7 @@ def run_measured(args, cfg, report) -> int:
     from ..config import TrainConfig
 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg or TrainConfig())
-    student, backward, accelerator = model, None, None
+    student, accelerator = model, None
     if args.distributed:
         from ..accel import build_accelerator
 
@@ -328,7 +328,6 @@ def run_measured(args, cfg, report) -> int:
             zero_stage=plugin.zero_stage if plugin else 0,
             device=str(accelerator.device) if cuda else "cpu",
         )
-        backward = accelerator.backward
     ema = None if "no-ema" in args.inject else EMATeacher(student, placement=d.ema_placement)
     # the deployment's caption length and top-k, so prediction and measurement describe one step
     objective = dataclasses.replace(
@@ -347,8 +346,9 @@ def run_measured(args, cfg, report) -> int:
         batch,
         steps=args.steps,
         inject=tuple(args.inject),
-        backward=backward,
+        accelerator=accelerator,
         gradient_checkpointing=d.gradient_checkpointing,
+        grad_clip=(cfg or TrainConfig()).optim.grad_clip,
     )
     if accelerator is not None and not accelerator.is_main_process:
         # Every rank measured and audited its own partition; the main process reports.

@@ -1,8 +1,8 @@
 """Measure a few real steps phase by phase, account for every tensor, and run the audits.
 
-The forward is `pseudo_gumbel_step` itself, the function training calls, observed stage by
-stage (each stage a measured phase); backward, the optimizer step and the EMA update follow. The
-audits therefore see the production step's outputs: a detach, a teacher without the EMA weights,
+Each step is `pg_train.window.optimizer_window`, the optimizer step training runs, with the
+forward `pseudo_gumbel_step` itself, observed stage by stage (each stage a measured phase:
+the objective's stages, then backward, the optimizer step and the EMA update). The audits therefore see the production step's outputs: a detach, a teacher without the EMA weights,
 frozen LoRA or checkpointing that is off in the real code fails them. `inject` reproduces the
 design note's three suspected bugs on purpose (through hooks and arguments, not by patching), to
 show that the audits catch them.
@@ -197,6 +197,20 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [mod for mod in model.language_model.modules() if type(mod).__name__.endswith("DecoderLayer")]
 
 
+class _SkippedStep:
+    """--inject no-optimizer-step: the optimizer with a step that does nothing (the bug the
+    optimizer audit must catch); everything else is the real optimizer's."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.param_groups = optimizer, optimizer.param_groups
+
+    def step(self, *args, **kwargs) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
 def measure(
     model,
     optimizer,
@@ -205,20 +219,26 @@ def measure(
     batch: dict,
     steps: int = 2,
     inject: tuple[str, ...] = (),
-    backward=None,
+    accelerator=None,
     gradient_checkpointing: bool = False,
+    grad_clip: float = 0.0,
 ) -> Measurement:
     """Run `steps` training steps; phases and audits come from the last one (the first warms up).
 
-    The forward is `pseudo_gumbel_step` itself — the function training calls — with an observer
-    that measures each of its stages; backward, the optimizer step and the EMA update follow.
-    `model` may be a prepared (DeepSpeed) model: the passes go through it, attributes are read
-    from the module inside, and `backward` (e.g. `accelerator.backward`) replaces `loss.backward`.
-    `gradient_checkpointing`: requested (audited: the LLM layers must be recomputed in backward).
+    Each step is `pg_train.window.optimizer_window` — the optimizer step training runs: forward
+    (`pseudo_gumbel_step` itself), the ranks' non-finite agreement, backward, clipping, the
+    optimizer step and the EMA update — observed stage by stage, each stage a measured phase.
+    `model` and `optimizer` may be prepared by `accelerator` (DeepSpeed): the passes go through
+    the wrapper and attributes are read from the module inside. Without an accelerator, a
+    single-process one is made. `gradient_checkpointing`: requested (audited: the LLM layers
+    must be recomputed in backward). `grad_clip`: as training's optim.grad_clip.
     """
+    from ..accel import build_accelerator
+    from ..window import NonFiniteGuard, optimizer_window
+
+    accelerator = accelerator or build_accelerator(micro_batch_size=batch["region_masks1"].shape[0])
     student = model
     model = unwrap(model)
-    backward = backward or (lambda loss: loss.backward())
     device = next(model.parameters()).device
     m = Measurement(device=str(device))
     teacher = ema if ema is not None else model  # "no-ema": the student teaches itself
@@ -240,9 +260,7 @@ def measure(
     ]
     if "detach-text-embeds" in inject:
         hooks.append(model.register_forward_pre_hook(_detach_pass2_input, with_kwargs=True))
-
-    def phase(name):
-        return _Phase(m, name, device, params)
+    stepping = _SkippedStep(optimizer) if "no-optimizer-step" in inject else optimizer
 
     probe = None
     try:
@@ -250,52 +268,62 @@ def measure(
             last = step == steps - 1
             m.phases, m.stages = {}, []
             probe = _TeacherProbe(ema, model) if (last and ema is not None) else None
+            seen = {}  # what the observer saw of this step, for the audits
 
             @contextlib.contextmanager
             def observer(stage):
-                m.stages.append(stage)
+                if stage in PHASES:
+                    m.stages.append(stage)
+                if stage == "backward":
+                    seen["layers_before_backward"] = layer_calls[0]
+                if stage == "optimizer step" and last and ema is not None:
+                    seen["shadow_before"] = [s.detach().clone() for s in ema.shadow]
                 with (
-                    phase(PHASES.get(stage, stage)),
+                    _Phase(m, PHASES.get(stage, stage), device, params),
                     probe if stage == "teacher" and probe is not None else contextlib.nullcontext(),
                 ):
                     yield
+                if stage == "backward":
+                    seen["recomputed"] = layer_calls[0] - seen["layers_before_backward"]
+                if stage == "optimizer step" and last:
+                    m.static = tensor_accounting(model, optimizer, ema)  # gradients still held, as at the peak
+
+            def forward(inputs, observe):
+                out = pseudo_gumbel_step(student, teacher, inputs, cfg, observer=observe)
+                if last:  # before backward frees the graph
+                    m.audits.append(_audit_gradients(out.loss, out.text_embeds, pass1_params, ema, frozen_lora))
+                return out
 
             overall = PeakMemory(device).__enter__()
-            out = pseudo_gumbel_step(
-                student, teacher, {**batch, "sample_seeds": torch.arange(B) + 1000 * step}, cfg, observer=observer
+            window = optimizer_window(
+                iter([{**batch, "sample_seeds": torch.arange(B) + 1000 * step}]),
+                forward,
+                model=student,
+                optimizer=stepping,
+                ema=ema,
+                accelerator=accelerator,
+                grad_accum=1,
+                grad_clip=grad_clip,
+                guard=NonFiniteGuard(limit=steps + 1),
+                step=step,
+                observer=observer,
             )
-            if last:
-                m.audits.append(_audit_gradients(out.loss, out.text_embeds, pass1_params, ema, frozen_lora))
-            before_backward = layer_calls[0]
-            with phase("backward"):
-                backward(out.loss)
-            recomputed = layer_calls[0] - before_backward
-            shadow_before = [s.detach().clone() for s in ema.shadow] if (last and ema is not None) else None
-            with phase("optimizer step"):
-                if "no-optimizer-step" not in inject:
-                    optimizer.step()
-            with phase("EMA update"):
-                if ema is not None:
-                    ema.update(model)
-            if last:
-                m.static = tensor_accounting(model, optimizer, ema)  # gradients still held, as at the peak
-            optimizer.zero_grad(set_to_none=True)
             overall.__exit__(None, None, None)
             if step == 0:
                 m.first_step_growth = overall.peak_bytes
-            m.losses.append(float(out.loss.detach()))
+            m.losses.append(float(window.out.loss.detach()))
             if last:
                 m.peak_bytes = (
                     overall.peak_bytes if device.type != "cuda" else max(p["peak_allocated"] for p in m.phases.values())
                 )
-                m.audits.insert(0, _audit_ema(ema, model, shadow_before, probe))
+                m.audits.insert(0, _audit_ema(ema, model, seen.get("shadow_before"), probe))
                 m.audits.append(
                     _audit_zero_partition(optimizer, trainable)
                     if zero_optimizer(optimizer) is not None
                     else _audit_optimizer(optimizer, trainable)
                 )
-                m.audits.append(_audit_checkpointing(gradient_checkpointing, layers, recomputed))
-            del out
+                m.audits.append(_audit_checkpointing(gradient_checkpointing, layers, seen.get("recomputed", 0)))
+            del window
     finally:
         for h in hooks:
             h.remove()
