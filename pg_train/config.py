@@ -107,6 +107,7 @@ class TrainConfig:
     objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed | curriculum
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: off)
     eval_samples: int = 16  # held-out synthetic scenes (a different seed than training)
+    report: bool = True  # report.png / report.html (curves, held-out gallery) in output_dir at the end
     cudnn_attention: bool = False  # CUDA: allow SDPA's cuDNN backend (slow for shapes that change every step)
     model: ModelConfig = field(default_factory=ModelConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)

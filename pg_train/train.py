@@ -434,6 +434,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     finish(run, state)
     if run.main:
         _summary(state.history, state.step - first_step, elapsed, run.loader, state.guard.total, run.out_dir)
+        if cfg.report:
+            from .report import finish_run
+
+            print(f"[pg_train] report: {finish_run(unwrap(run.model), run.heldout, cfg.objective, run.out_dir)}")
     return TrainResult(0, state.step, state.history, run.model, run.optimizer, run.ema, run.loader)
 
 

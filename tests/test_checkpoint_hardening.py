@@ -21,6 +21,7 @@ FAST = [
     "data.num_samples=8",
     "tensorboard=false",
     "progress=false",
+    "report=false",
 ]
 PROBE = "mlp1.1.weight"  # a trainable tensor every tiny model has
 LAST = "text_hidden_fcs.2.bias"

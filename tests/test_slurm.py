@@ -23,6 +23,7 @@ FAST = [
     "data.num_samples=24",
     "tensorboard=false",
     "progress=false",
+    "report=false",
 ]
 
 FAKE_SRUN = """#!/bin/bash

@@ -21,6 +21,7 @@ FAST = [
     "data.num_samples=24",
     "tensorboard=false",
     "progress=false",
+    "report=false",
 ]
 
 
@@ -48,6 +49,9 @@ def test_cli_default_job_runs_five_steps_with_finite_losses_and_a_checkpoint(tmp
     assert (tmp_path / "checkpoints" / "step-00000005" / "trainer_state_rank0.json").is_file()
     assert (tmp_path / "config.yaml").is_file() and any((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
     assert "done: 5 steps" in proc.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "report.png").size[0] > 0 and (tmp_path / "report.html").is_file()
 
 
 @pytest.mark.slow
