@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from pg_train.accel import build_accelerator
 from pg_train.bench.seed_step import full_copy_ema_update, seed_literal_step
 from pg_train.bench.step import make_batches
 from pg_train.ema import EMATeacher
 from pg_train.model import build_offline
 from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
+from pg_train.window import NonFiniteGuard, optimizer_window
 
 
 def main():
@@ -33,20 +35,33 @@ def main():
         batches = make_batches(model, args.batch, 2, device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         teacher = EMATeacher(model, 0.999) if variant == "ours" else copy.deepcopy(model).eval().requires_grad_(False)
+        accelerator = build_accelerator(micro_batch_size=args.batch)
         for i, batch in enumerate(batches):
             ctx = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if i == 1 else None
             if ctx:
                 ctx.__enter__()
-            with record_function("teacher+forward"):
-                if variant == "ours":  # the production step, each stage a profiler range
-                    loss = pseudo_gumbel_step(model, teacher, batch, cfg, observer=record_function).loss
-                else:
+            if variant == "ours":  # the optimizer step training runs, each stage a profiler range
+                optimizer_window(
+                    iter([batch]),
+                    lambda b, observer, m=model, t=teacher: pseudo_gumbel_step(m, t, b, cfg, observer=observer),
+                    model=model,
+                    optimizer=optimizer,
+                    ema=teacher,
+                    accelerator=accelerator,
+                    grad_accum=1,
+                    grad_clip=1.0,
+                    guard=NonFiniteGuard(limit=2),
+                    step=i,
+                    observer=record_function,
+                )
+            else:
+                with record_function("teacher+forward"):
                     loss = seed_literal_step(model, teacher, batch, cfg)["loss"]
-            with record_function("backward"):
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            teacher.update(model) if variant == "ours" else full_copy_ema_update(teacher, model, 0.999)
+                with record_function("backward"):
+                    loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                full_copy_ema_update(teacher, model, 0.999)
             torch.cuda.synchronize()
             if ctx:
                 ctx.__exit__(None, None, None)
