@@ -153,6 +153,34 @@ def test_phase_observer_bench_memcheck_and_training_see_the_same_stages():
     m = measure(model, optimizer, ema, cfg, batch, steps=1)
     assert tuple(m.stages) == tuple(seen)
     assert list(m.phases)[: len(seen)] == [PHASES[s] for s in seen]
+    # memcheck measures the optimizer step training runs: the window's stages follow the step's
+    from pg_train.accel import build_accelerator
+    from pg_train.train import objective_step
+    from pg_train.window import WINDOW_STAGES, NonFiniteGuard, optimizer_window
+
+    assert list(m.phases) == [PHASES[s] for s in seen] + list(WINDOW_STAGES)
+    trained = []  # training's window, with the objective training calls (objective_step)
+
+    @contextlib.contextmanager
+    def record_training(stage):
+        trained.append(stage)
+        yield
+
+    train_cfg = TrainConfig(objective=cfg)
+    optimizer_window(
+        iter([batch]),
+        lambda b, observer: objective_step(model, ema, b, train_cfg, "pseudo_gumbel", observer),
+        model=model,
+        optimizer=optimizer,
+        ema=ema,
+        accelerator=build_accelerator(),
+        grad_accum=1,
+        grad_clip=1.0,
+        guard=NonFiniteGuard(limit=2),
+        step=0,
+        observer=record_training,
+    )
+    assert trained == [*seen, *WINDOW_STAGES]
 
     sup = []
     supervised_step(
