@@ -448,12 +448,37 @@ def finish(run: Run, state: TrainState) -> None:
     run.accelerator.end_training()
 
 
+HELD_OUT_MEANING = {
+    "referring": "ground-truth description -> mask (referring segmentation)",
+    "cycle": "the model's own caption of region 1 -> mask in image 2 (what Pseudo-Gumbel trains)",
+    "shuffled": "another scene's description -> mask (control: what masks get without the right text)",
+    "empty": "no text -> mask (control)",
+}
+
+
+def held_out_summary(metrics_path: Path) -> list[str]:
+    """Held-out gIoU at the first and the last evaluation of metrics.jsonl, with what each means;
+    referring/cycle above the controls is what grounding (masks that follow the text) looks like."""
+    if not metrics_path.exists():
+        return []
+    evals = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "eval/cycle_gIoU" in r]
+    if not evals:
+        return []
+    first, last = evals[0], evals[-1]
+    lines = [f"[pg_train] held-out gIoU (mean per-sample mask IoU), step {first['step']} -> step {last['step']}:"]
+    for kind, meaning in HELD_OUT_MEANING.items():
+        a, b = first[f"eval/{kind}_gIoU"], last[f"eval/{kind}_gIoU"]
+        lines.append(f"[pg_train]   {kind:9} {a:.3f} -> {b:.3f} ({b - a:+.3f})  {meaning}")
+    return lines
+
+
 def _summary(history, steps, elapsed, loader, nonfinite_total, out_dir) -> None:
     tail = [r for r in history[-10:] if r["loss"] is not None]
     mean = lambda key: sum(r[key] for r in tail) / max(1, len(tail))  # noqa: E731
     lines = [
         f"[pg_train] done: {steps} steps in {elapsed:.1f} s ({steps / max(elapsed, 1e-9):.2f} steps/s)",
         f"[pg_train] last {len(tail)} steps: loss {mean('loss'):.4f}, mask IoU {mean('iou'):.3f}, caption length {mean('caption_len_mean'):.1f}",
+        *held_out_summary(Path(out_dir) / "metrics.jsonl"),
         f"[pg_train] skipped samples: {dict(loader.skip_counts) or 'none'}; non-finite micro-batches dropped: {nonfinite_total}",
         f"[pg_train] metrics: {out_dir / 'metrics.jsonl'}; checkpoints: {out_dir / 'checkpoints'}",
     ]

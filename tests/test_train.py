@@ -423,3 +423,22 @@ def test_curriculum_trains_supervised_then_pseudo_gumbel_in_one_run(tmp_path):
     assert [r["ema_updates"] for r in lines] == [1, 2, 3, 1, 2, 3]  # the teacher restarts at the switch
     # each stage its own schedule: warm-up peak x (i + 1) / 2 for i < 2, then the cosine's start (the peak)
     assert [r["lr"] for r in lines] == pytest.approx([0.0005, 0.001, 0.001, 0.001, 0.002, 0.002])
+
+
+def test_summary_prints_held_out_giou_at_the_first_and_last_evaluation(tmp_path):
+    from pg_train.train import held_out_summary
+
+    kinds = ("referring", "cycle", "shuffled", "empty")
+    rows = [
+        {"step": 0, **{f"eval/{k}_gIoU": v for k, v in zip(kinds, (0.08, 0.07, 0.08, 0.06))}},
+        {"step": 1, "loss": 1.0},
+        {"step": 50, **{f"eval/{k}_gIoU": v for k, v in zip(kinds, (0.5, 0.5, 0.5, 0.5))}},
+        {"step": 100, "loss": 0.5, **{f"eval/{k}_gIoU": v for k, v in zip(kinds, (0.72, 0.61, 0.33, 0.30))}},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = held_out_summary(tmp_path / "metrics.jsonl")
+    assert "step 0 -> step 100" in lines[0]
+    assert "referring 0.080 -> 0.720 (+0.640)" in lines[1] and "cycle     0.070 -> 0.610 (+0.540)" in lines[2]
+    assert "shuffled  0.080 -> 0.330 (+0.250)" in lines[3] and "empty     0.060 -> 0.300 (+0.240)" in lines[4]
+    (tmp_path / "none.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert held_out_summary(tmp_path / "none.jsonl") == []
