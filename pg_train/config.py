@@ -457,6 +457,7 @@ def validate(cfg: TrainConfig) -> None:
             "min_pixels must be >= 1 and num_workers >= 0",
         ),
         (cfg.data.hf_shuffle_buffer >= 1, "data.hf_shuffle_buffer", "must be >= 1"),
+        (cfg.data.sample_offset >= 0, "data.sample_offset", "must be >= 0"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -323,3 +323,55 @@ def test_same_image_pairing_keeps_one_pixel_tensor_through_collate_and_the_devic
     )
     with pytest.raises(ValueError, match="pairing must be 'same' or 'augment'"):
         SyntheticPairs(3, pairing="shuffled")
+
+
+def _synthetic_fingerprint(source) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for i in range(len(source)):
+        pair = source.load(i)
+        for array in (pair.image1, pair.mask1, pair.image2, pair.mask2):
+            digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
+        digest.update(pair.caption.encode())
+    return digest.hexdigest()
+
+
+def test_synthetic_sample_offset_gives_disjoint_scenes_and_offset_0_is_unchanged():
+    # offset 0 is the data as it was before the knob (sha256 of the generator at commit 831da69)
+    assert _synthetic_fingerprint(SyntheticPairs(6, seed=5, image_size=96)) == (
+        "88508cf607741b477d8b422515c3afece8833632665c493cebcd9384286c69a1"
+    )
+    assert _synthetic_fingerprint(SyntheticPairs(6, seed=5, image_size=96, sample_offset=0)) == (
+        _synthetic_fingerprint(SyntheticPairs(6, seed=5, image_size=96))
+    )
+    # scenes [offset, offset + n) of the seed: the same bits as the tail of a longer source
+    whole = SyntheticPairs(10, seed=5, image_size=96)
+    labelled = SyntheticPairs(4, seed=5, image_size=96)
+    rest = SyntheticPairs(6, seed=5, image_size=96, sample_offset=4)
+    for i in range(6):
+        a, b = rest.load(i), whole.load(4 + i)
+        assert np.array_equal(np.asarray(a.image1), np.asarray(b.image1)) and a.caption == b.caption
+        assert np.array_equal(np.asarray(a.image2), np.asarray(b.image2)) and np.array_equal(a.mask2, b.mask2)
+        assert a.where == b.where == f"synthetic(seed=5, index={4 + i})"
+    # disjoint ranges share no scene
+    seen = {np.asarray(labelled.load(i).image1).tobytes() for i in range(4)}
+    assert not seen & {np.asarray(rest.load(i).image1).tobytes() for i in range(6)}
+    with pytest.raises(ValueError, match="sample_offset"):
+        SyntheticPairs(4, sample_offset=-1)
+
+
+def test_synthetic_caption_styles():
+    from pg_train.data.synthetic import CAPTION_STYLES
+
+    full, short, colour = (
+        SyntheticPairs(3, seed=2, image_size=96, textures=("plain",), caption_style=s) for s in CAPTION_STYLES
+    )
+    for i in range(3):
+        words = full.load(i).caption.split()  # the <size> <colour> <shape> at the <where>
+        assert short.load(i).caption == f"the {words[2]} {words[3]}"
+        assert colour.load(i).caption == f"the {words[2]} one"
+        # only the text differs
+        assert np.array_equal(np.asarray(full.load(i).image2), np.asarray(colour.load(i).image2))
+    with pytest.raises(ValueError, match="caption_style"):
+        SyntheticPairs(2, caption_style="long")

@@ -19,6 +19,9 @@ SOURCES = ("synthetic", "manifest", "coco", "refer", "hf", "video")
 class DataConfig:
     source: str = "synthetic"  # synthetic | manifest | coco | refer | hf | video
     num_samples: int = 256  # synthetic: scenes per epoch
+    # synthetic: the scenes are [sample_offset, sample_offset + num_samples) of the seed, so two
+    # sources with disjoint ranges share no scene (e.g. a labelled and an unlabelled split)
+    sample_offset: int = 0
     image_size: int = 448  # synthetic: canvas size
     sizes: list[str] = field(default_factory=lambda: ["tiny", "small", "medium", "large"])  # synthetic object sizes
     min_objects: int = 2  # synthetic: objects per scene
@@ -26,6 +29,7 @@ class DataConfig:
     colours: list[str] | None = None  # synthetic: colour names to draw from (default: all 12)
     textures: list[str] | None = None  # synthetic: plain | striped | dotted | checkered (default: all)
     distinct_colours: bool = False  # synthetic: no two objects of a scene share a colour
+    caption_style: str = "full"  # synthetic: full ("the large red square at the top") | colour_shape | colour
     manifest: str | None = None
     coco_instances: str | None = None
     coco_images: str | None = None
@@ -75,6 +79,8 @@ def build_source(cfg: DataConfig, seed: int = 0):
             textures=tuple(cfg.textures or TEXTURES),
             distinct_colours=cfg.distinct_colours,
             pairing=cfg.pairing,
+            sample_offset=cfg.sample_offset,
+            caption_style=cfg.caption_style,
         )
     if cfg.source == "manifest":
         if not cfg.manifest:

@@ -35,6 +35,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "rectangle", "ellipse", "star", "diamond", "hexagon")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
+CAPTION_STYLES = ("full", "colour_shape", "colour")
 SIZES = {"tiny": (8, 22), "small": (30, 70), "medium": (80, 140), "large": (150, 220)}  # object extent, px at 448
 
 
@@ -48,7 +49,13 @@ class SceneObject:
     extent: float
     angle: float
 
-    def describe(self, width: int, height: int) -> str:
+    def describe(self, width: int, height: int, style: str = "full") -> str:
+        """`full`: "the large red striped square at the top left"; `colour_shape`: "the red
+        square"; `colour`: "the red one" (shorter captions: an easier task for a random model)."""
+        if style == "colour_shape":
+            return f"the {self.colour} {self.shape}"
+        if style == "colour":
+            return f"the {self.colour} one"
         x, y = self.center
         vertical = "top" if y < height / 3 else "bottom" if y > 2 * height / 3 else "middle"
         horizontal = "left" if x < width / 3 else "right" if x > 2 * width / 3 else "center"
@@ -137,6 +144,8 @@ class SyntheticPairs:
         textures: tuple[str, ...] = TEXTURES,
         distinct_colours: bool = False,
         pairing: str = "augment",
+        sample_offset: int = 0,
+        caption_style: str = "full",
     ):
         for field, chosen, known in (
             ("sizes", sizes, SIZES),
@@ -148,6 +157,10 @@ class SyntheticPairs:
                 raise ValueError(
                     f"synthetic {field} {sorted(unknown) or list(chosen)}: expected a non-empty subset of {list(known)}"
                 )
+        if sample_offset < 0:
+            raise ValueError(f"synthetic sample_offset must be >= 0, got {sample_offset}")
+        if caption_style not in CAPTION_STYLES:
+            raise ValueError(f"synthetic caption_style must be one of {CAPTION_STYLES}, got {caption_style!r}")
         if pairing not in ("same", "augment"):
             raise ValueError(f"synthetic pairing must be 'same' or 'augment', got {pairing!r}")
         if distinct_colours and len(colours) < max_objects:
@@ -160,6 +173,8 @@ class SyntheticPairs:
         self.distinct_colours = distinct_colours
         self.pairing = pairing
         self.num_samples = num_samples
+        self.sample_offset = sample_offset
+        self.caption_style = caption_style
         self.seed = seed
         self.image_size = image_size
         self.min_objects = min_objects
@@ -173,8 +188,9 @@ class SyntheticPairs:
         return np.random.default_rng(np.random.SeedSequence([self.seed, index, stream]))
 
     def scene(self, index: int) -> tuple[Image.Image, list[SceneObject], list[np.ndarray]]:
-        """The image, its objects in drawing order and each object's visible mask."""
-        rng = self._rng(index, 0)
+        """The image, its objects in drawing order and each object's visible mask (scene
+        `sample_offset + index` of the seed: sources with disjoint offset ranges share no scene)."""
+        rng = self._rng(self.sample_offset + index, 0)
         size = self.image_size
         scale = size / 448
         background = np.array(rng.integers(60, 200, size=3), dtype=np.float32)
@@ -211,7 +227,7 @@ class SyntheticPairs:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"synthetic index {index} outside [0, {self.num_samples})")
         image, objects, masks = self.scene(index)
-        rng = self._rng(index, 1)
+        rng = self._rng(self.sample_offset + index, 1)
         visible = [i for i, m in enumerate(masks) if m.sum() >= self.min_pixels]
         target = int(rng.choice(visible)) if visible else int(np.argmax([m.sum() for m in masks]))
         if self.pairing == "same":
@@ -223,8 +239,8 @@ class SyntheticPairs:
             mask1=masks[target],
             image2=image2,
             mask2=mask2,
-            caption=objects[target].describe(self.image_size, self.image_size),
-            where=f"synthetic(seed={self.seed}, index={index})",
+            caption=objects[target].describe(self.image_size, self.image_size, self.caption_style),
+            where=f"synthetic(seed={self.seed}, index={self.sample_offset + index})",
         )
 
     def export_manifest(self, directory: str | Path, name: str = "manifest.jsonl") -> Path:
