@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .accel import configure_environment
+
+DEFAULT_JOB = Path(__file__).with_name("default_job.yaml")  # what runs without --config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,7 +27,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Shipped configs: configs/sa2va_4b_zero2.yaml (Sa2VA-4B, 8 GPUs, ZeRO-2), "
         "configs/learn_tiny_warmup.yaml + configs/learn_tiny_pg.yaml (the tiny learning recipe).",
     )
-    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable; later files win)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config file (repeatable; later files win). Without one: the embedded default job, "
+        "pg_train/default_job.yaml (a short curriculum on the tiny-112 preset)",
+    )
     parser.add_argument("--output-dir", help="where metrics, TensorBoard events and checkpoints go")
     parser.add_argument("--max-steps", type=int, help="optimizer steps to train")
     parser.add_argument(
@@ -46,7 +55,7 @@ def main(argv=None) -> int:
         if flag is not None:
             overrides.append(f"{key}={flag}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config or [DEFAULT_JOB], overrides)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2

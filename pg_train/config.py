@@ -85,8 +85,15 @@ class CurriculumConfig:
     """objective_kind=curriculum: a supervised warm-up, then Pseudo-Gumbel from it, in one run."""
 
     supervised_steps: int = 0  # optimizer steps of the supervised stage; the rest are Pseudo-Gumbel
+    supervised_fraction: float = 0.0  # or this fraction of max_steps (when supervised_steps is 0)
     lr: float | None = None  # Pseudo-Gumbel stage's peak lr (its own warm-up and cosine); None: optim.lr
     restart_ema: bool = True  # the teacher starts as the warmed-up student (as a second run would)
+
+
+def supervised_steps(cfg) -> int:
+    """A curriculum's supervised steps: curriculum.supervised_steps, else its fraction of max_steps."""
+    c = cfg.curriculum
+    return c.supervised_steps or round(c.supervised_fraction * cfg.max_steps)
 
 
 @dataclass
@@ -345,10 +352,11 @@ def validate(cfg: TrainConfig) -> None:
             "must be pseudo_gumbel, supervised, mixed or curriculum",
         ),
         (
-            cfg.objective_kind != "curriculum" or 0 < cfg.curriculum.supervised_steps < cfg.max_steps,
+            cfg.objective_kind != "curriculum" or 0 < supervised_steps(cfg) < cfg.max_steps,
             "curriculum.supervised_steps",
-            "must be in (0, max_steps) with objective_kind=curriculum",
+            "(or supervised_fraction x max_steps) must be in (0, max_steps) with objective_kind=curriculum",
         ),
+        (0.0 <= cfg.curriculum.supervised_fraction < 1.0, "curriculum.supervised_fraction", "must be in [0, 1)"),
         (cfg.curriculum.lr is None or cfg.curriculum.lr > 0, "curriculum.lr", "must be > 0 (or null: optim.lr)"),
         (cfg.eval_every >= 0 and cfg.eval_samples >= 1, "eval_every", "eval_every must be >= 0 and eval_samples >= 1"),
         (cfg.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}"),

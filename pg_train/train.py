@@ -31,7 +31,7 @@ from .checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, to_dict
+from .config import TrainConfig, supervised_steps, to_dict
 from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
@@ -116,7 +116,7 @@ class TrainState:
 def objective_kind_at(step: int, cfg: TrainConfig) -> str:
     """The objective step `step` (0-based) trains: curriculum = supervised, then Pseudo-Gumbel."""
     if cfg.objective_kind == "curriculum":
-        return "supervised" if step < cfg.curriculum.supervised_steps else "pseudo_gumbel"
+        return "supervised" if step < supervised_steps(cfg) else "pseudo_gumbel"
     return cfg.objective_kind
 
 
@@ -141,7 +141,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     warm-up and cosine, from curriculum.lr, as a second run would."""
     o, peak, start, end = cfg.optim, cfg.optim.lr, 0, cfg.max_steps
     if cfg.objective_kind == "curriculum":
-        switch = cfg.curriculum.supervised_steps
+        switch = supervised_steps(cfg)
         if step < switch:
             end = switch
         else:
@@ -362,7 +362,7 @@ def checkpoint_or_stop(run: Run, state: TrainState, stop: StopFlag, progress) ->
 def begin_stage_if_due(run: Run, state: TrainState, progress) -> None:
     """Curriculum: at the switch the Pseudo-Gumbel stage begins, its teacher the warmed-up student."""
     cfg = run.cfg
-    if cfg.objective_kind == "curriculum" and state.step == cfg.curriculum.supervised_steps:
+    if cfg.objective_kind == "curriculum" and state.step == supervised_steps(cfg):
         if cfg.curriculum.restart_ema:
             run.ema.restart_from(run.model)
         progress.write(f"[pg_train] step {state.step}: supervised warm-up done, Pseudo-Gumbel from here")

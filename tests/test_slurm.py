@@ -24,6 +24,7 @@ FAST = [
     "tensorboard=false",
     "progress=false",
     "report=false",
+    "eval_every=0",
 ]
 
 FAKE_SRUN = """#!/bin/bash

@@ -22,6 +22,7 @@ FAST = [
     "tensorboard=false",
     "progress=false",
     "report=false",
+    "eval_every=0",
 ]
 
 
@@ -43,9 +44,10 @@ def test_cli_default_job_runs_five_steps_with_finite_losses_and_a_checkpoint(tmp
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = metrics(tmp_path)
-    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    lines = metrics(tmp_path)  # the embedded default job: a curriculum, evaluated at step 0 and at the end
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4, 5] and "eval/cycle_gIoU" in lines[0]
+    assert [r["objective"] for r in lines[1:]] == ["supervised"] * 4 + ["pseudo_gumbel"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines[1:])
     assert (tmp_path / "checkpoints" / "step-00000005" / "trainer_state_rank0.json").is_file()
     assert (tmp_path / "config.yaml").is_file() and any((tmp_path / "tensorboard").rglob("events.out.tfevents*"))
     assert "done: 5 steps" in proc.stdout
