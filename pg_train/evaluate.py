@@ -296,7 +296,7 @@ def heldout_batches(
         source = ManifestPairs(manifest)
     else:
         synthetic = data if data is not None and data.source == "synthetic" else DataConfig()
-        source = build_source(dataclasses.replace(synthetic, num_samples=samples), seed=seed)
+        source = build_source(dataclasses.replace(synthetic, num_samples=samples, sample_offset=0), seed=seed)
     dataset = PairDataset(source, preprocess_for(preset))
     count = min(samples, len(dataset))
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype

@@ -156,3 +156,16 @@ def test_controls_request_summary_loss_reads_the_caption_at_the_seg_state():
     )
     request_summary_loss(model, seg_hidden, ids, lens).sum().backward()
     assert embeds.grad is not None and embeds.grad[0, : lens[0]].abs().sum() > 0
+
+
+def test_heldout_scenes_do_not_follow_the_training_sample_offset():
+    """A run trained on scenes [k, k + n) (data.sample_offset) is evaluated on the same held-out
+    set as every other run: the held-out seed's first scenes."""
+    from pg_train.data import DataConfig
+    from pg_train.evaluate import heldout_batches
+    from pg_train.model import build_offline
+
+    model = build_offline("tiny-112", device="cpu", seed=0)
+    base = heldout_batches(model, 4, 2, seed=10_000, device="cpu", data=DataConfig(image_size=128))
+    shifted = heldout_batches(model, 4, 2, seed=10_000, device="cpu", data=DataConfig(image_size=128, sample_offset=50))
+    assert all(torch.equal(a["pixel_values1"], b["pixel_values1"]) for a, b in zip(base, shifted))
