@@ -11,8 +11,11 @@ export TOKENIZERS_PARALLELISM := false
 setup:
 	bash scripts/setup.sh
 
+# One torch thread (what accelerate launch sets anyway, stated here): on 2 shared cores a second
+# thread had the same median step but a 5-10x slower tail whenever another job ran (README).
 train: setup
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no launch/train.py $(ARGS)
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process 1 \
+		--mixed_precision no --dynamo_backend no launch/train.py $(ARGS)
 
 test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
