@@ -89,10 +89,50 @@ def load_training_weights(model, checkpoint: str | Path, *, allow_nonfinite: boo
     load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)
 
 
+def fused_adamw_applies(params) -> bool:
+    """Whether torch's fused AdamW kernel may take `params` (tensors, or param-group dicts):
+    every one a floating-point CUDA tensor, and no DeepSpeed (ZeRO hands the optimizer its own
+    flat partitions, on the CPU when it offloads)."""
+    from .accel import deepspeed_requested
+
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return bool(tensors) and not deepspeed_requested() and all(t.is_cuda and t.is_floating_point() for t in tensors)
+
+
+def _fuse_once_on_cuda(optimizer: torch.optim.Optimizer) -> None:
+    """Training builds the optimizer before Accelerate moves the model to its device: decide at
+    the first step instead, once, where the parameters are then. On CPU nothing changes."""
+
+    def pre_step(opt, args, kwargs):
+        handle.remove()
+        fused = fused_adamw_applies(opt.param_groups)
+        for group in opt.param_groups:
+            if not fused:  # (a state resumed from a fused run on the CPU: the default implementation again)
+                if group.get("fused"):
+                    group["fused"], group["foreach"] = None, None
+                continue
+            group["fused"], group["foreach"] = True, False
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state and torch.is_tensor(state.get("step")):  # resumed state: the kernel reads it on the device
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+    handle = optimizer.register_step_pre_hook(pre_step)
+
+
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over `params`. Plain AdamW uses torch's fused kernel (one launch
+    for every tensor instead of a loop of small ones) when every parameter is on CUDA — now, or at
+    the first step once Accelerate has moved them — and DeepSpeed is not in charge; elsewhere it is
+    torch's default implementation, unchanged (CPU results bitwise as before)."""
     o = cfg.optim
     if o.name == "adamw8bit":  # bitsandbytes: 2 bytes of Adam state per parameter instead of 8
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    params = list(params)
+    fused = {"fused": True} if fused_adamw_applies(params) else {}
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **fused)
+    if not fused:
+        _fuse_once_on_cuda(optimizer)
+    return optimizer

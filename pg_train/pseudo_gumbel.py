@@ -41,7 +41,7 @@ class PseudoGumbelConfig:
     # decode with key/value buffers allocated once and fixed-shape steps (graph-ready; same tokens)
     static_cache: bool = False
     # CUDA: capture the static-cache decoding step in a CUDA graph and replay it (needs static_cache;
-    # ignored off CUDA, where the static-cache path runs eagerly)
+    # off CUDA the same bucketed step runs eagerly; pg_train.model.graph_decode)
     cuda_graphs: bool = False
     # loss (computed at the SAM2 decoder's resolution, see mask_loss)
     bce_weight: float = 2.0

@@ -1,17 +1,56 @@
 #!/usr/bin/env bash
-# One device call (< 8 min): the whole-step benchmark on Sa2VA-4B with random bf16 weights, ours vs
-# the design note's literal step, batch 8 (BATCH to change), with PyTorch's default attention
-# backends and with cuDNN attention off -> $OUT/bench_step_4b{,_nocudnn}.{json,log}
-# (VARIANTS="nocudnn" for the second only, VARIANTS="default" for the first only;
-# STEP_VARIANTS=ours,untrimmed,seed adds our step without the last-layer trim).
+# One device call (~6-8 min on an H200): the whole-step benchmark on Sa2VA-4B with random bf16
+# weights, batch 8 (BATCH), captions of 16 and 64 tokens (CAPTION_LENS), cuDNN attention off
+# (training's default), for our step with the teacher decoding replayed from CUDA graphs (`ours`:
+# objective.static_cache + cuda_graphs), the same without graphs (`nographs`) and the design
+# note's literal step (`seed`), each variant with one more step under
+# torch.cuda.set_sync_debug_mode("warn") (host syncs per stage) -> $OUT/bench_step_4b_graphs.{json,log};
+# then, if the image has pytest, the CUDA test of capture/replay against eager decoding on the tiny
+# model -> $OUT/graph_replay_test.log. Every command runs under a timeout so the call ends in time;
+# the JSON is rewritten after every variant, so a killed run keeps what it measured.
+#
+# Before the call, here: `bash launch/gpu/fetch_wheels.sh` (once), then run it with carry [".whl"]:
+#   bash launch/gpu/bench_step.sh
+# DRY_RUN=1 runs the same logic on this machine's CPU (tiny preset, short captions, no install).
+# Knobs: BATCH, STEPS (3: one warm-up + 2 timed), CAPTION_LENS (16,64), STEP_VARIANTS
+# (ours,nographs,seed), BENCH_TIMEOUT (400 s), TEST_TIMEOUT (60 s), CUDNN=1 (PyTorch's default
+# attention backends instead), PRESET (sa2va-4b).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-for name in ${VARIANTS:-default nocudnn}; do
-  variant=""; flag=""; [ "$name" = nocudnn ] && variant="_nocudnn" && flag="--no-cudnn-attention"
-  python3 -m pg_train.bench.step --preset sa2va-4b --batch "${BATCH:-8}" --steps "${STEPS:-3}" --variants "${STEP_VARIANTS:-ours,seed}" $flag --json "$OUT/bench_step_4b$variant.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/bench_step_4b$variant.log"
-  echo "exit code: ${PIPESTATUS[0]}" | tee -a "$OUT/bench_step_4b$variant.log"
-done
+DRY_RUN=${DRY_RUN:-0}
+PY=${PY:-python3}
+if [ "$DRY_RUN" = 1 ]; then
+  PY=${PY_DRY:-.venv/bin/python}
+  PRESET=${PRESET:-tiny}
+  BATCH=${BATCH:-2}
+  STEPS=${STEPS:-2}
+  CAPTION_LENS=${CAPTION_LENS:-4,8}
+  EXTRA=(--device cpu)
+  echo "DRY_RUN: would install: $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl" | tee "$OUT/gpu.txt"
+else
+  ls .whl/*.whl > /dev/null || { echo "no .whl/*.whl: run launch/gpu/fetch_wheels.sh here and carry .whl"; exit 1; }
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  EXTRA=()
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+fi
+export PYTHONUNBUFFERED=1
+[ "${CUDNN:-0}" = 1 ] || EXTRA+=(--no-cudnn-attention)
+git log -1 --format='commit %H %cd' 2> /dev/null | tee -a "$OUT/gpu.txt"
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+log="$OUT/bench_step_4b_graphs.log"
+timeout -k 10 "${BENCH_TIMEOUT:-400}" $PY -m pg_train.bench.step --preset "${PRESET:-sa2va-4b}" --batch "${BATCH:-8}" \
+  --steps "${STEPS:-3}" --caption-lens "${CAPTION_LENS:-16,64}" --variants "${STEP_VARIANTS:-ours,nographs,seed}" \
+  --sync-debug "${EXTRA[@]}" --json "$OUT/bench_step_4b_graphs.json" 2>&1 \
+  | grep -v -i -e "warn" -e "gemm_4bit" | tee "$log"
+echo "exit code: ${PIPESTATUS[0]} (124: timed out; the JSON holds the variants that finished)" | tee -a "$log"
+
+test_log="$OUT/graph_replay_test.log"
+if $PY -c "import pytest" 2> /dev/null; then
+  timeout -k 5 "${TEST_TIMEOUT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_generate.py \
+    -k "cuda_graph_replay or graph_step_equals" 2>&1 | tail -15 | tee "$test_log"
+  echo "exit code: ${PIPESTATUS[0]}" | tee -a "$test_log"
+else
+  echo "pytest not in this image: the capture/replay test was not run" | tee "$test_log"
+fi

@@ -1,10 +1,18 @@
 """A whole Pseudo-Gumbel training step, stage by stage: ours vs the design note's literal step.
 
     python -m pg_train.bench.step [--preset tiny|bench|sa2va-4b] [--batch 8] [--steps 3]
-                                  [--variants ours,untrimmed,seed]
+                                  [--caption-lens 16,64] [--variants ours,nographs,dynamic,untrimmed,seed]
+                                  [--sync-debug]
 
-`untrimmed` is our step with the last decoder layer run on every row (pg_train.model.decoder),
-to show what that one optimisation is worth on the preset at hand. Both variants start from identical weights (same seed) and run the same batches with the same
+Variants (VARIANTS): `ours` is our step with the teacher decoding through the static cache and the
+bucketed step replayed from CUDA graphs (objective.static_cache + cuda_graphs; off CUDA the same
+step runs eagerly, with exact shapes); `nographs` the static cache without graphs; `dynamic` the
+dynamic cache (training's default); `untrimmed` ours with the last decoder layer run on every row
+(pg_train.model.decoder), to show what that one optimisation is worth on the preset at hand; `seed`
+the design note's literal step (its teacher decodes with the dynamic cache). Captions are forced to
+each length of --caption-lens (min = max), so teacher ms/token (the teacher stage, vision tower and
+prefill included, over the caption tokens) counts exactly that many tokens. Every variant starts
+from identical weights (same seed) and runs the same batches with the same
 per-sample noise, each in a fresh process of this command (on CPU, a process that already ran
 the other variant keeps its freed heap, which would bias the second one's RSS); the first step of each is checked for
 equal teacher captions and equal loss, and the timings are medians over the steps after the
@@ -17,6 +25,9 @@ state, by tensor storage) plus the peak RSS growth during a step (sampled every 
 MFU (CUDA only): model FLOPs counted as 2 x parameters x tokens for each forward matmul (LLM,
 lm_head rows actually computed, vision tower, SAM2 ignored) and 2x that for backward through
 the trainable path, over the step time and the card's dense bf16 peak given by --peak-tflops.
+--sync-debug (CUDA only): one more step after the timed ones under
+torch.cuda.set_sync_debug_mode("warn"); the warnings (host syncs) are counted per stage through
+the phase observer (the clock's own synchronisations excepted) with their most frequent call sites.
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ import json
 import multiprocessing as mp
 import statistics
 import time
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
 
 import torch
 
@@ -42,26 +54,100 @@ from .memory import PeakMemory
 
 STAGES = (*OBJECTIVE_STAGES, "backward", "optimizer", "ema")  # teacher, mask, pass1, gumbel, pass2, loss, ...
 PARTS = ("vision", "sam2_encoder")
+# name -> the teacher's decoding settings (PseudoGumbelConfig fields); `untrimmed` is `ours` with
+# every layer on every row, `seed` the literal step (pg_train.bench.seed_step).
+VARIANTS = {
+    "ours": {"static_cache": True, "cuda_graphs": True},
+    "nographs": {"static_cache": True},
+    "dynamic": {},
+    "untrimmed": {"static_cache": True, "cuda_graphs": True},
+    "seed": {},
+}
+
+
+class SyncDebug:
+    """Host syncs of one step: torch.cuda.set_sync_debug_mode("warn") while `active()`, the
+    warnings counted per stage (`stage(name)`, entered by StageClock) and per call site."""
+
+    MESSAGE = "synchronizing"
+
+    def __init__(self):
+        self.caught: list | None = None
+        self.per_stage: Counter = Counter()
+        self.sites: Counter = Counter()
+        self.total = 0
+
+    @contextlib.contextmanager
+    def active(self):
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.caught = caught
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield self
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+                self.caught = None
+        syncs = [w for w in caught if self.MESSAGE in str(w.message)]
+        self.total += len(syncs)
+        self.sites.update(f"{w.filename}:{w.lineno}" for w in syncs)
+
+    def _count(self) -> int:
+        return sum(self.MESSAGE in str(w.message) for w in self.caught) if self.caught is not None else 0
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        before = self._count()
+        try:
+            yield
+        finally:
+            self.per_stage[name] += self._count() - before
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The benchmark's own synchronisations are not the step's."""
+        if self.caught is None:
+            yield
+            return
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def report(self, top: int = 12) -> dict:
+        staged = sum(self.per_stage.values())
+        return {
+            "total": self.total,
+            "per_stage": dict(self.per_stage),
+            "outside_stages": self.total - staged,
+            "top_sites": self.sites.most_common(top),
+        }
 
 
 class StageClock:
     """Accumulates wall time per named stage (synchronising CUDA around each); `clock(stage)` is
-    also the phase observer handed to pseudo_gumbel_step, so the production step is timed as it is."""
+    also the phase observer handed to pseudo_gumbel_step, so the production step is timed as it is.
+    With `sync_debug` (a SyncDebug) the host syncs inside each stage are counted too."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, sync_debug: SyncDebug | None = None):
         self.device = device
         self.times: dict[str, float] = defaultdict(float)
+        self.sync_debug = sync_debug
 
     def _sync(self):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            with self.sync_debug.paused() if self.sync_debug is not None else contextlib.nullcontext():
+                torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         self._sync()
         start = time.perf_counter()
         try:
-            yield
+            with self.sync_debug.stage(name) if self.sync_debug is not None else contextlib.nullcontext():
+                yield
         finally:
             self._sync()
             self.times[name] += time.perf_counter() - start
@@ -106,7 +192,7 @@ def persistent_bytes(model, optimizer, teacher) -> int:
 
 
 def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    """One variant's report: "ours", "untrimmed" (ours with every layer on every row) or "seed"."""
+    """One variant's report (VARIANTS), captions of `args.caption_len` tokens."""
     from ..model.decoder import untrimmed_last_layer
 
     with untrimmed_last_layer() if variant == "untrimmed" else contextlib.nullcontext():
@@ -114,16 +200,22 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
 
 
 def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from ..model import graph_decode
     from ..pseudo_gumbel import pseudo_gumbel_step
     from .seed_step import full_copy_ema_update, seed_literal_step
 
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     torch.manual_seed(0)
     model = build_offline(args.preset, device=str(device), dtype=dtype, seed=0)
-    batches = make_batches(model, args.batch, args.steps, device, getattr(args, "pairing", "augment"))
-    cfg = PseudoGumbelConfig(max_caption_len=args.caption_len, min_caption_len=args.caption_len, topk=args.topk)
+    sync_debug = getattr(args, "sync_debug", False) and device.type == "cuda"
+    batches = make_batches(model, args.batch, args.steps + sync_debug, device, getattr(args, "pairing", "augment"))
+    cfg = PseudoGumbelConfig(
+        max_caption_len=args.caption_len, min_caption_len=args.caption_len, topk=args.topk, **VARIANTS[variant]
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    if variant in ("ours", "untrimmed"):
+    if variant != "seed":
         teacher = EMATeacher(model, decay=0.999, placement="same")
     else:
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -133,30 +225,36 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
     )
     if variant == "seed":
         hooks += clock.watch(teacher.vision_model, "vision")
+
+    def one_step(batch) -> dict:
+        if variant != "seed":
+            out = pseudo_gumbel_step(model, teacher, batch, cfg, observer=clock)
+            result = {
+                "loss": out.loss,
+                "caption_ids": out.caption_ids,
+                "caption_lengths": out.caption_lengths,
+                "hard_ids": out.hard_ids,
+            }
+        else:
+            result = seed_literal_step(model, teacher, batch, cfg, clock)
+        with clock("backward"):
+            result["loss"].backward()
+        with clock("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with clock("ema"):
+            teacher.update(model) if variant != "seed" else full_copy_ema_update(teacher, model, 0.999)
+        return result
+
+    decoding_before = dict(graph_decode.STATS)
     steps, first = [], None
     peak_bytes = []
-    for batch in batches:
+    for batch in batches[: args.steps]:
         clock.times.clear()
         gc.collect()
         with PeakMemory(device) as peak:
             start = time.perf_counter()
-            if variant != "seed":
-                out = pseudo_gumbel_step(model, teacher, batch, cfg, observer=clock)
-                result = {
-                    "loss": out.loss,
-                    "caption_ids": out.caption_ids,
-                    "caption_lengths": out.caption_lengths,
-                    "hard_ids": out.hard_ids,
-                }
-            else:
-                result = seed_literal_step(model, teacher, batch, cfg, clock)
-            with clock("backward"):
-                result["loss"].backward()
-            with clock("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            with clock("ema"):
-                teacher.update(model) if variant != "seed" else full_copy_ema_update(teacher, model, 0.999)
+            result = one_step(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             total = time.perf_counter() - start
@@ -165,6 +263,14 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
             first = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in result.items()}
         steps.append({"total": total, **dict(clock.times)})
         del result
+    decoding = {k: v - decoding_before.get(k, 0) for k, v in graph_decode.STATS.items()}
+    syncs = None
+    if sync_debug:  # one more step, not timed: warnings cost host time
+        clock.sync_debug = SyncDebug()
+        with clock.sync_debug.active():
+            one_step(batches[-1])
+        syncs = clock.sync_debug.report()
+        clock.sync_debug = None
     for h in hooks:
         h.remove()
     persistent = persistent_bytes(model, optimizer, teacher)
@@ -172,14 +278,20 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
     median = {k: statistics.median(s.get(k, 0.0) for s in timed) for k in ("total",) + STAGES + PARTS}
     report = {
         "variant": variant,
+        "caption_len": args.caption_len,
+        "decoding": dict(VARIANTS[variant]),
         "times_s": median,
+        "teacher_ms_per_token": 1000 * median["teacher"] / args.caption_len,
         "first_loss": float(first["loss"]),
         "first_captions": first["caption_ids"].tolist(),
         "first_hard_ids": first["hard_ids"].tolist(),
         "samples_per_s": args.batch / median["total"],
         "persistent_bytes": persistent,
         "step_peak_bytes": max(peak_bytes[1:] or peak_bytes),
+        "decode_stats": decoding,  # graph captures / replays / eager steps over the timed steps
     }
+    if syncs is not None:
+        report["sync_debug"] = syncs
     if device.type == "cuda":
         report["peak_bytes"] = torch.cuda.max_memory_allocated(device)  # absolute: everything resident
         views = float(batches[0]["num_views1"].float().mean())
@@ -189,7 +301,7 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
         )
     else:
         report["peak_bytes"] = persistent + report["step_peak_bytes"]
-    del model, optimizer, teacher, batches
+    model = optimizer = teacher = batches = None  # (one_step holds them too) freed before the next variant
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -235,10 +347,10 @@ def model_flops(model, batch: int, caption_len: int, views: float = 1.0) -> floa
 
 
 def print_table(reports: dict[str, dict], args, device) -> None:
-    """Stage times of each variant and seed/variant ratios; `reports` holds "ours" and "seed",
-    and "untrimmed" (ours with every layer on every row) when it was run."""
+    """Stage times of each variant and seed/variant ratios; `reports` holds "seed" and any of the
+    other VARIANTS, all with captions of `args.caption_len` tokens."""
     seed = reports["seed"]
-    mine = [name for name in ("ours", "untrimmed") if name in reports]
+    mine = [name for name in VARIANTS if name in reports and name != "seed"]
     print(
         f"\n{args.preset} preset, batch {args.batch}, captions {args.caption_len} tokens, top-k {args.topk}, pairing {getattr(args, 'pairing', 'augment')}, {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}; "
@@ -263,6 +375,13 @@ def print_table(reports: dict[str, dict], args, device) -> None:
         [reports[n]["samples_per_s"] for n in mine + ["seed"]],
         [reports[n]["samples_per_s"] / seed["samples_per_s"] for n in mine],
     )
+    ms = [reports[n]["teacher_ms_per_token"] for n in mine + ["seed"]]
+    row(
+        "teacher ms/tok",
+        ms,
+        [ms[-1] / v if v > 0 else float("nan") for v in ms[:-1]],
+        "   (teacher stage / caption tokens)",
+    )
     gib = 2**30
 
     def memory_row(label, key, note=""):
@@ -273,12 +392,22 @@ def print_table(reports: dict[str, dict], args, device) -> None:
         memory_row("persistent GiB", "persistent_bytes", "   (weights + teacher + Adam state)")
         memory_row("step RSS GiB", "step_peak_bytes", "   (peak RSS growth during a step)")
     memory_row("peak GiB", "peak_bytes")
-    if "mfu" in reports["ours"]:
+    if "mfu" in seed:
         print(
             f"{'MFU':16}"
             + "".join(f" {reports[n]['mfu']:12.1%}" for n in mine + ["seed"])
             + f"   (analytic FLOPs / {args.peak_tflops} TFLOP/s)"
         )
+    else:
+        print(f"{'MFU':16} (CUDA only: FLOPs over the card's peak)")
+    for name in mine:
+        d = reports[name].get("decode_stats", {})
+        if d:
+            print(
+                f"{name} decoding steps: {d.get('replays', 0)} graph replays ({d.get('captures', 0)} captures), "
+                f"{d.get('eager_steps', 0) + d.get('warmup_steps', 0)} eager"
+                f"{', ' + str(d['capture_failures']) + ' capture failures' if d.get('capture_failures') else ''}"
+            )
     for name in mine:
         r = reports[name]
         print(
@@ -286,6 +415,36 @@ def print_table(reports: dict[str, dict], args, device) -> None:
             f"Gumbel picks equal {r['first_hard_ids'] == seed['first_hard_ids']}, loss {r['first_loss']:.6f} vs {seed['first_loss']:.6f} "
             f"(|diff| {abs(r['first_loss'] - seed['first_loss']):.1e})"
         )
+    for name in mine + ["seed"]:
+        if "sync_debug" in reports[name]:
+            print_sync_debug(name, reports[name]["sync_debug"])
+
+
+def print_sync_debug(name: str, syncs: dict) -> None:
+    stages = ", ".join(f"{stage} {n}" for stage, n in syncs["per_stage"].items() if n)
+    outside = f", {syncs['outside_stages']} between stages" if syncs["outside_stages"] else ""
+    print(
+        f"{name}: {syncs['total']} host syncs in one step (sync debug mode): {stages or 'none in the stages'}{outside}"
+    )
+    for site, n in syncs["top_sites"]:
+        print(f"    {n:5d}  {site}")
+
+
+def print_summary(by_len: dict[int, dict[str, dict]]) -> None:
+    """One line per caption length and variant: the figures issue 19 asks for."""
+    print(
+        f"\n{'captions':>8} {'variant':>10} {'step s':>9} {'samples/s':>10} {'teacher ms/tok':>15} {'MFU':>7} {'vs seed':>8}"
+    )
+    for length, reports in by_len.items():
+        seed = reports.get("seed")
+        for name in [n for n in VARIANTS if n in reports]:
+            r = reports[name]
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+            ratio = f"{seed['times_s']['total'] / r['times_s']['total']:.2f}x" if seed else "-"
+            print(
+                f"{length:8d} {name:>10} {r['times_s']['total']:9.3f} {r['samples_per_s']:10.2f} "
+                f"{r['teacher_ms_per_token']:15.2f} {mfu:>7} {ratio:>8}"
+            )
 
 
 def main(argv=None) -> int:
@@ -297,6 +456,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per variant; the first is a warm-up")
     parser.add_argument(
         "--caption-len", type=int, default=16, help="teacher captions are forced to this length (min = max)"
+    )
+    parser.add_argument(
+        "--caption-lens", help="comma list of caption lengths, each benchmarked in turn (overrides --caption-len)"
     )
     parser.add_argument("--topk", type=int, default=128)
     parser.add_argument(
@@ -313,7 +475,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--variants",
         default="ours,seed",
-        help="comma list of ours, seed and untrimmed (ours with the last layer on every row)",
+        help=f"comma list of {', '.join(VARIANTS)} (see above)",
+    )
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="CUDA: count host syncs per stage in one extra step (torch.cuda.set_sync_debug_mode('warn'))",
     )
     parser.add_argument(
         "--no-cudnn-attention",
@@ -324,24 +491,62 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    reports = {}
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: expected {', '.join(VARIANTS)}")
+    lengths = [int(x) for x in args.caption_lens.split(",")] if args.caption_lens else [args.caption_len]
+    if args.sync_debug and device.type != "cuda":
+        print("--sync-debug: CUDA only (set_sync_debug_mode); ignored on", device)
+    by_len: dict[int, dict[str, dict]] = {}
+    failed = []
     context = mp.get_context("spawn")
-    for variant in args.variants.split(","):
-        print(f"running {variant} ...", flush=True)
-        queue = context.Queue()
-        process = context.Process(target=_run_in_child, args=(queue, variant, args, str(device), dtype))
-        process.start()
-        reports[variant] = queue.get()
-        process.join()
-        if isinstance(reports[variant], str):
-            print(reports[variant])
-            return 1
-    if "ours" in reports and "seed" in reports:
-        print_table(reports, args, device)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": str(device), **reports}, f, indent=1)
-    return 0
+    for length in lengths:
+        run_args = argparse.Namespace(**{**vars(args), "caption_len": length})
+        reports = by_len[length] = {}
+        for variant in variants:
+            print(f"running {variant}, captions of {length} tokens ...", flush=True)
+            queue = context.Queue()
+            process = context.Process(target=_run_in_child, args=(queue, variant, run_args, str(device), dtype))
+            process.start()
+            result = _child_result(queue, process, variant)
+            process.join()
+            if isinstance(result, str):  # reported, and the other runs still made (exit code 1 at the end)
+                print(result, flush=True)
+                failed.append(f"{variant}@{length}")
+                continue
+            reports[variant] = result
+            write_json(args, device, lengths, by_len, failed)  # after every run: a killed job keeps what it had
+        if "seed" in reports and len(reports) > 1:
+            print_table(reports, run_args, device)
+    if len(by_len) > 1 or len(variants) > 2:
+        print_summary(by_len)
+    write_json(args, device, lengths, by_len, failed)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def _child_result(queue, process, variant: str):
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queues.Empty:
+            if not process.is_alive():
+                return f"{variant} failed: its process ended (exit code {process.exitcode}) without a report"
+
+
+def write_json(args, device, lengths, by_len, failed) -> None:
+    if not args.json:
+        return
+    out = {"args": vars(args), "device": str(device), "caption_lens": lengths, "failed": failed}
+    out["by_caption_len"] = {str(length): reports for length, reports in by_len.items()}
+    if len(lengths) == 1:
+        out.update(by_len[lengths[0]])  # the one length's reports at the top, as before
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

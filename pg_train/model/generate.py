@@ -45,14 +45,42 @@ def generate_from_embeds(
     bookkeeping — what capturing the step in a CUDA graph needs. Same tokens as the dynamic
     cache (tests/test_generate.py).
 
-    `cuda_graphs` (with `static_cache`, CUDA only): the per-token step is captured once and
-    replayed. Elsewhere it is ignored and the static-cache step runs eagerly.
+    `cuda_graphs` (needs `static_cache`): the per-token step is one fixed-shape function over
+    buffers of a shape bucket (pg_train.model.graph_decode: batch and prompt padded to bucket
+    sizes, buffers and KV cache kept between calls), captured once per bucket in a CUDA graph and
+    replayed on CUDA; elsewhere, and for sampled decoding, the same step runs eagerly. Same
+    tokens as the paths above (tests/test_generate.py).
     """
     from transformers import DynamicCache, StaticCache
 
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
     check_every = check_every or (8 if device.type == "cuda" else 1)
+    if cuda_graphs and not static_cache:
+        raise ValueError("cuda_graphs needs static_cache (a graph replays fixed shapes)")
+    if cuda_graphs and B and max_new_tokens > 0:
+        from .graph_decode import DecodeRules, generate_bucketed
+
+        rules = DecodeRules(
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            min_new_tokens=min_new_tokens,
+            stop=stop,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            generator=generator,
+        )
+        tokens, lengths = generate_bucketed(
+            language_model,
+            inputs_embeds,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            rules=rules,
+            suppress_token_ids=suppress_token_ids,
+            check_every=check_every,
+        )
+        return _finish(tokens, lengths, stop, max_new_tokens, min_new_tokens, pad_token_id)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     P = attention_mask.shape[1]
@@ -117,6 +145,14 @@ def generate_from_embeds(
         step_mask = attention_mask
         step_positions = step_positions[:, -1:] + 1
         step_embeds = embed(next_ids)[:, None]
+    return _finish(tokens, lengths, stop, max_new_tokens, min_new_tokens, pad_token_id)
+
+
+def _finish(
+    tokens: torch.Tensor, lengths: torch.Tensor, stop, max_new_tokens: int, min_new_tokens: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding loop's tokens [B, max_new_tokens] and stop positions -> (captions, lengths)."""
+    B, device = tokens.shape[0], tokens.device
     if stop is not None:
         captions = stop.trim(tokens, lengths, max_new_tokens, min_new_tokens)
         lengths = torch.tensor([len(c) for c in captions], dtype=torch.long, device=device)
