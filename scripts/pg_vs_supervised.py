@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="overrides for arms (a) and (b), e.g. optim.lr=3e-4",
     )
     p.add_argument("--pg-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for arm (a) only")
+    p.add_argument(
+        "--pg-tag", default="", help="suffix of arm (a)'s run directories: a variant of (a) next to reused (b), (c)"
+    )
     p.add_argument("--out", default="/tmp/pg_vs_supervised", help="run directories")
     p.add_argument("--json", default="docs/measurements/pg_vs_supervised.json")
     p.add_argument(
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
         )
         init = [f"model.init_from={warm}", *args.cont_set]
         pg, walls[(seed, "pg")] = train(
-            out / f"s{seed}_pg",
+            out / f"s{seed}_pg{args.pg_tag}",
             args.pg_config,
             [*base, *init, f"data.num_samples={unlabelled}", f"data.sample_offset={labelled}", *args.pg_set],
             steps,
@@ -218,6 +221,7 @@ def main(argv=None) -> int:
             "overrides": args.set,
             "continuation_overrides": args.cont_set,
             "pg_overrides": args.pg_set,
+            "pg_tag": args.pg_tag,
             "eval": {"samples": args.eval_samples, "seed": args.eval_seed, "sample_offset": 0},
             "threads": args.threads,
         },
