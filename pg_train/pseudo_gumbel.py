@@ -126,6 +126,7 @@ def generate_pseudo_tokens_with_ema(
             generator=generator,
             static_cache=cfg.static_cache,
             cuda_graphs=cfg.cuda_graphs,
+            trim_last_layer=model.trim_last_layer,
         )
     return captions.to(pixel_values.device), lengths.to(pixel_values.device)
 

@@ -18,9 +18,6 @@ def test_seed_literal_baseline_agrees_with_our_step_on_the_first_step():
         assert ours["first_captions"] == other["first_captions"]
         assert ours["first_hard_ids"] == other["first_hard_ids"]
         assert abs(ours["first_loss"] - other["first_loss"]) < 1e-5
-    from pg_train.model import decoder
-
-    assert decoder.TRIM_LAST_LAYER  # the untrimmed variant puts the switch back
     assert ours["persistent_bytes"] < seed["persistent_bytes"]  # shadow of trainables vs a full copy
     for report in (ours, seed):
         assert report["times_s"]["total"] > 0 and report["times_s"]["teacher"] > 0 and report["times_s"]["pass2"] > 0

@@ -81,3 +81,34 @@ def test_rejects_a_selection_that_is_not_a_run_of_rows(model):
         decoder_hidden_states(model.language_model.model, embeds, mask, positions, slice(0, None, 2))
     with pytest.raises(ValueError, match="consecutive rows"):
         decoder_hidden_states(model.language_model.model, embeds, mask, positions, slice(20, 30))
+
+
+def test_trim_is_a_per_call_argument_and_a_per_model_setting(model, monkeypatch):
+    """trim=False runs the plain forward (every layer on every row) with the same values; the
+    model's trim_last_layer is passed to every decoder call it makes, and is this model's alone."""
+    import pg_train.model.sa2va as sa2va
+
+    decoder = model.language_model.model
+    embeds, mask, positions = _inputs(model, pad=True)
+    trimmed = decoder_hidden_states(decoder, embeds, mask, positions, slice(5, 9))
+    untrimmed = decoder_hidden_states(decoder, embeds, mask, positions, slice(5, 9), trim=False)
+    torch.testing.assert_close(untrimmed, trimmed, rtol=1e-5, atol=1e-5)
+
+    import pg_train.model.generate as generate
+    from pg_train.memcheck.measure import build_batch
+    from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
+
+    seen = []  # the trim of every decoder call the step makes: teacher decoding, pass 1, pass 2
+    for module in (sa2va, generate):
+        real = module.decoder_hidden_states
+        monkeypatch.setattr(
+            module, "decoder_hidden_states", lambda *a, _real=real, **k: seen.append(k["trim"]) or _real(*a, **k)
+        )
+    other = build_offline("tiny", device="cpu", dtype=torch.float32, seed=0)
+    other.trim_last_layer = False
+    cfg = PseudoGumbelConfig(max_caption_len=3, min_caption_len=3, topk=8)
+    for m in (model, other):
+        seen.clear()
+        pseudo_gumbel_step(m, m, build_batch(m, 2, torch.device("cpu")), cfg)
+        assert seen and all(t is m.trim_last_layer for t in seen), seen
+    assert model.trim_last_layer and not other.trim_last_layer

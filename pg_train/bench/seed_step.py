@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from ..model.decoder import untrimmed_last_layer
+from ..distributed import unwrap
 from ..model.regions import region_cells as select_region_cells
 from ..pseudo_gumbel import (
     PseudoGumbelConfig,
@@ -94,6 +94,18 @@ def full_copy_ema_update(teacher: torch.nn.Module, student: torch.nn.Module, dec
         t.mul_(decay).add_(s.detach().to(t.dtype), alpha=1 - decay)
 
 
+@contextlib.contextmanager
+def untrimmed(model):
+    """Inside: `model` runs the LLM's last layer on every row, as the note's HF forward does (this
+    model's setting only, restored on exit)."""
+    module = unwrap(model)
+    previous, module.trim_last_layer = module.trim_last_layer, False
+    try:
+        yield model
+    finally:
+        module.trim_last_layer = previous
+
+
 def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, clock=None) -> dict:
     """One forward of the note's step; `clock(name)` (a context manager) times each stage."""
     clock = clock or (lambda name: contextlib.nullcontext())
@@ -102,7 +114,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
     cells, _ = select_region_cells(
         batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
     )
-    with clock("teacher"), untrimmed_last_layer():
+    with clock("teacher"), untrimmed(teacher):  # the note's teacher runs every layer on every row
         caption_ids, lengths = generate_pseudo_tokens_with_ema(
             teacher, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1")
         )

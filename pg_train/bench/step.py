@@ -193,10 +193,7 @@ def persistent_bytes(model, optimizer, teacher) -> int:
 
 def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     """One variant's report (VARIANTS), captions of `args.caption_len` tokens."""
-    from ..model.decoder import untrimmed_last_layer
-
-    with untrimmed_last_layer() if variant == "untrimmed" else contextlib.nullcontext():
-        return _run_variant(variant, args, device, dtype)
+    return _run_variant(variant, args, device, dtype)
 
 
 def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -208,6 +205,7 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
         raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     torch.manual_seed(0)
     model = build_offline(args.preset, device=str(device), dtype=dtype, seed=0)
+    model.trim_last_layer = variant != "untrimmed"  # untrimmed: what the trim is worth
     sync_debug = getattr(args, "sync_debug", False) and device.type == "cuda"
     batches = make_batches(model, args.batch, args.steps + sync_debug, device, getattr(args, "pairing", "augment"))
     cfg = PseudoGumbelConfig(

@@ -16,27 +16,10 @@ layer loop this mirrors.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward, rotate_half
-
-# False inside `untrimmed_last_layer()` only.
-TRIM_LAST_LAYER = True
-
-
-@contextlib.contextmanager
-def untrimmed_last_layer():
-    """Inside: every layer on every row, then the rows sliced out — the same values. For the
-    benchmark: its `untrimmed` variant (what the trim is worth) and the literal baseline."""
-    global TRIM_LAST_LAYER
-    previous, TRIM_LAST_LAYER = TRIM_LAST_LAYER, False
-    try:
-        yield
-    finally:
-        TRIM_LAST_LAYER = previous
 
 
 def decoder_hidden_states(
@@ -46,12 +29,15 @@ def decoder_hidden_states(
     position_ids: torch.Tensor,
     keep: slice,
     cache=None,
+    trim: bool = True,
 ) -> torch.Tensor:
     """Final-norm hidden states [B, R, D] of rows `keep` (a step-1 slice of the L input rows).
 
     decoder: a Qwen2Model (`language_model.model`); attention_mask [B, L] (or [B, past + L]
     with a cache), 1 = real token; position_ids [B, L]; cache: a transformers Cache to fill
-    with every row's keys and values (the teacher's decoding), or None.
+    with every row's keys and values (the teacher's decoding), or None. `trim=False`: every
+    layer on every row, then the rows sliced out — the same values (the model's
+    `trim_last_layer`, off only for the benchmark's `untrimmed` variant and the literal baseline).
     """
     if decoder.has_sliding_layers or decoder.config._attn_implementation != "sdpa":
         raise ValueError("decoder_hidden_states supports Qwen2 with full attention under SDPA only")
@@ -60,7 +46,7 @@ def decoder_hidden_states(
         raise ValueError(
             f"keep must select a non-empty run of consecutive rows, got {keep} of {inputs_embeds.shape[1]}"
         )
-    if not TRIM_LAST_LAYER:
+    if not trim:
         return decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

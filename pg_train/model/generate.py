@@ -27,6 +27,7 @@ def generate_from_embeds(
     check_every: int | None = None,
     static_cache: bool = False,
     cuda_graphs: bool = False,
+    trim_last_layer: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (or sampled) decoding of a left-padded batch.
 
@@ -70,6 +71,7 @@ def generate_from_embeds(
             temperature=temperature,
             top_k=top_k,
             generator=generator,
+            trim_last_layer=trim_last_layer,
         )
         tokens, lengths = generate_bucketed(
             language_model,
@@ -106,7 +108,13 @@ def generate_from_embeds(
         # Only the last row's logits are read: its last layer runs on that row alone (keys and
         # values for every row still go to the cache).
         hidden = decoder_hidden_states(
-            language_model.model, step_embeds, step_mask, step_positions, slice(-1, None), cache=cache
+            language_model.model,
+            step_embeds,
+            step_mask,
+            step_positions,
+            slice(-1, None),
+            cache=cache,
+            trim=trim_last_layer,
         )
         logits = language_model.lm_head(hidden[:, -1]).float()
         if suppress is not None:

@@ -59,7 +59,6 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from . import decoder as decoder_module
 from .decoder import decoder_hidden_states
 
 
@@ -111,6 +110,7 @@ class DecodeRules:
     top_k: int = 0
     generator: torch.Generator | None = None
     rows: int = 0  # real rows (the rest of the bucket are dummies)
+    trim_last_layer: bool = True  # decoder_hidden_states' trim (the model's trim_last_layer)
 
 
 class DecodeBucket:
@@ -174,7 +174,7 @@ class DecodeBucket:
         the training flag (dropout), the decoding rules, the last-layer trim."""
         signature = (
             language_model.training,
-            decoder_module.TRIM_LAST_LAYER,
+            rules.trim_last_layer,
             rules.eos_token_id,
             rules.pad_token_id,
             rules.min_new_tokens > 0,
@@ -255,7 +255,9 @@ def prefill(language_model, bucket: DecodeBucket, embeds: torch.Tensor, rules: D
     """The prompt through the decoder into the bucket's cache, then the first token's selection (eager)."""
     mask = bucket.mask[:, : bucket.prompt]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder_hidden_states(language_model.model, embeds, mask, positions, slice(-1, None), cache=bucket.cache)
+    hidden = decoder_hidden_states(
+        language_model.model, embeds, mask, positions, slice(-1, None), cache=bucket.cache, trim=rules.trim_last_layer
+    )
     logits = language_model.lm_head(hidden[:, -1]).float()
     bucket.set_rules(logits.shape[-1], rules, suppress_token_ids)
     bucket.positions.copy_(positions[:, -1:])
@@ -266,7 +268,13 @@ def decode_step(language_model, bucket: DecodeBucket, rules: DecodeRules) -> Non
     """One token for every row: fixed shapes, state in `bucket` updated in place, no host reads."""
     embeds = language_model.get_input_embeddings()(bucket.ids)[:, None]
     hidden = decoder_hidden_states(
-        language_model.model, embeds, bucket.mask, bucket.positions, slice(-1, None), cache=bucket.cache
+        language_model.model,
+        embeds,
+        bucket.mask,
+        bucket.positions,
+        slice(-1, None),
+        cache=bucket.cache,
+        trim=rules.trim_last_layer,
     )
     select(bucket, language_model.lm_head(hidden[:, -1]).float(), rules)
 

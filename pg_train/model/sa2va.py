@@ -58,6 +58,9 @@ class Sa2VAModel(nn.Module):
         self.img_context_id = token_ids["<IMG_CONTEXT>"]
         self.seg_token_id = token_ids["[SEG]"]
         self.eos_token_id = token_ids["<|im_end|>"]
+        # The LLM's last layer runs only on the rows whose output is read (pg_train.model.decoder);
+        # False: on every row, the same values (the benchmark's `untrimmed` variant, the literal baseline).
+        self.trim_last_layer = True
         self.vision_model = InternVisionModel(preset.vision)
         self.mlp1 = build_mlp1(preset.vision, preset.language.hidden_size)
         self.language_model = build_language_model(preset)
@@ -234,7 +237,12 @@ class Sa2VAModel(nn.Module):
         embeds = self.embed_with_images(input_ids, self.extract_feature(pixel_values), region_cells, num_views)
         rows = slice(first_row, first_row + num_rows)
         hidden = decoder_hidden_states(
-            self.language_model.model, embeds, attention_mask, self.position_ids(attention_mask), rows
+            self.language_model.model,
+            embeds,
+            attention_mask,
+            self.position_ids(attention_mask),
+            rows,
+            trim=self.trim_last_layer,
         )
         # contiguous(): matmul will not fold a strided tensor that requires grad into one 2-D
         # GEMM; it broadcasts lm_head's [V, D] weight to a batch of B copies instead (measured
@@ -276,6 +284,7 @@ class Sa2VAModel(nn.Module):
             attention_mask,
             self.position_ids(attention_mask),
             slice(seg_row, seg_row + 1),
+            trim=self.trim_last_layer,
         )[:, 0]
         masks = self.predict_masks(seg_hidden, sam_pixel_values)
         return (masks, seg_hidden) if return_seg_hidden else masks
