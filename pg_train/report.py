@@ -123,38 +123,48 @@ def _trend(ax, steps: list[int], values: list[float], colour: str) -> None:
         ax.plot(steps, running_mean(values, window), color=colour, lw=2, label=f"mean of {window} logged steps")
 
 
+def _training_panel(ax, records, main, extra, legend_at: str, title: str, ylabel: str, **limits) -> None:
+    """One training-curve panel: `main` (key, colour, trend colour, label) with its running mean,
+    and `extra` (key, colour, label) when the run logged it."""
+    key, colour, trend, label = main
+    ax.set_label(key)
+    steps, values = series(records, key)
+    ax.plot(steps, values, color=colour, lw=1, alpha=0.6, label=label, marker="." if len(steps) < 30 else None)
+    _trend(ax, steps, values, trend)
+    extra_key, extra_colour, extra_label = extra
+    extra_steps, extra_values = series(records, extra_key)
+    if extra_values:
+        ax.plot(extra_steps, extra_values, color=extra_colour, lw=1, label=extra_label)
+    if len(ax.lines) > 1:
+        ax.legend(loc=legend_at, fontsize=8)
+    if not steps:
+        _no_data(ax, f"no training {'loss' if key == 'loss' else 'IoU'} logged")
+    ax.set(title=title)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, **limits)
+
+
 def plot_curves(records: list[dict], axes) -> None:
     """The three curve panels on `axes` (loss, training IoU, held-out gIoU)."""
     loss_ax, iou_ax, eval_ax = axes
-    loss_ax.set_label("loss")
-    steps, loss = series(records, "loss")
-    loss_ax.plot(steps, loss, color="tab:red", lw=1, alpha=0.6, label="loss", marker="." if len(steps) < 30 else None)
-    _trend(loss_ax, steps, loss, "darkred")
-    lm_steps, lm = series(records, "lm_loss")
-    if lm:
-        loss_ax.plot(lm_steps, lm, color="tab:purple", lw=1, label="lm_loss (caption)")
-    if len(loss_ax.lines) > 1:
-        loss_ax.legend(loc="upper right", fontsize=8)
-    if not steps:
-        _no_data(loss_ax, "no training loss logged")
-    loss_ax.set(title="Training loss\n(the objective on each logged step's batch; lower is better)")
-    loss_ax.set(xlabel="optimizer step", ylabel="loss")
-
-    iou_ax.set_label("iou")
-    steps, iou = series(records, "iou")
-    iou_ax.plot(
-        steps, iou, color="tab:green", lw=1, alpha=0.6, label="mask IoU", marker="." if len(steps) < 30 else None
+    _training_panel(
+        loss_ax,
+        records,
+        ("loss", "tab:red", "darkred", "loss"),
+        ("lm_loss", "tab:purple", "lm_loss (caption)"),
+        "upper right",
+        "Training loss\n(the objective on each logged step's batch; lower is better)",
+        "loss",
     )
-    _trend(iou_ax, steps, iou, "darkgreen")
-    sup_steps, sup = series(records, "supervised_iou")
-    if sup:
-        iou_ax.plot(sup_steps, sup, color="tab:olive", lw=1, label="supervised IoU")
-    if len(iou_ax.lines) > 1:
-        iou_ax.legend(loc="upper left", fontsize=8)
-    if not steps:
-        _no_data(iou_ax, "no training IoU logged")
-    iou_ax.set(title="Training mask IoU\n(image 2's predicted vs true mask, on the training batch)")
-    iou_ax.set(xlabel="optimizer step", ylabel="IoU", ylim=(0, 1))
+    _training_panel(
+        iou_ax,
+        records,
+        ("iou", "tab:green", "darkgreen", "mask IoU"),
+        ("supervised_iou", "tab:olive", "supervised IoU"),
+        "upper left",
+        "Training mask IoU\n(image 2's predicted vs true mask, on the training batch)",
+        "IoU",
+        ylim=(0, 1),
+    )
 
     eval_ax.set_label("heldout")
     evals = evaluations(records)

@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, accelerate_launch, wait_for_metric_lines
+from test_train import FAST  # the fast training settings, one list
 
 from pg_train.slurm import main as slurm_main
 from pg_train.slurm import render
-
-FAST = [
-    "batch_size=2",
-    "objective.max_caption_len=6",
-    "objective.topk=16",
-    "data.num_samples=24",
-    "tensorboard=false",
-    "progress=false",
-    "report=false",
-    "eval_every=0",
-]
 
 FAKE_SRUN = """#!/bin/bash
 # Fake srun: run the command once per node (sequentially) with that node's SLURM_NODEID.
