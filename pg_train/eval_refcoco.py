@@ -22,13 +22,22 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .data.loader import PairDataset, Preprocess, collate_pairs, preprocess_for
 from .data.refer import ReferPairs
 from .data.types import RawPair
-from .evaluate import batch_on_device, caption_inputs, ciou_giou, segment_from_caption
+from .gallery import gallery_samples, write_gallery
+from .inference import (
+    caption_inputs,
+    decode,
+    inference_mode,
+    inputs_on_device,
+    model_device,
+    model_dtype,
+    segment_image2,
+)
+from .scores import ciou_giou, intersection_union
 
 KINDS = ("referring", "cycle")
 Predictor = Callable[[dict], dict]  # batch -> {"referring": logits [B, h, w], "cycle": ..., "cycle_captions": [str]}
@@ -78,30 +87,16 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
-def intersection_union(logits: torch.Tensor, truth: torch.Tensor) -> tuple[int, int]:
-    """Pixel counts of (logits > 0, upsampled bilinearly to the truth's [H, W]) vs the truth."""
-    upsampled = F.interpolate(
-        logits.float()[None, None], size=tuple(truth.shape), mode="bilinear", align_corners=False
-    )[0, 0]
-    pred = upsampled.cpu() > 0
-    truth = truth.bool()
-    return int((pred & truth).sum()), int((pred | truth).sum())
-
-
 def model_predictor(model, cfg, device, dtype: torch.dtype) -> Predictor:
     """Referring and cycle mask logits for a batch from `model` (the teacher is the model),
-    computed as pg_train.evaluate computes them."""
-    from .distributed import unwrap
+    through pg_train.inference as every evaluation computes them."""
 
-    tokenizer = unwrap(model).tokenizer
-
-    @torch.no_grad()
     def predict(batch: dict) -> dict:
-        tensors = batch_on_device(batch, device, dtype)
-        inputs = caption_inputs(model, tensors, cfg)
-        out = {kind: segment_from_caption(model, tensors, *inputs[kind]) for kind in KINDS}
-        ids, lens = inputs["cycle"]
-        out["cycle_captions"] = [tokenizer.decode(row[:n]) for row, n in zip(ids.tolist(), lens.tolist())]
+        with inference_mode(model):
+            tensors = inputs_on_device(batch, device, dtype)
+            inputs = caption_inputs(model, tensors, cfg)
+            out = {kind: segment_image2(model, tensors, *inputs[kind]) for kind in KINDS}
+            out["cycle_captions"] = decode(model, *inputs["cycle"])
         return out
 
     return predict
@@ -171,19 +166,28 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    """`python -m pg_train.evaluate --refer-dir ...` (arguments parsed by pg_train.evaluate)."""
-    from .distributed import unwrap
-    from .evaluate import load_for_evaluation
+def split_gallery(model, cfg, source: ReferPairs, preprocess: Preprocess, path: Path, n: int = 8) -> Path:
+    """A PNG of the split's first `n` expressions: the image with the ref's region (yellow) and
+    the model's caption of it, the mask predicted from the expression (red) over the
+    annotation's (green)."""
+    items = ExpressionItems(source, preprocess, n)
+    batch = _collate([items[i] for i in range(len(items))])
+    samples = []
+    if batch["truths"]:
+        tensors = inputs_on_device(batch, model_device(model), model_dtype(model))
+        samples = gallery_samples(model, [tensors], cfg, n, kind="referring")
+    write_gallery(samples, path)
+    return path
 
-    if not args.images:
-        raise SystemExit("--refer-dir needs --images (the COCO train2014 folder the refs' images are in)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, objective = load_for_evaluation(args.checkpoint, device)
-    model.eval()
+
+def run(args, model, objective) -> int:
+    """`python -m pg_train.evaluate --refer-dir ...` (arguments parsed and the model loaded by
+    pg_train.evaluate): every split's numbers to refcoco.json, a gallery PNG per split."""
+    from .distributed import unwrap
+
+    device = model_device(model)
     preprocess = preprocess_for(unwrap(model).preset)
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    predict = model_predictor(model, objective, device, dtype)
+    predict = model_predictor(model, objective, device, model_dtype(model))
     # every expression, the mask as annotated (no minimum size): the split as papers score it
     everything = ReferPairs(
         args.refer_dir, args.images, args.split_by, split=None, per="sentence", pairing="same", min_pixels=0
@@ -195,15 +199,17 @@ def run(args) -> int:
         "checkpoint": str(args.checkpoint),
         "splits": {},
     }
+    out = Path(args.output)
     for split in splits:
         source = everything.subset(split)
         results["splits"][split] = evaluate_split(
             source, predict, preprocess, args.batch_size, args.samples, args.workers, desc=split
         )
-    out = Path(args.output)
+        gallery = split_gallery(model, objective, source, preprocess, out / f"gallery_{split}.png")
+        results["splits"][split]["gallery"] = str(gallery)
     out.mkdir(parents=True, exist_ok=True)
     (out / "refcoco.json").write_text(json.dumps(results, indent=2))
     print(f"{Path(args.refer_dir).name} ({results['refs']}), checkpoint {args.checkpoint}; IoU in percent")
     print(format_table(results))
-    print(f"wrote {out / 'refcoco.json'}")
+    print(f"wrote {out / 'refcoco.json'} and {', '.join(f'gallery_{s}.png' for s in splits)}")
     return 0

@@ -18,127 +18,70 @@ scores RefCOCO-family splits instead, as papers report them (pg_train/eval_refco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from .distributed import unwrap
-from .model.regions import region_cells
-from .pseudo_gumbel import (
-    PseudoGumbelConfig,
-    answer_caption_embeds,
-    forward_mask_with_text_embeds,
-    generate_pseudo_tokens_with_ema,
-    iou_counts,
-    resize_target,
-)
-from .supervised import tokenize_captions
+from .gallery import gallery_samples, samples_from, write_gallery
+from .inference import KINDS, caption_inputs, inference_mode, inputs_on_device, segment_image2
+from .pseudo_gumbel import PseudoGumbelConfig
+from .scores import ciou_giou, sample_counts
 
-KINDS = ("referring", "cycle", "shuffled", "empty")
+__all__ = ["KINDS", "ciou_giou", "evaluate", "gallery_samples", "heldout_batches", "main"]
 
 
-def caption_inputs(model, batch: dict, cfg: PseudoGumbelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Caption ids and lengths per kind. shuffled = the cycle caption of the next sample in the
-    batch (another object); empty = no caption at all."""
-    device = batch["pixel_values1"].device
-    cells, _ = region_cells(
-        batch["region_masks1"],
-        unwrap(model).grid_size,
-        cfg.region_threshold,
-        cfg.empty_region_policy,
-        rule=cfg.region_rule,
-    )
-    generated, generated_len = generate_pseudo_tokens_with_ema(
-        model, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1")
-    )
-    truth, truth_len = tokenize_captions(model, batch["captions"], cfg.max_caption_len)
-    B = generated.shape[0]
-    order = torch.roll(torch.arange(B), 1)
-    return {
-        "referring": (truth.to(device), truth_len.to(device)),
-        "cycle": (generated, generated_len),
-        "shuffled": (generated[order], generated_len[order]),
-        "empty": (
-            torch.full((B, 1), unwrap(model).tokenizer.pad_token_id, device=device),
-            torch.zeros(B, dtype=torch.long, device=device),
-        ),
-    }
+@contextlib.contextmanager
+def language_embeddings(module):
+    """A list that collects the [SEG] language embedding SAM2 receives (text_hidden_fcs' output)
+    on every mask pass while the context is open."""
+    captured: list[torch.Tensor] = []
+    hook = module.text_hidden_fcs.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().cpu()))
+    try:
+        yield captured
+    finally:
+        hook.remove()
 
 
-def segment_from_caption(model, batch: dict, ids: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """Mask logits [B, S/4, S/4] for image 2 of `batch` from caption ids (any kind of
-    caption_inputs), the caption read as training's pass 2 reads it."""
-    embeds, space_slot = answer_caption_embeds(unwrap(model), ids, lens)
-    return forward_mask_with_text_embeds(
-        model,
-        batch["pixel_values2"],
-        batch["sam_pixel_values2"],
-        embeds,
-        lens,
-        space_slot=space_slot,
-        num_views=batch.get("num_views2"),
-    )
-
-
-def ciou_giou(inter: torch.Tensor, union: torch.Tensor) -> dict[str, float]:
-    """RefCOCO's two numbers from per-sample pixel counts: cIoU = sum(I) / sum(U) (large objects
-    weigh more), gIoU = mean(I / U) (every sample weighs the same; U = 0 counts as IoU 1)."""
-    inter, union = inter.double(), union.double()
-    per_sample = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    return {
-        "cIoU": float(inter.sum() / union.sum()) if float(union.sum()) > 0 else 0.0,
-        "gIoU": float(per_sample.mean()) if len(per_sample) else 0.0,
-    }
-
-
-@torch.no_grad()
 def evaluate(
     model, batches, cfg: PseudoGumbelConfig, gallery_path: str | Path | None = None, gallery_size: int = 8
 ) -> dict:
-    """Numbers over all `batches` (dicts as the data loader yields, on the model's device)."""
+    """Numbers over all `batches` (dicts as the data loader yields, on the model's device):
+    cIoU / gIoU per kind, the language-embedding sensitivity, caption statistics; with
+    `gallery_path`, a PNG of the first `gallery_size` samples."""
     module = unwrap(model)
-    was_training = module.training
-    module.eval()
     inter = {k: [] for k in KINDS}
     union = {k: [] for k in KINDS}
     lengths, tokens, rows = [], [], []
     language = {k: [] for k in KINDS}  # the [SEG] language embedding SAM2 receives, per kind
-    captured: list[torch.Tensor] = []
-    hook = module.text_hidden_fcs.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float().cpu()))
-    try:
+    with inference_mode(model), language_embeddings(module) as captured:
         for batch in batches:
             if batch["region_masks1"].shape[0] < 2:
                 raise ValueError(
                     "evaluation batches need at least 2 samples (the shuffled control swaps captions within a batch)"
                 )
             inputs = caption_inputs(model, batch, cfg)
-            target = None
             predictions = {}
             for kind, (ids, lens) in inputs.items():
                 captured.clear()
-                logits = segment_from_caption(model, batch, ids, lens)
+                predictions[kind] = segment_image2(model, batch, ids, lens)
                 language[kind] += captured
-                if target is None:
-                    target = resize_target(batch["masks2"].to(logits.device), logits.shape[-2:])
-                i, u = iou_counts(logits, target)
-                inter[kind].append(i.cpu())
-                union[kind].append(u.cpu())
-                predictions[kind] = logits
+                i, u = sample_counts(predictions[kind], batch)
+                inter[kind].append(i)
+                union[kind].append(u)
             ids, lens = inputs["cycle"]
             for row, n in zip(ids.tolist(), lens.tolist()):
                 lengths.append(n)
                 tokens += row[:n]
             if gallery_path is not None and len(rows) < gallery_size:
-                rows += _samples_from(
-                    module, batch, inputs["cycle"], predictions["cycle"], target, gallery_size - len(rows)
+                cycle_counts = (inter["cycle"][-1], union["cycle"][-1])
+                rows += samples_from(
+                    module, batch, inputs["cycle"], predictions["cycle"], cycle_counts, gallery_size - len(rows)
                 )
-    finally:
-        hook.remove()
-        module.train(was_training)
     results = {
         k: ciou_giou(
             torch.cat(inter[k]) if inter[k] else torch.zeros(0), torch.cat(union[k]) if union[k] else torch.zeros(0)
@@ -177,108 +120,6 @@ def caption_sensitivity(own: torch.Tensor, other: torch.Tensor) -> dict[str, flo
     }
 
 
-# ---- gallery --------------------------------------------------------------------------------------
-def whole_image_views(batch: dict, which: str) -> torch.Tensor:
-    """[B, 3, S, S]: each sample's last view, which shows the whole image (the thumbnail when
-    its image is tiled)."""
-    pixels, views = batch[f"pixel_values{which}"], batch.get(f"num_views{which}")
-    if views is None:
-        return pixels
-    return pixels[views.to(pixels.device).cumsum(0) - 1]
-
-
-TILE = 224
-TEXT_HEIGHT = 44
-MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
-STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
-
-
-def _to_array(pixel_values: torch.Tensor) -> np.ndarray:
-    """[TILE, TILE, 3] uint8 RGB of one normalised view."""
-    array = ((pixel_values.float().cpu() * STD + MEAN).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-    return np.asarray(Image.fromarray(array).resize((TILE, TILE)))
-
-
-def _mask_array(mask: torch.Tensor) -> np.ndarray:
-    """[TILE, TILE] bool of a mask at any resolution (nearest: the pixels the model scored)."""
-    image = Image.fromarray((mask.float().cpu().numpy() > 0.5).astype(np.uint8) * 255)
-    return np.asarray(image.resize((TILE, TILE), Image.Resampling.NEAREST)) > 127
-
-
-def _samples_from(module, batch, cycle_caption, cycle_logits, target, limit) -> list[dict]:
-    """Gallery samples of one batch as data, at most `limit`: image1 / image2 [TILE, TILE, 3]
-    uint8 (the whole-image view), region1 / true2 / pred2 [TILE, TILE] bool (the region of
-    image 1; image 2's true mask at SAM2's input resolution and the mask predicted from the
-    model's own caption at the logits'), the caption (decoded), the ground-truth expression, and
-    the sample's IoU against `target` (at the logits' resolution, as the metrics count it)."""
-    ids, lens = cycle_caption
-    whole1, whole2 = whole_image_views(batch, "1"), whole_image_views(batch, "2")
-    predicted = (cycle_logits > 0).float()
-    inter, union = iou_counts(cycle_logits, target)
-    samples = []
-    for b in range(min(limit, batch["region_masks1"].shape[0])):
-        samples.append(
-            {
-                "image1": _to_array(whole1[b]),
-                "region1": _mask_array(batch["region_masks1"][b]),
-                "image2": _to_array(whole2[b]),
-                "true2": _mask_array(batch["masks2"][b]),
-                "pred2": _mask_array(predicted[b]),
-                "caption": module.tokenizer.decode(ids[b, : int(lens[b])].tolist()),
-                "truth": batch["captions"][b] or "",
-                "iou": float(inter[b] / union[b]) if float(union[b]) > 0 else 1.0,
-            }
-        )
-    return samples
-
-
-@torch.no_grad()
-def gallery_samples(model, batches, cfg: PseudoGumbelConfig, n: int = 4) -> list[dict]:
-    """The first `n` samples of `batches` as data (see _samples_from): the model captions region
-    1 of image 1 (greedy, as the cycle evaluation), then segments image 2 from that caption. Only
-    the cycle path runs (one caption generation and one mask pass a batch), so it is cheap."""
-    module = unwrap(model)
-    was_training = module.training
-    module.eval()
-    samples: list[dict] = []
-    try:
-        for batch in batches:
-            if len(samples) >= n:
-                break
-            inputs = caption_inputs(model, batch, cfg)
-            logits = segment_from_caption(model, batch, *inputs["cycle"])
-            target = resize_target(batch["masks2"].to(logits.device), logits.shape[-2:])
-            samples += _samples_from(module, batch, inputs["cycle"], logits, target, n - len(samples))
-    finally:
-        module.train(was_training)
-    return samples
-
-
-def _overlay(image: Image.Image, mask: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.45) -> Image.Image:
-    mask_image = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * int(255 * alpha)).resize(image.size)
-    return Image.composite(Image.new("RGB", image.size, colour), image, mask_image)
-
-
-def write_gallery(samples: list[dict], path: str | Path) -> None:
-    """One row per sample: image 1 with its region (yellow) | image 2 with the true mask (green)
-    and the mask predicted from the model's own caption (red); the caption underneath.
-    (pg_train.report draws the same samples with matplotlib in a run's report.png, and saves
-    them with save_samples.)"""
-    canvas = Image.new("RGB", (2 * TILE, max(1, len(samples)) * (TILE + TEXT_HEIGHT)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, s in enumerate(samples):
-        top = i * (TILE + TEXT_HEIGHT)
-        left = _overlay(Image.fromarray(s["image1"]), s["region1"], (255, 200, 0))
-        right = _overlay(Image.fromarray(s["image2"]), s["true2"], (0, 200, 0))
-        right = _overlay(right, s["pred2"], (220, 0, 0), alpha=0.5)
-        canvas.paste(left, (0, top))
-        canvas.paste(right, (TILE, top))
-        draw.text((4, top + TILE + 4), f"model: {s['caption']}"[:90], fill="black")
-        draw.text((4, top + TILE + 24), f"truth: {s['truth']}"[:90], fill="gray")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
 # ---- loading and CLI -------------------------------------------------------------------------------
 def heldout_batches(
     model, samples: int, batch_size: int, seed: int, device, manifest: str | None = None, data=None
@@ -305,18 +146,8 @@ def heldout_batches(
         batch = collate_pairs([dataset[i] for i in range(start, min(count, start + step))])
         if len(batch["captions"]) < 2:  # the shuffled control needs a second sample
             continue
-        batches.append(batch_on_device(batch, device, dtype))
+        batches.append(inputs_on_device(batch, device, dtype))
     return batches
-
-
-def batch_on_device(batch: dict, device, dtype: torch.dtype) -> dict:
-    """A collated batch's model inputs and captions on `device` (pixels in `dtype`); image 2
-    stays image 1's tensor when it was."""
-    from .data.loader import batch_to_device
-
-    tensors = batch_to_device(batch, device, dtype)
-    tensors["captions"] = batch["captions"]
-    return tensors
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
@@ -377,12 +208,14 @@ def main(argv=None) -> int:
     )
     refer.add_argument("--workers", type=int, default=0, help="image-reading processes")
     args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.refer_dir and not args.images:
+        raise SystemExit("--refer-dir needs --images (the COCO train2014 folder the refs' images are in)")
+    model, cfg, objective = load_for_evaluation(args.checkpoint, device)
     if args.refer_dir:
         from .eval_refcoco import run
 
-        return run(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, objective = load_for_evaluation(args.checkpoint, device)
+        return run(args, model, objective)
     # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
     batches = heldout_batches(
         model, args.samples or 32, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None

@@ -10,8 +10,9 @@ cycle and the two controls) against the step, and a gallery of held-out samples 
 the region the model is asked to describe, the caption it generated, and image 2 with the mask
 it predicted from that caption next to the true one. No model is needed: the report can be made
 again from the run directory at any time (this module needs numpy and matplotlib, not torch).
-At the end of training, `finish_run` takes the samples (pg_train.evaluate.gallery_samples), saves
-them and writes the report in one call.
+At the end of training, `finish_run` saves the samples the trainer computed
+(pg_train.gallery.gallery_samples) and writes the report in one call; this module computes no
+prediction.
 
 --compare prints a markdown table of several runs' first and last held-out evaluation and writes
 DIR/curves.png. A run whose NAME starts with "+" continues the first run (a stage 2 started from
@@ -39,7 +40,7 @@ from matplotlib.figure import Figure
 # is needed (a cluster node, CI) and the process's pyplot backend, if any, is left alone.
 
 SAMPLES_FILE = "heldout_samples.npz"
-KINDS = ("referring", "cycle", "shuffled", "empty")  # pg_train.evaluate.KINDS (not imported: it pulls in torch)
+KINDS = ("referring", "cycle", "shuffled", "empty")  # pg_train.inference.KINDS (not imported: it pulls in torch)
 KIND_STYLE = {  # colour, line style, what the number means
     "referring": ("tab:blue", "-", "the true caption"),
     "cycle": ("tab:orange", "-", "the model's own caption of region 1"),
@@ -72,12 +73,12 @@ def evaluations(records: list[dict]) -> list[dict]:
 
 
 # ---- the held-out samples file (numpy only: no torch, no model) ------------------------------------
-SAMPLE_ARRAYS = ("image1", "region1", "image2", "true2", "pred2")  # pg_train.evaluate.gallery_samples' arrays
+SAMPLE_ARRAYS = ("image1", "region1", "image2", "true2", "pred2")  # pg_train.gallery.gallery_samples' arrays
 SAMPLE_TEXT = ("caption", "truth")
 
 
 def save_samples(samples: list[dict], path: str | Path) -> Path:
-    """pg_train.evaluate.gallery_samples' output as one compressed .npz (each field stacked over
+    """pg_train.gallery.gallery_samples' output as one compressed .npz (each field stacked over
     the samples), so the report can be drawn again without a model."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,17 +401,12 @@ def write_report(
     return out / "report.png", out / "report.html"
 
 
-def finish_run(model, heldout_batches: list[dict], objective_cfg, run_dir: str | Path, n: int = 4) -> Path:
-    """The end of a training run: `n` held-out samples (from the first batch or two, the cycle
-    path only) saved to RUN_DIR/heldout_samples.npz, then RUN_DIR/report.png and report.html.
-    With no held-out batches: the curves only. Returns report.png's path.
-
-    Call it on the main process after the last metrics line is written (the model runs forward
-    on that process alone: fine unless its parameters are ZeRO-3-partitioned)."""
-    from .evaluate import gallery_samples
-
+def finish_run(samples: list[dict], run_dir: str | Path) -> Path:
+    """The end of a training run: the held-out `samples` (pg_train.gallery.gallery_samples'
+    output, computed by the caller; this module only draws) saved to RUN_DIR/heldout_samples.npz,
+    then RUN_DIR/report.png and report.html. With no samples: the curves only. Returns
+    report.png's path."""
     run_dir = Path(run_dir)
-    samples = gallery_samples(model, heldout_batches, objective_cfg, n) if heldout_batches else []
     save_samples(samples, run_dir / SAMPLES_FILE)
     png, _ = write_report(run_dir, samples=samples)
     return png

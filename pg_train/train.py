@@ -435,9 +435,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     if run.main:
         _summary(state.history, state.step - first_step, elapsed, run.loader, state.guard.total, run.out_dir)
         if cfg.report:
+            from .gallery import gallery_samples
             from .report import finish_run
 
-            print(f"[pg_train] report: {finish_run(unwrap(run.model), run.heldout, cfg.objective, run.out_dir)}")
+            samples = gallery_samples(unwrap(run.model), run.heldout, cfg.objective) if run.heldout else []
+            print(f"[pg_train] report: {finish_run(samples, run.out_dir)}")
     return TrainResult(0, state.step, state.history, run.model, run.optimizer, run.ema, run.loader)
 
 

@@ -5,7 +5,9 @@ import torch
 from conftest import with_lora_weights
 from PIL import Image
 
-from pg_train.evaluate import TEXT_HEIGHT, TILE, caption_inputs, ciou_giou, evaluate, heldout_batches
+from pg_train.evaluate import ciou_giou, evaluate, heldout_batches
+from pg_train.gallery import TEXT_HEIGHT, TILE
+from pg_train.inference import caption_inputs
 from pg_train.model import build_model
 from pg_train.pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, iou_counts
 
@@ -169,3 +171,37 @@ def test_heldout_scenes_do_not_follow_the_training_sample_offset():
     base = heldout_batches(model, 4, 2, seed=10_000, device="cpu", data=DataConfig(image_size=128))
     shifted = heldout_batches(model, 4, 2, seed=10_000, device="cpu", data=DataConfig(image_size=128, sample_offset=50))
     assert all(torch.equal(a["pixel_values1"], b["pixel_values1"]) for a, b in zip(base, shifted))
+
+
+def test_inference_on_images_gives_the_evaluation_path_s_masks(tmp_path):
+    """pg_train.inference's image-level calls (what predict uses) and the evaluation's batch path
+    agree: the same image and text through a manifest pair (image 2 = image 1) give the same
+    referring logits, and the cycle's caption is the evaluation's."""
+    import numpy as np
+
+    from pg_train import inference
+    from pg_train.data import ManifestPairs, PairDataset, collate_pairs
+    from pg_train.data.loader import preprocess_for
+    from pg_train.inference import inputs_on_device, segment_image2
+
+    model = lively()
+    cfg = PseudoGumbelConfig(max_caption_len=6)
+    from formats import write_pairs
+
+    manifest, _ = write_pairs(tmp_path / "pairs", count=3, bad_row=-1)
+    pairs = PairDataset(ManifestPairs(manifest), preprocess_for(model.preset))
+    batch = inputs_on_device(collate_pairs([pairs[0], pairs[2]]), "cpu", torch.float32)
+    inputs = caption_inputs(model, batch, cfg)
+    referring = segment_image2(model, batch, *inputs["referring"])
+    images = [Image.open(tmp_path / "pairs" / f"img{i}.png").convert("RGB") for i in (0, 2)]
+    regions = [np.asarray(Image.open(tmp_path / "pairs" / f"img{i}_mask.png")) > 0 for i in (0, 2)]
+    predictions = inference.segment(model, images, batch["captions"], cfg)
+    for b, p in enumerate(predictions):
+        assert torch.equal(p.logits, referring[b].float())
+        assert p.mask.shape == (images[b].height, images[b].width) and p.caption == batch["captions"][b]
+        assert np.array_equal(p.mask, inference.mask_at(referring[b], p.mask.shape).numpy())
+        assert 0.0 <= p.score <= 1.0
+    own = inference.segment_from_own_caption(model, images, regions, cfg)
+    assert [p.caption for p in own] == inference.decode(model, *inputs["cycle"])
+    assert inference.caption(model, images, regions, cfg) == [p.caption for p in own]
+    assert model.training is False

@@ -88,7 +88,7 @@ def test_refcoco_eval_empty_union_scores_one_in_giou_and_nothing_in_ciou(refer):
     assert result["referring"]["gIoU"] == 1.0 and result["referring"]["cIoU"] == 0.0  # ΣU = 0
     # mixed with the partial-overlap split's numbers, the empty ones weigh only in gIoU
     inter, union = torch.tensor([200.0, 0.0]), torch.tensor([400.0, 0.0])
-    from pg_train.evaluate import ciou_giou
+    from pg_train.scores import ciou_giou
 
     assert ciou_giou(inter, union) == {"cIoU": 0.5, "gIoU": pytest.approx(0.75)}
 
@@ -123,3 +123,11 @@ def test_refcoco_eval_cli_on_a_released_format_tiny_checkpoint(tmp_path, capsys)
         assert all(isinstance(e["cycle_caption"], str) for e in split["examples"])
     out = capsys.readouterr().out
     assert "referring cIoU" in out and out.count("\ntestA ") == 1 and out.count("\nval ") == 1
+    from pg_train.gallery import TEXT_HEIGHT, TILE
+
+    for split, rows in (("testA", 3), ("val", 1)):  # a gallery per split: a row per expression (up to 8)
+        assert results["splits"][split]["gallery"] == str(tmp_path / "eval" / f"gallery_{split}.png")
+        with Image.open(tmp_path / "eval" / f"gallery_{split}.png") as picture:
+            assert picture.size == (2 * TILE, rows * (TILE + TEXT_HEIGHT))
+            left = np.asarray(picture.convert("RGB"))[:TILE, :TILE].astype(int)
+        assert left.std() > 20  # the fixture's noise image is drawn, not a blank tile

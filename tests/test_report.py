@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pg_train.evaluate import gallery_samples, heldout_batches
+from pg_train.evaluate import heldout_batches
+from pg_train.gallery import gallery_samples
 from pg_train.pseudo_gumbel import PseudoGumbelConfig
 from pg_train.report import (
     comparison,
@@ -126,12 +127,12 @@ def test_gallery_samples_round_trip_and_the_gallery_panels(tmp_path, tiny_model)
         assert (a["caption"], a["truth"], a["iou"]) == (b["caption"], b["truth"], b["iou"])
 
     run = write_metrics(tmp_path / "run")
-    png = finish_run(tiny_model, batches, cfg, run, n=2)
+    png = finish_run(samples, run)
     assert png == run / "report.png"
     with Image.open(png) as image:
         assert image.size == (1600, 1150)  # curves + one gallery row (4.5 + 7 in)
     saved = load_samples(run / "heldout_samples.npz")
-    assert [s["caption"] for s in saved] == [s["caption"] for s in samples]  # greedy: the same samples
+    assert [s["caption"] for s in saved] == [s["caption"] for s in samples]
     page = (run / "report.html").read_text()
     assert all(s["truth"] in page for s in samples)
 
@@ -150,7 +151,7 @@ def test_gallery_samples_round_trip_and_the_gallery_panels(tmp_path, tiny_model)
 
 def test_finish_run_without_heldout_batches_draws_the_curves_only(tmp_path):
     run = write_metrics(tmp_path / "run")
-    png = finish_run(None, [], PseudoGumbelConfig(), run)
+    png = finish_run([], run)
     assert load_samples(run / "heldout_samples.npz") == []
     with Image.open(png) as image:
         assert image.size == (1600, 450)
