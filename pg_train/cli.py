@@ -5,8 +5,9 @@
         --config configs/sa2va_4b_zero2.yaml model.checkpoint=/path/to/Sa2VA-4B --resume auto
 
 Flags override the config files; `key=value` arguments (dotted keys, YAML values) override
-both. Exit codes: 0 done, 1 error, 2 bad configuration, 75 stopped by SIGTERM/SIGUSR1 after a
-checkpoint (requeue and run again with --resume auto).
+both. Exit codes (pg_train/exit_codes.py): 0 done, 1 error, 2 bad configuration, 73 the output
+directory is in use by another run, 74 disk full, 75 stopped by SIGTERM/SIGUSR1 after a checkpoint
+(requeue and run again with --resume auto).
 """
 
 from __future__ import annotations
@@ -59,9 +60,15 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
+    from . import exit_codes
+    from .run_lock import OutputDirLocked
     from .train import train
 
-    return train(cfg).exit_code
+    try:
+        return train(cfg).exit_code
+    except OutputDirLocked as err:
+        print(f"[pg_train] refused: {err}", file=sys.stderr)
+        return exit_codes.OUTPUT_DIR_LOCKED
 
 
 if __name__ == "__main__":

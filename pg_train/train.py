@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import exit_codes
 from .accel import build_accelerator, configure_environment
 from .builders import (  # noqa: F401 (lora_from_config, unfreeze_extra, load_training_weights: importable from here too)
     build_optimizer,
@@ -38,10 +39,11 @@ from .distributed import unwrap
 from .ema import EMATeacher
 from .overlap import OverlappedTeacher
 from .pseudo_gumbel import pseudo_gumbel_step
+from .run_lock import OutputDirLocked, OutputLock, acquire
 from .supervised import supervised_step
 from .window import NonFiniteGuard, NonFiniteLossError, WindowResult, grad_norms, optimizer_window  # noqa: F401
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
+REQUEUE_EXIT_CODE = exit_codes.REQUEUE  # stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class Run:
     loader: object
     heldout: list  # held-out batches for evaluation (empty: eval_every=0)
     out_dir: Path
+    lock: OutputLock | None = None  # the output directory's (main process); released by `train` on every exit
 
     @property
     def main(self) -> bool:
@@ -259,9 +262,37 @@ def set_up(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
+    lock = claim_output_dir(accelerator, out_dir)
+    try:
+        return _build(cfg, accelerator, out_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def claim_output_dir(accelerator, out_dir: Path) -> OutputLock | None:
+    """The main process takes the output directory's lock before anything is written there;
+    every rank learns whether it did, so all of them refuse together (OutputDirLocked)."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire(out_dir, say=accelerator.print)
+        except OutputDirLocked as err:
+            refusal = err
+    flag = torch.tensor([float(refusal is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1 and accelerator.reduce(flag, "max").item() > 0 and refusal is None:
+        if lock is not None:
+            lock.release()
+        raise OutputDirLocked(f"{out_dir} is in use by another run (refused by the main process)")
+    if refusal is not None:
+        raise refusal
+    return lock
+
+
+def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None) -> Run:
     plugin = accelerator.state.deepspeed_plugin
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     accelerator.print(
         f"[pg_train] {accelerator.num_processes} process(es) on {accelerator.device}"
@@ -307,7 +338,7 @@ def set_up(cfg: TrainConfig) -> Run:
     if cfg.tensorboard:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=flat)
-    return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir)
+    return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir, lock)
 
 
 def restore(run: Run) -> TrainState:
@@ -383,7 +414,19 @@ def log_step(run: Run, state: TrainState, window: WindowResult, lr: float, secon
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """set_up -> restore -> the loop -> finish; the output directory's lock is released on every
+    way out (a stop, an error, the end)."""
+    stop = StopFlag()  # first: a SIGTERM while the model is built still ends in a checkpoint and 75
     run = set_up(cfg)
+    try:
+        return _train(run, stop)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: Run, stop: StopFlag) -> TrainResult:
+    cfg = run.cfg
     state = restore(run)
     from tqdm.auto import tqdm
 
@@ -399,7 +442,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         record = {"step": 0, **held_out_evaluation(run.model, run.heldout, cfg)}  # every rank evaluates
         if run.main:
             write_record(record, run.metrics_path, run.accelerator if cfg.tensorboard else None)
-    batches, stop = micro_batches(run, state), StopFlag()
+    batches = micro_batches(run, state)
     started, first_step = time.perf_counter(), state.step
     while state.step < cfg.max_steps:
         step_start, lr, kind = time.perf_counter(), lr_at(state.step, cfg), objective_kind_at(state.step, cfg)
