@@ -26,7 +26,8 @@ def deepspeed_requested() -> bool:
 def build_accelerator(
     *, gradient_accumulation_steps: int = 1, micro_batch_size: int = 1, gradient_clipping: float | None = None, **kwargs
 ):
-    """An Accelerator that sees the real world size under DeepSpeed on CPU.
+    """An Accelerator that sees the real world size under DeepSpeed on CPU, with TF32 on for
+    fp32 matmuls on CUDA (pg_train.precision.enable_tf32).
 
     Under `accelerate launch` with DeepSpeed and no CUDA, Accelerate finds no device backend and
     reports one process on every rank (unsharded data, every rank "main"); `use_cpu` would
@@ -37,6 +38,10 @@ def build_accelerator(
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
+
+    from .precision import enable_tf32
+
+    enable_tf32()
 
     handlers = list(kwargs.pop("kwargs_handlers", []))
     if "LOCAL_RANK" in os.environ and deepspeed_requested() and not torch.cuda.is_available():

@@ -25,6 +25,7 @@ from .distributed import unwrap
 from .model.generate import generate_from_embeds
 from .model.regions import region_cells as select_region_cells
 from .model.templates import left_pad
+from .precision import compute_autocast
 
 
 @dataclass
@@ -100,8 +101,8 @@ def generate_pseudo_tokens_with_ema(
     see model.stopping). Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
     the device of `pixel_values` (the teacher may live elsewhere).
     """
-    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):
-        model = unwrap(model)
+    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)), compute_autocast(unwrap(model)):
+        model = unwrap(model)  # computes in the student's dtype (pg_train.precision)
         device = next(model.parameters()).device
         prompt_ids, prompt_mask = region_prompts(model, region_cells, num_views)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)

@@ -38,6 +38,7 @@ from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
 from .ema import EMATeacher
 from .overlap import OverlappedTeacher
+from .precision import follow_accelerator
 from .pseudo_gumbel import pseudo_gumbel_step
 from .run_lock import OutputDirLocked, OutputLock, acquire
 from .supervised import supervised_step
@@ -305,6 +306,7 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
         f"{sum(p.numel() for p in trainable):,} trainable"
     )
     model, optimizer = accelerator.prepare(model, build_optimizer(trainable, cfg))
+    follow_accelerator(model, accelerator)  # the teacher computes in the student's dtype
     ema = EMATeacher(
         model,
         decay=cfg.ema.decay,

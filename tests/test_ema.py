@@ -204,3 +204,32 @@ def test_teacher_generates_without_dropout_and_restores_train_mode():
     with ema.as_teacher(student) as teacher:
         reference, _ = generate_pseudo_tokens_with_ema(teacher, pixel_values, cells, cfg)
     assert torch.equal(first, reference)
+
+
+@pytest.mark.parametrize("host_threads", [1, 8])
+def test_cpu_placement_host_update_is_bitwise_the_single_foreach_lerp(host_threads, monkeypatch):
+    """placement=cpu updates in chunks over host threads; the shadow must stay bitwise what one
+    `torch._foreach_lerp_` over fp32 copies (the update before the threads) gives. Chunks of 999
+    elements put chunk edges off every SIMD width, bf16 tensors test the per-chunk conversion."""
+    import pg_train.ema as ema_module
+
+    monkeypatch.setattr(ema_module, "HOST_CHUNK", 999)
+    g = torch.Generator().manual_seed(0)
+    student = torch.nn.ParameterList(
+        [
+            torch.nn.Parameter(torch.randn(n, generator=g, dtype=dtype))
+            for n in (1, 4095, 10_007)
+            for dtype in (torch.float32, torch.bfloat16)
+        ]
+    )
+    ema = EMATeacher(student, decay=0.97, placement="cpu", host_threads=host_threads, warmup=True)
+    reference = [p.detach().float().clone() for p in student]
+    for step in range(5):
+        with torch.no_grad():
+            for p in student:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        weight = 1.0 - ema.current_decay()
+        torch._foreach_lerp_(reference, [p.detach().to(torch.float32) for p in student], weight)
+        ema.update(student)
+        assert all(torch.equal(s, r) for s, r in zip(ema.shadow, reference)), f"step {step}"
+    assert not torch.equal(ema.shadow[2], student[2].detach())  # it moved, and not onto the student

@@ -61,6 +61,9 @@ class Sa2VAModel(nn.Module):
         # The LLM's last layer runs only on the rows whose output is read (pg_train.model.decoder);
         # False: on every row, the same values (the benchmark's `untrimmed` variant, the literal baseline).
         self.trim_last_layer = True
+        # The dtype the student's forward is autocast to (Accelerate's mixed precision), for the
+        # calls that bypass forward: the teacher's (pg_train.precision). None: compute as stored.
+        self.autocast_dtype: torch.dtype | None = None
         self.vision_model = InternVisionModel(preset.vision)
         self.mlp1 = build_mlp1(preset.vision, preset.language.hidden_size)
         self.language_model = build_language_model(preset)
