@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_files import load_training_weights  # noqa: F401 (model.init_from; importable from here)
 from .config import TrainConfig
 from .model import build_model, enable_gradient_checkpointing, from_pretrained
 from .model.checkpoint import TILING_KEYS
 from .model.presets import get_preset
-from .model.state_check import load_state_dict_checked, read_safetensors
+from .model.state_check import CheckpointError, load_state_dict_checked
 
 
 def lora_from_config(m, preset: str):
@@ -71,22 +72,55 @@ def build_student(cfg: TrainConfig):
     apply_input_overrides(model, m)
     unfreeze_extra(model, m.extra_trainable)
     if m.init_from:
-        load_training_weights(model, m.init_from, allow_nonfinite=m.allow_nonfinite_weights)
+        load_training_weights(model, m.init_from, command="model.init_from", allow_nonfinite=m.allow_nonfinite_weights)
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
 
 
-def load_training_weights(model, checkpoint: str | Path, *, allow_nonfinite: bool = False) -> None:
-    """Weights of a training checkpoint, all-or-nothing: names, shapes, dtype kinds and
-    finiteness are checked before any tensor is copied (`load_state_dict(strict=True)` alone
-    copies the matching tensors first and raises after), so a refused file leaves `model` as it was."""
-    weights = Path(checkpoint) / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"model.init_from: {weights} missing (DeepSpeed checkpoints: convert with DeepSpeed's zero_to_fp32 first)"
-        )
-    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)
+def load_checkpoint(path: str | Path, device: str = "cpu", *, command: str, weights: str = "student"):
+    """(model, the run's config or None) from a model directory (config.json + safetensors; the
+    config when pg-train-export wrote it), a training checkpoint of any layout
+    (`checkpoint_files`) next to its run's config.yaml, or a run directory (its newest complete
+    checkpoint). `weights`: the student, or the EMA teacher
+    (the student with its trainable tensors replaced by the shadow). Errors name `command`."""
+    from .checkpoint_files import (
+        RELEASED,
+        checkpoint_layout,
+        errors_naming,
+        read_ema_shadow,
+        resolve_checkpoint,
+        run_config_path,
+        training_state_dict,
+        with_ema,
+    )
+    from .config import load_config
+
+    if weights not in ("student", "ema"):
+        raise ValueError(f"weights must be 'student' or 'ema', got {weights!r}")
+    path = resolve_checkpoint(path, command)
+    config = run_config_path(path)
+    if checkpoint_layout(path, command) == RELEASED:
+        if weights == "ema":
+            raise CheckpointError(f"{command}: {path} is a model directory: it holds no EMA teacher (only the weights)")
+        # an exported model carries its run's config (prompts, objective settings, data): None otherwise
+        cfg = load_config([config], ["resume=null", "model.init_from=null"]) if config.is_file() else None
+        with errors_naming(command):
+            model = from_pretrained(path, device=device, template=cfg.model.template if cfg else "sa2va")
+        if cfg is not None:
+            apply_input_overrides(model, cfg.model)
+        return model, cfg
+    if not config.is_file():
+        raise CheckpointError(f"{command}: {path} is a training checkpoint but its run's {config} is missing")
+    cfg = load_config([config], ["resume=null", "model.init_from=null"])
+    state, where = training_state_dict(path, command)
+    if weights == "ema":
+        shadow, where = read_ema_shadow(path, command)
+        state = with_ema(state, shadow, where, command)
+    model = build_student(cfg)
+    with errors_naming(command):
+        load_state_dict_checked(model, state, where, allow_nonfinite=cfg.model.allow_nonfinite_weights)
+    return model.to(device), cfg
 
 
 def fused_adamw_applies(params) -> bool:

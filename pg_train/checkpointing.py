@@ -39,8 +39,11 @@ def newest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int) -> Path:
-    """Write a complete checkpoint for `step` (call on every rank)."""
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int, ema=None
+) -> Path:
+    """Write a complete checkpoint for `step` (call on every rank); with `ema`, its shadow also
+    as `ema.safetensors` (ema_file.write_ema_file; the same on every rank, so main writes it)."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     partial = root / f"step-{step:08d}.partial"
@@ -53,6 +56,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, trainer_stat
     accelerator.save_state(str(partial))
     (partial / f"trainer_state_rank{accelerator.process_index}.json").write_text(json.dumps(trainer_state))
     torch.save(random_state, partial / f"rng_state_rank{accelerator.process_index}.pt")
+    if ema is not None and accelerator.is_main_process:
+        from .ema_file import write_ema_file
+
+        write_ema_file(ema, partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

@@ -151,25 +151,11 @@ def heldout_batches(
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """A training checkpoint (`runs/x/checkpoints/step-N`, next to the run's config.yaml) or a
-    released-format Sa2VA directory (config.json + safetensors)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        from .model import from_pretrained
+    """(model, the run's config or None): a training checkpoint of any layout (DeepSpeed ZeRO
+    consolidated), a run directory or a released-format Sa2VA directory (builders.load_checkpoint)."""
+    from .builders import load_checkpoint as load
 
-        return from_pretrained(path, device=device), None
-    config = path.parent.parent / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{path}: neither a released checkpoint (config.json) nor a training checkpoint next to {config}"
-        )
-    from .builders import build_student, load_training_weights
-    from .config import load_config
-
-    cfg = load_config([config], ["resume=null", "model.init_from=null"])
-    model = build_student(cfg)
-    load_training_weights(model, path)
-    return model.to(device), cfg
+    return load(path, device, command="pg-train-evaluate")
 
 
 def load_for_evaluation(path: str | Path, device: str):

@@ -386,7 +386,7 @@ def checkpoint_or_stop(run: Run, state: TrainState, stop: StopFlag, progress) ->
     flag = torch.tensor([float(requested)], device=run.accelerator.device)
     stop_now = run.accelerator.reduce(flag, "max").item() > 0
     if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stop_now:
-        path = save_checkpoint(run.accelerator, run.out_dir, state.step, state.state_dict(), cfg.keep_last)
+        path = save_checkpoint(run.accelerator, run.out_dir, state.step, state.state_dict(), cfg.keep_last, ema=run.ema)
         if run.main:
             progress.write(f"[pg_train] checkpoint {path}")
     return stop_now
