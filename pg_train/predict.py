@@ -196,40 +196,37 @@ def write_outputs(number: int, item: Loaded, prediction, out: Path) -> dict:
 
 
 def run(model, requests: list, out: Path, batch_size: int = 8, cfg=None) -> tuple[int, int]:
-    """Predict every request into `out`; (written, skipped)."""
+    """Predict every request into `out`, a predictions.jsonl line per input in input order
+    (a skipped one: its reason and error); (written, skipped)."""
     out.mkdir(parents=True, exist_ok=True)
     written = skipped = 0
     with (out / "predictions.jsonl").open("w") as log:
-
-        def skip(err: BadSample) -> None:
-            nonlocal skipped
-            skipped += 1
-            print(f"{COMMAND}: skipped {err}", file=sys.stderr)
-            log.write(json.dumps({"input": err.where, "skipped": err.reason, "error": str(err)}) + "\n")
-
-        pending: list[tuple[int, Loaded]] = []
+        pending: list[tuple[int, Loaded | BadSample]] = []
 
         def flush() -> None:
-            nonlocal written
-            if not pending:
-                return
-            for (number, item), prediction in zip(pending, predict(model, [item for _, item in pending], cfg)):
-                record = write_outputs(number, item, prediction, out)
+            nonlocal written, skipped
+            good = [item for _, item in pending if isinstance(item, Loaded)]
+            predictions = iter(predict(model, good, cfg) if good else [])
+            for number, item in pending:
+                if isinstance(item, BadSample):
+                    record = {"input": item.where, "skipped": item.reason, "error": str(item)}
+                    skipped += 1
+                else:
+                    record = write_outputs(number, item, next(predictions), out)
+                    print(json.dumps(record), flush=True)
+                    written += 1
                 log.write(json.dumps(record) + "\n")
-                print(json.dumps(record), flush=True)
-                written += 1
             pending.clear()
 
         for number, request in enumerate(requests):
-            if isinstance(request, BadSample):
-                skip(request)
-                continue
             try:
+                if isinstance(request, BadSample):
+                    raise request
                 pending.append((number, load(request)))
             except BadSample as err:
-                skip(err)
-                continue
-            if len(pending) >= batch_size:
+                print(f"{COMMAND}: skipped {err}", file=sys.stderr)
+                pending.append((number, err))
+            if sum(isinstance(item, Loaded) for _, item in pending) >= batch_size:
                 flush()
         flush()
     return written, skipped
