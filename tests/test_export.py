@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import accelerate_launch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -91,14 +92,15 @@ def test_export_student_and_ema_load_strictly_and_equal_the_checkpoint_with_lora
     assert json.loads((bf16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
-def merged_reference(checkpoint: Path, weights: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights (its EMA shadow over them for `ema`, from Accelerate's pickle),
-    LoRA merged by peft's merge_and_unload on a fresh peft model, under the released names."""
+def merged_reference(checkpoint: Path, weights: str, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (`state`, default its model.safetensors; its EMA shadow over
+    them for `ema`, from Accelerate's pickle), LoRA merged by peft's merge_and_unload on a fresh
+    peft model, under the released names."""
     from peft import LoraConfig, get_peft_model
 
     from pg_train.model import build_model
 
-    state = load_file(str(checkpoint / "model.safetensors"))
+    state = dict(state) if state is not None else load_file(str(checkpoint / "model.safetensors"))
     if weights == "ema":
         pickled = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
         state.update(dict(zip(pickled["names"], pickled["shadow"])))
@@ -263,3 +265,71 @@ def test_predict_writes_masks_overlays_and_json_lines_and_skips_bad_inputs_namin
         overlay = Image.open(out / record["overlay"])
         assert overlay.width == 512 and overlay.height > 512 * images[0].height / images[0].width
     assert records[0]["caption"] == scenes[0][2]  # a text query's caption is the text itself
+
+
+# ---- the whole loop under DeepSpeed ZeRO-2 ---------------------------------------------------------
+@pytest.mark.slow
+def test_zero2_run_exports_loads_strictly_predicts_and_scores_what_training_scored(tmp_path):
+    """Tiny model, 2 steps under 2-process ZeRO-2 on CPU, held-out evaluation at step 2 ->
+    pg-train-export (student and EMA, fp32) -> strict from_pretrained -> pg-train-evaluate and
+    pg-train-predict on the export. The exported tensors equal DeepSpeed's own consolidation of
+    the shards with LoRA merged by peft; the held-out numbers equal the in-training ones."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pg_train.evaluate import main as evaluate_main
+    from pg_train.predict import main as predict_main
+
+    run = tmp_path / "run"
+    overrides = [*FAST, "data.num_samples=24", "eval_every=2", "eval_samples=4", "max_steps=2", "save_every=2"]
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "probe"), f"output_dir={run}", *overrides)
+    checkpoint = run / "checkpoints" / "step-00000002"
+    assert len(list((checkpoint / "pytorch_model").glob("*optim_states.pt"))) == 2  # really sharded
+    assert not (checkpoint / "model.safetensors").exists()
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))  # DeepSpeed's API, tag from `latest`
+
+    for weights in ("student", "ema"):
+        assert export_main([str(run), str(tmp_path / weights), "--weights", weights, "--dtype", "fp32"]) == 0
+        from_pretrained(tmp_path / weights)  # strict
+        reference = merged_reference(checkpoint, weights, consolidated)
+        tensors = exported_tensors(tmp_path / weights)
+        assert set(tensors) == set(reference)
+        for name, tensor in reference.items():
+            assert torch.equal(tensors[name], tensor), name
+
+    trained = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    in_training = next(r for r in trained if r["step"] == 2 and "eval/cycle_gIoU" in r)
+    at_start = next(r for r in trained if r["step"] == 0 and "eval/cycle_gIoU" in r)
+    assert in_training["eval/referring_gIoU"] != at_start["eval/referring_gIoU"]  # the steps changed the numbers
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(tmp_path / "student"),
+                "--samples",
+                "4",
+                "--batch-size",
+                "2",
+                "--output",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+    numbers = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    for kind in ("referring", "cycle", "shuffled", "empty"):
+        for metric in ("cIoU", "gIoU"):
+            assert abs(numbers[kind][metric] - in_training[f"eval/{kind}_{metric}"]) <= 1e-6, (kind, metric)
+    assert abs(numbers["captions"]["mean_length"] - in_training["eval/caption_len"]) <= 1e-6
+    assert numbers["language_embedding"]["ratio"] == pytest.approx(in_training["eval/caption_sensitivity"], rel=1e-5)
+
+    ((image, mask, text),) = scene_files(tmp_path, 1)
+    for query in (["--text", text], ["--region", str(mask)]):
+        out = tmp_path / f"predict{query[0]}"
+        assert predict_main([str(tmp_path / "ema"), "--image", str(image), *query, "--out", str(out)]) == 0
+        (record,) = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        predicted = np.asarray(Image.open(out / record["mask"])) > 127
+        assert predicted.shape == np.asarray(Image.open(image)).shape[:2] and record["mask_area"] == int(
+            predicted.sum()
+        )
+        assert Image.open(out / record["overlay"]).width == 512 and 0.0 <= record["score"] <= 1.0
+        assert record["caption"] == text if query[0] == "--text" else isinstance(record["caption"], str)
