@@ -16,8 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from .accel import configure_environment
-
 DEFAULT_JOB = Path(__file__).with_name("default_job.yaml")  # what runs without --config
 
 
@@ -47,10 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    configure_environment()  # before torch is imported: thread and allocator settings
+    args = parse_args(argv)  # first, so `--help` and a bad flag answer without importing torch (~0.1 s, not ~9)
+    from .accel import configure_environment
+
+    configure_environment()  # before DeepSpeed is imported: its CPU accelerator, the JIT ops' cache
     from .config import ConfigError, load_config
 
-    args = parse_args(argv)
     overrides = list(args.overrides)
     for flag, key in ((args.output_dir, "output_dir"), (args.max_steps, "max_steps"), (args.resume, "resume")):
         if flag is not None:

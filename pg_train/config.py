@@ -91,9 +91,17 @@ class CurriculumConfig:
 
 
 def supervised_steps(cfg) -> int:
-    """A curriculum's supervised steps: curriculum.supervised_steps, else its fraction of max_steps."""
-    c = cfg.curriculum
-    return c.supervised_steps or round(c.supervised_fraction * cfg.max_steps)
+    """A curriculum's supervised steps: curriculum.supervised_steps, else its fraction of max_steps,
+    kept inside the run so any `--max-steps >= 1` runs every config (a smoke test of 1 or 2 steps):
+    a fraction gives at least one step of each stage where the run has two steps or more (one step:
+    the supervised one), and a number of steps beyond max_steps makes the whole run the supervised
+    stage."""
+    c, total = cfg.curriculum, cfg.max_steps
+    if c.supervised_steps:
+        return min(c.supervised_steps, total)
+    if c.supervised_fraction <= 0:
+        return 0
+    return min(max(1, round(c.supervised_fraction * total)), max(1, total - 1))
 
 
 @dataclass
@@ -352,10 +360,11 @@ def validate(cfg: TrainConfig) -> None:
             "must be pseudo_gumbel, supervised, mixed or curriculum",
         ),
         (
-            cfg.objective_kind != "curriculum" or 0 < supervised_steps(cfg) < cfg.max_steps,
+            cfg.objective_kind != "curriculum" or supervised_steps(cfg) > 0,
             "curriculum.supervised_steps",
-            "(or supervised_fraction x max_steps) must be in (0, max_steps) with objective_kind=curriculum",
+            "(or curriculum.supervised_fraction) must be > 0 with objective_kind=curriculum",
         ),
+        (cfg.curriculum.supervised_steps >= 0, "curriculum.supervised_steps", "must be >= 0 (0: supervised_fraction)"),
         (0.0 <= cfg.curriculum.supervised_fraction < 1.0, "curriculum.supervised_fraction", "must be in [0, 1)"),
         (cfg.curriculum.lr is None or cfg.curriculum.lr > 0, "curriculum.lr", "must be > 0 (or null: optim.lr)"),
         (cfg.eval_every >= 0 and cfg.eval_samples >= 1, "eval_every", "eval_every must be >= 0 and eval_samples >= 1"),

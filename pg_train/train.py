@@ -430,6 +430,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _train(run: Run, stop: StopFlag) -> TrainResult:
     cfg = run.cfg
     state = restore(run)
+    if state.step >= cfg.max_steps:  # resuming a finished run: nothing to train
+        finish(run, state)
+        if run.main:
+            print("\n".join(already_finished(state.step, cfg.max_steps, run.out_dir)), flush=True)
+        return TrainResult(0, state.step, state.history, run.model, run.optimizer, run.ema, run.loader)
     from tqdm.auto import tqdm
 
     progress = tqdm(
@@ -516,6 +521,24 @@ def held_out_summary(metrics_path: Path) -> list[str]:
     for kind, meaning in HELD_OUT_MEANING.items():
         a, b = first[f"eval/{kind}_gIoU"], last[f"eval/{kind}_gIoU"]
         lines.append(f"[pg_train]   {kind:9} {a:.3f} -> {b:.3f} ({b - a:+.3f})  {meaning}")
+    return lines
+
+
+def already_finished(step: int, max_steps: int, out_dir: Path) -> list[str]:
+    """What resuming a finished run prints: that there is nothing to do and the run's last numbers
+    (not a summary of zero steps, which reads like a failure)."""
+    lines = [
+        f"[pg_train] already finished: the checkpoint is at step {step}, max_steps is {max_steps}; nothing to do "
+        "(a larger --max-steps trains on from it)"
+    ]
+    path = Path(out_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    trained = [r for r in records if r.get("loss") is not None]
+    if trained:
+        r = trained[-1]
+        lines.append(f"[pg_train] last logged step {r['step']}: loss {r['loss']:.4f}, mask IoU {r['iou']:.3f}")
+    lines += held_out_summary(path)
+    lines.append(f"[pg_train] metrics: {path}; checkpoints: {Path(out_dir) / 'checkpoints'}")
     return lines
 
 
