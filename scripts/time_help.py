@@ -26,7 +26,8 @@ HELP = "from pg_train.cli import main\ntry:\n    main(['--help'])\nexcept System
 def time_help(tree: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", HELP], env=env, check=True, stdout=subprocess.DEVNULL)
+    # cwd=tree: `python -c` puts the working directory first on sys.path
+    subprocess.run([sys.executable, "-c", HELP], cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
