@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .data import SOURCES, DataConfig
+from .data.heldout import EvalConfig
 from .model.presets import PRESETS, ModelPreset
 from .pseudo_gumbel import PseudoGumbelConfig
 from .supervised import SupervisedConfig
@@ -121,7 +122,7 @@ class TrainConfig:
     progress: bool = True
     objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed | curriculum
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: off)
-    eval_samples: int = 16  # held-out synthetic scenes (a different seed than training)
+    eval_samples: int = 16  # held-out samples evaluated (the set: the eval: section, docs/evaluation.md)
     report: bool = True  # report.png / report.html (curves, held-out gallery) in output_dir at the end
     cudnn_attention: bool = False  # CUDA: allow SDPA's cuDNN backend (slow for shapes that change every step)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,6 +133,9 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(num_samples=256))
+    # the held-out set: named here, or (nothing named) carved out of the training data when
+    # eval_every > 0; synthetic runs: scenes of another seed (pg_train/data/heldout.py)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _type_name(tp) -> str:
@@ -475,6 +479,31 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.data.hf_shuffle_buffer >= 1, "data.hf_shuffle_buffer", "must be >= 1"),
         (cfg.data.sample_offset >= 0, "data.sample_offset", "must be >= 0"),
+        (
+            cfg.eval.split is None or cfg.data.source in ("refer", "hf"),
+            "eval.split",
+            f"names a split of data.source=refer or hf; data.source is {cfg.data.source}",
+        ),
+        (
+            cfg.eval.video_dir is None or cfg.data.source == "video",
+            "eval.video_dir",
+            f"is a held-out set of data.source=video; data.source is {cfg.data.source}",
+        ),
+        (
+            cfg.eval.seed is None or cfg.data.source == "synthetic",
+            "eval.seed",
+            f"is the held-out seed of synthetic scenes; data.source is {cfg.data.source}",
+        ),
+        (
+            cfg.eval.manifest is None or Path(cfg.eval.manifest).is_file(),
+            "eval.manifest",
+            f"{cfg.eval.manifest!r} is not a file",
+        ),
+        (
+            sum(x is not None for x in (cfg.eval.manifest, cfg.eval.split, cfg.eval.video_dir)) <= 1,
+            "eval",
+            "name one held-out set: eval.manifest, eval.split or eval.video_dir",
+        ),
     ]
     for ok, key, message in checks:
         if not ok:

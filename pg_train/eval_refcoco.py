@@ -81,7 +81,8 @@ class ExpressionItems(Dataset):
         return item
 
 
-def _collate(items: list[dict]) -> dict:
+def collate_expressions(items: list[dict]) -> dict:
+    """collate_pairs, plus each good item's mask at its image's resolution (`truths`)."""
     batch = collate_pairs(items)
     batch["truths"] = [item["truth"] for item in items if "truth" in item]
     return batch
@@ -117,7 +118,7 @@ def evaluate_split(
     from tqdm.auto import tqdm
 
     items = ExpressionItems(source, preprocess, limit)
-    loader = DataLoader(items, batch_size=batch_size, collate_fn=_collate, num_workers=workers)
+    loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_expressions, num_workers=workers)
     inter = {k: [] for k in KINDS}
     union = {k: [] for k in KINDS}
     skipped: Counter = Counter()
@@ -171,7 +172,7 @@ def split_gallery(model, cfg, source: ReferPairs, preprocess: Preprocess, path: 
     the model's caption of it, the mask predicted from the expression (red) over the
     annotation's (green)."""
     items = ExpressionItems(source, preprocess, n)
-    batch = _collate([items[i] for i in range(len(items))])
+    batch = collate_expressions([items[i] for i in range(len(items))])
     samples = []
     if batch["truths"]:
         tensors = inputs_on_device(batch, model_device(model), model_dtype(model))

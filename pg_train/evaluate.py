@@ -28,7 +28,7 @@ import torch
 
 from .distributed import unwrap
 from .gallery import gallery_samples, samples_from, write_gallery
-from .inference import KINDS, caption_inputs, inference_mode, inputs_on_device, segment_image2
+from .inference import KINDS, caption_inputs, inference_mode, inputs_on_device, model_dtype, segment_image2
 from .pseudo_gumbel import PseudoGumbelConfig
 from .scores import ciou_giou, sample_counts
 
@@ -126,24 +126,38 @@ def heldout_batches(
 ) -> list[dict]:
     """Preprocessed evaluation batches: the manifest if given, else synthetic scenes of `seed`
     drawn like `data`'s (a DataConfig: sizes, colours, object counts — the defaults when it is
-    None or not synthetic). Training uses small seeds; the default held-out seed is 10,000+."""
-    import dataclasses
+    None or not synthetic). A run's own held-out set: `batches_of(model, heldout, ...)`."""
+    from .data import DataConfig, ManifestPairs
+    from .data.heldout import EvalConfig, HeldOut, synthetic_heldout
 
-    from .data import DataConfig, ManifestPairs, PairDataset, build_source, collate_pairs
-    from .data.loader import preprocess_for
-
-    preset = unwrap(model).preset
     if manifest:
-        source = ManifestPairs(manifest)
+        heldout = HeldOut(ManifestPairs(manifest))
     else:
         synthetic = data if data is not None and data.source == "synthetic" else DataConfig()
-        source = build_source(dataclasses.replace(synthetic, num_samples=samples, sample_offset=0), seed=seed)
-    dataset = PairDataset(source, preprocess_for(preset))
-    count = min(samples, len(dataset))
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        heldout = synthetic_heldout(synthetic, EvalConfig(seed=seed), seed, samples)
+    return batches_of(model, heldout, batch_size, device, samples)
+
+
+def batches_of(model, heldout, batch_size: int, device, samples: int | None = None) -> list[dict]:
+    """The first `samples` pairs of a held-out set (data.heldout.HeldOut) as preprocessed
+    batches on `device`, of at least 2 samples each (the shuffled control swaps captions within a
+    batch). A refcoco-protocol set's batches carry each mask at its image's resolution
+    (`truths`), where its IoU is counted."""
+    from .data import PairDataset, collate_pairs
+    from .data.loader import preprocess_for
+
+    preprocess = preprocess_for(unwrap(model).preset)
+    if heldout.protocol == "refcoco":
+        from .eval_refcoco import ExpressionItems, collate_expressions
+
+        dataset, collate = ExpressionItems(heldout.source, preprocess), collate_expressions
+    else:
+        dataset, collate = PairDataset(heldout.source, preprocess), collate_pairs
+    count = len(dataset) if samples is None else min(samples, len(dataset))
+    dtype = model_dtype(model)
     batches, step = [], max(2, batch_size)
     for start in range(0, count, step):
-        batch = collate_pairs([dataset[i] for i in range(start, min(count, start + step))])
+        batch = collate([dataset[i] for i in range(start, min(count, start + step))])
         if len(batch["captions"]) < 2:  # the shuffled control needs a second sample
             continue
         batches.append(inputs_on_device(batch, device, dtype))
@@ -158,15 +172,68 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     return load(path, device, command="pg-train-evaluate")
 
 
-def load_for_evaluation(path: str | Path, device: str):
-    """(model, the run's config or None, the objective settings to evaluate with): the run's,
-    or for a released checkpoint its preset's defaults, as training would use."""
-    model, cfg = load_checkpoint(path, device)
-    if cfg is None:
-        from .config import objective_for
+def load_for_evaluation(path: str | Path, device: str, config: str | Path | None = None):
+    """(model, the run's config or None, the objective settings to evaluate with): the run's
+    (`config`: a run's config.yaml, else the training checkpoint's own, else a released
+    directory's RUN_CONFIG_IN_EXPORT), or without one the preset's defaults, as training would use."""
+    from .config import load_config, objective_for
 
-        return model, cfg, objective_for(model.preset)
-    return model, cfg, cfg.objective
+    model, cfg = load_checkpoint(path, device)
+    if config is None and cfg is None and (Path(path) / RUN_CONFIG_IN_EXPORT).is_file():
+        config = Path(path) / RUN_CONFIG_IN_EXPORT
+    if config is not None:
+        cfg = load_config([config], ["resume=null", "model.init_from=null", "model.checkpoint=null"])
+    return model, cfg, (cfg.objective if cfg is not None else objective_for(model.preset))
+
+
+RUN_CONFIG_IN_EXPORT = "pg_train_config.yaml"  # the run's config.yaml, as an exported directory keeps it
+
+
+def data_key(description: dict) -> tuple:
+    """What makes two held-out sets the same set: source, split, n."""
+    return description.get("source"), description.get("split"), description.get("n")
+
+
+def choose_heldout(run_cfg, args, samples: int) -> tuple[object, list[str]]:
+    """(the held-out set to evaluate on, warnings): --manifest or --seed when given, else the
+    run's own held-out set (its data: and eval: sections), else (no run config) default
+    synthetic scenes. A set that differs from the run's, or samples the run trained on, is a
+    warning."""
+    from .data import DataConfig, ManifestPairs
+    from .data.heldout import EvalConfig, HeldOut, split_run_data, synthetic_heldout
+
+    warnings = []
+    own = None
+    if run_cfg is not None:
+        _, own = split_run_data(run_cfg.data, run_cfg.eval, run_cfg.seed, samples, carve_out=bool(run_cfg.eval_every))
+    if args.manifest:
+        source = ManifestPairs(args.manifest)
+        chosen = HeldOut(source, {"source": "manifest", "split": str(args.manifest), "chosen": "--manifest"})
+        chosen.description.update(n=min(samples, len(source)), available=len(source))
+    elif args.seed is not None or own is None:
+        data = run_cfg.data if run_cfg is not None and run_cfg.data.source == "synthetic" else DataConfig()
+        seed = 10_000 if args.seed is None else args.seed
+        chosen = synthetic_heldout(data, EvalConfig(seed=seed), seed, samples)
+        chosen.description.update(chosen="--seed" if args.seed is not None else "default (no run config)")
+        if own is None:
+            warnings.append(
+                f"{args.checkpoint} comes without its run's config (a released directory without "
+                f"{RUN_CONFIG_IN_EXPORT}): evaluating on default synthetic scenes ({chosen.label()}), which say "
+                "nothing about the data the model was trained for; pass --config RUN_DIR/config.yaml (or --manifest)"
+            )
+    else:
+        chosen = own
+    if own is not None and data_key(chosen.description) != data_key(own.description):
+        warnings.append(
+            f"evaluating on {chosen.label()}, but the run's held-out set (its config.yaml) is {own.label()}: "
+            "these numbers are not comparable with the run's eval/* metrics"
+        )
+    if chosen.description.get("trained_on"):
+        warnings.append(
+            f"the run trained on these samples ({chosen.label()}): it had eval_every=0 and no eval: section, so "
+            "nothing was held out; these are training-set numbers"
+        )
+    return chosen, warnings
 
 
 def main(argv=None) -> int:
@@ -174,13 +241,26 @@ def main(argv=None) -> int:
         prog="python -m pg_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--manifest", help="JSONL pairs to evaluate on (default: held-out synthetic scenes)")
     parser.add_argument(
-        "--samples", type=int, default=None, help="default: 32 (synthetic or manifest), the whole split (--refer-dir)"
+        "--config",
+        help="the run's config.yaml whose held-out set (data: and eval: sections) and objective to use "
+        f"(default: a training checkpoint's run, or a released directory's {RUN_CONFIG_IN_EXPORT})",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--manifest", help="JSONL pairs to evaluate on instead of the run's held-out set")
     parser.add_argument(
-        "--seed", type=int, default=10_000, help="synthetic held-out seed (training uses its own, small seed)"
+        "--samples",
+        type=int,
+        default=None,
+        help="default: the run's eval_samples (32 without a run config); the whole split (--refer-dir)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: the run's (as training evaluates), else 8"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="evaluate on synthetic scenes of this seed instead of the run's held-out set",
     )
     parser.add_argument("--output", default="eval")
     refer = parser.add_argument_group("RefCOCO-family split (pg_train/eval_refcoco.py)")
@@ -197,20 +277,30 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.refer_dir and not args.images:
         raise SystemExit("--refer-dir needs --images (the COCO train2014 folder the refs' images are in)")
-    model, cfg, objective = load_for_evaluation(args.checkpoint, device)
+    model, cfg, objective = load_for_evaluation(args.checkpoint, device, args.config)
     if args.refer_dir:
         from .eval_refcoco import run
 
+        args.batch_size = args.batch_size or 8
         return run(args, model, objective)
-    # held-out scenes drawn like the run's training scenes (sizes, colours, object counts), another seed
-    batches = heldout_batches(
-        model, args.samples or 32, args.batch_size, args.seed, device, args.manifest, data=cfg.data if cfg else None
-    )
+    samples = args.samples or (cfg.eval_samples if cfg is not None else 32)
+    batch_size = args.batch_size or (max(2, cfg.batch_size) if cfg is not None else 8)
+    heldout, warnings = choose_heldout(cfg, args, samples)
+    for warning in warnings:
+        print(f"\n*** WARNING: {warning}\n", file=sys.stderr, flush=True)
+    batches = batches_of(model, heldout, batch_size, device, samples)
     out = Path(args.output)
     results = evaluate(model, batches, objective, gallery_path=out / "gallery.png")
+    results["data"] = {
+        **heldout.description,
+        "scored": results["samples"],
+        "config": str(args.config) if args.config else ("the checkpoint's run" if cfg else None),
+    }
+    results["data_mismatch"] = any("not comparable" in w for w in warnings)
+    results["warnings"] = warnings
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
-    print(f"{results['samples']} samples from {args.manifest or 'held-out synthetic scenes'}")
+    print(f"{results['samples']} samples from {heldout.label()}")
     print(f"{'':12} {'cIoU':>7} {'gIoU':>7}")
     for kind in KINDS:
         print(f"{kind:12} {results[kind]['cIoU']:7.3f} {results[kind]['gIoU']:7.3f}")

@@ -72,6 +72,13 @@ def evaluations(records: list[dict]) -> list[dict]:
     return [r for r in records if "eval/cycle_gIoU" in r]
 
 
+def heldout_label(records: list[dict]) -> str:
+    """What the run's held-out set is ("manifest pairs.jsonl, n=16", as training logged it in
+    `eval/set`); a run from before that was logged: "samples never trained on"."""
+    named = [r["eval/set"] for r in evaluations(records) if isinstance(r.get("eval/set"), str)]
+    return named[-1] if named else "samples never trained on"
+
+
 # ---- the held-out samples file (numpy only: no torch, no model) ------------------------------------
 SAMPLE_ARRAYS = ("image1", "region1", "image2", "true2", "pred2")  # pg_train.gallery.gallery_samples' arrays
 SAMPLE_TEXT = ("caption", "truth")
@@ -191,7 +198,7 @@ def plot_curves(records: list[dict], axes) -> None:
             )
     else:
         _no_data(eval_ax, "no held-out evaluation in this run\n(train with eval_every=N)")
-    eval_ax.set(title="Held-out gIoU (scenes never trained on)\nimage 2 segmented from each kind of caption")
+    eval_ax.set(title=f"Held-out gIoU ({heldout_label(records)})\nimage 2 segmented from each kind of caption")
     eval_ax.set(xlabel="optimizer step", ylabel="gIoU (mean per-sample IoU)", ylim=(0, 1))
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -278,8 +285,8 @@ def plot_report(records: list[dict], samples: list[dict] | None = None, title: s
             grid[2 * (i // GALLERY_COLUMNS), i % GALLERY_COLUMNS].set_axis_off()
             grid[2 * (i // GALLERY_COLUMNS) + 1, i % GALLERY_COLUMNS].set_axis_off()
         bottom.suptitle(
-            "Held-out samples at the end of the run: the model captions the yellow region of image 1 (greedy), "
-            "then segments image 2 from its own caption (the cycle)",
+            f"Held-out samples ({heldout_label(records)}) at the end of the run: the model captions the yellow "
+            "region of image 1 (greedy), then segments image 2 from its own caption (the cycle)",
             fontsize=12,
         )
     return fig
@@ -359,7 +366,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.25em .6em
 td:nth-child(-n+2),th:nth-child(-n+2){{text-align:left}}img{{max-width:100%}}li{{margin:.4em 0}}</style></head>
 <body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>
 <img alt="loss, training IoU and held-out gIoU curves, and held-out samples" src="data:image/png;base64,{base64.b64encode(png).decode()}">
-<h2>Held-out evaluation: first and last</h2>{_eval_table(records)}
+<h2>Held-out evaluation ({html.escape(heldout_label(records))}): first and last</h2>{_eval_table(records)}
 <h2>Held-out samples (the gallery's captions)</h2>{gallery}
 </body></html>
 """

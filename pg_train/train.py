@@ -74,6 +74,7 @@ class Run:
     heldout: list  # held-out batches for evaluation (empty: eval_every=0)
     out_dir: Path
     lock: OutputLock | None = None  # the output directory's (main process); released by `train` on every exit
+    heldout_set: object = None  # data.heldout.HeldOut: what those batches are (source, split, n)
 
     @property
     def main(self) -> bool:
@@ -173,14 +174,18 @@ def micro_batches(run: Run, state: TrainState):
 
 
 # ---- records ------------------------------------------------------------------------------------
-def held_out_evaluation(model, heldout: list[dict], cfg: TrainConfig) -> dict[str, float]:
-    """pg_train.evaluate's numbers on the held-out batches, as `eval/*` metrics."""
+def held_out_evaluation(model, heldout: list[dict], cfg: TrainConfig, heldout_set=None) -> dict[str, float | str]:
+    """pg_train.evaluate's numbers on the held-out batches, as `eval/*` metrics, with what the
+    set is (`eval/set`: source, split, n) and how many samples were scored (`eval/samples`)."""
     from .evaluate import KINDS, evaluate
 
     numbers = evaluate(model, heldout, cfg.objective)
     record = {f"eval/{kind}_{m}": numbers[kind][m] for kind in KINDS for m in ("cIoU", "gIoU")}
     record["eval/caption_len"] = numbers["captions"]["mean_length"]
     record["eval/caption_sensitivity"] = numbers["language_embedding"]["ratio"]
+    record["eval/samples"] = numbers["samples"]
+    if heldout_set is not None:
+        record["eval/set"] = heldout_set.label()
     return record
 
 
@@ -316,6 +321,12 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
     )
     accelerator.register_for_checkpointing(ema)
     module = unwrap(model)
+    from .data.heldout import split_run_data
+
+    # the held-out set: the eval: section's, else carved out of the training data (eval_every > 0)
+    train_source, heldout_set = split_run_data(
+        cfg.data, cfg.eval, cfg.seed, cfg.eval_samples, carve_out=bool(cfg.eval_every)
+    )
     loader = build_loader(
         cfg.data,
         preprocess_for(module.preset),
@@ -323,24 +334,20 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         seed=cfg.seed,
+        source=train_source,
     )
     heldout = []
     if cfg.eval_every:
-        from .evaluate import heldout_batches
+        from .evaluate import batches_of
 
-        # Held-out synthetic scenes drawn like the training ones (sizes, colours, object counts), another seed.
-        heldout = heldout_batches(
-            module,
-            cfg.eval_samples,
-            max(2, cfg.batch_size),
-            seed=cfg.seed + 10_000,
-            device=accelerator.device,
-            data=cfg.data,
-        )
+        heldout = batches_of(module, heldout_set, max(2, cfg.batch_size), accelerator.device, cfg.eval_samples)
+        accelerator.print(f"[pg_train] held-out set: {heldout_set.label()}")
+        if accelerator.is_main_process:
+            (out_dir / "heldout.json").write_text(json.dumps(heldout_set.description, indent=2) + "\n")
     if cfg.tensorboard:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers("tensorboard", config=flat)
-    return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir, lock)
+    return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir, lock, heldout_set)
 
 
 def restore(run: Run) -> TrainState:
@@ -375,7 +382,7 @@ def evaluate_if_due(run: Run, state: TrainState) -> dict:
     point, so a run shows what training changed). Every rank evaluates."""
     every, step = run.cfg.eval_every, state.step
     if every and (step % every == 0 or step == run.cfg.max_steps):
-        return held_out_evaluation(run.model, run.heldout, run.cfg)
+        return held_out_evaluation(run.model, run.heldout, run.cfg, run.heldout_set)
     return {}
 
 
@@ -446,7 +453,10 @@ def _train(run: Run, stop: StopFlag) -> TrainResult:
         mininterval=0.1 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s, not every step
     )
     if cfg.eval_every and state.step == 0:  # the starting point, so a run shows what training changed
-        record = {"step": 0, **held_out_evaluation(run.model, run.heldout, cfg)}  # every rank evaluates
+        record = {
+            "step": 0,
+            **held_out_evaluation(run.model, run.heldout, cfg, run.heldout_set),
+        }  # every rank evaluates
         if run.main:
             write_record(record, run.metrics_path, run.accelerator if cfg.tensorboard else None)
     batches = micro_batches(run, state)
@@ -503,7 +513,7 @@ def finish(run: Run, state: TrainState) -> None:
 HELD_OUT_MEANING = {
     "referring": "ground-truth description -> mask (referring segmentation)",
     "cycle": "the model's own caption of region 1 -> mask in image 2 (what Pseudo-Gumbel trains)",
-    "shuffled": "another scene's description -> mask (control: what masks get without the right text)",
+    "shuffled": "another sample's description -> mask (control: what masks get without the right text)",
     "empty": "no text -> mask (control)",
 }
 
@@ -517,7 +527,8 @@ def held_out_summary(metrics_path: Path) -> list[str]:
     if not evals:
         return []
     first, last = evals[0], evals[-1]
-    lines = [f"[pg_train] held-out gIoU (mean per-sample mask IoU), step {first['step']} -> step {last['step']}:"]
+    on = f" on {last['eval/set']}" if "eval/set" in last else ""
+    lines = [f"[pg_train] held-out gIoU (mean per-sample mask IoU){on}, step {first['step']} -> step {last['step']}:"]
     for kind, meaning in HELD_OUT_MEANING.items():
         a, b = first[f"eval/{kind}_gIoU"], last[f"eval/{kind}_gIoU"]
         lines.append(f"[pg_train]   {kind:9} {a:.3f} -> {b:.3f} ({b - a:+.3f})  {meaning}")

@@ -321,7 +321,7 @@ def test_preset_defaults_follow_a_checkpoint_and_reach_evaluate_and_memcheck(tmp
     monkeypatch.setattr(
         evaluate, "load_checkpoint", lambda path, device: (SimpleNamespace(preset=get_preset("sa2va-4b")), None)
     )
-    monkeypatch.setattr(evaluate, "heldout_batches", lambda *args, **kwargs: [])
+    monkeypatch.setattr(evaluate, "batches_of", lambda *args, **kwargs: [])
     monkeypatch.setattr(evaluate, "evaluate", capture)
     with pytest.raises(Stop):
         evaluate.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "eval")])

@@ -129,9 +129,18 @@ def build_source(cfg: DataConfig, seed: int = 0):
 
 
 def build_loader(
-    cfg: DataConfig, preprocess: Preprocess, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0
+    cfg: DataConfig,
+    preprocess: Preprocess,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    source=None,
 ) -> PairLoader:
-    dataset = PairDataset(build_source(cfg, seed), preprocess, strict=cfg.strict)
+    """The training loader over `source` (default: build_source(cfg, seed); a run passes its
+    training side of data.heldout.split_run_data)."""
+    dataset = PairDataset(source if source is not None else build_source(cfg, seed), preprocess, strict=cfg.strict)
     loader_class = PairLoader
     if cfg.source == "hf" and cfg.hf_streaming:  # positions in stream order (hf.py shuffles the stream itself)
         from .hf import StreamingPairLoader as loader_class

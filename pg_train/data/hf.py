@@ -278,6 +278,14 @@ class HFStreamPairs:
         self.num_rows, self.reader, self.name = num_rows, reader, name
         self.shuffle, self.buffer_size, self.window = shuffle, buffer_size, window
         self.epoch = 0
+        self.skipped = 0  # rows at the stream's head that are not this source's (a held-out carve-out)
+        self._reset()
+
+    def skip_rows(self, count: int) -> None:
+        """Leave out the stream's first `count` rows (file order, before any shuffling): they
+        are the run's held-out set (data/heldout.py)."""
+        self.skipped += count
+        self.num_rows -= count
         self._reset()
 
     def _reset(self) -> None:
@@ -299,7 +307,7 @@ class HFStreamPairs:
         return self.num_rows
 
     def _open(self):
-        stream = self.stream
+        stream = self.stream.skip(self.skipped) if self.skipped else self.stream
         if self.shuffle:
             stream = stream.shuffle(seed=self.reader.seed, buffer_size=self.buffer_size)
             stream.set_epoch(self.epoch)  # datasets reseeds the buffer and shard order per epoch
