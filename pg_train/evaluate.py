@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint_files import TRAINING_CONFIG
 from .distributed import unwrap
 from .gallery import gallery_samples, samples_from, write_gallery
 from .inference import KINDS, caption_inputs, inference_mode, inputs_on_device, model_dtype, segment_image2
@@ -174,19 +175,14 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
 def load_for_evaluation(path: str | Path, device: str, config: str | Path | None = None):
     """(model, the run's config or None, the objective settings to evaluate with): the run's
-    (`config`: a run's config.yaml, else the training checkpoint's own, else a released
-    directory's RUN_CONFIG_IN_EXPORT), or without one the preset's defaults, as training would use."""
+    (`config`: a run's config.yaml; else a training checkpoint's run, or the training_config.yaml
+    an exported directory carries), or without one the preset's defaults, as training would use."""
     from .config import load_config, objective_for
 
     model, cfg = load_checkpoint(path, device)
-    if config is None and cfg is None and (Path(path) / RUN_CONFIG_IN_EXPORT).is_file():
-        config = Path(path) / RUN_CONFIG_IN_EXPORT
     if config is not None:
         cfg = load_config([config], ["resume=null", "model.init_from=null", "model.checkpoint=null"])
     return model, cfg, (cfg.objective if cfg is not None else objective_for(model.preset))
-
-
-RUN_CONFIG_IN_EXPORT = "pg_train_config.yaml"  # the run's config.yaml, as an exported directory keeps it
 
 
 def data_key(description: dict) -> tuple:
@@ -217,8 +213,8 @@ def choose_heldout(run_cfg, args, samples: int) -> tuple[object, list[str]]:
         chosen.description.update(chosen="--seed" if args.seed is not None else "default (no run config)")
         if own is None:
             warnings.append(
-                f"{args.checkpoint} comes without its run's config (a released directory without "
-                f"{RUN_CONFIG_IN_EXPORT}): evaluating on default synthetic scenes ({chosen.label()}), which say "
+                f"{args.checkpoint} comes without its run's config (a model directory without "
+                f"{TRAINING_CONFIG}): evaluating on default synthetic scenes ({chosen.label()}), which say "
                 "nothing about the data the model was trained for; pass --config RUN_DIR/config.yaml (or --manifest)"
             )
     else:
@@ -244,7 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--config",
         help="the run's config.yaml whose held-out set (data: and eval: sections) and objective to use "
-        f"(default: a training checkpoint's run, or a released directory's {RUN_CONFIG_IN_EXPORT})",
+        f"(default: a training checkpoint's run, or the {TRAINING_CONFIG} an exported directory carries)",
     )
     parser.add_argument("--manifest", help="JSONL pairs to evaluate on instead of the run's held-out set")
     parser.add_argument(
