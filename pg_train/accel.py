@@ -6,10 +6,39 @@ import os
 import sys
 from pathlib import Path
 
+# Shipped with the package (the repository's accelerate_configs/ and ds_configs/ link here), so an
+# accelerate config naming `ds_configs/zero2.json` works from any folder and from an installed package.
+ACCELERATE_CONFIGS = Path(__file__).with_name("accelerate_configs")
+DS_CONFIGS = Path(__file__).with_name("ds_configs")
+
+
+class DeepSpeedConfigNotFound(FileNotFoundError):
+    """The accelerate config's deepspeed_config_file is neither a file nor a shipped DeepSpeed config."""
+
+
+def resolve_deepspeed_config_file() -> None:
+    """Accelerate hands `deepspeed_config_file` to every process as written, and DeepSpeed opens
+    it relative to the folder the launch started in: the shipped accelerate configs' relative
+    `ds_configs/NAME.json` broke a launch from anywhere but the repository root (three chained
+    tracebacks). A relative path that is not a file here is looked up by name among the shipped
+    DeepSpeed configs (DS_CONFIGS) and replaced by that file's absolute path."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none" or Path(path).is_file():
+        return
+    shipped = DS_CONFIGS / Path(path).name
+    if Path(path).is_absolute() or not shipped.is_file():
+        raise DeepSpeedConfigNotFound(
+            f"the accelerate config's deepspeed_config_file {path!r} is not a file (relative paths: to "
+            f"{os.getcwd()}) nor a shipped DeepSpeed config ({', '.join(sorted(p.name for p in DS_CONFIGS.glob('*.json')))})"
+        )
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(shipped)
+
 
 def configure_environment() -> None:
     """Defaults that must be set before DeepSpeed is imported: JIT ops cached inside the venv
-    (warmed by scripts/setup.sh) and, without CUDA, DeepSpeed's CPU accelerator."""
+    (warmed by scripts/setup.sh), without CUDA DeepSpeed's CPU accelerator, and the DeepSpeed
+    config file found from any folder (resolve_deepspeed_config_file)."""
+    resolve_deepspeed_config_file()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if "DS_ACCELERATOR" not in os.environ:

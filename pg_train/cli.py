@@ -46,9 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # first, so `--help` and a bad flag answer without importing torch (~0.1 s, not ~9)
-    from .accel import configure_environment
+    from .accel import DeepSpeedConfigNotFound, configure_environment
 
-    configure_environment()  # before DeepSpeed is imported: its CPU accelerator, the JIT ops' cache
+    try:
+        configure_environment()  # before DeepSpeed is imported: its CPU accelerator, the JIT ops' cache, its config
+    except DeepSpeedConfigNotFound as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
     from .config import ConfigError, load_config
 
     overrides = list(args.overrides)

@@ -405,7 +405,8 @@ def begin_stage_if_due(run: Run, state: TrainState, progress) -> None:
     if cfg.objective_kind == "curriculum" and state.step == supervised_steps(cfg):
         if cfg.curriculum.restart_ema:
             run.ema.restart_from(run.model)
-        progress.write(f"[pg_train] step {state.step}: supervised warm-up done, Pseudo-Gumbel from here")
+        if run.main:  # status lines: the main process's, once
+            progress.write(f"[pg_train] step {state.step}: supervised warm-up done, Pseudo-Gumbel from here")
 
 
 def log_step(run: Run, state: TrainState, window: WindowResult, lr: float, seconds: float, evaluation: dict, progress):

@@ -2,6 +2,7 @@
 for every shipped config, resuming a finished run."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,121 @@ def test_resuming_a_finished_run_says_it_is_finished_with_its_last_numbers(tmp_p
     assert "already finished: the checkpoint is at step 2, max_steps is 2; nothing to do" in out
     assert f"last logged step 2: loss {last['loss']:.4f}, mask IoU {last['iou']:.3f}" in out
     assert "done: 0 steps" not in out and (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_a_relative_deepspeed_config_is_found_from_any_folder(tmp_path, monkeypatch):
+    """The shipped accelerate configs name `ds_configs/NAME.json`; launched from another folder,
+    that path is looked up among the DeepSpeed configs shipped in the package."""
+    from pg_train.accel import DS_CONFIGS, DeepSpeedConfigNotFound, resolve_deepspeed_config_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_configs/zero2_offload.json")
+    resolve_deepspeed_config_file()
+    resolved = Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"])
+    assert resolved == DS_CONFIGS / "zero2_offload.json"
+    assert resolved.read_bytes() == (REPO / "ds_configs" / "zero2_offload.json").read_bytes()
+    (tmp_path / "ds_configs").mkdir()  # a file of the user's own at that path wins
+    (tmp_path / "ds_configs" / "zero2.json").write_text("{}")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_configs/zero2.json")
+    resolve_deepspeed_config_file()
+    assert os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == "ds_configs/zero2.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds/zero9.json")
+    with pytest.raises(
+        DeepSpeedConfigNotFound, match=r"'ds/zero9.json' is not a file .*\(zero2.json, zero2_offload.json\)"
+    ):
+        resolve_deepspeed_config_file()
+    assert main(["--max-steps", "1"]) == 2  # the CLI: a configuration error, exit 2
+
+
+def test_the_package_ships_the_accelerate_and_deepspeed_configs(tmp_path):
+    """A wheel built from the project holds every accelerate and DeepSpeed config (what an
+    installed package launches with), and the repository's folders are the package's."""
+    import shutil
+    import zipfile
+
+    for name in ("pg_train", "pyproject.toml"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(
+            REPO / name,
+            tmp_path / "src" / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if name == "pg_train" else {}),
+        )
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."]
+    proc = subprocess.run(cmd, cwd=tmp_path / "src", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("pg_train-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("accelerate_configs", "ds_configs"):
+        assert (REPO / folder).resolve() == REPO / "pg_train" / folder
+        shipped = {f"pg_train/{folder}/{p.name}" for p in (REPO / folder).iterdir() if p.suffix in (".yaml", ".json")}
+        assert shipped and shipped <= names, shipped - names
+
+
+NOISE = ("kernels-community", "gemm_4bit_forward", "You are using a model of type")
+
+
+@pytest.mark.slow
+def test_a_two_process_zero2_launch_from_another_folder_prints_each_status_line_once(tmp_path):
+    """`accelerate launch` with the shipped 2-process ZeRO-2 config, started in an empty folder
+    (the accelerate config names ds_configs/zero2.json relative to the folder it is launched
+    from): the run trains its curriculum's two steps; stdout has every `[pg_train]` status line
+    once (the main process prints), stderr no bitsandbytes or transformers warning."""
+    import collections
+
+    cmd = [str(Path(sys.prefix) / "bin" / "accelerate"), "launch", "--config_file"]
+    cmd += [str(REPO / "accelerate_configs" / "cpu_zero2_2proc.yaml"), str(REPO / "launch" / "train.py")]
+    cmd += ["--max-steps", "2", "--output-dir", "run", *TINY]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the tree under test, not the venv's editable install
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    status = [line for line in proc.stdout.splitlines() if line.startswith("[pg_train]")]
+    assert "[pg_train] 2 process(es) on cpu with DeepSpeed ZeRO-2; output in run" in status
+    assert any("supervised warm-up done" in line for line in status) and any("done: 2 steps" in s for s in status)
+    assert [line for line, n in collections.Counter(status).items() if n > 1] == []
+    assert [line for line in proc.stderr.splitlines() if any(text in line for text in NOISE)] == []
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_importing_bitsandbytes_after_pg_train_prints_no_missing_kernels_warning():
+    """bitsandbytes warns at import (on CPUs with AVX512-BF16) that an optional kernel package is
+    missing; after pg_train it does not. The bare import shows the warning where the CPU has it,
+    so the test would see a filter that stopped working."""
+    run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)  # noqa: E731
+    bare, ours = run("import bitsandbytes"), run("import pg_train, bitsandbytes")
+    assert ours.returncode == 0 and "kernels-community" not in ours.stderr
+    if "kernels-community" not in bare.stderr:
+        pytest.skip("this CPU takes bitsandbytes' other path (no AVX512-BF16): no warning to silence")
+
+
+def test_loading_a_released_directory_prints_no_model_type_warning(tmp_path):
+    """AutoTokenizer reads config.json (model_type sa2va_chat, remote code) and transformers warns
+    'You are using a model of type `sa2va_chat` ...'; pg_train's filter drops exactly that. A
+    handler on the warning's logger sees what passes the logger's filters."""
+    import logging
+
+    from pg_train.model import build_model
+    from pg_train.model.checkpoint import save_pretrained
+    from pg_train.model.tokenizer import load_tokenizer
+    from pg_train.quiet import DropMessage
+
+    class Seen(logging.Handler):
+        messages: list = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    save_pretrained(build_model("tiny", seed=0), tmp_path)
+    logger, seen = logging.getLogger("transformers.configuration_utils"), Seen()
+    logger.addHandler(seen)
+    filters = [f for f in logger.filters if isinstance(f, DropMessage)]
+    try:
+        load_tokenizer(tmp_path)
+        assert filters and not [m for m in seen.messages if "model of type" in m]
+        for f in filters:
+            logger.removeFilter(f)
+        load_tokenizer(tmp_path)  # without the filter the warning is there: the check above can fail
+        assert [m for m in seen.messages if m.startswith("You are using a model of type `sa2va_chat`")]
+    finally:
+        logger.removeHandler(seen)
+        for f in filters:
+            logger.addFilter(f)
