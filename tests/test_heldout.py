@@ -256,3 +256,35 @@ def test_manifest_run_evaluates_and_draws_its_own_held_out_images_and_evaluate_a
     got = numbers(tmp_path / "e4")
     assert got["data"]["source"] == "synthetic" and "without its run's config" in capsys.readouterr().err
     assert got["warnings"] and "without its run's config" in got["warnings"][0]
+
+
+def test_refer_heldout_is_scored_in_training_as_the_refcoco_evaluator_scores_it(tmp_path):
+    """A refer run's held-out numbers (the trainer's evaluate on batches_of) are the RefCOCO
+    evaluator's (eval_refcoco.evaluate_split: masks upsampled to each image's resolution)."""
+    import torch
+    from conftest import with_lora_weights
+
+    from pg_train.data.loader import preprocess_for
+    from pg_train.eval_refcoco import evaluate_split, model_predictor
+    from pg_train.evaluate import batches_of, evaluate
+    from pg_train.model import build_model
+    from pg_train.pseudo_gumbel import PseudoGumbelConfig
+
+    refer_dir, images = write_refer(tmp_path)
+    data = DataConfig(source="refer", refer_dir=str(refer_dir), coco_images=str(images), min_pixels=1)
+    _, heldout = split_run_data(data, EvalConfig(split="testA"), seed=0, samples=16, carve_out=True)
+    model = with_lora_weights(build_model("tiny", seed=0), seed=1, scale=0.2).eval()
+    cfg = PseudoGumbelConfig(max_caption_len=6)
+    (batch,) = batches_of(model, heldout, 3, "cpu")
+    assert [tuple(t.shape) for t in batch["truths"]] == [(48, 64)] * 3  # the annotation at the image's size
+    ours = evaluate(model, [batch], cfg)
+    theirs = evaluate_split(
+        heldout.source,
+        model_predictor(model, cfg, "cpu", torch.float32),
+        preprocess_for(model.preset),
+        3,
+        progress=False,
+    )
+    assert theirs["expressions"] == ours["samples"] == 3
+    for kind in ("referring", "cycle"):
+        assert ours[kind] == pytest.approx(theirs[kind], abs=1e-9)
