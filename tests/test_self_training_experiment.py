@@ -1,0 +1,96 @@
+"""scripts/self_training_experiment.py (issue 26): its statistics, arms, gate and table, without training."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "self_training_experiment.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("self_training_experiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+# Student t 0.975 quantiles from a printed table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2)
+T_TABLE_975 = {1: 12.706, 2: 4.303, 4: 2.776, 5: 2.571, 6: 2.447, 10: 2.228, 30: 2.042}
+
+
+def test_t_quantile_matches_a_printed_table(script):
+    for df, value in T_TABLE_975.items():
+        assert script.t_quantile(0.975, df) == pytest.approx(value, abs=6e-4), df
+    assert script.t_quantile(0.95, 4) == pytest.approx(2.132, abs=6e-4)
+
+
+def test_paired_ci_is_the_hand_computed_t_interval(script):
+    # mean 0.16; sample sd sqrt(0.052 / 4) = 0.114018; se 0.050990; t(0.975, 4) = 2.7764
+    mean, low, high = script.paired_ci([0.1, 0.2, 0.3, 0.0, 0.2])
+    assert mean == pytest.approx(0.16)
+    assert low == pytest.approx(0.16 - 2.7764 * 0.114018 / math.sqrt(5), abs=1e-4)
+    assert high == pytest.approx(0.3016, abs=1e-4)
+
+
+def test_defaults_name_two_heldout_sets_and_run_enough_seeds(script):
+    args = script.parse_args([])
+    assert len(args.seeds) >= 5 and args.eval_seed_a != args.eval_seed_b
+    assert min(args.eval_seed_a, args.eval_seed_b) > max(args.seeds)  # held-out scenes are not training scenes
+    assert args.arms[0] == "sup_a" and "oracle_b" in args.arms and "pg" in args.arms
+    assert args.jobs <= 2 and args.threads == 1 and args.gate > 0
+    assert args.json.startswith("docs/measurements/") and args.doc.startswith("docs/learning/")
+
+
+def test_arm_overrides_put_each_arm_on_its_domain(script):
+    args = script.parse_args(["--domain-b", "colours", "--lr", "5e-4"])
+    arms = {a.key: a for a in script.ARMS}
+    sup_a = script.arm_overrides(arms["sup_a"], Path("/w"), 3, args)
+    oracle = script.arm_overrides(arms["oracle_b"], Path("/w"), 3, args)
+    assert "seed=3" in sup_a and "model.init_from=/w" in sup_a and "optim.lr=0.0005" in sup_a
+    assert "objective_kind=supervised" in oracle and "data.colours=[yellow,purple,cyan]" in oracle
+    assert not any(o.startswith("data.") for o in sup_a)
+    # the same schedule for every arm
+    assert [o for o in sup_a if o.startswith("optim.")] == [o for o in oracle if o.startswith("optim.")]
+
+
+def _numbers(ref_b, cyc_b, ref_a=0.5, cyc_a=0.5):
+    return {
+        "B": {"referring_gIoU": ref_b, "cycle_gIoU": cyc_b, "shuffled_gIoU": 0.1, "empty_gIoU": 0.0},
+        "A": {"referring_gIoU": ref_a, "cycle_gIoU": cyc_a, "shuffled_gIoU": 0.1, "empty_gIoU": 0.0},
+    }
+
+
+def test_summary_pairs_grounded_seeds_only_and_table_marks_intervals(script):
+    results = {
+        0: {"grounded": True, "sup_a": _numbers(0.3, 0.3), "oracle_b": _numbers(0.4, 0.35)},
+        1: {"grounded": True, "sup_a": _numbers(0.2, 0.3), "oracle_b": _numbers(0.4, 0.25)},
+        2: {"grounded": True, "sup_a": _numbers(0.3, 0.3), "oracle_b": _numbers(0.45, 0.3)},
+        3: {"grounded": False, "warmup": _numbers(0.1, 0.1)},  # no arms: must not enter the pairs
+    }
+    summary = script.summarize(results, ["sup_a", "oracle_b"])
+    ref = summary["oracle_b"]["B_referring_gIoU"]
+    assert ref["n"] == 3 and ref["per_seed_diff"] == pytest.approx([0.1, 0.2, 0.15])
+    mean, low, high = script.paired_ci([0.1, 0.2, 0.15])
+    assert (ref["diff"], ref["ci_low"], ref["ci_high"]) == pytest.approx((mean, low, high))
+    assert low > 0
+    arms = [a for a in script.ARMS if a.key in ("sup_a", "oracle_b")]
+    rows = script.table(summary, arms).splitlines()
+    assert rows[0].startswith("| arm | B referring | B cycle | A referring | A cycle")
+    assert rows[2].startswith("| supervised on A") and "| 0.267 |" in rows[2]
+    assert f"0.417 (+0.150 [{low:+.3f}, {high:+.3f}]) **↑**" in rows[3]
+    assert "**" not in rows[3].split("|")[3]  # B cycle: the interval straddles 0, no mark
+
+
+def test_doc_table_is_replaced_between_markers(script, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- table -->\nold\n<!-- /table -->\noutro\n")
+    script.write_doc_table(doc, "| new |")
+    assert doc.read_text() == "intro\n<!-- table -->\n| new |\n<!-- /table -->\noutro\n"
+    doc.write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        script.write_doc_table(doc, "| new |")
