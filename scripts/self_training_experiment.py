@@ -85,14 +85,14 @@ TABLE_METRICS = (("B", "referring_gIoU"), ("B", "cycle_gIoU"), ("A", "referring_
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6])
-    p.add_argument("--domain-b", default="looks", choices=sorted(DOMAINS_B))
+    p.add_argument("--domain-b", default="colours", choices=sorted(DOMAINS_B))
     p.add_argument("--arms", nargs="+", default=[a.key for a in ARMS], choices=[a.key for a in ARMS])
     p.add_argument("--config", default="configs/quick_warmup.yaml", help="model, data A and the warm-up")
     p.add_argument("--warmup-steps", type=int, default=1000)
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of every arm")
     p.add_argument("--lr", type=float, default=3e-4, help="every arm's peak lr (cosine, 10 warm-up steps)")
     p.add_argument("--gate", type=float, default=0.1, help="warm-up's held-out A cycle − shuffled gIoU to go on")
-    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=48)
     p.add_argument("--eval-seed-a", type=int, default=20_000, help="held-out A's seed (training uses 0..)")
     p.add_argument("--eval-seed-b", type=int, default=21_000, help="held-out B's seed")
     p.add_argument("--jobs", type=int, default=2, help="subprocesses at a time")
@@ -146,26 +146,52 @@ def final_checkpoint(run: Path, steps: int) -> Path:
     return run / "checkpoints" / f"step-{steps:08d}"
 
 
+class Slots:
+    """At most `n` holders at a time; a free slot goes to the waiter with the lowest priority
+    value (the earliest seed), so seeds finish in order rather than all half-way at once."""
+
+    def __init__(self, n: int):
+        self.free = n
+        self.waiting: list = []
+        self.cond = threading.Condition()
+
+    def acquire(self, priority) -> None:
+        with self.cond:
+            self.waiting.append(priority)
+            while not (self.free and min(self.waiting) == priority):
+                self.cond.wait()
+            self.waiting.remove(priority)
+            self.free -= 1
+
+    def release(self) -> None:
+        with self.cond:
+            self.free += 1
+            self.cond.notify_all()
+
+
 class Runner:
     """Subprocesses, at most --jobs at a time; finished runs are reused."""
 
     def __init__(self, args):
         self.args = args
-        self.slots = threading.Semaphore(args.jobs)
+        self.slots = Slots(args.jobs)
         self.walls: dict[str, float] = {}
 
-    def _call(self, name: str, cmd: list[str], log: Path) -> int:
+    def _call(self, name: str, cmd: list[str], log: Path, priority: tuple) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.args.threads), "PYTHONPATH": str(ROOT)}
-        with self.slots:
+        self.slots.acquire((*priority, name))
+        try:
             print(f"[self_training] {name}: start", flush=True)
             started = time.perf_counter()
             with log.open("w") as f:
                 code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             self.walls[name] = round(time.perf_counter() - started, 1)
+        finally:
+            self.slots.release()
         print(f"[self_training] {name}: exit {code} after {self.walls[name]} s", flush=True)
         return code
 
-    def train(self, run: Path, overrides: list[str], steps: int) -> Path:
+    def train(self, run: Path, overrides: list[str], steps: int, priority: tuple) -> Path:
         checkpoint = final_checkpoint(run, steps)
         if checkpoint.is_dir():
             return checkpoint
@@ -175,12 +201,12 @@ class Runner:
         if run.exists():
             subprocess.run(["rm", "-rf", str(run)], check=True)
         run.parent.mkdir(parents=True, exist_ok=True)
-        code = self._call(run.name, cmd, run.parent / f"{run.name}.log")
+        code = self._call(run.name, cmd, run.parent / f"{run.name}.log", priority)
         if code != 0 or not checkpoint.is_dir():
             raise RuntimeError(f"{run.name} failed (exit {code}); see {run.parent / f'{run.name}.log'}")
         return checkpoint
 
-    def evaluate(self, checkpoint: Path) -> dict:
+    def evaluate(self, checkpoint: Path, priority: tuple) -> dict:
         path = checkpoint / eval_name(self.args)
         if not path.is_file():
             cmd = [sys.executable, str(Path(__file__).resolve()), "--eval-one", str(checkpoint)]
@@ -188,7 +214,7 @@ class Runner:
             cmd += ["--eval-seed-a", str(self.args.eval_seed_a), "--eval-seed-b", str(self.args.eval_seed_b)]
             cmd += ["--domain-b", self.args.domain_b]
             name = f"{checkpoint.parent.parent.name}_{path.stem}"
-            if self._call(name, cmd, checkpoint.parent.parent.parent / f"{name}.log") != 0:
+            if self._call(name, cmd, checkpoint.parent.parent.parent / f"{name}.log", priority) != 0:
                 raise RuntimeError(f"evaluation of {checkpoint} failed; see {name}.log")
         return json.loads(path.read_text())
 
@@ -247,8 +273,9 @@ def arm_available(arm: Arm, args) -> str | None:
 
 def run_seed(seed: int, arms: list[Arm], runner: Runner, args) -> dict:
     out = Path(args.out)
-    warm = runner.train(out / f"s{seed}_warmup", [f"seed={seed}"], args.warmup_steps)
-    record = {"warmup": runner.evaluate(warm)}
+    order = (args.seeds.index(seed),)
+    warm = runner.train(out / f"s{seed}_warmup", [f"seed={seed}"], args.warmup_steps, order)
+    record = {"warmup": runner.evaluate(warm, order)}
     gap = record["warmup"]["A"]["cycle_gIoU"] - record["warmup"]["A"]["shuffled_gIoU"]
     record["grounded"] = gap >= args.gate
     print(f"[self_training] seed {seed}: warm-up A cycle − shuffled {gap:+.3f} (gate {args.gate})", flush=True)
@@ -258,7 +285,7 @@ def run_seed(seed: int, arms: list[Arm], runner: Runner, args) -> dict:
     def one(arm: Arm) -> dict:
         domain = "" if arm.key == "sup_a" else f"-{args.domain_b}"
         run = out / f"s{seed}_{arm.key}{domain}-lr{args.lr:g}"  # steps: the checkpoint's name
-        return runner.evaluate(runner.train(run, arm_overrides(arm, warm, seed, args), args.steps))
+        return runner.evaluate(runner.train(run, arm_overrides(arm, warm, seed, args), args.steps, order), order)
 
     with ThreadPoolExecutor(max_workers=len(arms)) as pool:
         for arm, numbers in zip(arms, pool.map(one, arms)):
