@@ -73,17 +73,19 @@ def test_summary_pairs_grounded_seeds_only_and_table_marks_intervals(script):
         3: {"grounded": False, "warmup": _numbers(0.1, 0.1)},  # no arms: must not enter the pairs
     }
     summary = script.summarize(results, ["sup_a", "oracle_b"])
-    ref = summary["oracle_b"]["B_referring_gIoU"]
+    ref = summary["oracle_b"]["B_referring"]
     assert ref["n"] == 3 and ref["per_seed_diff"] == pytest.approx([0.1, 0.2, 0.15])
     mean, low, high = script.paired_ci([0.1, 0.2, 0.15])
     assert (ref["diff"], ref["ci_low"], ref["ci_high"]) == pytest.approx((mean, low, high))
     assert low > 0
     arms = [a for a in script.ARMS if a.key in ("sup_a", "oracle_b")]
     rows = script.table(summary, arms).splitlines()
-    assert rows[0].startswith("| arm | B referring | B cycle | A referring | A cycle")
+    assert rows[0] == "| arm | B referring | B text use | B cycle | A referring | A text use | A cycle |"
     assert rows[2].startswith("| supervised on A") and "| 0.267 |" in rows[2]
     assert f"0.417 (+0.150 [{low:+.3f}, {high:+.3f}]) **↑**" in rows[3]
-    assert "**" not in rows[3].split("|")[3]  # B cycle: the interval straddles 0, no mark
+    # text use = referring − shuffled (0.1 in every evaluation here): 0.317 on average
+    assert summary["oracle_b"]["B_text_use"]["mean"] == pytest.approx(0.3167, abs=1e-4)
+    assert "**" not in rows[3].split("|")[4]  # B cycle: the interval straddles 0, no mark
 
 
 def test_doc_table_is_replaced_between_markers(script, tmp_path):
@@ -94,3 +96,29 @@ def test_doc_table_is_replaced_between_markers(script, tmp_path):
     doc.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         script.write_doc_table(doc, "| new |")
+
+
+def test_stream_overrides_carry_every_data_field_as_yaml(script):
+    import dataclasses
+
+    import yaml
+
+    from pg_train.data import DataConfig
+
+    data = DataConfig(num_samples=7, colours=["yellow", "cyan"], hf_caption=None, sizes=["large"])
+    lines = script.stream_overrides("streams.unlabelled", data)
+    assert len(lines) == len(dataclasses.fields(DataConfig))
+    parsed = {}
+    for line in lines:
+        key, value = line.split("=", 1)
+        assert key.startswith("streams.unlabelled.")
+        parsed[key.rsplit(".", 1)[1]] = yaml.safe_load(value)  # what a key=value override reads
+    assert DataConfig(**parsed) == data
+
+
+def test_plot_draws_every_arm_but_the_baseline(script, tmp_path):
+    results = {s: {"grounded": True, "sup_a": _numbers(0.3, 0.3), "pg": _numbers(0.2 + s / 10, 0.3)} for s in range(3)}
+    summary = script.summarize(results, ["sup_a", "pg"])
+    arms = [a for a in script.ARMS if a.key in ("sup_a", "pg")]
+    script.plot(summary, arms, results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
