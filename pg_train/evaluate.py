@@ -190,6 +190,27 @@ def data_key(description: dict) -> tuple:
     return description.get("source"), description.get("split"), description.get("n")
 
 
+def config_warnings(checkpoint, given: str | None, cfg) -> list[str]:
+    """A warning when --config names data settings (data:, eval:, seed) other than those of the
+    run that wrote `checkpoint` (when its config can be read)."""
+    from .checkpoint_files import resolve_checkpoint, run_config_path
+    from .config import load_config, to_dict
+
+    if given is None or cfg is None:
+        return []
+    own_path = run_config_path(resolve_checkpoint(checkpoint, "pg-train-evaluate"))
+    if not own_path.is_file() or own_path.resolve() == Path(given).resolve():
+        return []
+    own = load_config([own_path], ["resume=null", "model.init_from=null", "model.checkpoint=null"])
+    settings = lambda c: (to_dict(c.data), to_dict(c.eval), c.seed)  # noqa: E731
+    if settings(own) == settings(cfg):
+        return []
+    return [
+        f"--config {given} has other data settings (data:, eval: or seed) than the run that wrote {checkpoint} "
+        f"({own_path}): the held-out set is --config's, not that run's"
+    ]
+
+
 def choose_heldout(run_cfg, args, samples: int) -> tuple[object, list[str]]:
     """(the held-out set to evaluate on, warnings): --manifest or --seed when given, else the
     run's own held-out set (its data: and eval: sections), else (no run config) default
@@ -282,6 +303,7 @@ def main(argv=None) -> int:
     samples = args.samples or (cfg.eval_samples if cfg is not None else 32)
     batch_size = args.batch_size or (max(2, cfg.batch_size) if cfg is not None else 8)
     heldout, warnings = choose_heldout(cfg, args, samples)
+    warnings += config_warnings(args.checkpoint, args.config, cfg)
     for warning in warnings:
         print(f"\n*** WARNING: {warning}\n", file=sys.stderr, flush=True)
     batches = batches_of(model, heldout, batch_size, device, samples)

@@ -292,3 +292,25 @@ def test_refer_heldout_is_scored_in_training_as_the_refcoco_evaluator_scores_it(
     assert theirs["expressions"] == ours["samples"] == 3
     for kind in ("referring", "cycle"):
         assert ours[kind] == pytest.approx(theirs[kind], abs=1e-9)
+
+
+def test_evaluate_config_of_another_run_than_the_checkpoint_s_is_a_warning(tmp_path, pairs):
+    """--config naming other data settings than the run that wrote the checkpoint is said."""
+    import yaml
+
+    from pg_train.config import load_config, to_dict
+    from pg_train.evaluate import config_warnings
+
+    manifest, _ = pairs
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000001"
+    checkpoint.mkdir(parents=True)
+    own = load_config([], ["data.source=manifest", f"data.manifest={manifest}"])
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(own)))
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump(to_dict(own)))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(to_dict(load_config([], ["eval_samples=4"]))))  # synthetic scenes
+    assert config_warnings(checkpoint, None, own) == []
+    assert config_warnings(checkpoint, str(same), load_config([same])) == []
+    (warning,) = config_warnings(checkpoint, str(other), load_config([other]))
+    assert "other data settings" in warning and str(checkpoint) in warning
