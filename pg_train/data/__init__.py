@@ -85,7 +85,7 @@ def build_source(cfg: DataConfig, seed: int = 0):
     if cfg.source == "manifest":
         if not cfg.manifest:
             raise ValueError("data.source=manifest needs data.manifest=<path to .jsonl>")
-        return ManifestPairs(cfg.manifest, min_pixels=cfg.min_pixels, max_pixels=cfg.max_image_pixels)
+        return ManifestPairs(cfg.manifest, cfg.min_pixels, cfg.max_image_pixels, cfg.pairing, seed)
     if cfg.source == "coco":
         if not (cfg.coco_instances and cfg.coco_images):
             raise ValueError("data.source=coco needs data.coco_instances and data.coco_images")

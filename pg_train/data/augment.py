@@ -47,3 +47,15 @@ def augmented_view(
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         image = enhancer(image).enhance(float(rng.uniform(0.7, 1.3)))
     return image, np.asarray(mask_image) > 127
+
+
+def second_view(
+    image: Image.Image, mask: np.ndarray, pairing: str, seed: int, index: int, min_pixels: int = 1
+) -> tuple[Image.Image, np.ndarray]:
+    """Image 2 of a source that has one image per sample: the image itself (`pairing="same"`) or
+    an augmented view of it (`"augment"`), drawn from (seed, index) so a sample's view is the same
+    in every epoch, worker and resumed run."""
+    if pairing == "same":
+        return image, mask
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
+    return augmented_view(image, mask, rng, min_pixels=min_pixels)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .augment import augmented_view
+from .augment import second_view
 from .images import DEFAULT_MAX_IMAGE_PIXELS, check_pair, decode_rle, is_int_value, open_image
 from .types import BadSample, RawPair, unforeseen_errors_as_bad_sample
 
@@ -110,9 +110,5 @@ class CocoPairs:
         image = open_image(self.image_root / info["file_name"], where, self.max_pixels)
         mask = annotation_mask(ann.get("segmentation"), info["height"], info["width"], where, self.max_pixels)
         check_pair(image, mask, where, self.min_pixels)
-        if self.pairing == "same":
-            image2, mask2 = image, mask
-        else:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, index, 1]))
-            image2, mask2 = augmented_view(image, mask, rng, min_pixels=self.min_pixels)
+        image2, mask2 = second_view(image, mask, self.pairing, self.seed, index, self.min_pixels)
         return RawPair(image, mask, image2, mask2, self.expressions.get(ann["id"]), where)

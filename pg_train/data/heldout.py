@@ -98,12 +98,13 @@ def carve(keys: list[str], wanted: int, what: str) -> tuple[list[int], list[int]
 
 
 def manifest_keys(source) -> list[str]:
-    """A manifest line's group: its image1 path (lines that do not parse: their own group)."""
+    """A manifest line's group: its image1 path (a one-image line: its image; lines that do not
+    parse: their own group)."""
     keys = []
     for number, raw in source.lines:
         try:
             record = json.loads(raw.decode("utf-8"))
-            keys.append(f"image:{record['image1']}")
+            keys.append(f"image:{record['image1'] if 'image1' in record else record['image']}")
         except (ValueError, KeyError, TypeError):
             keys.append(f"line:{number}")
     return keys

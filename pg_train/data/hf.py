@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .augment import augmented_view
+from .augment import second_view
 from .coco import annotation_mask
 from .images import DEFAULT_MAX_IMAGE_PIXELS, check_pair, decode_rle, mask_from_array, open_image, open_mask, to_rgb
 from .loader import PairLoader
@@ -131,11 +131,8 @@ class RowReader:
             image2 = self.image(row[c.image2], f"{where} {c.image2}")
             mask2 = self.mask(row[c.mask2], image2.size, f"{where} {c.mask2}")
             check_pair(image2, mask2, f"{where} {c.image2}/{c.mask2}", self.min_pixels)
-        elif self.pairing == "same":
-            image2, mask2 = image1, mask1
         else:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, index, 1]))
-            image2, mask2 = augmented_view(image1, mask1, rng, min_pixels=self.min_pixels)
+            image2, mask2 = second_view(image1, mask1, self.pairing, self.seed, index, self.min_pixels)
         caption = _caption(row[c.caption], f"{where} {c.caption}") if c.caption else None
         return RawPair(image1, mask1, image2, mask2, caption, where)
 

@@ -6,6 +6,7 @@ sample it cannot produce (synthetic.py, manifest.py, coco.py).
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -185,6 +186,7 @@ class PairLoader:
         self.epoch = 0
         self.batches_done = 0
         self.skip_counts: Counter = Counter()
+        self.named_reasons: set[str] = set()  # reasons whose first sample name_first_skips printed
         self.epoch_skip_counts: Counter = Counter()
         self.epoch_valid = 0
         self.epoch_summaries: list[dict] = []
@@ -235,13 +237,30 @@ class PairLoader:
             for batch in loader:
                 self.batches_done += 1
                 reasons = Counter(reason for reason, _ in batch["skipped"])
+                self.name_first_skips(batch["skipped"])
                 self.skip_counts.update(reasons)
                 self.epoch_skip_counts.update(reasons)
                 self.epoch_valid += len(batch["indices"])
+                if not len(batch["indices"]):  # every sample and its refills bad: the next batch
+                    continue
                 batch["sample_seeds"] = self.sample_seeds(batch["indices"], self.epoch)
                 batch["epoch"] = self.epoch
                 yield batch
             self._end_epoch()
+
+    def name_first_skips(self, skipped: list[tuple[str, str]]) -> None:
+        """The first skipped sample of each reason, named on stderr (file and line or row, what
+        is wrong) without data.strict: counts alone (metrics.jsonl) do not say what to fix."""
+        for reason, message in skipped:
+            if reason not in self.named_reasons:
+                self.named_reasons.add(reason)
+                rank = f" (rank {self.rank})" if self.world_size > 1 else ""
+                print(
+                    f"[pg_train] skipped a sample{rank}: {message} — bad samples are replaced by the next good "
+                    f"one and counted by reason ({reason}) in metrics.jsonl; data.strict=true stops at the first",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _end_epoch(self) -> None:
         summary = {"epoch": self.epoch, "valid": self.epoch_valid, "skipped": dict(self.epoch_skip_counts)}
