@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     except OutputDirLocked as err:
         print(f"[pg_train] refused: {err}", file=sys.stderr)
         return exit_codes.OUTPUT_DIR_LOCKED
+    except ConfigError as err:  # found while opening the data, before the model is built
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from .checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, supervised_steps, to_dict
+from .config import ConfigError, TrainConfig, supervised_steps, to_dict
 from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
@@ -296,6 +296,19 @@ def claim_output_dir(accelerator, out_dir: Path) -> OutputLock | None:
     return lock
 
 
+def open_data(cfg: TrainConfig):
+    """The training source and the held-out set (the eval: section's, else carved out of the
+    training data when eval_every > 0). A source that cannot be opened as configured (a path that
+    is not there, a Hugging Face column the dataset lacks, a split it does not have) is a
+    configuration error (exit 2), raised before the model is built."""
+    from .data.heldout import split_run_data
+
+    try:
+        return split_run_data(cfg.data, cfg.eval, cfg.seed, cfg.eval_samples, carve_out=bool(cfg.eval_every))
+    except (ValueError, OSError, KeyError) as err:
+        raise ConfigError(f"data (source {cfg.data.source}): {err}") from err
+
+
 def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None) -> Run:
     plugin = accelerator.state.deepspeed_plugin
     if accelerator.is_main_process:
@@ -304,6 +317,7 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
         f"[pg_train] {accelerator.num_processes} process(es) on {accelerator.device}"
         f"{' with DeepSpeed ZeRO-' + str(plugin.zero_stage) if plugin else ''}; output in {out_dir}"
     )
+    train_source, heldout_set = open_data(cfg)  # before the model: a data mistake costs no model build
     model = build_student(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     accelerator.print(
@@ -321,12 +335,6 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
     )
     accelerator.register_for_checkpointing(ema)
     module = unwrap(model)
-    from .data.heldout import split_run_data
-
-    # the held-out set: the eval: section's, else carved out of the training data (eval_every > 0)
-    train_source, heldout_set = split_run_data(
-        cfg.data, cfg.eval, cfg.seed, cfg.eval_samples, carve_out=bool(cfg.eval_every)
-    )
     loader = build_loader(
         cfg.data,
         preprocess_for(module.preset),

@@ -224,3 +224,31 @@ def test_loading_a_released_directory_prints_no_model_type_warning(tmp_path):
         logger.removeHandler(seen)
         for f in filters:
             logger.addFilter(f)
+
+
+def test_a_hugging_face_column_the_dataset_lacks_exits_2_before_the_model_is_built(tmp_path, capsys):
+    """data.hf_caption names a column the parquet file does not have: a configuration error
+    naming it and the columns there are, exit 2, and no model built (no model line, no checkpoint)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from pg_train.data import SyntheticPairs
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    pair = SyntheticPairs(1, seed=0, image_size=64).load(0)
+    mask = png(Image.fromarray(pair.mask1.astype("uint8") * 255))
+    rows = {"image": [png(pair.image1)], "mask": [mask], "text": ["a"]}
+    datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "pairs.parquet")
+    args = ["--output-dir", str(tmp_path / "run"), "--max-steps", "1", *TINY, "eval_every=0"]
+    args += ["data.source=hf", f"data.hf_path={tmp_path / 'pairs.parquet'}", "data.hf_caption=caption"]
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert "configuration error: data (source hf):" in out.err and "['caption'] not in the dataset" in out.err
+    assert "'text'" in out.err and "[pg_train] model" not in out.out
+    assert not (tmp_path / "run" / "checkpoints").exists()
