@@ -118,7 +118,13 @@ class TrainConfig:
     max_nonfinite_in_a_row: int = 5  # dropped (non-finite) micro-batches in a row before the run stops
     resume: str | None = None  # None | auto | <checkpoint dir>
     stop_at_step: int | None = None  # behave as if preempted after this step (checkpoint, exit 75)
-    tensorboard: bool = True
+    # Where metrics.jsonl's numbers also go, through Accelerate's trackers: any of TRACKERS
+    # (tensorboard: OUTPUT_DIR/tensorboard/; the others need their package: pip install 'pg_train[wandb]', ...)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = (
+        "pg_train"  # the project / experiment name W&B, MLflow, Comet, Aim and ClearML file the run under
+    )
+    tensorboard: bool = True  # false: no TensorBoard even when listed in trackers (the older switch; prefer trackers)
     progress: bool = True
     objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed | curriculum
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: off)
@@ -136,6 +142,38 @@ class TrainConfig:
     # the held-out set: named here, or (nothing named) carved out of the training data when
     # eval_every > 0; synthetic runs: scenes of another seed (pg_train/data/heldout.py)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Accelerate's tracker name -> the module it imports (the pyproject extra is the tracker's name).
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+}
+
+
+def active_trackers(cfg: TrainConfig) -> list[str]:
+    """The trackers a run logs to: `trackers`, without tensorboard when `tensorboard` is false."""
+    return [name for name in cfg.trackers if name != "tensorboard" or cfg.tensorboard]
+
+
+def check_trackers(cfg: TrainConfig) -> None:
+    """An unknown tracker, or one whose package is not installed, is a configuration error (not a
+    failure after the model is built)."""
+    import importlib.util
+
+    for name in cfg.trackers:
+        if name not in TRACKERS:
+            raise ConfigError(f"trackers: unknown tracker {name!r}; known: {', '.join(TRACKERS)}")
+    for name in active_trackers(cfg):
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(
+                f"trackers: {name!r} needs the {TRACKERS[name]} package: pip install 'pg_train[{name}]' "
+                "(or drop it from trackers)"
+            )
 
 
 def _type_name(tp) -> str:
@@ -508,6 +546,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
+    check_trackers(cfg)
     try:
         Placement.parse(cfg.ema.placement)
     except ValueError as err:

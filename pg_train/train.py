@@ -32,7 +32,7 @@ from .checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, TrainConfig, supervised_steps, to_dict
+from .config import ConfigError, TrainConfig, active_trackers, supervised_steps, to_dict
 from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
@@ -262,7 +262,7 @@ def set_up(cfg: TrainConfig) -> Run:
         gradient_accumulation_steps=cfg.grad_accum,
         micro_batch_size=cfg.batch_size,
         gradient_clipping=cfg.optim.grad_clip,
-        log_with="tensorboard" if cfg.tensorboard else None,
+        log_with=tracker_list(cfg, out_dir) or None,
         project_dir=str(out_dir),
     )
     from accelerate.utils import set_seed
@@ -275,6 +275,17 @@ def set_up(cfg: TrainConfig) -> Run:
         if lock is not None:
             lock.release()
         raise
+
+
+def tracker_list(cfg: TrainConfig, out_dir: Path) -> list:
+    """Accelerate's `log_with`: TensorBoard as a tracker of our own making, so its events stay in
+    OUTPUT_DIR/tensorboard/ whatever the project name; the others by name, filed under
+    cfg.tracker_project."""
+    from accelerate.tracking import TensorBoardTracker
+
+    return [
+        TensorBoardTracker("tensorboard", out_dir) if name == "tensorboard" else name for name in active_trackers(cfg)
+    ]
 
 
 def claim_output_dir(accelerator, out_dir: Path) -> OutputLock | None:
@@ -352,9 +363,9 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
         accelerator.print(f"[pg_train] held-out set: {heldout_set.label()}")
         if accelerator.is_main_process:
             (out_dir / "heldout.json").write_text(json.dumps(heldout_set.description, indent=2) + "\n")
-    if cfg.tensorboard:
+    if active_trackers(cfg):
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
-        accelerator.init_trackers("tensorboard", config=flat)
+        accelerator.init_trackers(cfg.tracker_project, config=flat)
     return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir, lock, heldout_set)
 
 
@@ -425,7 +436,7 @@ def log_step(run: Run, state: TrainState, window: WindowResult, lr: float, secon
         return
     record = {**step_record(run, state, window, lr, seconds), **evaluation}
     if run.main:
-        write_record(record, run.metrics_path, run.accelerator if cfg.tensorboard else None)
+        write_record(record, run.metrics_path, run.accelerator if active_trackers(cfg) else None)
     state.history.append(record)
     loss = "skip" if record["loss"] is None else f"{record['loss']:.3f}"
     progress.set_postfix(loss=loss, iou=f"{record['iou']:.3f}", refresh=False)
@@ -467,7 +478,7 @@ def _train(run: Run, stop: StopFlag) -> TrainResult:
             **held_out_evaluation(run.model, run.heldout, cfg, run.heldout_set),
         }  # every rank evaluates
         if run.main:
-            write_record(record, run.metrics_path, run.accelerator if cfg.tensorboard else None)
+            write_record(record, run.metrics_path, run.accelerator if active_trackers(cfg) else None)
     batches = micro_batches(run, state)
     started, first_step = time.perf_counter(), state.step
     while state.step < cfg.max_steps:

@@ -252,3 +252,41 @@ def test_a_hugging_face_column_the_dataset_lacks_exits_2_before_the_model_is_bui
     assert "configuration error: data (source hf):" in out.err and "['caption'] not in the dataset" in out.err
     assert "'text'" in out.err and "[pg_train] model" not in out.out
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_trackers_are_a_config_list_and_an_unknown_or_missing_one_is_refused_before_training(tmp_path):
+    import importlib.util
+
+    import tomllib
+
+    from pg_train.config import TRACKERS, ConfigError
+
+    with pytest.raises(ConfigError, match="trackers: unknown tracker 'neptune'"):
+        load_config([], ["trackers=[tensorboard, neptune]"])
+    assert main(["--output-dir", str(tmp_path / "run"), "trackers=[tensorboard, neptune]"]) == 2
+    assert not (tmp_path / "run").exists()
+    missing = [name for name, module in TRACKERS.items() if importlib.util.find_spec(module) is None]
+    for name in missing:
+        with pytest.raises(ConfigError, match=rf"pip install 'pg_train\[{name}\]'"):
+            load_config([], [f"trackers=[{name}]"])
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(TRACKERS) - {"tensorboard"} <= set(extras)  # each named extra exists
+    assert load_config([], ["trackers=[]"]).trackers == [] and load_config([], []).trackers == ["tensorboard"]
+
+
+@pytest.mark.parametrize("trackers", ["[tensorboard]", "[]"])
+def test_tensorboard_events_hold_the_metrics_only_when_tracked(tmp_path, trackers):
+    """TensorBoard's own reader finds each step's loss in OUTPUT_DIR/tensorboard/ (tracker
+    `tensorboard`, the default); with `trackers=[]` there is no such folder."""
+    args = ["--output-dir", str(tmp_path), "--max-steps", "2", *TINY, "eval_every=0", f"trackers={trackers}"]
+    assert main([*args, "objective_kind=supervised"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if trackers == "[]":
+        assert not (tmp_path / "tensorboard").exists()
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))  # (the hyperparameters: a sub-folder)
+    accumulator.Reload()
+    logged = [(e.step, e.value) for e in accumulator.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in lines]
