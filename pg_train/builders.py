@@ -70,6 +70,7 @@ def build_student(cfg: TrainConfig):
     else:
         model = build_model(m.preset, lora=lora, template=m.template, seed=cfg.seed, quantize_4bit=m.quantize_4bit)
     apply_input_overrides(model, m)
+    model.trim_last_layer = m.trim_last_layer
     unfreeze_extra(model, m.extra_trainable)
     if m.init_from:
         load_training_weights(model, m.init_from, command="model.init_from", allow_nonfinite=m.allow_nonfinite_weights)

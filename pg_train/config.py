@@ -55,6 +55,9 @@ class ModelConfig:
     train_lm_head: bool = False
     gradient_checkpointing: bool = False
     quantize_4bit: bool = False  # QLoRA: frozen LLM projections in NF4 (bitsandbytes)
+    # The LLM's last layer only on the rows whose output is read (pg_train.model.decoder): the
+    # same values in exact arithmetic; in bf16 a smaller GEMM may round differently (docs/benchmarks.md)
+    trim_last_layer: bool = True
     # Extra parameter-name prefixes to train, e.g. ["vision_model.", "grounding_encoder.sam2_model.image_encoder."]:
     # a tiny preset's random frozen encoders may be unable to learn; the real recipe keeps them frozen.
     extra_trainable: list[str] = field(default_factory=list)
@@ -478,7 +481,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)"),
         (cfg.objective.temperature > 0, "objective.temperature", "must be > 0"),
         (
-            cfg.objective.static_cache or not cfg.objective.cuda_graphs,
+            cfg.objective.static_cache is not False or not cfg.objective.cuda_graphs,
             "objective.cuda_graphs",
             "needs objective.static_cache=true (a graph replays fixed shapes)",
         ),

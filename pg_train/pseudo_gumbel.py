@@ -40,10 +40,11 @@ class PseudoGumbelConfig:
     temperature: float = 1.0
     sample_top_k: int = 0
     # decode with key/value buffers allocated once and fixed-shape steps (graph-ready; same tokens)
-    static_cache: bool = False
+    # null (default): on CUDA, off elsewhere (model.generate.fast_decoding)
+    static_cache: bool | None = None
     # CUDA: capture the static-cache decoding step in a CUDA graph and replay it (needs static_cache;
-    # off CUDA the same bucketed step runs eagerly; pg_train.model.graph_decode)
-    cuda_graphs: bool = False
+    # off CUDA the same bucketed step runs eagerly; pg_train.model.graph_decode); null: on CUDA
+    cuda_graphs: bool | None = None
     # loss (computed at the SAM2 decoder's resolution, see mask_loss)
     bce_weight: float = 2.0
     dice_weight: float = 0.5

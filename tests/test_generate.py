@@ -508,3 +508,75 @@ def test_static_cache_cuda_graph_replay_equals_eager_decoding():
         assert torch.equal(out["static"][0], out["graph"][0]) and torch.equal(out["static"][1], out["graph"][1])
         assert torch.equal(out["dynamic"][0], out["graph"][0])
     assert graph_decode.STATS["captures"] == captures + 1 and graph_decode.STATS["replays"] > 0
+
+
+def test_fast_decoding_defaults_resolve_on_for_cuda_and_off_elsewhere(model):
+    """objective.static_cache / cuda_graphs default to null: both on CUDA, both off on the CPU
+    (nothing is captured there; the padded buckets would only cost); an explicit value wins, and
+    cuda_graphs=true implies the static cache."""
+    from pg_train.model.generate import fast_decoding
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert PseudoGumbelConfig().static_cache is None and PseudoGumbelConfig().cuda_graphs is None
+    assert fast_decoding(None, None, cuda) == (True, True)
+    assert fast_decoding(None, None, cpu) == (False, False)
+    assert fast_decoding(None, True, cpu) == (True, True)
+    assert fast_decoding(True, None, cpu) == (True, False)
+    assert fast_decoding(False, None, cuda) == (False, False)
+    assert fast_decoding(None, False, cuda) == (True, False)
+    # the default objective on the CPU decodes with the dynamic cache: no bucket is made
+    graph_decode.release(model.language_model)
+    embeds, attention, pixel_values, cells = prompt_embeds(model)
+    generate_pseudo_tokens_with_ema(model, pixel_values, cells, PseudoGumbelConfig(max_caption_len=4))
+    assert graph_decode.buckets_of(model.language_model) == []
+
+
+def _cuda_prompt(dtype):
+    gpu = with_lora_weights(build_model("tiny", seed=0)).eval()
+    pixel_values, _, masks = make_batch(gpu, 3, 0)
+    cells, _ = region_cells(masks, gpu.grid_size)
+    gpu = gpu.to("cuda", dtype)
+    ids, attention = region_prompts(gpu, cells, None)
+    with torch.no_grad():
+        embeds = gpu.embed_with_images(ids.cuda(), gpu.extract_feature(pixel_values.cuda().to(dtype)), cells.cuda())
+    return gpu, embeds, attention.cuda()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (capture and replay)")
+@pytest.mark.parametrize("trim", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_replay_equals_eager_decoding_on_the_same_bucket_id_for_id(dtype, trim, monkeypatch):
+    """Replayed decoding is the eager step on the same shapes, id for id, in fp32 and in bf16,
+    trimmed or not: the CUDA bucket (3 rows padded to 4, the prompt left-padded) decoded eagerly
+    (no capturer) against the same bucket captured and replayed (twice: capture call, replay call)."""
+    gpu, embeds, attention = _cuda_prompt(dtype)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=2, stop=gpu.prompts.stop, trim_last_layer=trim)
+    graph_decode.release()
+    with monkeypatch.context() as m:
+        m.delitem(graph_decode.CAPTURERS, "cuda")
+        eager = decode(gpu, embeds, attention, "graph", **kwargs)
+    captures = graph_decode.STATS["captures"]
+    for _ in range(2):
+        replayed = decode(gpu, embeds, attention, "graph", **kwargs)
+        assert torch.equal(replayed[0], eager[0]) and torch.equal(replayed[1], eager[1])
+    assert graph_decode.STATS["captures"] == captures + 1
+    (bucket,) = graph_decode.buckets_of(gpu.language_model)
+    assert bucket.batch == 4 and bucket.prompt > embeds.shape[1]  # the padded shapes were exercised
+    graph_decode.release()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (capture and replay)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_replay_with_exact_shapes_equals_static_cache_eager_decoding(dtype, monkeypatch):
+    """With unpadded buckets (EXACT policy) the replayed captions equal the static-cache eager
+    loop's, id for id, in bf16 too: what is left between them is only the padding (the issue-28
+    divergence hypothesis, docs/benchmarks.md)."""
+    gpu, embeds, attention = _cuda_prompt(dtype)
+    monkeypatch.setitem(graph_decode.POLICIES, "cuda", graph_decode.EXACT)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=2, stop=gpu.prompts.stop)
+    graph_decode.release()
+    static = decode(gpu, embeds, attention, "static", **kwargs)
+    for _ in range(2):
+        replayed = decode(gpu, embeds, attention, "graph", **kwargs)
+        assert torch.equal(replayed[0], static[0]) and torch.equal(replayed[1], static[1])
+    graph_decode.release()

@@ -102,3 +102,40 @@ def test_budget_counts_the_configs_extra_trainable_tensors(tmp_path):
 
     norm = build_model("tiny", device="meta").language_model.model.norm.weight
     assert trainable_bytes(config) - trainable_bytes(base) == norm.numel() * 2  # bf16 on meta
+
+
+@pytest.mark.parametrize("policy", ["exact", "cuda"])
+def test_memcheck_predicts_the_decoding_bucket_s_static_cache_bytes_exactly(policy, monkeypatch):
+    """Fast decoding keeps a bucket (static KV cache + buffers) between steps: memcheck's row for
+    it must equal the bytes the bucket's tensors hold after a real decoding (tiny preset; `cuda`:
+    the GPU's padded batch/prompt buckets, applied on the CPU)."""
+    from pg_train.memcheck.measure import build_batch, teacher_prompt
+    from pg_train.memcheck.predict import Deployment, predict
+    from pg_train.model import graph_decode
+    from pg_train.pseudo_gumbel import PseudoGumbelConfig, caption_batch
+
+    if policy == "cuda":
+        monkeypatch.setitem(graph_decode.POLICIES, "cpu", graph_decode.BucketPolicy())
+    model = build_model("tiny", seed=0).eval()
+    batch = build_batch(model, 3, torch.device("cpu"), seed=0)
+    cfg = PseudoGumbelConfig(max_caption_len=7, min_caption_len=7, topk=16, static_cache=True, cuda_graphs=True)
+    caption_batch(model, batch, cfg)
+    (bucket,) = graph_decode.buckets_of(model.language_model)
+    cache = [t for layer in bucket.cache.layers for t in (layer.keys, layer.values)]
+    buffers = [t for t in vars(bucket).values() if isinstance(t, torch.Tensor)]
+    held = sum(t.numel() * t.element_size() for t in cache + buffers)
+    d = Deployment(
+        batch_size=3,
+        caption_len=7,
+        dtype="fp32",
+        device="cpu",
+        fast_decoding=True,
+        decode_prompt=teacher_prompt(model, batch, cfg),
+    )
+    pred = predict(model, d)
+    assert pred.component("decoding buckets") == held
+    if policy == "cuda":  # padded: 3 rows -> 4, the prompt rounded up
+        assert bucket.batch == 4 and bucket.prompt > d.decode_prompt
+    else:
+        assert (bucket.batch, bucket.prompt) == (3, d.decode_prompt)
+    graph_decode.release(model.language_model)

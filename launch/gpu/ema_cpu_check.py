@@ -50,14 +50,14 @@ def race_check(args) -> dict:
     return {"steps": args.steps, "numel_per_param": args.numel, "max_abs_diff": worst, "exact": worst == 0.0}
 
 
-def sa2va_trainable_shapes() -> list[torch.Size]:
+def trainable_shapes(preset: str) -> list[torch.Size]:
     from pg_train.model import build_model
 
-    return [p.shape for p in build_model("sa2va-4b", device="meta").parameters() if p.requires_grad]
+    return [p.shape for p in build_model(preset, device="meta").parameters() if p.requires_grad]
 
 
 def timing(args) -> dict:
-    shapes = sa2va_trainable_shapes()
+    shapes = trainable_shapes(args.preset)
     every = max(1, round(1 / args.fraction))
     kept = shapes[::every]
     full, sliced = sum(s.numel() for s in shapes), sum(s.numel() for s in kept)
@@ -92,6 +92,7 @@ def timing(args) -> dict:
         )
     return {
         "device": str(device),
+        "preset": args.preset,
         "tensors": len(kept),
         "tensors_full": len(shapes),
         "elements": sliced,
@@ -131,6 +132,7 @@ def main() -> int:
     parser.add_argument("--numel", type=int, default=64 * 2**20, help="race check: elements per parameter (64 Mi)")
     parser.add_argument("--timing", action="store_true", help="time the update at Sa2VA-4B's sizes instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="sa2va-4b", help="--timing: whose trainable tensor shapes (meta)")
     parser.add_argument("--fraction", type=float, default=1.0, help="--timing: share of the tensors kept")
     parser.add_argument("--host-threads", type=int, help="--timing: default: pg_train.ema.default_host_threads()")
     parser.add_argument("--repeats", type=int, default=5)

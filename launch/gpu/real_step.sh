@@ -5,4 +5,4 @@ set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 launch/gpu/real_step.py "${OUT:-/tmp}/real_step.json" --batches "${BATCHES:-1,4,8}" 2>&1 | grep -v -i "warn" | tee "${OUT:-/tmp}/real_step.log"
+python3 launch/gpu/real_step.py "${OUT:-/tmp}/real_step.json" --batches "${BATCHES:-1,4,8}" 2>&1 | tee "${OUT:-/tmp}/real_step.log"

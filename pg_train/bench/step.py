@@ -1,15 +1,28 @@
 """A whole Pseudo-Gumbel training step, stage by stage: ours vs the design note's literal step.
 
-    python -m pg_train.bench.step [--preset tiny|bench|sa2va-4b] [--batch 8] [--steps 3]
-                                  [--caption-lens 16,64] [--variants ours,nographs,dynamic,untrimmed,seed]
+    python -m pg_train.bench.step [--preset tiny|bench|sa2va-4b] [--batch N] [--steps 3]
+                                  [--caption-lens 64,16] [--gradient-checkpointing]
+                                  [--variants ours,nographs,eagerbuckets,exactshapes,dynamic,untrimmed,seed]
                                   [--sync-debug]
+
+Batch: memcheck's prediction is asked first (pg_train.bench.fit): without --batch the largest
+batch predicted to fit the device is used; a --batch predicted not to fit is refused with the
+prediction printed (exit 2; --no-fit-check runs it anyway).
 
 Variants (VARIANTS): `ours` is our step with the teacher decoding through the static cache and the
 bucketed step replayed from CUDA graphs (objective.static_cache + cuda_graphs; off CUDA the same
 step runs eagerly, with exact shapes); `nographs` the static cache without graphs; `dynamic` the
 dynamic cache (training's default); `untrimmed` ours with the last decoder layer run on every row
 (pg_train.model.decoder), to show what that one optimisation is worth on the preset at hand; `seed`
-the design note's literal step (its teacher decodes with the dynamic cache). Captions are forced to
+the design note's literal step (its teacher decodes with the dynamic cache). Two variants locate a
+bf16 divergence between `ours` and `nographs` (issue 28): `eagerbuckets` is `ours` with nothing
+captured (the same padded bucket shapes, every step eager: equal to `ours` if replay is exact) and
+`exactshapes` is `ours` with unpadded buckets (graph_decode.EXACT: equal to `nographs` if the
+padding is what changes the bf16 results). Each variant's first-step captions are compared with
+`ours`' (first differing position per row). With two or more caption lengths the summary gives
+each variant's marginal decoding cost per token: the teacher stage's difference between the
+longest and the shortest captions over their difference in tokens (vision tower and prefill
+cancel out). Captions are forced to
 each length of --caption-lens (min = max), so teacher ms/token (the teacher stage, vision tower and
 prefill included, over the caption tokens) counts exactly that many tokens. Every variant starts
 from identical weights (same seed) and runs the same batches with the same
@@ -58,11 +71,29 @@ PARTS = ("vision", "sam2_encoder")
 # every layer on every row, `seed` the literal step (pg_train.bench.seed_step).
 VARIANTS = {
     "ours": {"static_cache": True, "cuda_graphs": True},
-    "nographs": {"static_cache": True},
-    "dynamic": {},
+    "eagerbuckets": {"static_cache": True, "cuda_graphs": True},  # nothing captured (VARIANT_SETUP)
+    "exactshapes": {"static_cache": True, "cuda_graphs": True},  # unpadded buckets (VARIANT_SETUP)
+    "nographs": {"static_cache": True, "cuda_graphs": False},
+    "dynamic": {"static_cache": False, "cuda_graphs": False},
     "untrimmed": {"static_cache": True, "cuda_graphs": True},
-    "seed": {},
+    "seed": {"static_cache": False, "cuda_graphs": False},
 }
+
+
+def _no_capture() -> None:
+    from ..model import graph_decode
+
+    graph_decode.CAPTURERS.pop("cuda", None)
+
+
+def _exact_shapes() -> None:
+    from ..model import graph_decode
+
+    graph_decode.POLICIES["cuda"] = graph_decode.EXACT
+
+
+# Run in the variant's own process before anything else (each variant has a fresh process).
+VARIANT_SETUP = {"eagerbuckets": _no_capture, "exactshapes": _exact_shapes}
 
 
 class SyncDebug:
@@ -204,8 +235,14 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     torch.manual_seed(0)
+    if variant in VARIANT_SETUP:
+        VARIANT_SETUP[variant]()
     model = build_offline(args.preset, device=str(device), dtype=dtype, seed=0)
     model.trim_last_layer = variant != "untrimmed"  # untrimmed: what the trim is worth
+    if getattr(args, "gradient_checkpointing", False):
+        from ..model import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     sync_debug = getattr(args, "sync_debug", False) and device.type == "cuda"
     batches = make_batches(model, args.batch, args.steps + sync_debug, device, getattr(args, "pairing", "augment"))
     cfg = PseudoGumbelConfig(
@@ -307,6 +344,9 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
 
 
 def _run_in_child(queue, variant, args, device, dtype) -> None:
+    from ..precision import enable_tf32
+
+    enable_tf32()  # as training's accelerator does
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
     try:
@@ -413,9 +453,38 @@ def print_table(reports: dict[str, dict], args, device) -> None:
             f"Gumbel picks equal {r['first_hard_ids'] == seed['first_hard_ids']}, loss {r['first_loss']:.6f} vs {seed['first_loss']:.6f} "
             f"(|diff| {abs(r['first_loss'] - seed['first_loss']):.1e})"
         )
+    if "ours" in reports:
+        for name in [n for n in mine + ["seed"] if n != "ours"]:
+            print(f"first step, {name} vs ours: {caption_divergence(reports['ours'], reports[name])}")
     for name in mine + ["seed"]:
         if "sync_debug" in reports[name]:
             print_sync_debug(name, reports[name]["sync_debug"])
+
+
+def caption_divergence(a: dict, b: dict) -> str:
+    """Where two reports' first-step captions part: 'equal', or each differing row's first
+    differing position (token index) and the ids there."""
+    rows = []
+    for row, (x, y) in enumerate(zip(a["first_captions"], b["first_captions"])):
+        if x != y:
+            at = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            rows.append(
+                f"row {row} from token {at} ({x[at] if at < len(x) else '-'} vs {y[at] if at < len(y) else '-'})"
+            )
+    return "captions equal" if not rows else "captions differ: " + "; ".join(rows)
+
+
+def marginal_ms_per_token(by_len: dict[int, dict[str, dict]]) -> dict[str, float]:
+    """Per variant: (teacher stage at the longest captions - at the shortest) / (their token
+    difference), in ms: what one more decoded token costs, without the vision tower and prefill."""
+    if len(by_len) < 2:
+        return {}
+    short, long = min(by_len), max(by_len)
+    return {
+        name: 1000 * (by_len[long][name]["times_s"]["teacher"] - r["times_s"]["teacher"]) / (long - short)
+        for name, r in by_len[short].items()
+        if name in by_len[long]
+    }
 
 
 def print_sync_debug(name: str, syncs: dict) -> None:
@@ -429,7 +498,8 @@ def print_sync_debug(name: str, syncs: dict) -> None:
 
 
 def print_summary(by_len: dict[int, dict[str, dict]]) -> None:
-    """One line per caption length and variant: the figures issue 19 asks for."""
+    """One line per caption length and variant: the figures issue 19 asks for, then each
+    variant's marginal decoding cost per token (two or more lengths)."""
     print(
         f"\n{'captions':>8} {'variant':>10} {'step s':>9} {'samples/s':>10} {'teacher ms/tok':>15} {'MFU':>7} {'vs seed':>8}"
     )
@@ -443,6 +513,8 @@ def print_summary(by_len: dict[int, dict[str, dict]]) -> None:
                 f"{length:8d} {name:>10} {r['times_s']['total']:9.3f} {r['samples_per_s']:10.2f} "
                 f"{r['teacher_ms_per_token']:15.2f} {mfu:>7} {ratio:>8}"
             )
+    for name, ms in marginal_ms_per_token(by_len).items():
+        print(f"marginal decoding cost, {name}: {ms:.2f} ms per token ({min(by_len)} -> {max(by_len)} tokens)")
 
 
 def main(argv=None) -> int:
@@ -450,10 +522,18 @@ def main(argv=None) -> int:
         prog="python -m pg_train.bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", default="tiny", choices=("tiny", "bench", "sa2va-4b"))
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--batch", type=int, help="per step (default: the largest memcheck predicts to fit, pg_train.bench.fit)"
+    )
+    parser.add_argument(
+        "--no-fit-check", action="store_true", help="run a --batch even when memcheck predicts it does not fit"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute the LLM layers in backward (every variant)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="steps per variant; the first is a warm-up")
     parser.add_argument(
-        "--caption-len", type=int, default=16, help="teacher captions are forced to this length (min = max)"
+        "--caption-len", type=int, default=64, help="teacher captions are forced to this length (min = max)"
     )
     parser.add_argument(
         "--caption-lens", help="comma list of caption lengths, each benchmarked in turn (overrides --caption-len)"
@@ -494,6 +574,25 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}: expected {', '.join(VARIANTS)}")
     lengths = [int(x) for x in args.caption_lens.split(",")] if args.caption_lens else [args.caption_len]
+    if args.batch is None or not args.no_fit_check:
+        from .fit import choose_batch
+
+        batch, fits = choose_batch(
+            args.preset,
+            args.batch,
+            caption_len=max(lengths),
+            topk=args.topk,
+            gradient_checkpointing=args.gradient_checkpointing,
+            dtype=dtype,
+            device=device,
+        )
+        for fit in fits:
+            print(fit.describe())
+        if batch is None:
+            print("refused: no batch predicted to fit" if args.batch is None else f"refused: batch {args.batch}")
+            return 2
+        args.batch = batch
+        print(f"batch {batch}", flush=True)
     if args.sync_debug and device.type != "cuda":
         print("--sync-debug: CUDA only (set_sync_debug_mode); ignored on", device)
     by_len: dict[int, dict[str, dict]] = {}
@@ -541,6 +640,7 @@ def write_json(args, device, lengths, by_len, failed) -> None:
         return
     out = {"args": vars(args), "device": str(device), "caption_lens": lengths, "failed": failed}
     out["by_caption_len"] = {str(length): reports for length, reports in by_len.items()}
+    out["marginal_decode_ms_per_token"] = marginal_ms_per_token(by_len)
     if len(lengths) == 1:
         out.update(by_len[lengths[0]])  # the one length's reports at the top, as before
     with open(args.json, "w") as f:

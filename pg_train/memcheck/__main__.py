@@ -23,7 +23,8 @@ configure_environment()
 
 import torch  # noqa: E402
 
-from .measure import BUGS, build_batch, measure  # noqa: E402
+from ..model.generate import fast_decoding  # noqa: E402
+from .measure import BUGS, build_batch, measure, teacher_prompt  # noqa: E402
 from .predict import SEED_TABLE_GB, Deployment, alternative_estimates, predict  # noqa: E402
 
 GB = 1e9
@@ -125,6 +126,7 @@ def deployment_from(args, cfg) -> Deployment:
         optimizer=cfg.optim.name if cfg else "adamw",
         ema_placement=args.ema_placement or (cfg.ema.placement if cfg else "same"),
         gradient_checkpointing=args.gradient_checkpointing or bool(cfg and cfg.model.gradient_checkpointing),
+        fast_decoding=fast_decoding(objective.static_cache, objective.cuda_graphs, torch.device("cuda"))[0],
     )
 
 
@@ -336,8 +338,13 @@ def run_measured(args, cfg, report) -> int:
         min_caption_len=d.caption_len,
         topk=d.topk,
     )
-    pred = predict(model, d)
     batch = build_batch(model, d.batch_size, torch.device(device), seed=accelerator.process_index if accelerator else 0)
+    d = dataclasses.replace(
+        d,
+        fast_decoding=fast_decoding(objective.static_cache, objective.cuda_graphs, torch.device(device))[0],
+        decode_prompt=teacher_prompt(model, batch, objective),
+    )
+    pred = predict(model, d)
     meas = measure(
         student,
         optimizer,

@@ -19,6 +19,7 @@ import torch
 from ..bench.memory import PeakMemory, SavedTensorBytes
 from ..distributed import unwrap
 from ..ema import EMATeacher
+from ..model import graph_decode
 from ..pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
 from .predict import gradient_free
 
@@ -86,6 +87,9 @@ def tensor_accounting(model, optimizer, ema) -> dict[str, int]:
         "optimizer state": storage_bytes(optimizer_tensors(optimizer)),
         "EMA": sum(ema.memory_bytes().values()) if ema is not None else 0,
     }
+    buckets = sum(b.nbytes() for b in graph_decode.buckets_of(unwrap(model).language_model))
+    if buckets:  # fast decoding: the static KV cache and buffers kept between steps
+        counted["decoding buckets"] = buckets
     if zero_optimizer(optimizer) is not None:
         del counted["gradients"]
     return counted
@@ -503,3 +507,19 @@ def _audit_optimizer(optimizer, trainable: dict) -> Audit:
         audit.evidence.append(f"without state: {missing[:5]}")
     audit.passed = bool(expected) and not missing and not ungrouped
     return audit
+
+
+def teacher_prompt(model, batch: dict, objective) -> int:
+    """The teacher's prompt length for `batch` (the measured run's decoding bucket is predicted
+    for it): the region prompts the teacher builds, left-padded to the longest."""
+    from ..model.regions import region_cells
+    from ..pseudo_gumbel import region_prompts
+
+    cells, _ = region_cells(
+        batch["region_masks1"].cpu(),
+        model.grid_size,
+        objective.region_threshold,
+        objective.empty_region_policy,
+        rule=objective.region_rule,
+    )
+    return region_prompts(model, cells, batch.get("num_views1"))[0].shape[1]

@@ -39,6 +39,10 @@ class Deployment:
     reduce_bucket_size: int = 200_000_000
     allgather_bucket_size: int = 200_000_000
     overlap_comm: bool = True
+    # teacher decoding through the static KV cache (+ CUDA graphs on CUDA): one bucket of the
+    # shape the deployment's batch and prompt round to (pg_train.model.graph_decode)
+    fast_decoding: bool = False
+    decode_prompt: int | None = None  # the teacher's prompt length; None: estimated from views and K
 
     @property
     def elem(self) -> int:
@@ -161,12 +165,54 @@ def predict(model, d: Deployment) -> Prediction:
     ).items():
         row = Row("EMA", where, nbytes, d.ema_placement)
         (pred.static if where == dev else pred.host).append(row)
+    if d.fast_decoding:
+        pred.static.extend(decode_bucket_rows(module, d))
     if dev.startswith("cuda"):
         pred.static.append(
             Row("CUDA context", dev, CUDA_CONTEXT_BYTES, "driver, cuBLAS workspace; outside the allocator")
         )
     pred.phases = activation_phases(module, d)
     return pred
+
+
+def teacher_prompt_len(module, d: Deployment) -> int:
+    """The teacher's prompt: the given length, else the image tokens of the deployment's views
+    plus the template text (~40 tokens) and K region cells."""
+    if d.decode_prompt is not None:
+        return d.decode_prompt
+    return module.preset.vision.num_image_tokens * image_views(module.preset, d) + 40 + d.region_cells
+
+
+def decode_bucket_rows(module, d: Deployment) -> list[Row]:
+    """The fast decoding's bucket: its static KV cache and buffers (exact for the bucket's
+    shape), and on CUDA the captured step's private pool (an estimate). Kept between steps, so
+    static. One bucket per (batch, prompt) bucket met; prompts whose lengths round differently
+    (other view counts or region sizes) add one each, up to the policy's max_buckets (LRU)."""
+    from ..model import graph_decode
+
+    policy = graph_decode.policy_for(torch.device(d.device.split(":")[0]))
+    config = module.language_model.config
+    batch, prompt = policy.batch(d.batch_size), policy.prompt(teacher_prompt_len(module, d))
+    shape = f"bucket batch {batch} x prompt {prompt} + {d.caption_len} (up to {policy.max_buckets} buckets)"
+    rows = [
+        Row(
+            "decoding buckets",
+            d.device,
+            graph_decode.kv_cache_bytes(config, batch, prompt + d.caption_len, d.elem)
+            + graph_decode.buffer_bytes(batch, prompt, d.caption_len, config.vocab_size),
+            f"static KV cache + buffers, {shape}",
+        )
+    ]
+    if d.device.startswith("cuda"):
+        rows.append(
+            Row(
+                "graph pools",
+                d.device,
+                graph_decode.step_pool_bytes(config, batch, prompt + d.caption_len, d.elem),
+                "captured decoding step's private pool, estimated",
+            )
+        )
+    return rows
 
 
 def _lora(module):

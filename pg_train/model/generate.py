@@ -8,6 +8,18 @@ from .decoder import decoder_hidden_states
 from .stopping import EndTextStop
 
 
+def fast_decoding(static_cache: bool | None, cuda_graphs: bool | None, device: torch.device) -> tuple[bool, bool]:
+    """(static_cache, cuda_graphs) with None resolved for `device`: both on CUDA, where the
+    fixed-shape step replayed from a CUDA graph removes the per-token launch cost (issue 19) and
+    gives the eager step's tokens on the same bucket shapes; both off elsewhere, where nothing is
+    captured and the padded buckets would only cost. An explicit cuda_graphs=True implies the
+    static cache (a graph replays fixed shapes)."""
+    cuda = device.type == "cuda"
+    static = static_cache if static_cache is not None else (cuda or bool(cuda_graphs))
+    graphs = cuda_graphs if cuda_graphs is not None else (cuda and static)
+    return static, graphs
+
+
 @torch.no_grad()
 def generate_from_embeds(
     language_model,
@@ -25,8 +37,8 @@ def generate_from_embeds(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     check_every: int | None = None,
-    static_cache: bool = False,
-    cuda_graphs: bool = False,
+    static_cache: bool | None = False,
+    cuda_graphs: bool | None = False,
     trim_last_layer: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (or sampled) decoding of a left-padded batch.
@@ -51,12 +63,15 @@ def generate_from_embeds(
     sizes, buffers and KV cache kept between calls), captured once per bucket in a CUDA graph and
     replayed on CUDA; elsewhere, and for sampled decoding, the same step runs eagerly. Same
     tokens as the paths above (tests/test_generate.py).
+
+    None for either: resolved for the device by `fast_decoding` (on CUDA, off elsewhere).
     """
     from transformers import DynamicCache, StaticCache
 
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
     check_every = check_every or (8 if device.type == "cuda" else 1)
+    static_cache, cuda_graphs = fast_decoding(static_cache, cuda_graphs, device)
     if cuda_graphs and not static_cache:
         raise ValueError("cuda_graphs needs static_cache (a graph replays fixed shapes)")
     if cuda_graphs and B and max_new_tokens > 0:

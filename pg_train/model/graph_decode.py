@@ -138,6 +138,14 @@ class DecodeBucket:
         self.warm = 0
         self.capture_failed = False
 
+    def nbytes(self) -> int:
+        """Bytes the bucket holds now: its KV cache (allocated at the first prefill) and buffers;
+        a captured graph's private pool comes on top (CUDA, `step_pool_bytes`)."""
+        tensors = [t for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None]
+        buffers = [self.mask, self.positions, self.ids, self.t, self.min_new, self.tokens, self.lengths]
+        buffers += [self.finished, self.states] + [t for t in (self.suppress, self.eos_column) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors + buffers)
+
     # ---- per call, eager ------------------------------------------------------------------------
     def load(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, rules: DecodeRules) -> torch.Tensor:
         """Reset the state for a new batch; return the prompt embeddings padded to the bucket."""
@@ -317,6 +325,36 @@ def select(bucket: DecodeBucket, logits: torch.Tensor, rules: DecodeRules) -> No
     bucket.positions.add_(1)
     bucket.ids.copy_(next_ids)
     bucket.t.add_(1)
+
+
+def kv_cache_bytes(config, batch: int, length: int, elem: int) -> int:
+    """Bytes of transformers' StaticCache for `batch` rows of `length` positions: keys and values
+    of every layer, [batch, kv_heads, length, head_dim] each, `elem` bytes per element (the dtype
+    of the keys the model produces: the weights' dtype, fp32 under autocast over fp32 weights,
+    where the rotary embedding promotes the keys back to fp32)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * length * head_dim * elem
+
+
+def buffer_bytes(batch: int, prompt: int, max_new_tokens: int, vocab: int) -> int:
+    """Bytes of a DecodeBucket's own buffers (mask, positions, ids, step counters, tokens,
+    lengths, finished, stop states, the suppress and eos columns)."""
+    longs = batch * (prompt + max_new_tokens) + 4 * batch + 2 + batch * max_new_tokens
+    return 8 * longs + batch + 2 * vocab
+
+
+def step_pool_bytes(config, batch: int, length: int, elem: int) -> int:
+    """Estimate of a captured step's private memory pool: what one decoding step allocates and
+    the graph keeps (the allocator reuses blocks inside a capture, so about the step's peak):
+    the logits in the weights' dtype and four fp32 [batch, V] copies (float, suppress, the
+    min-length mask, argmax input), plus one layer's activations (hidden, q/k/v, attention
+    scores over `length` keys, the MLP's three intermediate tensors). An estimate: the exact
+    pool is the allocator's business; measured on CUDA only."""
+    V, D, inter = config.vocab_size, config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    logits = batch * V * (elem + 4 * 4)
+    layer = batch * (6 * D + 3 * inter) * elem + batch * heads * length * 4
+    return logits + layer
 
 
 def get_bucket(language_model, rows: int, prompt: int, max_new_tokens: int, dtype, device) -> DecodeBucket:
