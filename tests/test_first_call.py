@@ -20,7 +20,7 @@ def test_first_call_dry_run_runs_every_stage_and_returns_at_most_8_files(tmp_pat
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PY_DRY": str(REPO / ".venv/bin/python")}
     env["ACCELERATE_DRY"] = str(REPO / ".venv/bin/accelerate")
     proc = subprocess.run(
-        ["bash", "launch/gpu/first_call.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        ["bash", "launch/gpu/first_call.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
