@@ -16,7 +16,7 @@ A manifest has one JSON object a line: {"image": "a.jpg", "text": "..."} or {"im
 "region": "a_mask.png" | RLE}; paths relative to the manifest's folder ("caption" and "mask" are
 read as "text" and "region"). For every input OUT gets `NNNN_<name>_mask.png` (the mask at the
 image's resolution), `NNNN_<name>_overlay.png` (the image with the region in yellow, the mask in
-red and the caption under it), and `predictions.jsonl` one line: the caption, the mask's area in
+magenta and the caption under it), and `predictions.jsonl` one line: the caption, the mask's area in
 pixels and as a fraction of the image, and the score (the mean predicted probability inside the
 mask). A bad input (missing or corrupt file, a mask that is not binary or not the image's size,
 a malformed line) is named on stderr, gets a line with its reason, and is skipped, as in training.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from .data.images import DEFAULT_MAX_IMAGE_PIXELS, check_pair, decode_rle, open_image, open_mask
 from .data.manifest import manifest_lines
@@ -128,25 +128,38 @@ def load(request: Request, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Loaded
 
 
 # ---- pictures ------------------------------------------------------------------------------------
+MASK_COLOUR = (255, 0, 255)  # magenta: no synthetic scene colour, rare in photos
+REGION_COLOUR = (255, 215, 0)
+
+
+def _outlined(picture: Image.Image, layer: np.ndarray, colour: tuple[int, int, int], fill: float) -> Image.Image:
+    """`picture` with `layer` (bool, any size) tinted by `colour` and outlined in it (3 px)."""
+    shape = Image.fromarray(np.asarray(layer, bool).astype(np.uint8) * 255).resize(
+        picture.size, Image.Resampling.NEAREST
+    )
+    edge = ImageChops.subtract(shape.filter(ImageFilter.MaxFilter(3)), shape.filter(ImageFilter.MinFilter(5)))
+    solid = Image.new("RGB", picture.size, colour)
+    picture = Image.composite(solid, picture, shape.point(lambda v: int(v * fill)))
+    return Image.composite(solid, picture, edge)
+
+
 def overlay(
     image: Image.Image, mask: np.ndarray, region: np.ndarray | None, caption: str, width: int = 512
 ) -> Image.Image:
-    """The image (scaled to `width`) with the region in yellow and the mask in red, the caption
-    underneath."""
-    scale = width / image.width
-    size = (width, max(1, round(image.height * scale)))
+    """The image (scaled to `width`) with the region in yellow and the mask in magenta (tinted
+    and outlined), the caption underneath."""
+    size = (width, max(1, round(image.height * width / image.width)))
     picture = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
-    for layer, colour, alpha in ((region, (255, 200, 0), 0.4), (mask, (220, 0, 0), 0.5)):
-        if layer is None:
-            continue
-        shade = Image.fromarray(np.asarray(layer, bool).astype(np.uint8) * int(255 * alpha))
-        picture = Image.composite(Image.new("RGB", size, colour), picture, shade.resize(size, Image.Resampling.NEAREST))
-    lines = [caption[i : i + 80] for i in range(0, max(1, len(caption)), 80)][:3]
+    if region is not None:
+        picture = _outlined(picture, region, REGION_COLOUR, 0.25)
+    picture = _outlined(picture, mask, MASK_COLOUR, 0.35)
+    legend = "mask: magenta" + ("; region: yellow; caption = the model's" if region is not None else "; text given")
+    lines = [caption[i : i + 80] for i in range(0, max(1, len(caption)), 80)][:3] + [legend]
     canvas = Image.new("RGB", (width, size[1] + 8 + 18 * len(lines)), "white")
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
-        draw.text((4, size[1] + 4 + 18 * i), line, fill="black")
+        draw.text((4, size[1] + 4 + 18 * i), line, fill="black" if i < len(lines) - 1 else "gray")
     return canvas
 
 

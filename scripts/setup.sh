@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root and install everything pg_train needs.
-# Idempotent: a second run with unchanged requirements.txt does nothing but verify.
+# Idempotent: a second run with unchanged requirements.txt, setup.sh and pyproject.toml (its console
+# scripts) does nothing but verify.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 PY=${PYTHON:-python3}
-STAMP="$VENV/.pg_train-setup-$(sha256sum requirements.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+STAMP="$VENV/.pg_train-setup-$(sha256sum requirements.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
 
 if [ -f "$STAMP" ]; then
   echo "[setup] .venv is up to date ($(basename "$STAMP"))"

@@ -315,12 +315,37 @@ def test_zero2_run_exports_loads_strictly_predicts_and_scores_what_training_scor
         )
         == 0
     )
-    numbers = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    for kind in ("referring", "cycle", "shuffled", "empty"):
-        for metric in ("cIoU", "gIoU"):
-            assert abs(numbers[kind][metric] - in_training[f"eval/{kind}_{metric}"]) <= 1e-6, (kind, metric)
-    assert abs(numbers["captions"]["mean_length"] - in_training["eval/caption_len"]) <= 1e-6
-    assert numbers["language_embedding"]["ratio"] == pytest.approx(in_training["eval/caption_sensitivity"], rel=1e-5)
+    # the ZeRO-2 checkpoint itself, read by pg-train-evaluate without any manual step, scores the same
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--samples",
+                "4",
+                "--batch-size",
+                "2",
+                "--output",
+                str(tmp_path / "eval_ckpt"),
+            ]
+        )
+        == 0
+    )
+    for where in ("eval", "eval_ckpt"):
+        numbers = json.loads((tmp_path / where / "eval.json").read_text())
+        for kind in ("referring", "cycle", "shuffled", "empty"):
+            for metric in ("cIoU", "gIoU"):
+                assert abs(numbers[kind][metric] - in_training[f"eval/{kind}_{metric}"]) <= 1e-6, (where, kind, metric)
+        assert abs(numbers["captions"]["mean_length"] - in_training["eval/caption_len"]) <= 1e-6
+        assert numbers["language_embedding"]["ratio"] == pytest.approx(
+            in_training["eval/caption_sensitivity"], rel=1e-5
+        )
+
+    # model.init_from takes the ZeRO-2 checkpoint too: the consolidated weights, bitwise
+    from pg_train.builders import build_student
+
+    started = build_student(load_config([run / "config.yaml"], [f"model.init_from={checkpoint}", "resume=null"]))
+    assert all(torch.equal(t, consolidated[n]) for n, t in started.state_dict().items())
 
     ((image, mask, text),) = scene_files(tmp_path, 1)
     for query in (["--text", text], ["--region", str(mask)]):
