@@ -15,10 +15,7 @@ the JSON; with --pictures the first text and region overlays are copied there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -28,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from pg_vs_supervised import stamp  # commit, date, versions, device, load (scripts/ is on sys.path)
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,23 +65,6 @@ def scenes(run: Path, folder: Path, count: int, seed: int) -> Path:
     manifest = folder / "inputs.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
-
-
-def stamp() -> dict:
-    import torch
-
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "load_average_at_end": os.getloadavg(),
-    }
 
 
 def main(argv=None) -> int:
