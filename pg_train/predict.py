@@ -14,7 +14,8 @@ or a run directory (its newest checkpoint; `--weights` picks the EMA teacher or 
 
 A manifest has one JSON object a line: {"image": "a.jpg", "text": "..."} or {"image": "a.jpg",
 "region": "a_mask.png" | RLE}; paths relative to the manifest's folder ("caption" and "mask" are
-read as "text" and "region"). For every input OUT gets `NNNN_<name>_mask.png` (the mask at the
+read as "text" and "region"). A line with both (a one-image training manifest's line) is
+segmented from its text, and the mask's IoU with the region is reported. For every input OUT gets `NNNN_<name>_mask.png` (the mask at the
 image's resolution), `NNNN_<name>_overlay.png` (the image with the region in yellow, the mask in
 magenta and the caption under it), and `predictions.jsonl` one line: the caption, the mask's area in
 pixels and as a fraction of the image, and the score (the mean predicted probability inside the
@@ -102,8 +103,8 @@ def _manifest_request(raw: bytes, root: Path, where: str) -> Request:
     region = record.get("region", record.get("mask"))
     if not isinstance(image, str) or not image:
         raise BadSample("malformed_record", where, "image must be a non-empty path string")
-    if (text is None) == (region is None):
-        raise BadSample("malformed_record", where, "give exactly one of text (or caption) and region (or mask)")
+    if text is None and region is None:
+        raise BadSample("malformed_record", where, "give a text (or caption) or a region (or mask)")
     if text is not None and not isinstance(text, str):
         raise BadSample("malformed_record", where, "text must be a string")
     if isinstance(region, str):
@@ -144,16 +145,25 @@ def _outlined(picture: Image.Image, layer: np.ndarray, colour: tuple[int, int, i
 
 
 def overlay(
-    image: Image.Image, mask: np.ndarray, region: np.ndarray | None, caption: str, width: int = 512
+    image: Image.Image,
+    mask: np.ndarray,
+    region: np.ndarray | None,
+    caption: str,
+    width: int = 512,
+    given_text: bool = False,
 ) -> Image.Image:
     """The image (scaled to `width`) with the region in yellow and the mask in magenta (tinted
-    and outlined), the caption underneath."""
+    and outlined), the caption underneath. `given_text`: the caption was the query and the
+    region a reference mask."""
     size = (width, max(1, round(image.height * width / image.width)))
     picture = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
     if region is not None:
         picture = _outlined(picture, region, REGION_COLOUR, 0.25)
     picture = _outlined(picture, mask, MASK_COLOUR, 0.35)
-    legend = "mask: magenta" + ("; region: yellow; caption = the model's" if region is not None else "; text given")
+    if given_text:
+        legend = "mask: magenta; text given" + ("; reference mask: yellow" if region is not None else "")
+    else:
+        legend = "mask: magenta; region: yellow; caption = the model's"
     lines = [caption[i : i + 80] for i in range(0, max(1, len(caption)), 80)][:3] + [legend]
     canvas = Image.new("RGB", (width, size[1] + 8 + 18 * len(lines)), "white")
     canvas.paste(picture, (0, 0))
@@ -169,8 +179,8 @@ def predict(model, loaded: list[Loaded], cfg=None) -> list:
     from .inference import segment, segment_from_own_caption
 
     results: list = [None] * len(loaded)
-    texts = [i for i, item in enumerate(loaded) if item.region is None]
-    regions = [i for i, item in enumerate(loaded) if item.region is not None]
+    texts = [i for i, item in enumerate(loaded) if item.request.text is not None]
+    regions = [i for i, item in enumerate(loaded) if item.request.text is None]
     if texts:
         found = segment(model, [loaded[i].image for i in texts], [loaded[i].request.text for i in texts], cfg)
         for i, p in zip(texts, found):
@@ -185,26 +195,30 @@ def predict(model, loaded: list[Loaded], cfg=None) -> list:
 
 
 def write_outputs(number: int, item: Loaded, prediction, out: Path) -> dict:
-    """The mask PNG, the overlay PNG and the JSON record of one input."""
+    """The mask PNG, the overlay PNG and the JSON record of one input. An input with a text and
+    a mask (a training manifest's line) is segmented from the text; the mask is the reference
+    its IoU is reported against."""
     stem = f"{number:04d}_{item.request.image.stem}"
     mask = np.asarray(prediction.mask, bool)
+    given_text = item.request.text is not None
     Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{stem}_mask.png")
-    overlay(item.image, mask, item.region, prediction.caption).save(out / f"{stem}_overlay.png")
-    record = {
-        "input": item.request.where,
-        "image": str(item.request.image),
-        "text" if item.region is None else "region": item.request.text
-        if item.region is None
-        else str(item.request.region)
-        if not isinstance(item.request.region, dict)
-        else "rle",
-        "caption": prediction.caption,
-        "mask": f"{stem}_mask.png",
-        "overlay": f"{stem}_overlay.png",
-        "mask_area": int(mask.sum()),
-        "mask_fraction": float(mask.mean()),
-        "score": float(prediction.score),
-    }
+    overlay(item.image, mask, item.region, prediction.caption, given_text=given_text).save(out / f"{stem}_overlay.png")
+    record = {"input": item.request.where, "image": str(item.request.image)}
+    if given_text:
+        record["text"] = item.request.text
+    if item.region is not None:
+        record["region"] = "rle" if isinstance(item.request.region, dict) else str(item.request.region)
+    record.update(
+        caption=prediction.caption,
+        mask=f"{stem}_mask.png",
+        overlay=f"{stem}_overlay.png",
+        mask_area=int(mask.sum()),
+        mask_fraction=float(mask.mean()),
+        score=float(prediction.score),
+    )
+    if given_text and item.region is not None:
+        union = int((mask | item.region).sum())
+        record["iou_with_region"] = int((mask & item.region).sum()) / union if union else 1.0
     return record
 
 

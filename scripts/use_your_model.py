@@ -5,8 +5,8 @@
 
 Runs the user's commands as subprocesses (what a user waits for, interpreter start included):
 `python -m pg_train.export RUN_DIR` (EMA and student, bf16), `python -m pg_train.evaluate` on
-each export with the run's held-out settings (its seed + 10,000, eval_samples, batch size, as
-training evaluates), and `python -m pg_train.predict` on 16 held-out synthetic scenes written as
+each export (the run's own held-out set, eval_samples and batch size: the export carries the
+run's config), and `python -m pg_train.predict` on 16 held-out synthetic scenes written as
 PNG files (a manifest: 8 with their description as text, 8 with their object's mask as region).
 Wall and CPU seconds per command, the held-out numbers, commit, date, versions and device go to
 the JSON; with --pictures the first text and region overlays are copied there.
@@ -85,17 +85,7 @@ def main(argv=None) -> int:
             "pg_train.export", str(run), str(work / weights), "--weights", weights
         )
         report["commands"][f"evaluate_{weights}"] = timed(
-            "pg_train.evaluate",
-            "--checkpoint",
-            str(work / weights),
-            "--samples",
-            str(config["eval_samples"]),
-            "--batch-size",
-            str(max(2, config["batch_size"])),
-            "--seed",
-            str(config["seed"] + 10_000),
-            "--output",
-            str(work / f"eval_{weights}"),
+            "pg_train.evaluate", "--checkpoint", str(work / weights), "--output", str(work / f"eval_{weights}")
         )
         numbers = json.loads((work / f"eval_{weights}" / "eval.json").read_text())
         report["held_out"][weights] = {k: numbers[k]["gIoU"] for k in ("referring", "cycle", "shuffled", "empty")}

@@ -231,6 +231,7 @@ def test_predict_writes_masks_overlays_and_json_lines_and_skips_bad_inputs_namin
         {"image": "broken.png", "text": "x"},
         {"image": scenes[2][0].name, "region": "grey_mask.png"},
         {"image": scenes[2][0].name, "caption": scenes[2][2]},
+        {"image": scenes[0][0].name, "caption": scenes[0][2], "mask": scenes[0][1].name},  # a training line
     ]
     manifest.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     out = tmp_path / "out"
@@ -246,6 +247,7 @@ def test_predict_writes_masks_overlays_and_json_lines_and_skips_bad_inputs_namin
         "malformed_record",
         "unreadable_image",
         "size_mismatch",
+        None,
         None,
     ]
 
@@ -265,6 +267,11 @@ def test_predict_writes_masks_overlays_and_json_lines_and_skips_bad_inputs_namin
         overlay = Image.open(out / record["overlay"])
         assert overlay.width == 512 and overlay.height > 512 * images[0].height / images[0].width
     assert records[0]["caption"] == scenes[0][2]  # a text query's caption is the text itself
+    # text and mask: segmented from the text (as line 1), scored against the mask
+    assert records[7]["mask_area"] == records[0]["mask_area"] and "region" in records[7]
+    predicted = np.asarray(Image.open(out / records[7]["mask"])) > 127
+    truth = np.asarray(Image.open(scenes[0][1])) > 0
+    assert records[7]["iou_with_region"] == pytest.approx((predicted & truth).sum() / (predicted | truth).sum())
 
 
 # ---- the whole loop under DeepSpeed ZeRO-2 ---------------------------------------------------------
