@@ -147,5 +147,8 @@ def load_training_weights(
     from .model.state_check import load_state_dict_checked
 
     state, where = training_state_dict(checkpoint, command)
+    # Accelerate's file holds the tensors as the model held them: exact dtypes (a float64 tensor
+    # there was not written by training); DeepSpeed's consolidation is float32 whatever the model.
+    exact = checkpoint_layout(Path(checkpoint), command) == ACCELERATE
     with errors_naming(command):
-        load_state_dict_checked(model, state, where, allow_nonfinite=allow_nonfinite)
+        load_state_dict_checked(model, state, where, allow_nonfinite=allow_nonfinite, exact_dtype=exact)

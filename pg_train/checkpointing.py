@@ -120,7 +120,8 @@ def check_resume_weights(checkpoint: Path, model, ema, *, allow_nonfinite: bool 
     `accelerator.load_state` copies anything: Accelerate (and DeepSpeed) call
     `load_state_dict(strict=True)`, which overwrites every matching tensor before raising, and
     the model loads before the EMA. `model` is the unwrapped module. Names, shapes, dtype kinds
-    and finiteness are checked (`model.state_check`); the optimizer state is not."""
+    (exact: a training checkpoint holds what the model held) and finiteness are checked
+    (`model.state_check`); the rest of the checkpoint: `checkpoint_check`."""
     import torch
 
     from .model.state_check import CheckpointError, check_safetensors_file, check_state_dict
@@ -129,7 +130,7 @@ def check_resume_weights(checkpoint: Path, model, ema, *, allow_nonfinite: bool 
     deepspeed = checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt"  # DeepSpeed's module weights
     expected = model.state_dict()
     if single.is_file():
-        check_safetensors_file(single, expected, allow_nonfinite=allow_nonfinite)
+        check_safetensors_file(single, expected, allow_nonfinite=allow_nonfinite, exact_dtype=True)
     elif deepspeed.is_file():
         try:
             module_state = torch.load(deepspeed, map_location="cpu", weights_only=False, mmap=True)["module"]
@@ -137,7 +138,7 @@ def check_resume_weights(checkpoint: Path, model, ema, *, allow_nonfinite: bool 
             raise CheckpointError(
                 f"{deepspeed}: unreadable DeepSpeed model state ({type(err).__name__}: {err})"
             ) from err
-        check_state_dict(expected, module_state, deepspeed, allow_nonfinite=allow_nonfinite)
+        check_state_dict(expected, module_state, deepspeed, allow_nonfinite=allow_nonfinite, exact_dtype=True)
     else:
         raise CheckpointError(f"{checkpoint}: holds neither {single.name} nor {deepspeed.relative_to(checkpoint)}")
     ema_file = checkpoint / "custom_checkpoint_0.pkl"  # the EMA, the one object registered for checkpointing

@@ -276,7 +276,13 @@ class EMATeacher:
             )
         try:
             allow = self.allow_nonfinite_state if allow_nonfinite is None else allow_nonfinite
-            check_state_dict(dict(zip(self.names, self.shadow)), dict(zip(names, shadow)), where, allow_nonfinite=allow)
+            check_state_dict(
+                dict(zip(self.names, self.shadow)),
+                dict(zip(names, shadow)),
+                where,
+                allow_nonfinite=allow,
+                exact_dtype=True,  # the shadow is float32 whatever the placement
+            )
         except CheckpointError as err:
             raise CheckpointError(f"{err}\n(the EMA state does not match the model's trainable tensors)") from err
         decay, warmup, num_updates = state["decay"], state["warmup"], state["num_updates"]

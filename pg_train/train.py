@@ -24,11 +24,12 @@ from .builders import (  # noqa: F401 (lora_from_config, unfreeze_extra, load_tr
     lora_from_config,
     unfreeze_extra,
 )
+from .checkpoint_check import check_training_checkpoint, nonfinite_training_state
 from .checkpointing import (
-    check_resume_weights,
+    checkpoint_root,
+    complete_checkpoints,
     load_rng_state,
     load_trainer_state,
-    newest_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
@@ -37,6 +38,7 @@ from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
 from .ema import EMATeacher
+from .model.state_check import CheckpointError
 from .overlap import OverlappedTeacher
 from .precision import follow_accelerator
 from .pseudo_gumbel import pseudo_gumbel_step
@@ -111,7 +113,20 @@ class TrainState:
             "ema_updates": self.ema.num_updates,
         }
 
+    def check_state_dict(self, state: dict) -> None:
+        """ValueError naming the field unless `load_state_dict(state)` loads all of it."""
+        for key in ("step", "nonfinite_total", "ema_updates"):
+            value = state.get(key)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise ValueError(f"{key}={value!r}: expected an int >= 0")
+        if "data" not in state:
+            raise ValueError("no data position ('data')")
+        self.loader.check_state_dict(state["data"])
+        if state.get("teacher_captions") is not None and not isinstance(state["teacher_captions"], dict):
+            raise ValueError(f"teacher_captions: a dict or null, got {type(state['teacher_captions']).__name__}")
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         self.step, self.guard.total = state["step"], state["nonfinite_total"]
         self.loader.load_state_dict(state["data"])
         self.restored_captions = state.get("teacher_captions")
@@ -370,15 +385,13 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
 
 
 def restore(run: Run) -> TrainState:
-    """Step 0, or the state of the checkpoint `cfg.resume` names (`auto`: the newest complete one),
-    validated before anything is copied; metrics.jsonl lines of steps to be redone are dropped."""
+    """Step 0, or the state of the checkpoint `cfg.resume` names (`auto`: the newest complete one
+    that validates, saying which were skipped and why), validated completely on every rank
+    before anything is copied; metrics.jsonl lines of steps to be redone are dropped."""
     cfg, accelerator = run.cfg, run.accelerator
     state = TrainState(run.loader, run.ema, NonFiniteGuard(cfg.max_nonfinite_in_a_row))
-    checkpoint = newest_checkpoint(run.out_dir) if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-    if cfg.resume == "auto" and checkpoint is None:
-        run.say("--resume auto: no complete checkpoint yet, starting from step 0")
+    checkpoint = resumable_checkpoint(run, state)
     if checkpoint is not None:
-        check_resume_weights(checkpoint, unwrap(run.model), run.ema, allow_nonfinite=cfg.model.allow_nonfinite_weights)
         accelerator.load_state(str(checkpoint))
         state.load_state_dict(load_trainer_state(checkpoint, accelerator.process_index))
         saved_rng = load_rng_state(checkpoint, accelerator.process_index)
@@ -396,6 +409,58 @@ def restore(run: Run) -> TrainState:
     return state
 
 
+def refusal(run: Run, state: TrainState, checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed (on any rank), or None: every rank validates what it
+    will load (`check_training_checkpoint`) and all learn the verdict, so all pick the same one."""
+    reason = None
+    try:
+        check_training_checkpoint(
+            checkpoint,
+            model=run.model,
+            optimizer=run.optimizer,
+            ema=run.ema,
+            check_trainer_state=state.check_state_dict,
+            rank=run.accelerator.process_index,
+            world_size=run.accelerator.num_processes,
+            allow_nonfinite=run.cfg.model.allow_nonfinite_weights,
+        )
+    except CheckpointError as err:
+        reason = str(err)
+    flag = torch.tensor([float(reason is not None)], device=run.accelerator.device)
+    if run.accelerator.num_processes > 1 and run.accelerator.reduce(flag, "max").item() > 0 and reason is None:
+        reason = f"{checkpoint}: refused by another rank (its message says why)"
+    return reason
+
+
+def resumable_checkpoint(run: Run, state: TrainState) -> Path | None:
+    """`resume=PATH`: that checkpoint, validated (CheckpointError if refused). `resume=auto`:
+    the newest complete checkpoint that validates, each newer one skipped with its reason; an
+    error if checkpoints exist but none validates (starting over would discard them silently)."""
+    cfg = run.cfg
+    if not cfg.resume:
+        return None
+    if cfg.resume != "auto":
+        reason = refusal(run, state, Path(cfg.resume))
+        if reason is not None:
+            raise CheckpointError(reason)
+        return Path(cfg.resume)
+    found = complete_checkpoints(run.out_dir)
+    if not found:
+        run.say("--resume auto: no complete checkpoint yet, starting from step 0")
+        return None
+    skipped = []
+    for checkpoint in reversed(found):
+        reason = refusal(run, state, checkpoint)
+        if reason is None:
+            return checkpoint
+        skipped.append(reason)
+        run.say(f"--resume auto: skipping {checkpoint.name}: {reason}")
+    raise CheckpointError(
+        f"--resume auto: none of the {len(found)} checkpoints in {checkpoint_root(run.out_dir)} validates "
+        f"(move them away to start over):\n" + "\n".join(skipped)
+    )
+
+
 def evaluate_if_due(run: Run, state: TrainState) -> dict:
     """Held-out evaluation every eval_every steps, at the last step, and at step 0 (the starting
     point, so a run shows what training changed). Every rank evaluates."""
@@ -405,6 +470,29 @@ def evaluate_if_due(run: Run, state: TrainState) -> dict:
     return {}
 
 
+class NonFiniteStateError(RuntimeError):
+    """The model, EMA or optimizer state holds NaN/Inf: no checkpoint is written from it."""
+
+
+def refuse_nonfinite_state(run: Run, state: TrainState) -> None:
+    """Before a save: weights, EMA shadow, optimizer moments (and ZeRO's fp32 master copies)
+    finite on every rank, one sum per tensor; otherwise stop without writing, so the newest
+    checkpoint (kept by rotation) stays the last good one. `model.allow_nonfinite_weights`
+    (inspection only) saves anyway."""
+    if run.cfg.model.allow_nonfinite_weights:
+        return
+    report = nonfinite_training_state(run.model, run.ema, run.optimizer)
+    flag = torch.tensor([float(bool(report))], device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        flag = run.accelerator.reduce(flag, "max")
+    if flag.item() > 0:
+        detail = ":\n    " + "\n    ".join(report[:30]) if report else " (on another rank; its message names them)"
+        raise NonFiniteStateError(
+            f"step {state.step}: the training state holds NaN or Inf, so no checkpoint is written "
+            f"(the newest in {checkpoint_root(run.out_dir)} is the last good one){detail}"
+        )
+
+
 def checkpoint_or_stop(run: Run, state: TrainState, stop: StopFlag, progress) -> bool:
     """Checkpoint when due, or when a stop was requested on any rank; True: stop now."""
     cfg = run.cfg
@@ -412,6 +500,7 @@ def checkpoint_or_stop(run: Run, state: TrainState, stop: StopFlag, progress) ->
     flag = torch.tensor([float(requested)], device=run.accelerator.device)
     stop_now = run.accelerator.reduce(flag, "max").item() > 0
     if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stop_now:
+        refuse_nonfinite_state(run, state)
         path = save_checkpoint(run.accelerator, run.out_dir, state.step, state.state_dict(), cfg.keep_last, ema=run.ema)
         if run.main:
             progress.write(f"[pg_train] checkpoint {path}")

@@ -285,9 +285,30 @@ class PairLoader:
             "epoch_valid": self.epoch_valid,
         }
 
+    def check_state_dict(self, state: dict) -> None:
+        """ValueError naming the field unless `load_state_dict(state)` would restore a position
+        this loader can reach (resume validates before anything loads)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"data state must be a dict, got {type(state).__name__}")
+        counts = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        expected = {"epoch": counts, "batches_done": counts, "seed": lambda v: v == self.seed, "epoch_valid": counts}
+        expected |= {
+            k: lambda v: isinstance(v, dict) and all(map(counts, v.values()))
+            for k in ("skip_counts", "epoch_skip_counts")
+        }
+        wrong = [
+            f"{k}={state.get(k, '<missing>')!r}" for k, ok in expected.items() if k not in state or not ok(state[k])
+        ]
+        if wrong:
+            raise ValueError(f"data state: {', '.join(wrong)} (this loader: seed {self.seed}, counts are ints >= 0)")
+        if state["batches_done"] > self.batches_per_epoch():
+            raise ValueError(
+                f"data state: batches_done={state['batches_done']} beyond an epoch of {self.batches_per_epoch()} batches "
+                f"(another data set or batch size?)"
+            )
+
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"data state was saved with seed {state['seed']}, this loader uses {self.seed}")
+        self.check_state_dict(state)
         self.epoch = state["epoch"]
         self.batches_done = state["batches_done"]
         self.skip_counts = Counter(state["skip_counts"])

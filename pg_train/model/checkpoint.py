@@ -375,6 +375,26 @@ def _check_vocab(preset: ModelPreset, shapes: dict[str, tuple], tokenizer, direc
         )
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_declared_dtypes(stored: dict[str, torch.Tensor], declared: str | None, directory: Path) -> None:
+    """Floating tensors in the dtype config.json declares (`torch_dtype`), or float32 (the
+    modules transformers keeps in full precision); without a declaration, one of the three
+    checkpoint dtypes. A float64 tensor (or float16 in a bfloat16 file) was not written by the
+    tools that wrote the rest: refused, named, before anything loads."""
+    if declared is not None and declared not in _DTYPES:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: torch_dtype {declared!r}; expected one of {sorted(_DTYPES)}")
+    allowed = {_DTYPES[declared], torch.float32} if declared else set(_DTYPES.values())
+    wrong = [f"{n}: {t.dtype}" for n, t in stored.items() if t.is_floating_point() and t.dtype not in allowed]
+    if wrong:
+        shown = "\n    ".join(sorted(wrong)[:30])
+        raise CheckpointError(
+            f"{directory}: {len(wrong)} tensors in a dtype the checkpoint does not declare "
+            f"(config.json torch_dtype {declared!r}; allowed {sorted(str(d) for d in allowed)}; nothing was loaded):\n    {shown}"
+        )
+
+
 def from_pretrained(
     directory: str | Path,
     *,
@@ -413,6 +433,7 @@ def from_pretrained(
     for path, names in _by_file(files).items():
         stored.update({module_name(name): tensor for name, tensor in read_safetensors(path, names).items()})
     check_state_dict(targets, stored, directory, allow_nonfinite=True)  # names, shapes, dtype kinds as stored
+    check_declared_dtypes(stored, config.get("torch_dtype"), directory)
     state = {name: tensor.to(device=targets[name].device, dtype=targets[name].dtype) for name, tensor in stored.items()}
     del stored
     # Finiteness after the cast: a float32 value beyond float16's range becomes Inf only here.

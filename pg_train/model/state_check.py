@@ -98,8 +98,19 @@ def _refuse_wrong_kinds(wrong_kind: list[str], where: str | Path) -> None:
         )
 
 
-def _kind_mismatch(name: str, stored: torch.dtype, expected: torch.dtype) -> list[str]:
-    return [f"{name}: checkpoint {stored}, model {expected}"] if _kind(stored) != _kind(expected) else []
+def _kind_mismatch(name: str, stored: torch.dtype, expected: torch.dtype, exact: bool = False) -> list[str]:
+    """A dtype the model cannot hold as stored: another kind always; with `exact` (a layout
+    that declares the dtype: a training checkpoint holds what the model held) any other dtype."""
+    differs = stored != expected if exact else _kind(stored) != _kind(expected)
+    return [f"{name}: checkpoint {stored}, model {expected}"] if differs else []
+
+
+def as_loaded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor as the model will hold it: finiteness is a property of the value after the
+    cast (a float64 or float32 value beyond the target's range becomes Inf only there)."""
+    if tensor.dtype == dtype or not tensor.is_floating_point() or not dtype.is_floating_point:
+        return tensor
+    return tensor.to(dtype)
 
 
 def check_state_dict(
@@ -108,25 +119,37 @@ def check_state_dict(
     where: str | Path,
     *,
     allow_nonfinite: bool = False,
+    exact_dtype: bool = False,
 ) -> None:
     """Everything that would make `load_state_dict` fail or load something wrong: names,
-    shapes, dtype kinds (floating vs integer vs bool) and finiteness, each listed by name."""
+    shapes, dtype kinds (floating vs integer vs bool; with `exact_dtype` the dtype itself) and
+    finiteness after the cast to the model's dtype, each listed by name."""
     not_tensors = sorted(n for n, t in state.items() if not isinstance(t, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f"{where}: entries that are not tensors (nothing was loaded):" + _list(not_tensors))
     check_state_shapes(
         {n: tuple(t.shape) for n, t in expected.items()}, {n: tuple(t.shape) for n, t in state.items()}, where
     )
-    _refuse_wrong_kinds([m for n in expected for m in _kind_mismatch(n, state[n].dtype, expected[n].dtype)], where)
-    check_finite(state, where, allow_nonfinite=allow_nonfinite)
+    _refuse_wrong_kinds(
+        [m for n in expected for m in _kind_mismatch(n, state[n].dtype, expected[n].dtype, exact_dtype)], where
+    )
+    if not allow_nonfinite:
+        _refuse_nonfinite(
+            [r for n, t in state.items() for r in nonfinite_report({n: as_loaded(t, expected[n].dtype)})], where
+        )
 
 
 def load_state_dict_checked(
-    module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str | Path, *, allow_nonfinite: bool = False
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    where: str | Path,
+    *,
+    allow_nonfinite: bool = False,
+    exact_dtype: bool = False,
 ) -> None:
     """`module.load_state_dict(state, strict=True)`, but all-or-nothing: validated completely
     first (`check_state_dict`), so a refused checkpoint leaves every weight bitwise unchanged."""
-    check_state_dict(module.state_dict(), state, where, allow_nonfinite=allow_nonfinite)
+    check_state_dict(module.state_dict(), state, where, allow_nonfinite=allow_nonfinite, exact_dtype=exact_dtype)
     module.load_state_dict(state, strict=True)
 
 
@@ -170,10 +193,10 @@ def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def check_safetensors_file(
-    path: str | Path, expected: Mapping[str, torch.Tensor], *, allow_nonfinite: bool = False
+    path: str | Path, expected: Mapping[str, torch.Tensor], *, allow_nonfinite: bool = False, exact_dtype: bool = False
 ) -> None:
     """`check_state_dict` for a file too large to hold twice: the header's names and shapes
-    first, then one tensor at a time (dtype kind, finiteness), none of them kept."""
+    first, then one tensor at a time (dtype, finiteness after the cast), none of them kept."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -183,9 +206,9 @@ def check_safetensors_file(
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 tensor = f.get_tensor(name)
-                wrong_kind += _kind_mismatch(name, tensor.dtype, expected[name].dtype)
+                wrong_kind += _kind_mismatch(name, tensor.dtype, expected[name].dtype, exact_dtype)
                 if not allow_nonfinite:
-                    nonfinite += nonfinite_report({name: tensor})
+                    nonfinite += nonfinite_report({name: as_loaded(tensor, expected[name].dtype)})
     except Exception as err:
         raise _unreadable(path, err) from err
     _refuse_wrong_kinds(wrong_kind, path)
