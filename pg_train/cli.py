@@ -46,6 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # first, so `--help` and a bad flag answer without importing torch (~0.1 s, not ~9)
+    from . import exit_codes, job
+
+    job.register_worker()  # under pg-train-launch: its pid file, so signals reach this job only
+    code = exit_codes.ERROR
+    try:
+        code = _main(args)
+    finally:  # an uncaught error records 1 (its traceback follows)
+        job.record_exit(code)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    from . import exit_codes
     from .accel import DeepSpeedConfigNotFound, configure_environment
 
     try:
@@ -63,8 +76,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config or [DEFAULT_JOB], overrides)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
-        return 2
-    from . import exit_codes
+        return exit_codes.BAD_CONFIG
     from .run_lock import OutputDirLocked
     from .train import train
 
@@ -76,6 +88,16 @@ def main(argv=None) -> int:
     except ConfigError as err:  # found while opening the data, before the model is built
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        from .disk_space import DiskFullError, free_bytes, gib, is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        if not isinstance(err, DiskFullError):  # a write outside the checkpoint (metrics, report)
+            where = err.filename or cfg.output_dir
+            err = f"no space left on device writing {where} ({gib(free_bytes(where))} free there): {err}"
+        print(f"[pg_train] disk full: {err}", file=sys.stderr)
+        return exit_codes.DISK_FULL
 
 
 if __name__ == "__main__":

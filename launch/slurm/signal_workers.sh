@@ -1,7 +1,8 @@
 #!/bin/bash
-# Runs once per node (srun --overlap from train.sbatch): send a signal to this node's training
-# workers — the `python -u .../launch/train.py` processes started by accelerate/torchrun — and not
-# to the launcher itself, which would die on USR1 and orphan them mid-checkpoint.
+# Runs once per node (srun --overlap from train.sbatch): send a signal to THIS job's training on
+# this node, found by the pid files the job wrote in $PG_TRAIN_JOB_DIR (the launcher's, which
+# forwards to its workers; else the workers'), each checked to still be the process that wrote
+# it. Never a pattern over the node's command lines: that stopped every pg_train job on the node.
 SIG=${1:-USR1}
-pkill "-$SIG" -f -- "python[0-9.]* -u .*launch/train\.py" && echo "[pg_train/slurm] $(hostname): sent $SIG to the training workers" \
-    || echo "[pg_train/slurm] $(hostname): no training worker to signal"
+: "${PG_TRAIN_JOB_DIR:?not set: the job directory train.sbatch exports}"
+exec "${PYTHON:-python}" -m pg_train.job signal "$PG_TRAIN_JOB_DIR" "$SIG"
