@@ -73,6 +73,20 @@ def nonfinite_training_state(model, ema, optimizer) -> list[str]:
     return found
 
 
+def state_bytes(model, ema, optimizer) -> int:
+    """About what a checkpoint of this rank's state takes on disk: the model's tensors, the EMA
+    shadow (twice: the pickle and ema.safetensors) and every optimizer state tensor."""
+    tensors = list(unwrap(model).state_dict().values())
+    if ema is not None:
+        tensors += list(ema.shadow) * 2
+    for opt in optimizer_chain(optimizer):
+        state = getattr(opt, "state", None)
+        if isinstance(state, dict) and type(opt).__name__ != "AcceleratedOptimizer":
+            tensors += [t for _, t in tensors_in(list(state.values()))]
+        tensors += list(getattr(opt, "single_partition_of_fp32_groups", None) or [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 # ---- reading a checkpoint ------------------------------------------------------------------------
 def _load(path: Path):
     try:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .disk_space import writing
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -40,10 +42,18 @@ def newest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | Path, step: int, trainer_state: dict, keep_last: int, ema=None
+    accelerator,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict,
+    keep_last: int,
+    ema=None,
+    needed_bytes: int | None = None,
 ) -> Path:
     """Write a complete checkpoint for `step` (call on every rank); with `ema`, its shadow also
-    as `ema.safetensors` (ema_file.write_ema_file; the same on every rank, so main writes it)."""
+    as `ema.safetensors` (ema_file.write_ema_file; the same on every rank, so main writes it).
+    A full disk is a DiskFullError naming the path, `needed_bytes` (about; the state's tensors)
+    and the space free, with the partial directory removed."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     partial = root / f"step-{step:08d}.partial"
@@ -53,13 +63,16 @@ def save_checkpoint(
             shutil.rmtree(partial)
     random_state = rng_state()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    (partial / f"trainer_state_rank{accelerator.process_index}.json").write_text(json.dumps(trainer_state))
-    torch.save(random_state, partial / f"rng_state_rank{accelerator.process_index}.pt")
-    if ema is not None and accelerator.is_main_process:
-        from .ema_file import write_ema_file
+    with writing(
+        partial, needed_bytes, "writing checkpoint", cleanup=lambda: shutil.rmtree(partial, ignore_errors=True)
+    ):
+        accelerator.save_state(str(partial))
+        (partial / f"trainer_state_rank{accelerator.process_index}.json").write_text(json.dumps(trainer_state))
+        torch.save(random_state, partial / f"rng_state_rank{accelerator.process_index}.pt")
+        if ema is not None and accelerator.is_main_process:
+            from .ema_file import write_ema_file
 
-        write_ema_file(ema, partial)
+            write_ema_file(ema, partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():

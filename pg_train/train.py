@@ -24,7 +24,7 @@ from .builders import (  # noqa: F401 (lora_from_config, unfreeze_extra, load_tr
     lora_from_config,
     unfreeze_extra,
 )
-from .checkpoint_check import check_training_checkpoint, nonfinite_training_state
+from .checkpoint_check import check_training_checkpoint, nonfinite_training_state, state_bytes
 from .checkpointing import (
     checkpoint_root,
     complete_checkpoints,
@@ -501,7 +501,15 @@ def checkpoint_or_stop(run: Run, state: TrainState, stop: StopFlag, progress) ->
     stop_now = run.accelerator.reduce(flag, "max").item() > 0
     if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or stop_now:
         refuse_nonfinite_state(run, state)
-        path = save_checkpoint(run.accelerator, run.out_dir, state.step, state.state_dict(), cfg.keep_last, ema=run.ema)
+        path = save_checkpoint(
+            run.accelerator,
+            run.out_dir,
+            state.step,
+            state.state_dict(),
+            cfg.keep_last,
+            ema=run.ema,
+            needed_bytes=state_bytes(run.model, run.ema, run.optimizer),
+        )
         if run.main:
             progress.write(f"[pg_train] checkpoint {path}")
     return stop_now

@@ -72,6 +72,17 @@ class PairDataset(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
+        """The item, or in strict mode the bad sample's (reason, where, detail) for the loader to
+        raise in the main process: raised in a DataLoader worker, torch would rebuild it from its
+        message alone and fail, leaving a bare RuntimeError with the file and line buried in text."""
+        try:
+            return self._item(index)
+        except BadSample as err:
+            if not self.strict:
+                raise
+            return {"index": index, "skipped": [], "bad_sample": (err.reason, err.where, err.detail)}
+
+    def _item(self, index: int) -> dict:
         skipped = []
         for attempt in range(self.max_refill + 1):
             candidate = (index + attempt) % len(self.source)
@@ -118,6 +129,7 @@ def collate_pairs(items: list[dict]) -> dict:
     batch["captions"] = [item["caption"] for item in good]
     batch["indices"] = torch.tensor([item["index"] for item in good], dtype=torch.long)
     batch["skipped"] = [s for item in items for s in item["skipped"]]
+    batch["bad_samples"] = [item["bad_sample"] for item in items if "bad_sample" in item]  # strict mode
     return batch
 
 
@@ -235,6 +247,8 @@ class PairLoader:
                 generator=self.iterator_generator(self.epoch),
             )
             for batch in loader:
+                if batch["bad_samples"]:  # strict mode: raised here, whole, whichever process read it
+                    raise BadSample(*batch["bad_samples"][0])
                 self.batches_done += 1
                 reasons = Counter(reason for reason, _ in batch["skipped"])
                 self.name_first_skips(batch["skipped"])

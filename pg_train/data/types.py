@@ -36,6 +36,10 @@ class BadSample(ValueError):
         self.detail = detail
         super().__init__(f"{where}: {REASONS[reason]}" + (f" ({detail})" if detail else ""))
 
+    def __reduce__(self):
+        """Pickles with its reason, file and line (the default would rebuild it from the message alone)."""
+        return (BadSample, (self.reason, self.where, self.detail))
+
 
 REASONS = {
     "missing_file": "file not found",
