@@ -40,7 +40,7 @@ def register_worker() -> Path | None:
     """In a training process under a pg_train launcher: its pid file. Also asks the kernel for
     SIGTERM when the parent (the `accelerate launch` process) dies, so a launcher killed
     outright never leaves its worker training on alone: the worker checkpoints and exits 75."""
-    _die_with_parent()
+    die_with_parent()
     directory = os.environ.get(JOB_DIR_ENV)
     if not directory:
         return None
@@ -56,7 +56,8 @@ def record_exit(code: int) -> None:
         (Path(directory) / f"worker-rank{_rank()}.exit").write_text(str(int(code)))
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """SIGTERM to this process when its parent dies (Linux; elsewhere nothing)."""
     if not sys.platform.startswith("linux"):
         return
     try:

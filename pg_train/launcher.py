@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import exit_codes
-from .job import JOB_DIR_ENV, live_workers, register_launcher, worker_exit_codes
+from .job import JOB_DIR_ENV, die_with_parent, live_workers, register_launcher, worker_exit_codes
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -96,7 +96,10 @@ def main(argv=None) -> int:
     register_launcher(job_dir)
     forwarder = Forwarder(job_dir)
     child = subprocess.Popen(
-        accelerate_command(argv), env={**os.environ, JOB_DIR_ENV: str(job_dir)}, start_new_session=True
+        accelerate_command(argv),
+        env={**os.environ, JOB_DIR_ENV: str(job_dir)},
+        start_new_session=True,
+        preexec_fn=die_with_parent,  # this launcher killed outright: accelerate is told too, and so its workers
     )
     try:
         while child.poll() is None:
