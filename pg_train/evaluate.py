@@ -1,6 +1,10 @@
 """Does the model ground language? Referring segmentation, the caption cycle, and controls.
 
-    python -m pg_train.evaluate --checkpoint DIR [--manifest PAIRS.jsonl | --samples N] [--output DIR]
+    python -m pg_train.evaluate --checkpoint DIR [--config RUN/config.yaml] [--manifest PAIRS.jsonl | --seed N]
+        [--samples N] [--output DIR]
+
+on the run's own held-out set (pg_train/data/heldout.py: its config's eval: section, or carved
+out of its training data), unless --manifest / --seed name other data (then a warning):
 
 - referring: segment image 2 from the ground-truth expression — cIoU (sum of intersections /
   sum of unions) and gIoU (mean per-sample IoU), the RefCOCO convention;
