@@ -77,6 +77,13 @@ class Mutant:
 
 
 PG, EMA, TRAIN, WINDOW = "pg_train/pseudo_gumbel.py", "pg_train/ema.py", "pg_train/train.py", "pg_train/window.py"
+# issue 27's test files
+RL, RV, JS, PIN = (
+    "tests/test_run_lock.py",
+    "tests/test_resume_validation.py",
+    "tests/test_job_signals.py",
+    "tests/test_pinning.py",
+)
 
 MUTANTS = [
     Mutant(
@@ -339,6 +346,182 @@ MUTANTS = [
         " generator=self.iterator_generator(self.epoch),",
         "",
     ),
+    # ---- issue 27: the job's own state, its own processes, nothing lost
+    Mutant(
+        "lock-create-overwrites",
+        "pg_train/run_lock.py",
+        "os.O_CREAT | os.O_EXCL | os.O_WRONLY",
+        "os.O_CREAT | os.O_TRUNC | os.O_WRONLY",
+        tests=(f"{RL}::test_second_acquire_is_refused_naming_the_owner_and_release_frees_it",),
+    ),
+    Mutant(
+        "stale-lock-never-recovered",
+        "pg_train/run_lock.py",
+        'return f"its owner ({_describe(holder)}) is no longer running"',
+        "return None",
+        tests=(f"{RL}::test_stale_lock_of_a_dead_owner_is_taken_over",),
+    ),
+    Mutant(
+        "stale-lock-by-pid-alone",
+        "pg_train/run_lock.py",
+        "is_running(pid, start if isinstance(start, int) else None)",
+        "is_running(pid, None)",
+        tests=(f"{RL}::test_a_reused_pid_does_not_keep_a_lock_alive",),
+    ),
+    Mutant(
+        "lock-kept-after-an-error",
+        TRAIN,
+        "        if run.lock is not None:\n            run.lock.release()\n",
+        "        pass\n",
+        tests=(f"{RL}::test_lock_is_released_when_the_run_fails",),
+    ),
+    Mutant(
+        "optimizer-state-shapes-unchecked",
+        "pg_train/checkpoint_check.py",
+        "    check_optimizer_state(checkpoint, model, optimizer, rank, world_size)\n",
+        "",
+        tests=(f"{RV}::test_tampered_optimizer_state_is_refused_named_and_nothing_loads[moment_wrong_shape]",),
+    ),
+    Mutant(
+        "optimizer-moments-finiteness-unchecked",
+        "pg_train/checkpoint_check.py",
+        '"custom_checkpoint_0.pkl"}',
+        '"custom_checkpoint_0.pkl", "optimizer.bin"}',
+        tests=(f"{RV}::test_tampered_optimizer_state_is_refused_named_and_nothing_loads[moment_nan]",),
+    ),
+    Mutant(
+        "rng-state-not-validated",
+        "pg_train/checkpoint_check.py",
+        "        check_rng_state(rng, _load(rng), set_rng_state, rng_state)\n",
+        "        pass\n",
+        tests=(f"{RV}::test_every_file_resume_reads_is_validated_first[rng_state_rank0.pt]",),
+    ),
+    Mutant(
+        "data-position-unchecked",
+        "pg_train/data/loader.py",
+        '        if wrong:\n            raise ValueError(f"data state:',
+        '        if False:\n            raise ValueError(f"data state:',
+        tests=(f"{RV}::test_data_position_from_another_seed_is_refused",),
+    ),
+    Mutant(
+        "resume-auto-no-fallback",
+        TRAIN,
+        "        skipped.append(reason)\n",
+        "        raise CheckpointError(reason)\n",
+        tests=(f"{RV}::test_resume_auto_falls_back_to_the_newest_checkpoint_that_validates",),
+    ),
+    Mutant(
+        "checkpoint-written-from-nonfinite-state",
+        TRAIN,
+        "        refuse_nonfinite_state(run, state)\n",
+        "",
+        tests=(f"{RV}::test_nonfinite_state_is_never_checkpointed_and_the_last_good_one_survives[weights]",),
+    ),
+    Mutant(
+        "presave-check-skips-optimizer-moments",
+        "pg_train/checkpoint_check.py",
+        '            found += [f"optimizer state: {r}" for r in nonfinite_report(dict(tensors_in(list(state.values()))))]\n',
+        "            pass\n",
+        tests=(f"{RV}::test_nonfinite_state_is_never_checkpointed_and_the_last_good_one_survives[exp_avg_sq]",),
+    ),
+    Mutant(
+        "presave-check-skips-fp32-master-copies",
+        "pg_train/checkpoint_check.py",
+        '            found += [f"fp32 master copy: {r}" for r in nonfinite_report(dict(tensors_in(list(fp32))))]\n',
+        "            pass\n",
+        tests=(f"{RV}::test_fp32_master_partitions_are_checked_before_a_save",),
+    ),
+    Mutant(
+        "finiteness-checked-before-the-cast",
+        "pg_train/model/state_check.py",
+        "nonfinite_report({n: as_loaded(t, expected[n].dtype)})",
+        "nonfinite_report({n: t})",
+        tests=(f"{RV}::test_float64_beyond_float32_range_is_refused_after_the_cast",),
+    ),
+    Mutant(
+        "training-checkpoint-dtype-kind-only",
+        "pg_train/checkpointing.py",
+        "check_safetensors_file(single, expected, allow_nonfinite=allow_nonfinite, exact_dtype=True)",
+        "check_safetensors_file(single, expected, allow_nonfinite=allow_nonfinite, exact_dtype=False)",
+        tests=(f"{RV}::test_training_checkpoint_weight_in_another_dtype_is_refused_on_resume",),
+    ),
+    Mutant(
+        "released-dtype-not-checked-against-config",
+        "pg_train/model/checkpoint.py",
+        '    check_declared_dtypes(stored, config.get("torch_dtype"), directory)\n',
+        "",
+        tests=(f"{RV}::test_released_checkpoint_dtypes_follow_config_torch_dtype",),
+    ),
+    Mutant(
+        "job-signal-by-pid-alone",
+        "pg_train/job.py",
+        "isinstance(pid, int) and is_running(pid, start)",
+        "isinstance(pid, int) and is_running(pid, None)",
+        tests=(f"{JS}::test_signal_reaches_only_the_processes_the_job_registered",),
+    ),
+    Mutant(
+        "launcher-exit-code-is-accelerates",
+        "pg_train/launcher.py",
+        "        if len(set(recorded)) == 1:\n            return recorded[0]\n",
+        "        if len(set(recorded)) == 1:\n            return launcher_code or recorded[0]\n",
+        tests=(JS,),
+    ),
+    Mutant(
+        "bad-sample-raised-inside-the-worker",
+        "pg_train/data/loader.py",
+        "            if not self.strict:\n                raise\n",
+        "            raise\n",
+        tests=("tests/test_strict_workers.py",),
+    ),
+    Mutant(
+        "bad-sample-pickles-from-its-message",
+        "pg_train/data/types.py",
+        "        return (BadSample, (self.reason, self.where, self.detail))\n",
+        "        return super().__reduce__()\n",
+        tests=("tests/test_strict_workers.py::test_bad_sample_pickles_with_reason_file_and_line",),
+    ),
+    Mutant(
+        "disk-full-not-said",
+        "pg_train/disk_space.py",
+        "        full = is_disk_full(err) or",
+        "        full = False and",
+        tests=("tests/test_disk_full.py::test_injected_enospc_while_checkpointing_exits_74_naming_path_and_sizes",),
+    ),
+    Mutant(
+        "teacher-ignores-its-end-text",
+        PG,
+        "            stop=model.prompts.stop,\n",
+        "            stop=None,\n",
+        tests=(f"{PIN}::test_teacher_caption_stops_at_the_end_text_and_drops_it",),
+    ),
+    Mutant(
+        "normalisation-std-changed",
+        "pg_train/data/images.py",
+        "IMAGENET_STD = (0.229, 0.224, 0.225)",
+        "IMAGENET_STD = (0.229, 0.229, 0.229)",
+        tests=(f"{PIN}::test_image_normalisation_is_the_released_models_imagenet_constants",),
+    ),
+    Mutant(
+        "later-shards-finiteness-unchecked",
+        "pg_train/model/checkpoint.py",
+        "    check_finite(state, directory, allow_nonfinite=allow_nonfinite)\n",
+        "    check_finite(dict(list(state.items())[:2]), directory, allow_nonfinite=allow_nonfinite)\n",
+        tests=(f"{PIN}::test_nonfinite_value_in_any_shard_is_refused_naming_it",),
+    ),
+    Mutant(
+        "numpy-rng-not-restored",
+        "pg_train/checkpointing.py",
+        "    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))\n",
+        "",
+        tests=(f"{PIN}::test_resume_restores_python_numpy_and_torch_random_state",),
+    ),
+    Mutant(
+        "python-rng-not-restored",
+        "pg_train/checkpointing.py",
+        '    random.setstate(state["python"])\n',
+        "",
+        tests=(f"{PIN}::test_resume_restores_python_numpy_and_torch_random_state",),
+    ),
 ]
 
 
@@ -523,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if mutant.sanity and record["status"] != "killed":
                 sys.exit(f"sanity mutant {mutant.name} was {record['status']}: the tests do not exercise the copy")
+            args.json.parent.mkdir(parents=True, exist_ok=True)  # so far (an interrupted run keeps what it measured)
+            args.json.write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
 
     counted = [r for r in result["mutants"] if not r["sanity"] and r["status"] != "not-applied"]
     killed = [r for r in counted if r["status"] in ("killed", "timeout")]
