@@ -372,6 +372,11 @@ def test_static_cache_graph_capture_warms_up_captures_once_replays_and_recapture
     check(first)
     assert graph_decode.STATS["invalidations"] == invalidations + 1
     assert (stand_in.warmups, stand_in.records, stand_in.replays) == (2, 2, 26)  # recaptured at once
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the teacher under the student's autocast
+        autocast = decode(student, *first[:2], "static", **kwargs)
+        graph = decode(student, *first[:2], "graph", **kwargs)
+    assert torch.equal(autocast[0], graph[0]) and torch.equal(autocast[1], graph[1])
+    assert stand_in.records == 3 and len(graph_decode.buckets_of(lm)) == 2  # its own bucket, captured anew
     graph_decode.release(lm)
 
 

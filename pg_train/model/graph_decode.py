@@ -329,9 +329,9 @@ def select(bucket: DecodeBucket, logits: torch.Tensor, rules: DecodeRules) -> No
 
 def kv_cache_bytes(config, batch: int, length: int, elem: int) -> int:
     """Bytes of transformers' StaticCache for `batch` rows of `length` positions: keys and values
-    of every layer, [batch, kv_heads, length, head_dim] each, `elem` bytes per element (the dtype
-    of the keys the model produces: the weights' dtype, fp32 under autocast over fp32 weights,
-    where the rotary embedding promotes the keys back to fp32)."""
+    of every layer, [batch, kv_heads, length, head_dim] each, `elem` bytes per element: the
+    weights' dtype. (Under autocast over fp32 weights the values are bf16 and the keys fp32, the
+    rotary embedding promoting them: 1.5x the bf16 figure; memcheck does not model that mode.)"""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * length * head_dim * elem
 
@@ -360,7 +360,11 @@ def step_pool_bytes(config, batch: int, length: int, elem: int) -> int:
 def get_bucket(language_model, rows: int, prompt: int, max_new_tokens: int, dtype, device) -> DecodeBucket:
     policy = policy_for(device)
     buckets = _BUCKETS.setdefault(language_model, OrderedDict())
-    key = (policy.batch(rows), policy.prompt(prompt), max_new_tokens, dtype, device)
+    # The autocast state is part of the shape: it decides the KV cache's dtypes (under autocast
+    # over fp32 weights the values are bf16, the rotary-promoted keys fp32) and the dtypes a
+    # captured step replays (pg_train.precision runs the teacher under the student's autocast).
+    autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    key = (policy.batch(rows), policy.prompt(prompt), max_new_tokens, dtype, device, autocast)
     bucket = buckets.pop(key, None)
     if bucket is None:
         bucket = DecodeBucket(language_model.config, key[0], key[1], max_new_tokens, device)
