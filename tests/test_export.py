@@ -273,6 +273,19 @@ def test_predict_writes_masks_overlays_and_json_lines_and_skips_bad_inputs_namin
     truth = np.asarray(Image.open(scenes[0][1])) > 0
     assert records[7]["iou_with_region"] == pytest.approx((predicted & truth).sum() / (predicted | truth).sum())
 
+    # a folder: every image with the same text; the masks are those of the one-image path
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for image, _, _ in scenes[:2]:
+        shutil.copy(image, folder / image.name)
+    (folder / "notes.txt").write_text("not an image")
+    args = [str(trained_run), "--images", str(folder), "--text", scenes[0][2], "--weights", "student"]
+    assert predict_main([*args, "--out", str(tmp_path / "out_folder"), "--batch-size", "1"]) == 0
+    listed = [json.loads(line) for line in (tmp_path / "out_folder" / "predictions.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in listed] == [scenes[0][0].name, scenes[1][0].name]
+    first = np.asarray(Image.open(tmp_path / "out_folder" / listed[0]["mask"])) > 127
+    assert np.array_equal(first, expected[0].mask)
+
 
 # ---- the whole loop under DeepSpeed ZeRO-2 ---------------------------------------------------------
 @pytest.mark.slow
