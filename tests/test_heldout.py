@@ -314,3 +314,20 @@ def test_evaluate_config_of_another_run_than_the_checkpoint_s_is_a_warning(tmp_p
     assert config_warnings(checkpoint, str(same), load_config([same])) == []
     (warning,) = config_warnings(checkpoint, str(other), load_config([other]))
     assert "other data settings" in warning and str(checkpoint) in warning
+
+
+def test_heldout_hf_named_split_reads_its_own_files_and_refuses_a_folder_without_them(tmp_path, monkeypatch, pairs):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    _, rows = pairs
+    ds = hf_dataset(rows)
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    ds.select(range(9)).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    ds.select(range(9, 12)).to_parquet(str(tmp_path / "hub" / "data" / "validation-00000-of-00001.parquet"))
+    data = DataConfig(source="hf", hf_path=str(tmp_path / "hub"), pairing="same", min_pixels=1)
+    train, heldout = split_run_data(data, EvalConfig(split="validation"), seed=0, samples=16, carve_out=True)
+    assert len(train) == 9 and heldout.description["n"] == 3
+    assert not {fingerprint(r) for r in loaded(train)} & held_images(heldout)
+    with pytest.raises(ValueError, match="has no files of that split apart from"):
+        split_run_data(data, EvalConfig(split="test"), seed=0, samples=16, carve_out=True)

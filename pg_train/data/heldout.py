@@ -172,7 +172,8 @@ def named_heldout(data, ev: EvalConfig, seed: int) -> HeldOut | None:
             description = {"source": "refer", "split": f"{source.refs_path.name} {ev.split}", "n": len(source)}
             return HeldOut(source, {**description, "chosen": "named"}, protocol="refcoco")
         if data.source == "hf":
-            source = build_source(dataclasses.replace(data, hf_split=ev.split, shuffle=False), seed)
+            _check_own_files(data, ev.split)
+            source = build_source(dataclasses.replace(data, hf_split=ev.split, shuffle=False, hf_num_rows=None), seed)
             description = {"source": "hf", "split": f"{data.hf_path} {ev.split}", "n": len(source), "chosen": "named"}
             return HeldOut(source, description)
         raise ValueError(f"eval.split names a split of data.source=refer or hf, not of data.source={data.source}")
@@ -183,6 +184,26 @@ def named_heldout(data, ev: EvalConfig, seed: int) -> HeldOut | None:
         )
         return HeldOut(source, {"source": "video", "split": str(ev.video_dir), "n": len(source), "chosen": "named"})
     return None
+
+
+def _check_own_files(data, split: str) -> None:
+    """The files of `split` and of the training split must differ: a folder whose file names do
+    not mention a split is read whole for it (hf.data_files falls back to every file), the
+    training rows included."""
+    from pathlib import Path
+
+    from .hf import SAVE_TO_DISK_MARKERS, data_files
+
+    path = Path(data.hf_path)
+    if not path.is_dir() or any((path / m).is_file() for m in SAVE_TO_DISK_MARKERS):
+        return
+    shared = set(data_files(path, split)) & set(data_files(path, data.hf_split))
+    if shared:
+        raise ValueError(
+            f"eval.split={split!r}: {path} has no files of that split apart from data.hf_split={data.hf_split!r}'s "
+            f"(file or folder names such as {split}-00000-of-00001.parquet or {split}/...): {sorted(shared)[0]} "
+            "would be read by both"
+        )
 
 
 def synthetic_heldout(data, ev: EvalConfig, seed: int, samples: int) -> HeldOut:
