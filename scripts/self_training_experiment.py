@@ -210,10 +210,13 @@ class Runner:
         self.slots = Slots(args.jobs)
         self.walls: dict[str, float] = {}
 
-    def _call(self, name: str, cmd: list[str], log: Path, priority: tuple) -> int:
+    def _call(self, name: str, cmd: list[str], log: Path, priority: tuple, done=lambda: False) -> int:
+        """Run `cmd` in a free slot, unless `done()` says another invocation finished it meanwhile."""
         env = {**os.environ, "OMP_NUM_THREADS": str(self.args.threads), "PYTHONPATH": str(ROOT)}
         self.slots.acquire((*priority, name))
         try:
+            if done():
+                return 0
             print(f"[self_training] {name}: start", flush=True)
             started = time.perf_counter()
             with log.open("w") as f:
@@ -231,10 +234,16 @@ class Runner:
         cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / self.args.config)]
         cmd += [*self.args.set, *overrides, f"max_steps={steps}", f"save_every={steps}", "eval_every=0"]
         cmd += ["keep_last=1", f"output_dir={run}", "progress=false", "resume=null", "report=false"]
-        if run.exists():
-            subprocess.run(["rm", "-rf", str(run)], check=True)
         run.parent.mkdir(parents=True, exist_ok=True)
-        code = self._call(run.name, cmd, run.parent / f"{run.name}.log", priority)
+
+        def done() -> bool:
+            if checkpoint.is_dir():
+                return True
+            if run.exists():  # an unfinished run: start it again
+                subprocess.run(["rm", "-rf", str(run)], check=True)
+            return False
+
+        code = self._call(run.name, cmd, run.parent / f"{run.name}.log", priority, done)
         if code != 0 or not checkpoint.is_dir():
             raise RuntimeError(f"{run.name} failed (exit {code}); see {run.parent / f'{run.name}.log'}")
         return checkpoint
@@ -247,7 +256,8 @@ class Runner:
             cmd += ["--eval-seed-a", str(self.args.eval_seed_a), "--eval-seed-b", str(self.args.eval_seed_b)]
             cmd += ["--domain-b", self.args.domain_b]
             name = f"{checkpoint.parent.parent.name}_{path.stem}"
-            if self._call(name, cmd, checkpoint.parent.parent.parent / f"{name}.log", priority) != 0:
+            log = checkpoint.parent.parent.parent / f"{name}.log"
+            if self._call(name, cmd, log, priority, path.is_file) != 0:
                 raise RuntimeError(f"evaluation of {checkpoint} failed; see {name}.log")
         return json.loads(path.read_text())
 
@@ -319,8 +329,7 @@ def arm_available(arm: Arm, args) -> str | None:
 def run_seed(seed: int, arms: list[Arm], runner: Runner, args) -> dict:
     out = Path(args.out)
     order = (args.seeds.index(seed),)
-    # a warm-up is the long pole of its seed: it starts as early as the arms of two seeds before
-    warm = runner.train(out / f"s{seed}_warmup", [f"seed={seed}"], args.warmup_steps, (order[0] - 2,))
+    warm = runner.train(out / f"s{seed}_warmup", [f"seed={seed}"], args.warmup_steps, order)
     record = {"warmup": runner.evaluate(warm, order)}
     gap = record["warmup"]["A"]["cycle_gIoU"] - record["warmup"]["A"]["shuffled_gIoU"]
     record["grounded"] = gap >= args.gate
