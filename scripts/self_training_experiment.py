@@ -135,6 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default="docs/measurements/self_training.json")
     p.add_argument("--doc", default="docs/learning/self_training.md", help="markdown file whose table to rewrite")
     p.add_argument("--plot", default="docs/learning/self_training.png")
+    p.add_argument("--note", default="", help="free text for the JSON (e.g. which code trained reused runs)")
     p.add_argument("--eval-one", metavar="CHECKPOINT", help=argparse.SUPPRESS)  # internal: score one checkpoint
     return p.parse_args(argv)
 
@@ -432,6 +433,19 @@ def stamp() -> dict:
     }
 
 
+def logged_train_seconds(out: Path, seeds: list[int]) -> dict[str, float]:
+    """Each training run's own "done: N steps in X s" (its log in --out), whichever invocation ran it."""
+    import re
+
+    found = {}
+    for log in sorted(out.glob("s*.log")):
+        seed = re.match(r"s(\d+)_", log.name)
+        done = re.search(r"done: \d+ steps in ([\d.]+) s", log.read_text(errors="replace"))
+        if seed and int(seed.group(1)) in seeds and done:
+            found[log.stem] = float(done.group(1))
+    return found
+
+
 def write_doc_table(path: Path, text: str) -> None:
     """Replace the table between the doc's <!-- table --> markers (the prose around it is the doc's)."""
     begin, end = "<!-- table -->", "<!-- /table -->"
@@ -482,13 +496,15 @@ def main(argv=None) -> int:
             "jobs": args.jobs,
             "threads": args.threads,
         },
+        "note": args.note,
         "arms": {a.key: {"name": a.name, "overrides": list(a.overrides)} for a in arms},
         "unavailable_arms": unavailable,
         "seeds": args.seeds,
         "grounded_seeds": grounded,
         "results": {str(s): results[s] for s in args.seeds},
         "summary": summary,
-        "wall_s": runner.walls,
+        "wall_s_this_invocation": runner.walls,
+        "train_s_per_run": logged_train_seconds(Path(args.out), args.seeds),
         "total_wall_s": round(time.perf_counter() - started, 1),
         "table_markdown": text,
     }
