@@ -238,6 +238,8 @@ class Runner:
         run.parent.mkdir(parents=True, exist_ok=True)
 
         def done() -> bool:
+            while (run / ".pg_train.lock").is_file() and not checkpoint.is_dir():
+                time.sleep(10)  # another invocation is training it
             if checkpoint.is_dir():
                 return True
             if run.exists():  # an unfinished run: start it again
