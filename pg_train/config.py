@@ -19,8 +19,8 @@ import yaml
 from .data import SOURCES, DataConfig
 from .data.heldout import EvalConfig
 from .model.presets import PRESETS, ModelPreset
-from .pseudo_gumbel import PseudoGumbelConfig
-from .supervised import SupervisedConfig
+from .objectives.settings import PseudoGumbelConfig
+from .objectives.supervised import SupervisedConfig
 
 
 class ConfigError(ValueError):

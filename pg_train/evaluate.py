@@ -34,7 +34,7 @@ from .checkpoint_files import TRAINING_CONFIG
 from .distributed import unwrap
 from .gallery import gallery_samples, samples_from, write_gallery
 from .inference import KINDS, caption_inputs, inference_mode, inputs_on_device, model_dtype, segment_image2
-from .pseudo_gumbel import PseudoGumbelConfig
+from .objectives.settings import PseudoGumbelConfig
 from .scores import ciou_giou, sample_counts
 
 __all__ = ["KINDS", "ciou_giou", "evaluate", "gallery_samples", "heldout_batches", "main"]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from .distributed import unwrap
 from .inference import caption_inputs, inference_mode, segment_image2
-from .pseudo_gumbel import PseudoGumbelConfig
+from .objectives.settings import PseudoGumbelConfig
 from .scores import sample_counts
 
 

@@ -31,13 +31,9 @@ from .data.images import image_tensor, mask_tensor
 from .data.loader import batch_to_device, collate_pairs, preprocess_for
 from .distributed import unwrap
 from .model.regions import region_cells
-from .pseudo_gumbel import (
-    PseudoGumbelConfig,
-    answer_caption_embeds,
-    forward_mask_with_text_embeds,
-    generate_pseudo_tokens_with_ema,
-)
-from .supervised import tokenize_captions
+from .objectives.passes import answer_caption_embeds, forward_mask_with_text_embeds, tokenize_captions
+from .objectives.settings import PseudoGumbelConfig
+from .objectives.teacher import generate_pseudo_tokens_with_ema
 
 KINDS = ("referring", "cycle", "shuffled", "empty")
 

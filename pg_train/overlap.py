@@ -23,7 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .ema import EMATeacher
-from .pseudo_gumbel import PseudoGumbelConfig, caption_batch
+from .objectives.settings import PseudoGumbelConfig
+from .objectives.teacher import caption_batch
 
 
 def _done(value) -> Future:

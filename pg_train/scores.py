@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .inference import mask_at
-from .pseudo_gumbel import iou_counts, resize_target
+from .objectives.passes import iou_counts, resize_target
 
 
 def ciou_giou(inter: torch.Tensor, union: torch.Tensor) -> dict[str, float]:

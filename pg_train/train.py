@@ -39,11 +39,10 @@ from .data.loader import batch_to_device, preprocess_for
 from .distributed import unwrap
 from .ema import EMATeacher
 from .model.state_check import CheckpointError
+from .objectives.mix import objective_kind_at, objective_step
 from .overlap import OverlappedTeacher
 from .precision import follow_accelerator
-from .pseudo_gumbel import pseudo_gumbel_step
 from .run_lock import OutputDirLocked, OutputLock, acquire
-from .supervised import supervised_step
 from .window import NonFiniteGuard, NonFiniteLossError, WindowResult, grad_norms, optimizer_window  # noqa: F401
 
 REQUEUE_EXIT_CODE = exit_codes.REQUEUE  # stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue and resume
@@ -130,29 +129,6 @@ class TrainState:
         self.step, self.guard.total = state["step"], state["nonfinite_total"]
         self.loader.load_state_dict(state["data"])
         self.restored_captions = state.get("teacher_captions")
-
-
-# ---- the objective of a step --------------------------------------------------------------------
-def objective_kind_at(step: int, cfg: TrainConfig) -> str:
-    """The objective step `step` (0-based) trains: curriculum = supervised, then Pseudo-Gumbel."""
-    if cfg.objective_kind == "curriculum":
-        return "supervised" if step < supervised_steps(cfg) else "pseudo_gumbel"
-    return cfg.objective_kind
-
-
-def objective_step(model, ema, batch: dict, cfg: TrainConfig, kind: str | None = None, observer=None):
-    """The objective's forward: Pseudo-Gumbel, supervised (ground-truth text), or both (mixed)."""
-    kind = kind or objective_kind_at(0, cfg)
-    if kind == "supervised":
-        return supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
-    out = pseudo_gumbel_step(model, ema, batch, cfg.objective, observer=observer)
-    if kind == "mixed":
-        sup = supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
-        out.loss = out.loss + cfg.supervised.mix_weight * sup.loss
-        out.metrics["loss"] = out.loss.detach()
-        out.metrics["lm_loss"] = sup.metrics["lm_loss"]
-        out.metrics["supervised_iou"] = sup.metrics["iou"]
-    return out
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

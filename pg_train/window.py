@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .distributed import unwrap
-from .pseudo_gumbel import StepOutput, no_observer
+from .objectives.passes import StepOutput, no_observer
 
 WINDOW_STAGES = ("backward", "optimizer step", "EMA update")  # observed after the objective's STAGES
 

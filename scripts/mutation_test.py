@@ -6,7 +6,8 @@
     .venv/bin/python scripts/mutation_test.py --tree HEAD     # mutate a commit (any git revision), not the working tree
 
 A passing suite is evidence only if it can fail. Each mutant below is one small, plausible bug
-(a snippet of a file and its replacement) in pg_train/pseudo_gumbel.py, pg_train/ema.py or the
+(a snippet of a file and its replacement) in the objectives (pg_train/objectives/: pseudo_gumbel.py, the
+shared passes.py, teacher.py), pg_train/ema.py or the
 training window (pg_train/window.py) and loop (pg_train/train.py) (plus the [SEG] suffix of templates.py and the data
 iterator's generator, the two places those properties live). For each mutant the repository is
 copied to a temporary directory (the files `git ls-files` lists, tracked and untracked-but-not-
@@ -47,7 +48,13 @@ PYTHON = REPO / ".venv" / "bin" / "python"
 # Test files per mutated file, fastest first (with -x a kill usually comes from the first).
 TESTS = {
     # test_ema.py: the EMA teacher's tests run step 1 (generation) too
-    "pg_train/pseudo_gumbel.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py", "tests/test_ema.py"),
+    "pg_train/objectives/pseudo_gumbel.py": (
+        "tests/test_properties.py",
+        "tests/test_pseudo_gumbel.py",
+        "tests/test_ema.py",
+    ),
+    "pg_train/objectives/passes.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py", "tests/test_ema.py"),
+    "pg_train/objectives/teacher.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py", "tests/test_ema.py"),
     "pg_train/model/templates.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
     "pg_train/ema.py": ("tests/test_properties.py", "tests/test_ema.py"),
     "pg_train/train.py": ("tests/test_properties.py", "tests/test_train.py"),
@@ -76,7 +83,12 @@ class Mutant:
         return self.tests or TESTS[self.file]
 
 
-PG, EMA, TRAIN, WINDOW = "pg_train/pseudo_gumbel.py", "pg_train/ema.py", "pg_train/train.py", "pg_train/window.py"
+PG, PASSES, TEACHER = (
+    "pg_train/objectives/pseudo_gumbel.py",
+    "pg_train/objectives/passes.py",
+    "pg_train/objectives/teacher.py",
+)
+EMA, TRAIN, WINDOW = "pg_train/ema.py", "pg_train/train.py", "pg_train/window.py"
 # issue 27's test files
 RL, RV, JS, PIN = (
     "tests/test_run_lock.py",
@@ -88,52 +100,56 @@ RL, RV, JS, PIN = (
 MUTANTS = [
     Mutant(
         "sanity-mask-loss-raises",
-        PG,
+        PASSES,
         "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
         "    raise RuntimeError('mutation_test sanity mutant')\n",
         sanity=True,
     ),
     # ---- step 6: the loss
-    Mutant("dice-on-logits", PG, "    prob = logits.sigmoid()\n", "    prob = logits\n"),
+    Mutant("dice-on-logits", PASSES, "    prob = logits.sigmoid()\n", "    prob = logits\n"),
     Mutant(
         "dice-denominator-without-smoothing",
-        PG,
+        PASSES,
         "/ (prob.sum(1) + target.sum(1) + 1)",
         "/ (prob.sum(1) + target.sum(1))",
     ),
     Mutant(
         "dice-denominator-squared-probabilities",
-        PG,
+        PASSES,
         "/ (prob.sum(1) + target.sum(1) + 1)",
         "/ ((prob ** 2).sum(1) + target.sum(1) + 1)",
     ),
     Mutant(
         "loss-sum-over-batch",
-        PG,
+        PASSES,
         "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
         "    loss = (bce_weight * bce + dice_weight * dice).sum()\n",
     ),
     Mutant(
         "loss-weights-swapped",
-        PG,
+        PASSES,
         "    loss = (bce_weight * bce + dice_weight * dice).mean()\n",
         "    loss = (dice_weight * bce + bce_weight * dice).mean()\n",
     ),
     Mutant(
         "target-nearest-instead-of-area",
-        PG,
+        PASSES,
         "    return F.adaptive_avg_pool2d(masks.float().clamp(0, 1)[:, None], size)[:, 0]\n",
         "    return F.interpolate(masks.float().clamp(0, 1)[:, None], size=size, mode='nearest')[:, 0]\n",
     ),
     Mutant(
         "iou-empty-vs-empty-scores-zero",
-        PG,
+        PASSES,
         "    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))\n",
         "    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))\n",
     ),
     # ---- step 5: the [SEG] row
-    Mutant("seg-row-one-early", PG, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index - 1\n",)),
-    Mutant("seg-row-one-late", PG, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index + 1\n",)),
+    Mutant(
+        "seg-row-one-early", PASSES, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index - 1\n",)
+    ),
+    Mutant(
+        "seg-row-one-late", PASSES, ("caption_mask, suffix, seg_index\n",), ("caption_mask, suffix, seg_index + 1\n",)
+    ),
     Mutant(
         "two-seg-suffix-reads-the-first",
         "pg_train/model/templates.py",
@@ -142,7 +158,7 @@ MUTANTS = [
     ),
     Mutant(
         "pass2-padded-caption-slots-attended",
-        PG,
+        PASSES,
         "    caption_mask = (torch.arange(T, device=device)[None] < caption_lengths[:, None]).long()\n    return prefix",
         "    caption_mask = torch.ones(B, T, dtype=torch.long, device=device)\n    return prefix",
     ),  # pass 2's caption mask
@@ -153,7 +169,7 @@ MUTANTS = [
         'student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1',
         'student, batch["pixel_values1"], cells, caption_ids, caption_lengths, views1',
     ),
-    Mutant("pass1-logit-rows-one-late", PG, "first_row=P - 1,\n", "first_row=P,\n"),
+    Mutant("pass1-logit-rows-one-late", PASSES, "first_row=P - 1,\n", "first_row=P,\n"),
     # ---- step 2: masking
     Mutant(
         "masking-ratio-inverted",
@@ -214,13 +230,13 @@ MUTANTS = [
     # ---- step 1: the teacher
     Mutant(
         "teacher-generates-in-train-mode",
-        PG,
-        "    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)):\n",
-        "    with teacher_model(teacher, student) as model:\n",
+        TEACHER,
+        "    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)), compute_autocast(unwrap(model)):\n",
+        "    with teacher_model(teacher, student) as model, compute_autocast(unwrap(model)):\n",
     ),
     Mutant(
         "teacher-cannot-end-with-eos",
-        PG,
+        TEACHER,
         "        suppress[model.eos_token_id] = False  # eos is how a caption ends\n",
         "",
     ),
@@ -489,7 +505,7 @@ MUTANTS = [
     ),
     Mutant(
         "teacher-ignores-its-end-text",
-        PG,
+        TEACHER,
         "            stop=model.prompts.stop,\n",
         "            stop=None,\n",
         tests=(f"{PIN}::test_teacher_caption_stops_at_the_end_text_and_drops_it",),

@@ -7,10 +7,10 @@ import json
 
 import torch
 
-from pg_train import pseudo_gumbel
 from pg_train.distributed import unwrap
 from pg_train.ema import EMATeacher
 from pg_train.memcheck.__main__ import main
+from pg_train.objectives import pseudo_gumbel
 
 GRADIENTS, EMA, OPTIMIZER, CHECKPOINTING = (
     "gradients reach LoRA",
@@ -124,8 +124,9 @@ def test_phase_observer_bench_memcheck_and_training_see_the_same_stages():
     from pg_train.config import TrainConfig
     from pg_train.memcheck.measure import PHASES, build_batch, measure
     from pg_train.model import build_offline
-    from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
-    from pg_train.supervised import SupervisedConfig, supervised_step
+    from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
+    from pg_train.objectives.settings import PseudoGumbelConfig
+    from pg_train.objectives.supervised import SupervisedConfig, supervised_step
 
     cpu = torch.device("cpu")
     model = build_offline("tiny", device="cpu", seed=0)
@@ -155,7 +156,7 @@ def test_phase_observer_bench_memcheck_and_training_see_the_same_stages():
     assert list(m.phases)[: len(seen)] == [PHASES[s] for s in seen]
     # memcheck measures the optimizer step training runs: the window's stages follow the step's
     from pg_train.accel import build_accelerator
-    from pg_train.train import objective_step
+    from pg_train.objectives.mix import objective_step
     from pg_train.window import WINDOW_STAGES, NonFiniteGuard, optimizer_window
 
     assert list(m.phases) == [PHASES[s] for s in seen] + list(WINDOW_STAGES)

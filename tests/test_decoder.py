@@ -96,7 +96,8 @@ def test_trim_is_a_per_call_argument_and_a_per_model_setting(model, monkeypatch)
 
     import pg_train.model.generate as generate
     from pg_train.memcheck.measure import build_batch
-    from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
+    from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
+    from pg_train.objectives.settings import PseudoGumbelConfig
 
     seen = []  # the trim of every decoder call the step makes: teacher decoding, pass 1, pass 2
     for module in (sa2va, generate):

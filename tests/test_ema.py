@@ -11,7 +11,8 @@ from conftest import make_batch
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model
 from pg_train.model.regions import region_cells
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, generate_pseudo_tokens_with_ema
+from pg_train.objectives.settings import PseudoGumbelConfig
+from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
 
 def perturb_trainable(model, seed, scale=0.05):

@@ -9,7 +9,8 @@ from pg_train.evaluate import ciou_giou, evaluate, heldout_batches
 from pg_train.gallery import TEXT_HEIGHT, TILE
 from pg_train.inference import caption_inputs
 from pg_train.model import build_model
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, forward_mask_with_text_embeds, iou_counts
+from pg_train.objectives.passes import forward_mask_with_text_embeds, iou_counts
+from pg_train.objectives.settings import PseudoGumbelConfig
 
 
 def lively(seed=0):
@@ -134,7 +135,8 @@ def test_controls_request_summary_loss_reads_the_caption_at_the_seg_state():
     """The supervised objective's request-summary term: lm_head at [SEG] scored against the
     caption's words. Hand-made: a state whose logits put all mass on the caption's tokens scores
     ~0; the gradient reaches the caption embeddings through [SEG]."""
-    from pg_train.supervised import request_summary_loss, tokenize_captions
+    from pg_train.objectives.passes import tokenize_captions
+    from pg_train.objectives.supervised import request_summary_loss
 
     model = lively()
     ids, lens = torch.tensor([[30, 31, 32], [40, 0, 0]]), torch.tensor([3, 1])

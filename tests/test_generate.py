@@ -9,7 +9,9 @@ from pg_train.ema import EMATeacher
 from pg_train.model import build_model
 from pg_train.model.generate import generate_from_embeds
 from pg_train.model.regions import region_cells
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, generate_pseudo_tokens_with_ema, region_prompts
+from pg_train.objectives.passes import region_prompts
+from pg_train.objectives.settings import PseudoGumbelConfig
+from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
 
 @pytest.fixture(scope="module")

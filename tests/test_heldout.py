@@ -272,7 +272,7 @@ def test_refer_heldout_is_scored_in_training_as_the_refcoco_evaluator_scores_it(
     from pg_train.eval_refcoco import evaluate_split, model_predictor
     from pg_train.evaluate import batches_of, evaluate
     from pg_train.model import build_model
-    from pg_train.pseudo_gumbel import PseudoGumbelConfig
+    from pg_train.objectives.settings import PseudoGumbelConfig
 
     refer_dir, images = write_refer(tmp_path)
     data = DataConfig(source="refer", refer_dir=str(refer_dir), coco_images=str(images), min_pixels=1)

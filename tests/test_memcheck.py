@@ -113,7 +113,8 @@ def test_memcheck_predicts_the_decoding_bucket_s_static_cache_bytes_exactly(poli
     from pg_train.memcheck.measure import build_batch, teacher_prompt
     from pg_train.memcheck.predict import Deployment, predict
     from pg_train.model import graph_decode
-    from pg_train.pseudo_gumbel import PseudoGumbelConfig, caption_batch
+    from pg_train.objectives.settings import PseudoGumbelConfig
+    from pg_train.objectives.teacher import caption_batch
 
     if policy == "cuda":
         monkeypatch.setitem(graph_decode.POLICIES, "cpu", graph_decode.BucketPolicy())

@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_train import FAST
 
-import pg_train.train as train_module
+import pg_train.objectives.mix as objectives_mix
 from pg_train.config import ConfigError, load_config
 from pg_train.model.regions import region_cells
-from pg_train.pseudo_gumbel import generate_pseudo_tokens_with_ema
+from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 from pg_train.train import REQUEUE_EXIT_CODE, train
 
 OVERLAP = [
@@ -29,7 +29,7 @@ OVERLAP = [
 
 def test_overlap_teacher_captions_are_those_of_a_teacher_one_update_older(tmp_path, monkeypatch):
     calls = []  # per step: the captions the step used, its inputs, the EMA state when it ran
-    real_step = train_module.pseudo_gumbel_step
+    real_step = objectives_mix.pseudo_gumbel_step
 
     def spy(student, teacher, batch, cfg, **kwargs):
         ids, lengths = batch["teacher_captions"]
@@ -44,7 +44,7 @@ def test_overlap_teacher_captions_are_those_of_a_teacher_one_update_older(tmp_pa
         )
         return real_step(student, teacher, batch, cfg, **kwargs)
 
-    monkeypatch.setattr(train_module, "pseudo_gumbel_step", spy)
+    monkeypatch.setattr(objectives_mix, "pseudo_gumbel_step", spy)
     cfg = load_config([], [*OVERLAP, f"output_dir={tmp_path}", "max_steps=5"])
     result = train(cfg)
     assert result.exit_code == 0 and len(calls) == 5

@@ -24,7 +24,8 @@ from pg_train.model import CheckpointError, build_model, from_pretrained
 try:  # the objectives package (issue 26) or the module it grew from
     from pg_train.objectives.pseudo_gumbel import PseudoGumbelConfig, generate_pseudo_tokens_with_ema
 except ImportError:
-    from pg_train.pseudo_gumbel import PseudoGumbelConfig, generate_pseudo_tokens_with_ema
+    from pg_train.objectives.settings import PseudoGumbelConfig
+    from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
 
 # ---- the teacher stops at its end text ------------------------------------------------------------

@@ -16,8 +16,10 @@ from test_pseudo_gumbel import make_step_batch
 
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model
+from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
+from pg_train.objectives.settings import PseudoGumbelConfig
+from pg_train.objectives.teacher import caption_batch
 from pg_train.precision import autocast_dtype, compute_autocast, follow_accelerator
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, caption_batch, pseudo_gumbel_step
 
 
 @pytest.fixture

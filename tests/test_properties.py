@@ -15,19 +15,15 @@ from conftest import accelerate_launch, with_lora_weights
 from test_pseudo_gumbel import make_step_batch
 from test_train import FAST, metrics
 
-import pg_train.pseudo_gumbel as pg
+import pg_train.objectives.pseudo_gumbel as pg
 from pg_train.config import load_config, objective_for
 from pg_train.distributed import unwrap
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model, get_preset
 from pg_train.model.templates import TEMPLATE_SETS
-from pg_train.pseudo_gumbel import (
-    PseudoGumbelConfig,
-    forward_mask_with_text_embeds,
-    mask_loss,
-    pseudo_gumbel_step,
-    resize_target,
-)
+from pg_train.objectives.passes import forward_mask_with_text_embeds, mask_loss, resize_target
+from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
+from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.train import REQUEUE_EXIT_CODE, build_student, train
 
 LN2, LN3 = math.log(2), math.log(3)
@@ -339,14 +335,14 @@ def test_target_is_the_area_fraction_of_each_decoder_pixel():
 
 
 def test_mask_iou_of_an_empty_prediction_of_an_empty_target_is_one():
-    from pg_train.pseudo_gumbel import mask_iou
+    from pg_train.objectives.passes import mask_iou
 
     assert mask_iou(torch.full((2, 4, 4), -1.0), torch.zeros(2, 4, 4)).tolist() == [1.0, 1.0]
 
 
 def test_teacher_caption_ends_at_eos_once_the_minimum_length_is_reached():
     from pg_train.model.regions import region_cells
-    from pg_train.pseudo_gumbel import generate_pseudo_tokens_with_ema
+    from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
     model = build_model("tiny", seed=0).eval()
     eos = torch.tensor([model.eos_token_id])
@@ -362,7 +358,7 @@ def test_teacher_caption_ends_at_eos_once_the_minimum_length_is_reached():
 def test_gumbel_noise_does_not_reuse_the_masking_streams_numbers(monkeypatch):
     """Masking (stream 0) and Gumbel noise (stream 1) are independent per sample: were they one
     stream, whether token t is replaced would be tied to the noise of the same numbers."""
-    from pg_train.pseudo_gumbel import sample_generators
+    from pg_train.objectives.pseudo_gumbel import sample_generators
 
     student = build_model("tiny", seed=0)
     batch = make_step_batch(student, batch_size=2)

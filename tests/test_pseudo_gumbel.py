@@ -9,17 +9,16 @@ from conftest import make_batch, with_lora_weights
 from pg_train.bench.gumbel import naive_topk_gumbel_softmax
 from pg_train.model import build_model
 from pg_train.model.regions import region_cells
-from pg_train.pseudo_gumbel import (
-    PseudoGumbelConfig,
-    forward_for_logits,
-    generate_pseudo_tokens_with_ema,
+from pg_train.objectives.passes import forward_for_logits, special_ids
+from pg_train.objectives.pseudo_gumbel import (
     pseudo_gumbel_step,
     random_mask_tokens,
     sample_generators,
-    special_ids,
     topk_gumbel_softmax,
     uniform_noise,
 )
+from pg_train.objectives.settings import PseudoGumbelConfig
+from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
 
 def make_step_batch(model, batch_size=2, seed=0):
@@ -98,7 +97,7 @@ def test_batch_invariance_with_padded_caption_slots():
     """Caption slots past a sample's length are masked out of pass 2 (forced short caption)."""
     student = with_lora_weights(build_model("tiny", seed=0))
     batch = make_step_batch(student, batch_size=2, seed=3)
-    from pg_train.pseudo_gumbel import forward_mask_with_text_embeds
+    from pg_train.objectives.passes import forward_mask_with_text_embeds
 
     D = student.preset.language.hidden_size
     embeds = torch.randn(2, 9, D)
@@ -269,7 +268,7 @@ def test_k_policy_tiny_and_empty_masks_and_prompt_k_equals_cells():
 
 
 def test_loss_weights_and_resolution():
-    from pg_train.pseudo_gumbel import mask_loss, resize_target
+    from pg_train.objectives.passes import mask_loss, resize_target
 
     target = torch.zeros(1, 128, 128)
     target[:, :64] = 1
@@ -332,7 +331,7 @@ def test_bf16_weights_step_runs_with_bf16_embeds_and_finite_grads():
 
 
 def test_mask_iou_of_empty_prediction_against_a_tiny_object_is_zero():
-    from pg_train.pseudo_gumbel import mask_iou
+    from pg_train.objectives.passes import mask_iou
 
     target = torch.zeros(2, 8, 8)
     target[0, 3, 3] = 0.2  # smaller than half a pixel at this resolution

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pg_train.evaluate import heldout_batches
 from pg_train.gallery import gallery_samples
-from pg_train.pseudo_gumbel import PseudoGumbelConfig
+from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.report import (
     comparison,
     figure_axes,

@@ -112,7 +112,7 @@ def test_tiling_region_tokens_come_from_the_last_view(tiny_model):
     cells = torch.zeros(2, m.grid_size, m.grid_size, dtype=torch.bool)
     cells[0, 1, 2] = cells[0, 3, 3] = True
     cells[1, 0, 0] = True
-    from pg_train.pseudo_gumbel import region_prompts
+    from pg_train.objectives.passes import region_prompts
 
     ids, _ = region_prompts(m, cells, num_views)
     embeds = m.embed_with_images(ids, features, cells, num_views)
@@ -154,7 +154,8 @@ def test_tiling_batches_give_each_sample_what_it_gives_alone():
     """Teacher captions, pass 1 and pass 2 of a batch mixing 4 views and 1 view equal each sample
     run alone: the views, their prompts and the left padding line up."""
     from pg_train.model import build_model
-    from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
+    from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
+    from pg_train.objectives.settings import PseudoGumbelConfig
 
     model = build_model("tiny", seed=0).eval()
     model.preset = dataclasses.replace(

@@ -148,9 +148,9 @@ def test_signal_usr1_checkpoints_and_exits_with_requeue_code_then_resumes(tmp_pa
 
 def poison_calls(monkeypatch, poisoned: set[int]) -> None:
     """Make the objective's listed (1-based) calls return a NaN loss."""
-    import pg_train.train as train_module
+    import pg_train.objectives.mix as objectives_mix
 
-    real_step, calls = train_module.pseudo_gumbel_step, {"n": 0}
+    real_step, calls = objectives_mix.pseudo_gumbel_step, {"n": 0}
 
     def flaky_step(*args, **kwargs):
         calls["n"] += 1
@@ -159,7 +159,7 @@ def poison_calls(monkeypatch, poisoned: set[int]) -> None:
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_module, "pseudo_gumbel_step", flaky_step)
+    monkeypatch.setattr(objectives_mix, "pseudo_gumbel_step", flaky_step)
 
 
 def test_nonfinite_loss_skips_the_update_and_stops_after_too_many_in_a_row(tmp_path, monkeypatch):

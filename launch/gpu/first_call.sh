@@ -102,7 +102,8 @@ import torch
 from pg_train.accel import build_accelerator
 from pg_train.model import build_model, graph_decode
 from pg_train.model.regions import region_cells
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, generate_pseudo_tokens_with_ema
+from pg_train.objectives.settings import PseudoGumbelConfig
+from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 build_accelerator()  # TF32 on, as training builds it
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 model = build_model('tiny', seed=0).eval().to(device)

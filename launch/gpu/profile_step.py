@@ -17,7 +17,8 @@ from pg_train.bench.seed_step import full_copy_ema_update, seed_literal_step
 from pg_train.bench.step import make_batches
 from pg_train.ema import EMATeacher
 from pg_train.model import build_offline
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
+from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
+from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.window import NonFiniteGuard, optimizer_window
 
 

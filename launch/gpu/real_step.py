@@ -22,7 +22,7 @@ from pg_train.ema import EMATeacher  # noqa: E402
 from pg_train.memcheck.__main__ import build  # noqa: E402
 from pg_train.memcheck.measure import build_batch, measure  # noqa: E402
 from pg_train.model import component_parameter_counts, enable_gradient_checkpointing  # noqa: E402
-from pg_train.pseudo_gumbel import PseudoGumbelConfig  # noqa: E402
+from pg_train.objectives.settings import PseudoGumbelConfig  # noqa: E402
 
 GiB = 2**30
 

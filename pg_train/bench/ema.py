@@ -15,7 +15,8 @@ import torch
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model
 from pg_train.model.regions import region_cells
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, generate_pseudo_tokens_with_ema
+from pg_train.objectives.settings import PseudoGumbelConfig
+from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
 
 def timed(fn, repeats: int) -> float:

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from pg_train.bench.memory import PeakMemory, SavedTensorBytes
-from pg_train.pseudo_gumbel import sample_generators, topk_gumbel_softmax, uniform_noise
+from pg_train.objectives.pseudo_gumbel import sample_generators, topk_gumbel_softmax, uniform_noise
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

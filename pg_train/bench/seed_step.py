@@ -25,20 +25,18 @@ import torch
 
 from ..distributed import unwrap
 from ..model.regions import region_cells as select_region_cells
-from ..pseudo_gumbel import (
-    PseudoGumbelConfig,
-    generate_pseudo_tokens_with_ema,
+from ..objectives.passes import (
     mask_loss,
-    random_mask_tokens,
     region_prompts,
     resize_target,
-    sample_generators,
     segment_prompt,
     space_slot_rows,
     special_ids,
-    uniform_noise,
     with_space_slot,
 )
+from ..objectives.pseudo_gumbel import random_mask_tokens, sample_generators, uniform_noise
+from ..objectives.settings import PseudoGumbelConfig
+from ..objectives.teacher import generate_pseudo_tokens_with_ema
 from .gumbel import naive_topk_gumbel_softmax
 
 

@@ -61,8 +61,8 @@ import torch
 from ..ema import EMATeacher
 from ..memcheck.measure import build_batch, optimizer_tensors, storage_bytes
 from ..model import build_offline
-from ..pseudo_gumbel import STAGES as OBJECTIVE_STAGES
-from ..pseudo_gumbel import PseudoGumbelConfig
+from ..objectives.pseudo_gumbel import STAGES as OBJECTIVE_STAGES
+from ..objectives.settings import PseudoGumbelConfig
 from .memory import PeakMemory
 
 STAGES = (*OBJECTIVE_STAGES, "backward", "optimizer", "ema")  # teacher, mask, pass1, gumbel, pass2, loss, ...
@@ -229,7 +229,7 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
 
 def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     from ..model import graph_decode
-    from ..pseudo_gumbel import pseudo_gumbel_step
+    from ..objectives.pseudo_gumbel import pseudo_gumbel_step
     from .seed_step import full_copy_ema_update, seed_literal_step
 
     if variant not in VARIANTS:

@@ -286,7 +286,7 @@ def main(argv=None) -> int:
 def run_measured(args, cfg, report) -> int:
     from ..builders import build_optimizer
     from ..ema import EMATeacher
-    from ..pseudo_gumbel import PseudoGumbelConfig
+    from ..objectives.settings import PseudoGumbelConfig
 
     cuda = torch.cuda.is_available()
     device = "cuda:0" if cuda else "cpu"

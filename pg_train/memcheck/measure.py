@@ -20,7 +20,8 @@ from ..bench.memory import PeakMemory, SavedTensorBytes
 from ..distributed import unwrap
 from ..ema import EMATeacher
 from ..model import graph_decode
-from ..pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step
+from ..objectives.pseudo_gumbel import pseudo_gumbel_step
+from ..objectives.settings import PseudoGumbelConfig
 from .predict import gradient_free
 
 BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step")
@@ -513,7 +514,7 @@ def teacher_prompt(model, batch: dict, objective) -> int:
     """The teacher's prompt length for `batch` (the measured run's decoding bucket is predicted
     for it): the region prompts the teacher builds, left-padded to the longest."""
     from ..model.regions import region_cells
-    from ..pseudo_gumbel import region_prompts
+    from ..objectives.passes import region_prompts
 
     cells, _ = region_cells(
         batch["region_masks1"].cpu(),

@@ -13,7 +13,8 @@ import torch  # noqa: E402
 
 from pg_train.ema import EMATeacher  # noqa: E402
 from pg_train.model import build_model  # noqa: E402
-from pg_train.pseudo_gumbel import PseudoGumbelConfig, pseudo_gumbel_step  # noqa: E402
+from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step  # noqa: E402
+from pg_train.objectives.settings import PseudoGumbelConfig  # noqa: E402
 
 
 def main(out_path: str, steps: int = 3) -> None:

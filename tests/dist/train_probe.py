@@ -21,11 +21,11 @@ from pg_train.train import train  # noqa: E402
 
 def poison(rank: int, call: int) -> None:
     """Make the `call`-th objective evaluation on `rank` return a NaN loss (only that rank)."""
-    import pg_train.train as train_module
+    import pg_train.objectives.mix as objectives_mix
 
     if int(os.environ["RANK"]) != rank:
         return
-    real, calls = train_module.pseudo_gumbel_step, {"n": 0}
+    real, calls = objectives_mix.pseudo_gumbel_step, {"n": 0}
 
     def step(*args, **kwargs):
         calls["n"] += 1
@@ -34,7 +34,7 @@ def poison(rank: int, call: int) -> None:
             out.loss = out.loss * float("nan")
         return out
 
-    train_module.pseudo_gumbel_step = step
+    objectives_mix.pseudo_gumbel_step = step
 
 
 def main(out_path: str, overrides: list[str]) -> None:

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .distributed import unwrap
-from .model.regions import region_cells as select_region_cells
-from .pseudo_gumbel import (
-    PseudoGumbelConfig,
+from ..distributed import unwrap
+from ..model.regions import region_cells as select_region_cells
+from .passes import (
     StepOutput,
     forward_for_logits,
     forward_mask_with_text_embeds,
@@ -24,7 +23,9 @@ from .pseudo_gumbel import (
     mask_loss,
     no_observer,
     resize_target,
+    tokenize_captions,
 )
+from .settings import PseudoGumbelConfig
 
 
 @dataclass
@@ -38,37 +39,6 @@ class SupervisedConfig:
     # training then removes even that (masks ignore the text). This teaches the tiny preset's
     # LLM to carry the caption to [SEG]; a pretrained model does not need it.
     summary_weight: float = 0.0
-
-
-def tokenize_captions(
-    model, captions: list[str | None], max_len: int, form: str = "answer"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] and lengths [B] of the captions, encoded as the released model
-    reads them (templates.PromptBuilder): `answer` after the region prompt, `answer_end` with
-    the chat template's end text in the same run (it teaches where a caption stops), `segment`
-    inside the segmentation prompt (with its leading space). A caption longer than `max_len`
-    ids is cut there first."""
-    prompts = unwrap(model).prompts
-    tokenizer = unwrap(model).tokenizer
-    encoders = {
-        "answer": prompts.answer_ids,
-        "answer_end": lambda text: prompts.answer_ids(text, with_end=True),
-        "segment": prompts.segment_caption_ids,
-    }
-    if form not in encoders:
-        raise ValueError(f"unknown caption form {form!r}; expected one of {sorted(encoders)}")
-    rows = []
-    for text in captions:
-        text = text or ""
-        ids = prompts.answer_ids(text)
-        if len(ids) > max_len:
-            text = tokenizer.decode(ids[:max_len])
-        rows.append(encoders[form](text))
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return ids, torch.tensor([len(r) for r in rows], dtype=torch.long)
 
 
 def caption_lm_loss(
