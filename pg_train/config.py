@@ -94,6 +94,28 @@ class CurriculumConfig:
     restart_ema: bool = True  # the teacher starts as the warmed-up student (as a second run would)
 
 
+@dataclass
+class StreamsConfig:
+    """Two data streams (issue 26; pg_train.data.streams): labelled pairs (their text is the
+    supervised objective's) and unlabelled pairs (any source; text unused). Each micro-batch of
+    batch_size samples takes labelled_fraction of them from the labelled stream; the loss is
+    self_weight x self-training (objective_kind: pseudo_gumbel | pseudo_label) on the unlabelled
+    part + supervised_weight (lambda) x supervised on the labelled part. Schedules are
+    [[from_step, value], ...], piecewise constant (objectives.schedule); today's curriculum is
+    labelled_fraction [[0, 1], [S, 0]], supervised_weight [[0, 1], [S, 0]], self_weight [[0, 0], [S, 1]]."""
+
+    enabled: bool = False
+    labelled: DataConfig = field(default_factory=lambda: DataConfig(num_samples=256))
+    unlabelled: DataConfig = field(default_factory=lambda: DataConfig(num_samples=256, sample_offset=256))
+    labelled_fraction: list[list[float]] = field(default_factory=lambda: [[0, 0.5]])
+    supervised_weight: list[list[float]] = field(default_factory=lambda: [[0, 1.0]])
+    self_weight: list[list[float]] = field(default_factory=lambda: [[0, 1.0]])
+    # Grounding gate: self-training (self_weight) counts only once a held-out evaluation's
+    # cycle - shuffled gIoU reached this (null: no gate); until then only the labelled stream
+    # trains. Needs eval_every > 0; the run says when the gate opens.
+    gate_min_gap: float | None = None
+
+
 def supervised_steps(cfg) -> int:
     """A curriculum's supervised steps: curriculum.supervised_steps, else its fraction of max_steps,
     kept inside the run so any `--max-steps >= 1` runs every config (a smoke test of 1 or 2 steps):
@@ -129,7 +151,7 @@ class TrainConfig:
     )
     tensorboard: bool = True  # false: no TensorBoard even when listed in trackers (the older switch; prefer trackers)
     progress: bool = True
-    objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | supervised | mixed | curriculum
+    objective_kind: str = "pseudo_gumbel"  # pseudo_gumbel | pseudo_label | supervised | mixed | curriculum
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: off)
     eval_samples: int = 16  # held-out samples evaluated (the set: the eval: section, docs/evaluation.md)
     report: bool = True  # report.png / report.html (curves, held-out gallery) in output_dir at the end
@@ -137,6 +159,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
     # the default preset's objective defaults; load_config re-applies the chosen preset's
     objective: PseudoGumbelConfig = field(default_factory=lambda: objective_for(PRESETS[ModelConfig.preset]))
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -387,9 +410,9 @@ def validate(cfg: TrainConfig) -> None:
             "needs ema.placement=full:<device> (a teacher copy the student's step does not touch)",
         ),
         (
-            not cfg.ema.overlap or cfg.objective_kind in ("pseudo_gumbel", "mixed"),
+            not cfg.ema.overlap or (cfg.objective_kind in ("pseudo_gumbel", "mixed") and not cfg.streams.enabled),
             "ema.overlap",
-            "needs objective_kind pseudo_gumbel or mixed (the objectives with a teacher)",
+            "needs objective_kind pseudo_gumbel or mixed (the objectives with a teacher) and one data stream",
         ),
         (
             not (cfg.ema.overlap and cfg.objective.do_sample),
@@ -400,9 +423,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
         (cfg.optim.name in ("adamw", "adamw8bit"), "optim.name", "must be adamw or adamw8bit"),
         (
-            cfg.objective_kind in ("pseudo_gumbel", "supervised", "mixed", "curriculum"),
+            cfg.objective_kind in OBJECTIVE_KINDS,
             "objective_kind",
-            "must be pseudo_gumbel, supervised, mixed or curriculum",
+            "must be pseudo_gumbel, pseudo_label, supervised, mixed or curriculum",
         ),
         (
             cfg.objective_kind != "curriculum" or supervised_steps(cfg) > 0,
@@ -546,6 +569,7 @@ def validate(cfg: TrainConfig) -> None:
             "name one held-out set: eval.manifest, eval.split or eval.video_dir",
         ),
     ]
+    checks += self_training_checks(cfg)
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}: {message}")
@@ -554,6 +578,109 @@ def validate(cfg: TrainConfig) -> None:
         Placement.parse(cfg.ema.placement)
     except ValueError as err:
         raise ConfigError(f"ema.placement: {err}") from err
+
+
+OBJECTIVE_KINDS = ("pseudo_gumbel", "pseudo_label", "supervised", "mixed", "curriculum")
+
+
+def has_text(data: DataConfig) -> bool:
+    """Whether `data`'s source can give its pairs a text, as far as the config tells: video never
+    does, hf needs hf_caption, coco needs coco_refs (its captions are the refs' expressions);
+    synthetic, refer and manifest records carry one (a manifest record without one trains with
+    an empty caption)."""
+    if data.source == "video":
+        return False
+    if data.source == "hf":
+        return data.hf_caption is not None
+    if data.source == "coco":
+        return data.coco_refs is not None
+    return True
+
+
+def self_training_checks(cfg) -> list[tuple[bool, str, str]]:
+    """The self-training switches and the two streams (issue 26): combinations that cannot work."""
+    from .objectives.schedule import breakpoints, schedule_at, schedule_problem
+
+    o, s = cfg.objective, cfg.streams
+    checks = [
+        (
+            o.segmenter_reads in ("gumbel", "argmax", "teacher"),
+            "objective.segmenter_reads",
+            "must be gumbel, argmax or teacher",
+        ),
+        (o.anchor_weight >= 0, "objective.anchor_weight", "must be >= 0"),
+        (
+            not o.anchor_weight or o.anchor_reference is not None,
+            "objective.anchor_reference",
+            "objective.anchor_weight > 0 needs a reference to anchor to: base (LoRA adapters disabled) or snapshot",
+        ),
+        (
+            o.anchor_reference in (None, "base", "snapshot"),
+            "objective.anchor_reference",
+            "must be base, snapshot or null",
+        ),
+        (
+            o.anchor_reference != "base" or (cfg.model.lora_r is None or cfg.model.lora_r >= 1),
+            "objective.anchor_reference",
+            "base needs LoRA adapters",
+        ),
+        (
+            o.anchor_reference != "base"
+            or not (cfg.model.train_lm_head or cfg.model.train_embed_tokens or cfg.model.extra_trainable),
+            "objective.anchor_reference",
+            "base is the model with its LoRA adapters off, which is not frozen when model.train_lm_head, "
+            "train_embed_tokens or extra_trainable train other tensors; use snapshot",
+        ),
+        (0.0 < o.filter_top_fraction <= 1.0, "objective.filter_top_fraction", "must be in (0, 1]"),
+        (o.diagnostics_every >= 0, "objective.diagnostics_every", "must be >= 0 (0: off)"),
+    ]
+    if not s.enabled:
+        return checks + [(s.gate_min_gap is None, "streams.gate_min_gap", "needs streams.enabled=true")]
+    for name, high in (("labelled_fraction", 1.0), ("supervised_weight", float("inf")), ("self_weight", float("inf"))):
+        problem = schedule_problem(getattr(s, name), 0.0, high)
+        checks.append((problem is None, f"streams.{name}", problem or ""))
+        if problem is not None:
+            return checks
+    at = breakpoints(s.labelled_fraction, s.supervised_weight, s.self_weight)
+    lab = [schedule_at(s.labelled_fraction, t) for t in at]
+    checks += [
+        (
+            cfg.objective_kind in ("pseudo_gumbel", "pseudo_label"),
+            "objective_kind",
+            "with streams.enabled, the self-training objective of the unlabelled stream: pseudo_gumbel or pseudo_label",
+        ),
+        (
+            has_text(s.labelled),
+            "streams.labelled.source",
+            f"the labelled stream needs pairs with text; source {s.labelled.source!r} as configured has none",
+        ),
+        (
+            all(f > 0 for f, t in zip(lab, at) if schedule_at(s.supervised_weight, t) > 0),
+            "streams.labelled_fraction",
+            "is 0 at a step where streams.supervised_weight (lambda) needs labelled samples",
+        ),
+        (
+            all(f < 1 for f, t in zip(lab, at) if schedule_at(s.self_weight, t) > 0),
+            "streams.labelled_fraction",
+            "is 1 at a step where streams.self_weight needs unlabelled samples",
+        ),
+        (
+            all(schedule_at(s.self_weight, t) > 0 or schedule_at(s.supervised_weight, t) > 0 for t in at),
+            "streams.self_weight",
+            "and streams.supervised_weight are both 0 at some step: nothing would train",
+        ),
+        (
+            s.gate_min_gap is None or all(schedule_at(s.supervised_weight, t) > 0 for t in at),
+            "streams.supervised_weight",
+            "must be > 0 throughout with streams.gate_min_gap (only the labelled stream trains while the gate is closed)",
+        ),
+        (
+            s.gate_min_gap is None or cfg.eval_every > 0,
+            "streams.gate_min_gap",
+            "the grounding gate reads held-out evaluations: needs eval_every > 0",
+        ),
+    ]
+    return checks
 
 
 def to_dict(cfg) -> dict:

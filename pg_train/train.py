@@ -36,10 +36,12 @@ from .checkpointing import (
 from .config import ConfigError, TrainConfig, active_trackers, supervised_steps, to_dict
 from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
+from .data.streams import TwoStreams
 from .distributed import unwrap
 from .ema import EMATeacher
 from .model.state_check import CheckpointError
-from .objectives.mix import objective_kind_at, objective_step
+from .objectives.anchor import adapters_disabled
+from .objectives.mix import labelled_share, objective_kind_at, objective_step
 from .overlap import OverlappedTeacher
 from .precision import follow_accelerator
 from .run_lock import OutputDirLocked, OutputLock, acquire
@@ -62,6 +64,27 @@ class TrainResult:
 
 
 @dataclasses.dataclass
+class GroundingGate:
+    """streams.gate_min_gap: self-training counts only once a held-out evaluation's cycle -
+    shuffled gIoU reached `min_gap` (the model's own captions ground better than another
+    scene's); open from the start without a threshold. Saved with every checkpoint."""
+
+    min_gap: float | None
+    open: bool = True
+
+    def __post_init__(self):
+        self.open = self.min_gap is None
+
+    def update(self, evaluation: dict) -> float | None:
+        """Open on an evaluation whose gap reaches the threshold; the gap when it just opened."""
+        if self.open or "eval/cycle_gIoU" not in evaluation:
+            return None
+        gap = evaluation["eval/cycle_gIoU"] - evaluation["eval/shuffled_gIoU"]
+        self.open = gap >= self.min_gap
+        return gap if self.open else None
+
+
+@dataclasses.dataclass
 class Run:
     """What set_up builds and every phase reads: the prepared model and optimizer, the teacher,
     the data and where the run writes."""
@@ -76,6 +99,15 @@ class Run:
     out_dir: Path
     lock: OutputLock | None = None  # the output directory's (main process); released by `train` on every exit
     heldout_set: object = None  # data.heldout.HeldOut: what those batches are (source, split, n)
+    gate: GroundingGate = dataclasses.field(default_factory=lambda: GroundingGate(None))
+    snapshot: EMATeacher | None = None  # objective.anchor_reference=snapshot: the frozen reference
+
+    def reference(self):
+        """The KL anchor's reference, as objectives.anchor takes it (None: no anchor)."""
+        kind = self.cfg.objective.anchor_reference
+        if not self.cfg.objective.anchor_weight or kind is None:
+            return None
+        return adapters_disabled if kind == "base" else self.snapshot.as_teacher
 
     @property
     def main(self) -> bool:
@@ -97,6 +129,7 @@ class TrainState:
     loader: object
     ema: EMATeacher
     guard: NonFiniteGuard
+    gate: GroundingGate
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
     overlap: OverlappedTeacher | None = None  # ema.overlap: the batch in flight is part of the state
@@ -105,6 +138,7 @@ class TrainState:
     def state_dict(self) -> dict:
         data = self.overlap.state_dict() if self.overlap else {"data": self.loader.state_dict(), "captions": None}
         return {
+            "gate_open": self.gate.open,
             "step": self.step,
             "nonfinite_total": self.guard.total,
             "data": data["data"],
@@ -129,6 +163,7 @@ class TrainState:
         self.step, self.guard.total = state["step"], state["nonfinite_total"]
         self.loader.load_state_dict(state["data"])
         self.restored_captions = state.get("teacher_captions")
+        self.gate.open = state.get("gate_open", self.gate.open)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -158,6 +193,8 @@ def micro_batches(run: Run, state: TrainState):
     """The objective's inputs, batch after batch; with ema.overlap, captioned one step ahead by
     the teacher in a background thread (pg_train.overlap)."""
     to_inputs = lambda batch: training_inputs(batch, run.accelerator.device)  # noqa: E731
+    if run.cfg.streams.enabled:
+        return ({k: None if b is None else to_inputs(b) for k, b in pair.items()} for pair in run.loader)
     if not run.cfg.ema.overlap:
         return (to_inputs(batch) for batch in run.loader)
     state.overlap = OverlappedTeacher(run.loader, to_inputs, run.ema, run.cfg.objective, state.restored_captions)
@@ -218,6 +255,8 @@ def step_record(run: Run, state: TrainState, window: WindowResult, lr: float, se
         step_time_s=seconds,
         samples_per_s=cfg.batch_size * cfg.grad_accum * accelerator.num_processes / seconds,
     )
+    if cfg.streams.gate_min_gap is not None:
+        record["gate_open"] = int(run.gate.open)
     if out.text_embeds.grad is not None:
         record["grad_norm/text_embeds"] = float(out.text_embeds.grad.float().norm())
     record.update(window.grad_norms)
@@ -337,15 +376,21 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
     )
     accelerator.register_for_checkpointing(ema)
     module = unwrap(model)
-    loader = build_loader(
-        cfg.data,
-        preprocess_for(module.preset),
-        cfg.batch_size,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=cfg.seed,
-        source=train_source,
-    )
+    gate, snapshot = GroundingGate(cfg.streams.gate_min_gap), None
+    if cfg.objective.anchor_weight and cfg.objective.anchor_reference == "snapshot":
+        snapshot = EMATeacher(model, decay=0.0)  # never updated: the trainable tensors as they start
+        accelerator.register_for_checkpointing(snapshot)
+    shard = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "seed": cfg.seed}
+    if cfg.streams.enabled:  # one sample per loader batch: a stream's position is a sample count
+        loader = TwoStreams(
+            build_loader(cfg.streams.labelled, preprocess_for(module.preset), 1, **shard),
+            build_loader(cfg.streams.unlabelled, preprocess_for(module.preset), 1, **shard),
+            cfg.batch_size,
+            lambda step: labelled_share(cfg, step, gate.open),
+            cfg.grad_accum,
+        )
+    else:
+        loader = build_loader(cfg.data, preprocess_for(module.preset), cfg.batch_size, **shard, source=train_source)
     heldout = []
     if cfg.eval_every:
         from .evaluate import batches_of
@@ -357,7 +402,7 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
     if active_trackers(cfg):
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers(cfg.tracker_project, config=flat)
-    return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir, lock, heldout_set)
+    return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir, lock, heldout_set, gate, snapshot)
 
 
 def restore(run: Run) -> TrainState:
@@ -365,7 +410,7 @@ def restore(run: Run) -> TrainState:
     that validates, saying which were skipped and why), validated completely on every rank
     before anything is copied; metrics.jsonl lines of steps to be redone are dropped."""
     cfg, accelerator = run.cfg, run.accelerator
-    state = TrainState(run.loader, run.ema, NonFiniteGuard(cfg.max_nonfinite_in_a_row))
+    state = TrainState(run.loader, run.ema, NonFiniteGuard(cfg.max_nonfinite_in_a_row), run.gate)
     checkpoint = resumable_checkpoint(run, state)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
@@ -497,8 +542,24 @@ def begin_stage_if_due(run: Run, state: TrainState, progress) -> None:
     if cfg.objective_kind == "curriculum" and state.step == supervised_steps(cfg):
         if cfg.curriculum.restart_ema:
             run.ema.restart_from(run.model)
+        if run.snapshot is not None:
+            run.snapshot.restart_from(run.model)
         if run.main:  # status lines: the main process's, once
             progress.write(f"[pg_train] step {state.step}: supervised warm-up done, Pseudo-Gumbel from here")
+
+
+def open_gate_if_due(run: Run, state: TrainState, evaluation: dict, progress) -> None:
+    """The grounding gate opens on the first evaluation whose cycle - shuffled gap reaches
+    streams.gate_min_gap; the run says so, and the anchor's snapshot is taken then."""
+    gap = run.gate.update(evaluation)
+    if gap is not None:
+        if run.snapshot is not None:
+            run.snapshot.restart_from(run.model)
+        if run.main:
+            progress.write(
+                f"[pg_train] step {state.step}: grounding gate open (held-out cycle - shuffled gIoU {gap:.3f} >= "
+                f"{run.cfg.streams.gate_min_gap}), self-training from here"
+            )
 
 
 def log_step(run: Run, state: TrainState, window: WindowResult, lr: float, seconds: float, evaluation: dict, progress):
@@ -552,6 +613,12 @@ def _train(run: Run, stop: StopFlag) -> TrainResult:
         }  # every rank evaluates
         if run.main:
             write_record(record, run.metrics_path, run.accelerator if active_trackers(cfg) else None)
+        open_gate_if_due(run, state, record, progress)
+    if not run.gate.open:
+        run.say(
+            f"grounding gate closed: only the labelled stream trains until held-out cycle - shuffled gIoU "
+            f">= {cfg.streams.gate_min_gap}"
+        )
     batches = micro_batches(run, state)
     started, first_step = time.perf_counter(), state.step
     while state.step < cfg.max_steps:
@@ -561,7 +628,9 @@ def _train(run: Run, stop: StopFlag) -> TrainResult:
         begin_stage_if_due(run, state, progress)
         window = optimizer_window(
             batches,
-            lambda batch, observer: objective_step(run.model, run.ema, batch, cfg, kind, observer),
+            lambda batch, observer: objective_step(
+                run.model, run.ema, batch, cfg, kind, observer, run.reference(), state.step, run.gate.open
+            ),
             model=run.model,
             optimizer=run.optimizer,
             ema=run.ema,
@@ -573,6 +642,7 @@ def _train(run: Run, stop: StopFlag) -> TrainResult:
         )
         state.step += 1
         evaluation = evaluate_if_due(run, state)
+        open_gate_if_due(run, state, evaluation, progress)
         log_step(run, state, window, lr, time.perf_counter() - step_start, evaluation, progress)
         progress.update(1)
         if checkpoint_or_stop(run, state, stop, progress):

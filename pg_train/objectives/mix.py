@@ -1,12 +1,18 @@
-"""Which objective a step trains and how objectives combine: `pseudo_gumbel`, `supervised`,
-`mixed` (Pseudo-Gumbel + mix_weight x supervised on the same batch) or `curriculum` (supervised,
-then Pseudo-Gumbel from it, in one run)."""
+"""Which objective a step trains and how objectives combine: `pseudo_gumbel`, `pseudo_label`,
+`supervised`, `mixed` (Pseudo-Gumbel + mix_weight x supervised on the same batch), `curriculum`
+(supervised, then Pseudo-Gumbel from it, in one run) and, with `streams.enabled`, the two-stream
+objective: self_weight x self-training on the unlabelled part of a micro-batch + supervised_weight
+(lambda) x supervised on its labelled part, both weights schedules of the optimizer step."""
 
 from __future__ import annotations
+
+import torch
 
 from ..config import TrainConfig, supervised_steps
 from .passes import StepOutput
 from .pseudo_gumbel import pseudo_gumbel_step
+from .pseudo_label import pseudo_label_step
+from .schedule import schedule_at
 from .supervised import supervised_step
 
 
@@ -17,12 +23,85 @@ def objective_kind_at(step: int, cfg: TrainConfig) -> str:
     return cfg.objective_kind
 
 
-def objective_step(model, ema, batch: dict, cfg: TrainConfig, kind: str | None = None, observer=None) -> StepOutput:
-    """The objective's forward: Pseudo-Gumbel, supervised (ground-truth text), or both (mixed)."""
+def stream_weights(cfg: TrainConfig, step: int, gate_open: bool = True) -> tuple[float, float]:
+    """(self_weight, supervised_weight) at optimizer step `step`; self-training weighs 0 while
+    the grounding gate is closed."""
+    s = cfg.streams
+    return (schedule_at(s.self_weight, step) if gate_open else 0.0), schedule_at(s.supervised_weight, step)
+
+
+def labelled_share(cfg: TrainConfig, step: int, gate_open: bool = True) -> float:
+    """The labelled fraction of step `step`'s micro-batches: the schedule's, except that no sample
+    is drawn for a part that weighs 0 (all labelled while self-training weighs 0 or the gate is
+    closed; all unlabelled while lambda is 0)."""
+    self_weight, supervised_weight = stream_weights(cfg, step, gate_open)
+    if not self_weight:
+        return 1.0
+    if not supervised_weight:
+        return 0.0
+    return schedule_at(cfg.streams.labelled_fraction, step)
+
+
+def self_training_step(model, ema, batch: dict, cfg: TrainConfig, observer=None, reference=None) -> StepOutput:
+    """The self-training objective of unlabelled pairs: objective_kind pseudo_gumbel or pseudo_label."""
+    if cfg.objective_kind == "pseudo_label":
+        return pseudo_label_step(model, ema, batch, cfg.objective, cfg.supervised, observer=observer)
+    return pseudo_gumbel_step(model, ema, batch, cfg.objective, observer=observer, reference=reference)
+
+
+def two_stream_step(
+    model, ema, batch: dict, cfg: TrainConfig, step: int, observer=None, reference=None, gate_open: bool = True
+) -> StepOutput:
+    """batch: {"labelled": inputs | None, "unlabelled": inputs | None} (pg_train.data.streams).
+    The step's output is the self-training part's (its captions, masks and metrics), else the
+    supervised part's, with the combined loss and each part's loss, IoU and sample count."""
+    self_weight, supervised_weight = stream_weights(cfg, step, gate_open)
+    unlabelled, labelled = batch["unlabelled"], batch["labelled"]
+    own = sup = None
+    if unlabelled is not None and self_weight:
+        own = self_training_step(model, ema, unlabelled, cfg, observer, reference)
+    if labelled is not None and supervised_weight:
+        sup = supervised_step(model, labelled, cfg.objective, cfg.supervised, observer=observer)
+    if own is None and sup is None:
+        raise ValueError(f"step {step}: a micro-batch with nothing to train (see objectives.mix.labelled_share)")
+    out = own if own is not None else sup
+    zero = torch.zeros((), device=out.loss.device)
+    parts = {"self": (own, self_weight), "supervised": (sup, supervised_weight)}
+    out.loss = sum(weight * part.loss for part, weight in parts.values() if part is not None)
+    out.metrics["loss"] = out.loss.detach()
+    for name, (part, weight) in parts.items():
+        out.metrics[f"{name}_loss"] = part.loss.detach() if part is not None else zero
+        out.metrics[f"{name}_iou"] = part.metrics["iou"] if part is not None else zero
+        out.metrics[f"{name}_weight"] = torch.tensor(float(weight))
+    if sup is not None:
+        out.metrics["lm_loss"] = sup.metrics["lm_loss"]
+    out.metrics["labelled_samples"] = torch.tensor(float(len(labelled["captions"]) if labelled else 0))
+    out.metrics["unlabelled_samples"] = torch.tensor(float(len(unlabelled["captions"]) if unlabelled else 0))
+    return out
+
+
+def objective_step(
+    model,
+    ema,
+    batch: dict,
+    cfg: TrainConfig,
+    kind: str | None = None,
+    observer=None,
+    reference=None,
+    step: int = 0,
+    gate_open: bool = True,
+) -> StepOutput:
+    """The objective's forward: Pseudo-Gumbel, pseudo-labels, supervised (ground-truth text),
+    both on one batch (mixed), or the two-stream objective (streams.enabled; `step` picks the
+    schedules' values). `reference`: the KL anchor's frozen reference (objectives.anchor)."""
+    if cfg.streams.enabled:
+        return two_stream_step(model, ema, batch, cfg, step, observer, reference, gate_open)
     kind = kind or objective_kind_at(0, cfg)
     if kind == "supervised":
         return supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
-    out = pseudo_gumbel_step(model, ema, batch, cfg.objective, observer=observer)
+    if kind == "pseudo_label":
+        return pseudo_label_step(model, ema, batch, cfg.objective, cfg.supervised, observer=observer)
+    out = pseudo_gumbel_step(model, ema, batch, cfg.objective, observer=observer, reference=reference)
     if kind == "mixed":
         sup = supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
         out.loss = out.loss + cfg.supervised.mix_weight * sup.loss

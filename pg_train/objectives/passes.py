@@ -108,6 +108,21 @@ def forward_for_logits(
     )
 
 
+def caption_lm_loss(
+    student,
+    pixel_values: torch.Tensor,
+    region_cells: torch.Tensor,
+    target_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    num_views: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-sample mean cross-entropy of the region prompt's answer (teacher forcing) [B]."""
+    logits = forward_for_logits(student, pixel_values, region_cells, target_ids, lengths, num_views)
+    real = torch.arange(target_ids.shape[1], device=target_ids.device)[None] < lengths[:, None]
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")
+    return (token_loss * real).sum(1) / lengths.clamp(min=1)
+
+
 # ---- segment image 2 from the caption (Pseudo-Gumbel step 5) -------------------------------------
 def segment_prompt(
     model, caption_lengths: torch.Tensor, T: int, device: torch.device, num_views: torch.Tensor | None = None
@@ -266,3 +281,45 @@ class StepOutput:
     region_k: torch.Tensor  # [B] cells in each region prompt
     region_fallback: torch.Tensor  # [B] bool: K came from the empty-region policy
     metrics: dict = field(default_factory=dict)
+
+
+def text_step_output(
+    loss: torch.Tensor,
+    lm: torch.Tensor,
+    seg: dict[str, torch.Tensor],
+    mask_logits: torch.Tensor,
+    target: torch.Tensor,
+    text_embeds: torch.Tensor,
+    caption_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    cells: torch.Tensor,
+    fallback: torch.Tensor,
+) -> StepOutput:
+    """The StepOutput of an objective whose segmenter reads a given text (supervised: the
+    ground truth; pseudo-label: the teacher's caption): nothing masked, no Gumbel picks."""
+    metrics = {
+        "loss": loss.detach(),
+        "lm_loss": lm.detach().mean(),
+        "bce": seg["bce"].detach().mean(),
+        "dice": seg["dice"].detach().mean(),
+        "iou": mask_iou(mask_logits, target).mean(),
+        "caption_len_mean": lengths.float().mean(),
+        "replaced_fraction": torch.zeros(()),
+        "region_k_mean": cells.flatten(1).sum(1).float().mean(),
+        "region_fallbacks": fallback.sum(),
+    }
+    return StepOutput(
+        loss=loss,
+        bce=seg["bce"],
+        dice=seg["dice"],
+        mask_logits=mask_logits,
+        text_embeds=text_embeds,
+        caption_ids=caption_ids,
+        caption_lengths=lengths,
+        masked_ids=caption_ids,
+        replaced=torch.zeros_like(caption_ids, dtype=torch.bool),
+        hard_ids=caption_ids,
+        region_k=cells.flatten(1).sum(1),
+        region_fallback=fallback,
+        metrics=metrics,
+    )

@@ -15,13 +15,18 @@ need. Steps 2 and 4 are Pseudo-Gumbel's own and live here; step 1 is the teacher
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 
 from ..distributed import unwrap
 from ..model.regions import region_cells as select_region_cells
+from .anchor import caption_kl, keep_confident, reference_caption_logits
 from .passes import (
     StepOutput,
+    answer_caption_embeds,
     forward_for_logits,
     forward_mask_with_text_embeds,
     mask_iou,
@@ -32,7 +37,7 @@ from .passes import (
     special_ids,
 )
 from .settings import PseudoGumbelConfig
-from .teacher import generate_pseudo_tokens_with_ema
+from .teacher import generate_pseudo_tokens_with_ema, teacher_confidence
 
 
 # ---- 2. random masking -------------------------------------------------------------------------
@@ -158,6 +163,7 @@ def pseudo_gumbel_step(
     cfg: PseudoGumbelConfig,
     generator: torch.Generator | None = None,
     observer=None,
+    reference=None,
 ) -> StepOutput:
     """One Pseudo-Gumbel step (forward only; the caller runs backward on `.loss`).
 
@@ -169,6 +175,12 @@ def pseudo_gumbel_step(
     one update older, while the student trained on the previous batch).
     `observer`: `observer(stage) -> context manager` wrapped around each of STAGES (timing,
     memory, profiling: bench.step, memcheck, the GPU profile); none by default.
+    `reference(student)`: a context manager yielding the frozen reference the KL anchor reads
+    (objectives.anchor; needed when cfg.anchor_weight > 0).
+
+    The self-training switches of `cfg` (segmenter_reads, caption_grad, anchor_*, filter_*)
+    change the step only where they differ from their defaults; at the defaults it is the
+    Pseudo-Gumbel step of SPEC §3, bit for bit.
     """
     observe = observer or no_observer
     model = unwrap(student)
@@ -186,11 +198,28 @@ def pseudo_gumbel_step(
         caption_ids, caption_lengths = batch.get("teacher_captions") or generate_pseudo_tokens_with_ema(
             teacher, batch["pixel_values1"], cells, cfg, generator, student, views1
         )  # 1
+        keep = confidence = None
+        if filtering(cfg):
+            confidence = teacher_confidence(
+                teacher, batch["pixel_values1"], cells, caption_ids, caption_lengths, student, views1
+            )
+            keep = keep_confident(confidence, cfg.filter_min_logprob, cfg.filter_top_fraction)
     with observe("mask"):
         masked_ids, replaced = random_mask_tokens(
             caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0)
         )  # 2
-    with observe("pass1"):
+    reference_logits = None
+    if cfg.anchor_weight:  # before pass 1: the reference may swap weights the student's graph would read
+        if reference is None:
+            raise ValueError("objective.anchor_weight > 0 needs a reference (objective.anchor_reference)")
+        reference_logits = reference_caption_logits(
+            reference,
+            student,
+            lambda ref: forward_for_logits(ref, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1),
+        )
+    # segmenter_reads=teacher without an anchor: pass 1 only for the step's record (no graph)
+    pass1_grad = cfg.segmenter_reads != "teacher" or reference_logits is not None
+    with observe("pass1"), contextlib.nullcontext() if pass1_grad else torch.no_grad():
         caption_logits = forward_for_logits(
             student, batch["pixel_values1"], cells, masked_ids, caption_lengths, views1
         )  # 3
@@ -198,13 +227,24 @@ def pseudo_gumbel_step(
         uniform = uniform_noise(
             sample_generators(seeds, 1), caption_logits.shape[1], min(cfg.topk, caption_logits.shape[-1])
         )
+        if cfg.segmenter_reads == "argmax":  # u = 1/e makes the Gumbel noise exactly 0 in fp32
+            uniform = torch.full_like(uniform, math.exp(-1.0))
         twin, needs_slot = model.prompts.leading_space.on(caption_logits.device)
         text_embeds, hard_ids = topk_gumbel_softmax(  # 4
-            caption_logits, model.embed_tokens().weight, special, uniform, cfg.tau, cfg.topk, first_rows=twin
+            caption_logits if cfg.caption_grad else caption_logits.detach(),
+            model.embed_tokens().weight,
+            special,
+            uniform,
+            cfg.tau,
+            cfg.topk,
+            first_rows=twin,
         )
+    if cfg.segmenter_reads == "teacher":  # the teacher's caption as text: nothing reaches the captioner
+        text_embeds, space_slot = answer_caption_embeds(model, caption_ids, caption_lengths)
+    else:
+        space_slot = space_slot_rows(needs_slot, hard_ids, caption_lengths)
     if text_embeds.requires_grad:
         text_embeds.retain_grad()
-    space_slot = space_slot_rows(needs_slot, hard_ids, caption_lengths)
     with observe("pass2"):
         mask_logits = forward_mask_with_text_embeds(  # 5
             student,
@@ -218,10 +258,16 @@ def pseudo_gumbel_step(
     with observe("loss"):
         target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
         losses = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)  # 6
+        loss = losses["loss"]
+        if keep is not None:  # the filter's dropped samples carry no loss
+            loss = kept_mean(cfg.bce_weight * losses["bce"] + cfg.dice_weight * losses["dice"], keep)
+        if reference_logits is not None:
+            anchor = caption_kl(caption_logits, reference_logits, caption_lengths)
+            loss = loss + cfg.anchor_weight * (kept_mean(anchor, keep) if keep is not None else anchor.mean())
 
     real = caption_lengths.sum().clamp(min=1)
     metrics = {
-        "loss": losses["loss"].detach(),
+        "loss": loss.detach(),
         "bce": losses["bce"].detach().mean(),
         "dice": losses["dice"].detach().mean(),
         "iou": mask_iou(mask_logits, target).mean(),
@@ -230,8 +276,13 @@ def pseudo_gumbel_step(
         "region_k_mean": cells.flatten(1).sum(1).float().mean(),
         "region_fallbacks": fallback.sum(),
     }
+    if keep is not None:
+        metrics.update(filter_kept=keep.sum().float(), filter_dropped=(~keep).sum().float())
+        metrics["teacher_confidence"] = confidence.float().mean()
+    if reference_logits is not None:
+        metrics["anchor_kl"] = anchor.detach().mean()
     return StepOutput(
-        loss=losses["loss"],
+        loss=loss,
         bce=losses["bce"],
         dice=losses["dice"],
         mask_logits=mask_logits,
@@ -245,3 +296,14 @@ def pseudo_gumbel_step(
         region_fallback=fallback,
         metrics=metrics,
     )
+
+
+def filtering(cfg: PseudoGumbelConfig) -> bool:
+    """Whether the confidence filter is on (objective.filter_min_logprob / filter_top_fraction)."""
+    return cfg.filter_min_logprob is not None or cfg.filter_top_fraction < 1.0
+
+
+def kept_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` [B] over the kept samples; 0 (still part of the graph) when none is kept."""
+    weights = keep.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1)

@@ -32,3 +32,23 @@ class PseudoGumbelConfig:
     region_rule: str = "nearest"
     region_threshold: float = 0.5  # region_rule=coverage only
     empty_region_policy: str = "largest"  # K = 0: fall back to the most-covered cell and count, or error
+    # ---- self-training switches (issue 26; docs/design.md, "The objective"). The defaults are
+    # today's Pseudo-Gumbel step exactly (tests/test_objectives.py compares with a recorded step).
+    # The caption the segmenter reads in pass 2: gumbel (the student's straight-through Gumbel
+    # sample) | argmax (the student's most likely token, same straight-through gradient) |
+    # teacher (the teacher's caption as text: no gradient reaches the captioner).
+    segmenter_reads: str = "gumbel"
+    caption_grad: bool = True  # false: the segmentation loss does not reach the caption logits
+    # KL anchor: + anchor_weight x KL(student caption distribution || frozen reference), per real
+    # caption token of pass 1. Reference: base (the model with its LoRA adapters disabled, no
+    # second copy) | snapshot (the trainable tensors as they were when self-training began).
+    anchor_weight: float = 0.0
+    anchor_reference: str | None = None
+    # Confidence filter on teacher captions (mean token log-prob under the teacher): keep those
+    # >= filter_min_logprob and the filter_top_fraction most confident of each batch; dropped
+    # samples carry no loss and are counted (metrics: filter_kept, filter_dropped).
+    filter_min_logprob: float | None = None
+    filter_top_fraction: float = 1.0
+    # Drift diagnostics (agreement with the teacher, teacher confidence, text use, caption-path
+    # gradient shares; metrics.jsonl `drift/*`) every this many optimizer steps (0: off).
+    diagnostics_every: int = 0

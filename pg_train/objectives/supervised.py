@@ -11,18 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..distributed import unwrap
 from ..model.regions import region_cells as select_region_cells
 from .passes import (
     StepOutput,
-    forward_for_logits,
+    caption_lm_loss,
     forward_mask_with_text_embeds,
-    mask_iou,
     mask_loss,
     no_observer,
     resize_target,
+    text_step_output,
     tokenize_captions,
 )
 from .settings import PseudoGumbelConfig
@@ -39,21 +38,6 @@ class SupervisedConfig:
     # training then removes even that (masks ignore the text). This teaches the tiny preset's
     # LLM to carry the caption to [SEG]; a pretrained model does not need it.
     summary_weight: float = 0.0
-
-
-def caption_lm_loss(
-    student,
-    pixel_values: torch.Tensor,
-    region_cells: torch.Tensor,
-    target_ids: torch.Tensor,
-    lengths: torch.Tensor,
-    num_views: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-sample mean cross-entropy of the region prompt's answer (teacher forcing) [B]."""
-    logits = forward_for_logits(student, pixel_values, region_cells, target_ids, lengths, num_views)
-    real = torch.arange(target_ids.shape[1], device=target_ids.device)[None] < lengths[:, None]
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), target_ids, reduction="none")
-    return (token_loss * real).sum(1) / lengths.clamp(min=1)
 
 
 def request_summary_loss(
@@ -112,30 +96,6 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
             else torch.zeros(())
         )
         loss = loss + sup.summary_weight * summary
-    metrics = {
-        "loss": loss.detach(),
-        "lm_loss": lm.detach().mean(),
-        "summary_loss": summary.detach(),
-        "bce": seg["bce"].detach().mean(),
-        "dice": seg["dice"].detach().mean(),
-        "iou": mask_iou(mask_logits, target).mean(),
-        "caption_len_mean": lengths.float().mean(),
-        "replaced_fraction": torch.zeros(()),
-        "region_k_mean": cells.flatten(1).sum(1).float().mean(),
-        "region_fallbacks": fallback.sum(),
-    }
-    return StepOutput(
-        loss=loss,
-        bce=seg["bce"],
-        dice=seg["dice"],
-        mask_logits=mask_logits,
-        text_embeds=text_embeds,
-        caption_ids=caption_ids,
-        caption_lengths=lengths,
-        masked_ids=caption_ids,
-        replaced=torch.zeros_like(caption_ids, dtype=torch.bool),
-        hard_ids=caption_ids,
-        region_k=cells.flatten(1).sum(1),
-        region_fallback=fallback,
-        metrics=metrics,
-    )
+    out = text_step_output(loss, lm, seg, mask_logits, target, text_embeds, caption_ids, lengths, cells, fallback)
+    out.metrics["summary_loss"] = summary.detach()
+    return out

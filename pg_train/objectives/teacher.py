@@ -12,7 +12,7 @@ from ..distributed import unwrap
 from ..model.generate import generate_from_embeds
 from ..model.regions import region_cells as select_region_cells
 from ..precision import compute_autocast
-from .passes import region_prompts, special_ids
+from .passes import forward_for_logits, region_prompts, special_ids
 from .settings import PseudoGumbelConfig
 
 
@@ -100,3 +100,39 @@ def caption_batch(teacher, batch: dict, cfg: PseudoGumbelConfig, student=None) -
     return generate_pseudo_tokens_with_ema(
         teacher, batch["pixel_values1"], cells, cfg, None, student, batch.get("num_views1")
     )
+
+
+@torch.no_grad()
+def teacher_confidence(
+    teacher,
+    pixel_values: torch.Tensor,
+    region_cells: torch.Tensor,
+    caption_ids: torch.Tensor,
+    caption_lengths: torch.Tensor,
+    student=None,
+    num_views: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean token log-probability [B] of each caption under the teacher (teacher-forced, eval
+    mode): how sure the teacher was of what it said (the confidence filter's score; 0 for an
+    empty caption)."""
+    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)), compute_autocast(unwrap(model)):
+        module = unwrap(model)
+        device = next(module.parameters()).device
+        logits = forward_for_logits(
+            module,
+            pixel_values.to(device),
+            region_cells.to(device),
+            caption_ids.to(device),
+            caption_lengths.to(device),
+            num_views,
+        )
+    return token_logprob(logits, caption_ids.to(logits.device), caption_lengths.to(logits.device)).to(
+        caption_ids.device
+    )
+
+
+def token_logprob(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability [B] of `ids` [B, T] under `logits` [B, T, V] over the real tokens."""
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+    return (picked * real).sum(1) / lengths.clamp(min=1)

@@ -37,16 +37,25 @@ def poison(rank: int, call: int) -> None:
     objectives_mix.pseudo_gumbel_step = step
 
 
-def main(out_path: str, overrides: list[str]) -> None:
-    if "PG_POISON" in os.environ:  # "rank:call"
-        poison(*(int(x) for x in os.environ["PG_POISON"].split(":")))
-    result = train(load_config([], overrides))
-    loader = result.loader
+def consumed_by(loader) -> list[int]:
+    """The sample indices a PairLoader has handed out, in order."""
     consumed = []
     for epoch in range(loader.epoch + 1):
         order = loader.shard(epoch)
         done = loader.batches_done if epoch == loader.epoch else loader.batches_per_epoch()
         consumed += order[: done * loader.batch_size]
+    return consumed
+
+
+def main(out_path: str, overrides: list[str]) -> None:
+    if "PG_POISON" in os.environ:  # "rank:call"
+        poison(*(int(x) for x in os.environ["PG_POISON"].split(":")))
+    result = train(load_config([], overrides))
+    loader = result.loader
+    if hasattr(loader, "streams"):  # streams.enabled: each stream's samples, by name
+        consumed = {name: consumed_by(stream) for name, stream in loader.streams.items()}
+    else:
+        consumed = consumed_by(loader)
     module = result.model.module
     trainable = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     state_elements = sum(
