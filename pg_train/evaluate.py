@@ -34,6 +34,7 @@ from .checkpoint_files import TRAINING_CONFIG
 from .distributed import unwrap
 from .gallery import gallery_samples, samples_from, write_gallery
 from .inference import KINDS, caption_inputs, inference_mode, inputs_on_device, model_dtype, segment_image2
+from .objectives.drift import token_f1, words
 from .objectives.settings import PseudoGumbelConfig
 from .scores import ciou_giou, sample_counts
 
@@ -61,7 +62,7 @@ def evaluate(
     module = unwrap(model)
     inter = {k: [] for k in KINDS}
     union = {k: [] for k in KINDS}
-    lengths, tokens, rows = [], [], []
+    lengths, tokens, rows, f1, exact = [], [], [], [], []
     language = {k: [] for k in KINDS}  # the [SEG] language embedding SAM2 receives, per kind
     with inference_mode(model), language_embeddings(module) as captured:
         for batch in batches:
@@ -79,9 +80,12 @@ def evaluate(
                 inter[kind].append(i)
                 union[kind].append(u)
             ids, lens = inputs["cycle"]
-            for row, n in zip(ids.tolist(), lens.tolist()):
+            for row, n, truth in zip(ids.tolist(), lens.tolist(), batch["captions"]):
                 lengths.append(n)
                 tokens += row[:n]
+                said = module.tokenizer.decode(row[:n])  # issue 26: cycle captions against the ground truth
+                f1.append(token_f1(said, truth))
+                exact.append(float(words(said) == words(truth)))
             if gallery_path is not None and len(rows) < gallery_size:
                 cycle_counts = (inter["cycle"][-1], union["cycle"][-1])
                 rows += samples_from(
@@ -102,6 +106,8 @@ def evaluate(
         "mean_length": float(np.mean(lengths)) if lengths else 0.0,
         "distinct_token_fraction": len(set(tokens)) / max(1, len(tokens)),
         "cut_at_limit_fraction": float(np.mean([n >= cfg.max_caption_len for n in lengths])) if lengths else 0.0,
+        "token_f1": float(np.mean(f1)) if f1 else 0.0,
+        "exact": float(np.mean(exact)) if exact else 0.0,
     }
     if gallery_path is not None:
         write_gallery(rows, gallery_path)

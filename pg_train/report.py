@@ -204,6 +204,33 @@ def plot_curves(records: list[dict], axes) -> None:
         ax.grid(alpha=0.3)
 
 
+DRIFT_LINES = (  # key, colour, label (objectives.drift)
+    ("drift/agreement", "tab:blue", "caption read = teacher's (token share)"),
+    ("drift/text_use", "tab:orange", "text use (loss, other caption − own)"),
+    ("drift/grad_share/lm_head", "tab:purple", "lm_head gradient share via caption"),
+    ("eval/cycle_minus_shuffled_gIoU", "tab:green", "held-out cycle − shuffled gIoU"),
+    ("eval/caption_token_f1", "tab:brown", "held-out caption token F1"),
+)
+
+
+def plot_drift(records: list[dict], ax) -> None:
+    """The drift panel (issue 26): whether the captions the segmenter reads stay language and
+    whether the masks still depend on them (metrics.jsonl drift/* and eval/* keys)."""
+    ax.set_label("drift")
+    for key, colour, label in DRIFT_LINES:
+        steps, values = series(records, key)
+        if values:
+            ax.plot(steps, values, color=colour, lw=1, marker="o" if len(steps) < 30 else None, ms=3, label=label)
+    if ax.lines:
+        ax.legend(loc="best", fontsize=7)
+        ax.axhline(0, color="grey", lw=0.5)
+    else:
+        _no_data(ax, "no drift diagnostics logged\n(train with objective.diagnostics_every=N)")
+    ax.set(title="Drift of self-training\n(captions as language; masks that follow them)")
+    ax.set(xlabel="optimizer step", ylabel="share / difference")
+    ax.grid(alpha=0.3)
+
+
 def _outline(ax, mask: np.ndarray, colour: str, edge: str = "black", width: float = 2) -> None:
     """The mask's border in `colour` over an `edge`-coloured rim (readable on any object's colour)."""
     mask = np.asarray(mask, bool)
@@ -273,7 +300,9 @@ def plot_report(records: list[dict], samples: list[dict] | None = None, title: s
     FigureCanvasAgg(fig)
     rows = math.ceil(len(samples) / GALLERY_COLUMNS)
     top, bottom = fig.subfigures(2, 1, height_ratios=(CURVES_IN, GALLERY_ROW_IN * rows)) if rows else (fig, None)
-    plot_curves(records, top.subplots(1, 3))
+    *curve_axes, drift_ax = top.subplots(1, 4)
+    plot_curves(records, curve_axes)
+    plot_drift(records, drift_ax)
     last = records[-1]["step"] if records else 0
     top.suptitle(f"{title or 'pg_train run'} — {last} steps", fontsize=14, fontweight="bold")
     if bottom is not None:

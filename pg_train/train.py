@@ -214,6 +214,9 @@ def held_out_evaluation(model, heldout: list[dict], cfg: TrainConfig, heldout_se
     record["eval/samples"] = numbers["samples"]
     if heldout_set is not None:
         record["eval/set"] = heldout_set.label()
+    record["eval/cycle_minus_shuffled_gIoU"] = numbers["cycle_minus_shuffled_gIoU"]  # drift (issue 26)
+    record["eval/caption_token_f1"] = numbers["captions"]["token_f1"]
+    record["eval/caption_exact"] = numbers["captions"]["exact"]
     return record
 
 

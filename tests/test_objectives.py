@@ -355,3 +355,76 @@ def test_both_streams_resume_bitwise_under_zero2_on_two_processes(tmp_path):
         assert r["trainable_bytes_hash"] == f["trainable_bytes_hash"]
         assert r["consumed"] == f["consumed"]  # both streams' positions, per rank
     assert not set(full[0]["consumed"]["labelled"]) & set(full[1]["consumed"]["labelled"])
+
+
+# ---- drift diagnostics --------------------------------------------------------------------------
+def test_drift_diagnostics_of_a_step():
+    from pg_train.objectives.drift import drift_diagnostics, token_f1
+
+    student = with_lora_weights(build_model("tiny", seed=0))
+    teacher = with_lora_weights(build_model("tiny", seed=1)).eval()
+    batch = make_step_batch(student, batch_size=2, seed=3)
+    cfg = PseudoGumbelConfig(max_caption_len=8, topk=16)
+    rng = torch.get_rng_state()
+    out = pseudo_gumbel_step(student, teacher, batch, cfg, diagnose=True)
+    drift = drift_diagnostics(student, batch, out, cfg)
+    assert torch.equal(torch.get_rng_state(), rng)  # no random draw: the training's streams are untouched
+    n = out.caption_lengths
+    same = sum(int((out.hard_ids[b, : n[b]] == out.caption_ids[b, : n[b]]).sum()) for b in range(2))
+    assert float(drift["drift/agreement"]) == pytest.approx(same / int(n.sum()))
+    assert float(out.metrics["drift/teacher_ref_loss"]) > 0 and float(out.metrics["drift/teacher_confidence"]) < 0
+    assert set(drift) >= {"drift/text_use", "drift/iou_own_caption", "drift/iou_teacher_caption"}
+    assert drift["drift/text_use"].isfinite()
+    # gradient through the caption path: none reaches SAM2's decoder, some the LLM's LoRA
+    assert float(drift["drift/grad_share/sam2"]) == 0.0
+    assert 0.0 < float(drift["drift/grad_share/llm"]) <= 1.0
+    out.loss.backward()  # the step's own backward still works on the retained graph
+    assert any(p.grad is not None for n, p in student.named_parameters() if "lora" in n)
+    assert token_f1("the red square", "The red circle.") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0 and token_f1("blue", "red") == 0.0
+
+
+def test_the_default_job_records_drift_diagnostics():
+    import yaml
+
+    job = yaml.safe_load((REPO / "pg_train" / "default_job.yaml").read_text())
+    assert job["objective"]["diagnostics_every"] >= 1
+
+
+@pytest.mark.slow
+def test_default_job_metrics_hold_the_drift_keys_and_report_draws_them(tmp_path):
+    from pg_train.report import figure_axes, plot_report, read_metrics
+    from pg_train.train import train
+
+    cfg = load_config(
+        [REPO / "pg_train" / "default_job.yaml"],
+        [
+            f"output_dir={tmp_path}",
+            "max_steps=2",
+            "eval_every=2",
+            "eval_samples=4",
+            "objective.diagnostics_every=1",
+            "progress=false",
+            "tensorboard=false",
+            "report=false",
+            "data.num_samples=16",
+        ],
+    )
+    train(cfg)
+    records = read_metrics(tmp_path)
+    pg_step = next(r for r in records if r.get("objective") == "pseudo_gumbel")
+    for key in (
+        "agreement",
+        "teacher_confidence",
+        "teacher_ref_loss",
+        "text_use",
+        "iou_own_caption",
+        "iou_teacher_caption",
+        "iou_shuffled_caption",
+        "grad_share/lm_head",
+    ):
+        assert f"drift/{key}" in pg_step, key
+    last = records[-1]
+    for key in ("eval/cycle_minus_shuffled_gIoU", "eval/caption_token_f1", "eval/caption_exact"):
+        assert key in last
+    assert figure_axes(plot_report(records))["drift"].lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TrainConfig, supervised_steps
+from .drift import drift_diagnostics, due
 from .passes import StepOutput
 from .pseudo_gumbel import pseudo_gumbel_step
 from .pseudo_label import pseudo_label_step
@@ -42,11 +43,21 @@ def labelled_share(cfg: TrainConfig, step: int, gate_open: bool = True) -> float
     return schedule_at(cfg.streams.labelled_fraction, step)
 
 
-def self_training_step(model, ema, batch: dict, cfg: TrainConfig, observer=None, reference=None) -> StepOutput:
-    """The self-training objective of unlabelled pairs: objective_kind pseudo_gumbel or pseudo_label."""
-    if cfg.objective_kind == "pseudo_label":
-        return pseudo_label_step(model, ema, batch, cfg.objective, cfg.supervised, observer=observer)
-    return pseudo_gumbel_step(model, ema, batch, cfg.objective, observer=observer, reference=reference)
+def self_training_step(
+    model, ema, batch: dict, cfg: TrainConfig, observer=None, reference=None, step: int = 0, kind: str | None = None
+) -> StepOutput:
+    """The self-training objective of unlabelled pairs (objective_kind pseudo_gumbel or
+    pseudo_label), with the drift diagnostics on the steps they are due (objectives.drift)."""
+    diagnose = due(cfg.objective, step)
+    if (kind or cfg.objective_kind) == "pseudo_label":
+        out = pseudo_label_step(model, ema, batch, cfg.objective, cfg.supervised, observer=observer)
+    else:
+        out = pseudo_gumbel_step(
+            model, ema, batch, cfg.objective, observer=observer, reference=reference, diagnose=diagnose
+        )
+    if diagnose:
+        out.metrics.update(drift_diagnostics(model, batch, out, cfg.objective))
+    return out
 
 
 def two_stream_step(
@@ -59,7 +70,7 @@ def two_stream_step(
     unlabelled, labelled = batch["unlabelled"], batch["labelled"]
     own = sup = None
     if unlabelled is not None and self_weight:
-        own = self_training_step(model, ema, unlabelled, cfg, observer, reference)
+        own = self_training_step(model, ema, unlabelled, cfg, observer, reference, step)
     if labelled is not None and supervised_weight:
         sup = supervised_step(model, labelled, cfg.objective, cfg.supervised, observer=observer)
     if own is None and sup is None:
@@ -100,8 +111,8 @@ def objective_step(
     if kind == "supervised":
         return supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
     if kind == "pseudo_label":
-        return pseudo_label_step(model, ema, batch, cfg.objective, cfg.supervised, observer=observer)
-    out = pseudo_gumbel_step(model, ema, batch, cfg.objective, observer=observer, reference=reference)
+        return self_training_step(model, ema, batch, cfg, observer, reference, step, kind)
+    out = self_training_step(model, ema, batch, cfg, observer, reference, step, "pseudo_gumbel")
     if kind == "mixed":
         sup = supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
         out.loss = out.loss + cfg.supervised.mix_weight * sup.loss

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..distributed import unwrap
 from ..model.regions import region_cells as select_region_cells
 from .anchor import caption_kl, keep_confident, reference_caption_logits
+from .drift import teacher_side
 from .passes import (
     StepOutput,
     answer_caption_embeds,
@@ -164,6 +165,7 @@ def pseudo_gumbel_step(
     generator: torch.Generator | None = None,
     observer=None,
     reference=None,
+    diagnose: bool = False,
 ) -> StepOutput:
     """One Pseudo-Gumbel step (forward only; the caller runs backward on `.loss`).
 
@@ -176,7 +178,8 @@ def pseudo_gumbel_step(
     `observer`: `observer(stage) -> context manager` wrapped around each of STAGES (timing,
     memory, profiling: bench.step, memcheck, the GPU profile); none by default.
     `reference(student)`: a context manager yielding the frozen reference the KL anchor reads
-    (objectives.anchor; needed when cfg.anchor_weight > 0).
+    (objectives.anchor; needed when cfg.anchor_weight > 0). `diagnose`: also record the teacher
+    side of the drift diagnostics (objectives.drift; before the student's passes).
 
     The self-training switches of `cfg` (segmenter_reads, caption_grad, anchor_*, filter_*)
     change the step only where they differ from their defaults; at the defaults it is the
@@ -204,6 +207,13 @@ def pseudo_gumbel_step(
                 teacher, batch["pixel_values1"], cells, caption_ids, caption_lengths, student, views1
             )
             keep = keep_confident(confidence, cfg.filter_min_logprob, cfg.filter_top_fraction)
+        drift = (
+            teacher_side(
+                teacher, student, batch["pixel_values1"], cells, caption_ids, caption_lengths, views1, reference
+            )
+            if diagnose
+            else {}
+        )
     with observe("mask"):
         masked_ids, replaced = random_mask_tokens(
             caption_ids, caption_lengths, cfg.mask_ratio, special, sample_generators(seeds, 0)
@@ -281,6 +291,7 @@ def pseudo_gumbel_step(
         metrics["teacher_confidence"] = confidence.float().mean()
     if reference_logits is not None:
         metrics["anchor_kl"] = anchor.detach().mean()
+    metrics.update(drift)
     return StepOutput(
         loss=loss,
         bce=losses["bce"],
