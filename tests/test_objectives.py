@@ -428,3 +428,47 @@ def test_default_job_metrics_hold_the_drift_keys_and_report_draws_them(tmp_path)
     for key in ("eval/cycle_minus_shuffled_gIoU", "eval/caption_token_f1", "eval/caption_exact"):
         assert key in last
     assert figure_axes(plot_report(records))["drift"].lines
+
+
+# ---- grounding gate ------------------------------------------------------------------------------
+def test_grounding_gate_opens_on_the_first_evaluation_that_reaches_the_gap_and_stays_open():
+    from pg_train.objectives.mix import labelled_share, stream_weights
+    from pg_train.train import GroundingGate
+
+    gate = GroundingGate(0.1)
+    assert not gate.open and gate.update({}) is None
+    assert gate.update({"eval/cycle_gIoU": 0.50, "eval/shuffled_gIoU": 0.45}) is None and not gate.open
+    assert gate.update({"eval/cycle_gIoU": 0.60, "eval/shuffled_gIoU": 0.40}) == pytest.approx(0.2) and gate.open
+    assert gate.update({"eval/cycle_gIoU": 0.0, "eval/shuffled_gIoU": 0.5}) is None and gate.open
+    assert GroundingGate(None).open
+    cfg = load_config([], [*STREAMS, "streams.gate_min_gap=0.1", "eval_every=5"])
+    assert stream_weights(cfg, 0, gate_open=False) == (0.0, 1.0) and labelled_share(cfg, 0, gate_open=False) == 1.0
+    assert stream_weights(cfg, 0, gate_open=True) == (1.0, 1.0) and labelled_share(cfg, 0, gate_open=True) == 0.5
+
+
+@pytest.mark.slow
+def test_a_closed_gate_trains_the_labelled_stream_only_and_says_so(tmp_path, capsys):
+    from test_train import FAST, metrics
+
+    from pg_train.train import train
+
+    cfg = load_config(
+        [],
+        [
+            *FAST,
+            f"output_dir={tmp_path}",
+            "max_steps=2",
+            *STREAMS,
+            "streams.gate_min_gap=2.0",
+            "eval_every=1",
+            "eval_samples=2",
+            "streams.labelled.num_samples=8",
+            "streams.unlabelled.num_samples=8",
+        ],
+    )
+    train(cfg)
+    assert "grounding gate closed" in capsys.readouterr().out
+    steps = [r for r in metrics(tmp_path) if r["step"] > 0 and "loss" in r]
+    assert [(r["gate_open"], r["labelled_samples"], r["unlabelled_samples"], r["self_weight"]) for r in steps] == [
+        (0, 2, 0, 0.0)
+    ] * 2

@@ -72,7 +72,8 @@ def test_report_png_html_and_the_panels_data(tmp_path, capsys):
     assert "No held-out samples" in page
 
     axes = figure_axes(plot_report(read_metrics(run)))
-    assert set(axes) == {"loss", "iou", "heldout"}
+    assert set(axes) == {"loss", "iou", "heldout", "drift"}
+    assert not axes["drift"].lines and "no drift diagnostics" in axes["drift"].texts[0].get_text()
     loss = axes["loss"]
     assert loss.get_title().startswith("Training loss") and loss.get_xlabel() == "optimizer step"
     assert list(loss.lines[0].get_xdata()) == [1, 2, 4]  # the skipped step and the step-0 evaluation left out
