@@ -100,9 +100,22 @@ class TwoStreams:
             "credit": self.credit,
         }
 
+    def check_state_dict(self, state: dict) -> None:
+        """ValueError naming the field unless `load_state_dict(state)` loads all of it."""
+        if not isinstance(state, dict) or "streams" not in state:
+            raise ValueError("data: the checkpoint's data state is of one stream; this run has two (streams.enabled)")
+        for name, loader in self.streams.items():
+            if name not in state["streams"]:
+                raise ValueError(f"data.streams: no position of the {name} stream")
+            loader.check_state_dict(state["streams"][name])
+        count, credit = state.get("micro_batches"), state.get("credit")
+        if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
+            raise ValueError(f"data.micro_batches={count!r}: expected an int >= 0")
+        if not (isinstance(credit, (int, float)) and not isinstance(credit, bool) and -1e-6 < credit < 1.0):
+            raise ValueError(f"data.credit={credit!r}: expected a number in [0, 1)")  # (-1e-9 after rounding)
+
     def load_state_dict(self, state: dict) -> None:
-        if "streams" not in state:
-            raise ValueError("the checkpoint's data state is of one stream; this run has two (streams.enabled)")
+        self.check_state_dict(state)
         for name, loader in self.streams.items():
             loader.load_state_dict(state["streams"][name])
         self.micro_batches, self.credit = state["micro_batches"], state["credit"]
