@@ -10,6 +10,11 @@ logger (each one by its text, so the library's other messages still reach the us
   tokenizer class, finds Sa2VA's model type (its modelling code is remote code transformers does
   not have) and falls back to the base config class; pg_train reads the config itself
   (pg_train.model.checkpoint), so nothing is mis-built.
+- torch, while DeepSpeed loads its CPU ops (every rank of a CPU run under DeepSpeed): "No CUDA
+  runtime is found, using CUDA_HOME=...". On a machine without a GPU that is the expected state;
+  the ops it builds are CPU ops.
+- DeepSpeed's ZeRO-2 calls `torch.distributed.all_gather_into_tensor`, which torch marks as
+  deprecated with a FutureWarning per rank; it is DeepSpeed's call to change, not the user's.
 
 `install()` runs when pg_train is imported (pg_train/__init__.py), before either library is.
 """
@@ -17,11 +22,14 @@ logger (each one by its text, so the library's other messages still reach the us
 from __future__ import annotations
 
 import logging
+import warnings
 
 KNOWN_NOISE = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
     "transformers.configuration_utils": "You are using a model of type `sa2va_chat` to instantiate",
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
 }
+KNOWN_WARNINGS = [(FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated")]
 
 
 class DropMessage(logging.Filter):
@@ -41,3 +49,5 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropMessage) and f.prefix == prefix for f in logger.filters):
             logger.addFilter(DropMessage(prefix))
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

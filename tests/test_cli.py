@@ -156,7 +156,7 @@ def test_the_package_ships_the_accelerate_and_deepspeed_configs(tmp_path):
         assert shipped and shipped <= names, shipped - names
 
 
-NOISE = ("kernels-community", "gemm_4bit_forward", "You are using a model of type")
+NOISE = ("kernels-community", "gemm_4bit_forward", "You are using a model of type", "No CUDA runtime", "FutureWarning")
 
 
 @pytest.mark.slow
