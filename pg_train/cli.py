@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)  # first, so `--help` and a bad flag answer without importing torch (~0.1 s, not ~9)
     from . import exit_codes, job
 
+    job.catch_stop_signals_early()  # a stop request during start-up still ends in a checkpoint and 75
     job.register_worker()  # under pg-train-launch: its pid file, so signals reach this job only
     code = exit_codes.ERROR
     try:

@@ -49,6 +49,21 @@ def register_worker() -> Path | None:
     return path
 
 
+_EARLY_STOP: list[int] = []
+
+
+def catch_stop_signals_early() -> None:
+    """From the first moment of a training process: SIGTERM/SIGUSR1 while it is still importing
+    and building (minutes for a large model) are remembered, not fatal; the run's stop flag
+    (pg_train.train.StopFlag) takes them over, so the run still ends with a checkpoint and 75."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: _EARLY_STOP.append(signum))
+
+
+def stop_requested_early() -> bool:
+    return bool(_EARLY_STOP)
+
+
 def record_exit(code: int) -> None:
     """This worker's exit code, for the launcher (accelerate's own launcher reports 1 for any failure)."""
     directory = os.environ.get(JOB_DIR_ENV)

@@ -273,7 +273,9 @@ class StopFlag:
     """SIGTERM / SIGUSR1 ask the run to finish its current optimizer step, checkpoint and exit."""
 
     def __init__(self):
-        self.requested = False
+        from .job import stop_requested_early
+
+        self.requested = stop_requested_early()  # asked while the CLI was still starting up
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 

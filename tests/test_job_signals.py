@@ -48,7 +48,8 @@ def test_signal_reaches_only_the_processes_the_job_registered(tmp_path):
     try:
         register(tmp_path / "job_a", 0, a.pid)
         register(tmp_path / "job_b", 0, b.pid)
-        register(tmp_path / "job_b", 1, b.pid, start=process_start(b.pid) - 1)  # a reused pid: not this job's
+        # job A's rank 1 has exited and its pid now belongs to B: the start time tells them apart
+        register(tmp_path / "job_a", 1, b.pid, start=process_start(b.pid) - 1)
         assert signal_job(tmp_path / "job_a", signal.SIGTERM) == [a.pid]
         assert a.wait(timeout=10) == -signal.SIGTERM and b.poll() is None
         assert signal_job(tmp_path / "job_a", signal.SIGTERM) == []  # gone: nothing signalled
@@ -188,3 +189,18 @@ def test_a_killed_accelerate_launcher_never_orphans_its_worker(tmp_path):
     assert (job / "worker-rank0.exit").read_text() == str(exit_codes.REQUEUE)
     stopped = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert (tmp_path / "run" / "checkpoints" / f"step-{stopped:08d}").is_dir()
+
+
+def test_sigterm_while_starting_up_still_ends_in_a_checkpoint_and_75(tmp_path):
+    """The signal arrives while the worker is still importing and building (it registered its
+    pid file first thing): the run makes its first step, checkpoints and exits 75."""
+    job = tmp_path / "job"
+    job.mkdir()
+    worker = start([sys.executable, *launcher_cmd(tmp_path / "run", 500)[3:]], job)
+    deadline = time.time() + 120
+    while not (job / "worker-rank0.json").exists() and time.time() < deadline and worker.poll() is None:
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGTERM)
+    log, _ = worker.communicate(timeout=300)
+    assert worker.returncode == exit_codes.REQUEUE, log[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
