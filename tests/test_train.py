@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, accelerate_launch, wait_for_metric_lines
 
 from pg_train.config import ConfigError, load_config
+from pg_train.model.state_check import CheckpointError
 from pg_train.train import REQUEUE_EXIT_CODE, NonFiniteLossError, train
 
 FAST = [
@@ -408,7 +409,8 @@ def test_init_from_a_training_checkpoint_loads_its_weights_and_starts_a_new_stag
     assert all(torch.equal(state[k], saved[k]) for k in saved)
     fresh = build_student(load_config([], []))
     assert any(not torch.equal(fresh.state_dict()[k], saved[k]) for k in saved)  # training moved something
-    with pytest.raises(FileNotFoundError, match="model.init_from"):
+    # a folder that is neither a model directory, a checkpoint nor a run directory is named as such
+    with pytest.raises(CheckpointError, match="model.init_from: .* is no checkpoint pg_train can read"):
         build_student(load_config([], [f"model.init_from={tmp_path}"]))
 
 
