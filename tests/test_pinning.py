@@ -101,7 +101,8 @@ def test_nonfinite_value_in_any_shard_is_refused_naming_it(sharded, which):  # n
 # ---- every random generator is restored on resume --------------------------------------------------------
 def test_resume_restores_python_numpy_and_torch_random_state(tmp_path, monkeypatch):
     """The state each generator has at the first step after resuming is the one saved with the
-    checkpoint; set_up is made to draw from all three first, so a generator left alone differs."""
+    checkpoint; set_up, and the step between Accelerate's restore and pg_train's, are made to draw
+    from all three, so a generator left alone differs."""
     import pg_train.train as train_module
     from pg_train.checkpointing import load_rng_state, rng_state
     from pg_train.train import train
@@ -122,7 +123,14 @@ def test_resume_restores_python_numpy_and_torch_random_state(tmp_path, monkeypat
             seen.append(rng_state())
         return real_window(*a, **kw)
 
+    real_trainer_state = train_module.load_trainer_state
+
+    def load_trainer_state(*a, **kw):  # after Accelerate restored its copy: only pg_train's own file is left
+        random.random(), np.random.rand(), torch.rand(1)
+        return real_trainer_state(*a, **kw)
+
     monkeypatch.setattr(train_module, "set_up", set_up)
+    monkeypatch.setattr(train_module, "load_trainer_state", load_trainer_state)
     monkeypatch.setattr(train_module, "optimizer_window", window)
     assert train(load_config([], [*args, "max_steps=3", "resume=auto"])).exit_code == 0
     now = seen[0]
