@@ -105,7 +105,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 def test_two_jobs_on_one_machine_only_the_signalled_one_stops_and_resumes_bitwise(tmp_path):
     """Two 1-process jobs side by side; SLURM's signal_workers.sh with job A's directory stops A
     (exit 75 through the launcher) while B trains on to the end; A resumed equals B bitwise."""
-    steps = 8
+    steps = 12
     a = start(launcher_cmd(tmp_path / "a", steps, "--num_processes", "1"), tmp_path / "job_a")
     b = start(launcher_cmd(tmp_path / "b", steps, "--num_processes", "1"), tmp_path / "job_b")
     wait_for_metric_lines(tmp_path / "a" / "metrics.jsonl", 1, a)
@@ -117,14 +117,19 @@ def test_two_jobs_on_one_machine_only_the_signalled_one_stops_and_resumes_bitwis
         text=True,
         timeout=60,
     )
+    # B alive when the signal went out, then exiting 0 after every step (a signalled worker
+    # checkpoints and exits 75): the signal did not reach it. Whether B is still running when A
+    # has finished its checkpoint is a race (CI saw B finish first), so it is not asserted.
+    b_running_when_a_was_signalled = b.poll() is None
     assert signalled.returncode == 0, signalled.stdout + signalled.stderr
     log_a, _ = a.communicate(timeout=300)
     assert a.returncode == exit_codes.REQUEUE, log_a[-3000:]
-    b_running_when_a_stopped = b.poll() is None
     log_b, _ = b.communicate(timeout=300)
     assert b.returncode == 0, log_b[-3000:]
+    assert b_running_when_a_was_signalled
+    assert len(losses(tmp_path / "b")) == steps
     stopped = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    assert stopped < steps and b_running_when_a_stopped
+    assert stopped < steps
     resumed = subprocess.run(
         [*launcher_cmd(tmp_path / "a", steps, "--num_processes", "1"), "--resume", "auto"],
         cwd=REPO,
