@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .data.images import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import unwrap
 from .inference import caption_inputs, inference_mode, segment_image2
 from .objectives.settings import PseudoGumbelConfig
@@ -30,8 +31,8 @@ def whole_image_views(batch: dict, which: str) -> torch.Tensor:
 
 TILE = 224
 TEXT_HEIGHT = 44
-MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
-STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def _to_array(pixel_values: torch.Tensor) -> np.ndarray:
