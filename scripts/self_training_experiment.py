@@ -34,11 +34,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +44,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from pg_vs_supervised import stamp  # commit, date, versions, device, load (scripts/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -416,23 +416,6 @@ def plot(summary: dict, arms: list[Arm], results: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-
-
-def stamp() -> dict:
-    import torch
-
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "load_average_at_end": os.getloadavg(),
-    }
 
 
 def logged_train_seconds(out: Path, seeds: list[int]) -> dict[str, float]:

@@ -12,6 +12,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "self_training_exp
 
 @pytest.fixture(scope="module")
 def script():
+    sys.path.insert(0, str(SCRIPT.parent))  # as when the script runs: its sibling pg_vs_supervised imports
     spec = importlib.util.spec_from_file_location("self_training_experiment", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
