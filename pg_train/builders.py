@@ -15,15 +15,15 @@ import torch
 from .checkpoint_files import load_training_weights  # noqa: F401 (model.init_from; importable from here)
 from .config import TrainConfig
 from .model import build_model, enable_gradient_checkpointing, from_pretrained
-from .model.checkpoint import TILING_KEYS
-from .model.presets import get_preset
-from .model.state_check import CheckpointError, load_state_dict_checked
+from .model.arch.presets import get_preset
+from .model.io.checkpoint import TILING_KEYS
+from .model.io.state_check import CheckpointError, load_state_dict_checked
 
 
 def lora_from_config(m, preset: str):
     """The preset's LoRA with the config's overrides (rank, alpha, dropout, targets, trainable
     embeddings / lm_head); None for a preset name the registry does not know (a checkpoint)."""
-    from .model.presets import PRESETS
+    from .model.arch.presets import PRESETS
 
     if preset not in PRESETS:
         return None

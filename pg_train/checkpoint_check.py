@@ -22,7 +22,7 @@ import torch
 
 from .checkpointing import check_resume_weights, load_trainer_state, rng_state, set_rng_state
 from .distributed import unwrap
-from .model.state_check import CheckpointError, nonfinite_report, read_safetensors
+from .model.io.state_check import CheckpointError, nonfinite_report, read_safetensors
 
 # Files one rank wrote for itself (its optimizer partition, its data position and random
 # streams): each rank checks its own; everything else is checked by every rank.

@@ -25,7 +25,7 @@ import torch
 
 from .checkpointing import newest_checkpoint
 from .ema_file import read_ema_shadow  # noqa: F401 (readers of a checkpoint import it from here)
-from .model.state_check import CheckpointError, read_safetensors
+from .model.io.state_check import CheckpointError, read_safetensors
 
 RELEASED, ACCELERATE, DEEPSPEED = "released", "accelerate", "deepspeed"
 ACCELERATE_WEIGHTS = "model.safetensors"
@@ -144,7 +144,7 @@ def load_training_weights(
     """A training checkpoint's weights (Accelerate or DeepSpeed) into `model`, all-or-nothing:
     names, shapes, dtype kinds and finiteness are checked before any tensor is copied
     (`load_state_dict(strict=True)` alone copies the matching tensors first and raises after)."""
-    from .model.state_check import load_state_dict_checked
+    from .model.io.state_check import load_state_dict_checked
 
     state, where = training_state_dict(checkpoint, command)
     # Accelerate's file holds the tensors as the model held them: exact dtypes (a float64 tensor

@@ -134,10 +134,10 @@ def check_resume_weights(checkpoint: Path, model, ema, *, allow_nonfinite: bool 
     `load_state_dict(strict=True)`, which overwrites every matching tensor before raising, and
     the model loads before the EMA. `model` is the unwrapped module. Names, shapes, dtype kinds
     (exact: a training checkpoint holds what the model held) and finiteness are checked
-    (`model.state_check`); the rest of the checkpoint: `checkpoint_check`."""
+    (`model.io.state_check`); the rest of the checkpoint: `checkpoint_check`."""
     import torch
 
-    from .model.state_check import CheckpointError, check_safetensors_file, check_state_dict
+    from .model.io.state_check import CheckpointError, check_safetensors_file, check_state_dict
 
     single = checkpoint / "model.safetensors"  # Accelerate without DeepSpeed
     deepspeed = checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt"  # DeepSpeed's module weights

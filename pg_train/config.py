@@ -18,7 +18,7 @@ import yaml
 
 from .data import SOURCES, DataConfig
 from .data.heldout import EvalConfig
-from .model.presets import PRESETS, ModelPreset
+from .model.arch.presets import PRESETS, ModelPreset
 from .objectives.settings import PseudoGumbelConfig
 from .objectives.supervised import SupervisedConfig
 
@@ -55,7 +55,7 @@ class ModelConfig:
     train_lm_head: bool = False
     gradient_checkpointing: bool = False
     quantize_4bit: bool = False  # QLoRA: frozen LLM projections in NF4 (bitsandbytes)
-    # The LLM's last layer only on the rows whose output is read (pg_train.model.decoder): the
+    # The LLM's last layer only on the rows whose output is read (pg_train.model.arch.decoder): the
     # same values in exact arithmetic; in bf16 a smaller GEMM may round differently (docs/benchmarks.md)
     trim_last_layer: bool = True
     # Extra parameter-name prefixes to train, e.g. ["vision_model.", "grounding_encoder.sam2_model.image_encoder."]:
@@ -298,7 +298,7 @@ def model_preset(m: ModelConfig) -> ModelPreset | None:
     `model.checkpoint` is set, else the registry's; None when neither can be read here (the
     model build then reports the problem with its context)."""
     if m.checkpoint:
-        from .model.checkpoint import preset_from_config
+        from .model.io.checkpoint import preset_from_config
 
         try:
             return preset_from_config(json.loads((Path(m.checkpoint) / "config.json").read_text()), Path(m.checkpoint))
@@ -356,8 +356,8 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Trai
 def validate(cfg: TrainConfig) -> None:
     """Combinations that cannot work, caught before any model is built."""
     from .ema import Placement
-    from .model.presets import PRESETS
-    from .model.templates import CHAT_TEMPLATES, TEMPLATE_SETS
+    from .model.arch.presets import PRESETS
+    from .model.text.templates import CHAT_TEMPLATES, TEMPLATE_SETS
 
     checks = [
         (

@@ -263,7 +263,7 @@ class EMATeacher:
         """Raise `CheckpointError` unless `load_state_dict(state)` would load all of it: names,
         shapes, finiteness (NaN/Inf refused unless `allow_nonfinite`, default: the constructor's
         `allow_nonfinite_state`), decay and counters. Resume calls it before anything loads."""
-        from .model.state_check import CheckpointError, check_state_dict
+        from .model.io.state_check import CheckpointError, check_state_dict
 
         where = "EMA state"
         missing_keys = [k for k in ("names", "shadow", "decay", "warmup", "num_updates") if k not in state]

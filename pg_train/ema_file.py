@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .model.state_check import CheckpointError, read_safetensors
+from .model.io.state_check import CheckpointError, read_safetensors
 
 EMA_FILE = "ema.safetensors"
 EMA_PICKLE = "custom_checkpoint_0.pkl"  # Accelerate's copy of the one object registered for checkpointing

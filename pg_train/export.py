@@ -55,7 +55,7 @@ def parse_size(text: str) -> int:
 def released_code(directory: str | Path) -> tuple[dict, list[Path]]:
     """(config.json, modeling *.py files) of a released checkpoint directory, checked before
     anything is loaded: the config must carry an `auto_map` whose modules are among the files."""
-    from .model.state_check import CheckpointError
+    from .model.io.state_check import CheckpointError
 
     directory = Path(directory)
     config_path = directory / "config.json"
@@ -91,8 +91,8 @@ def _laid_over(base: dict, ours: dict) -> dict:
 def _check_finite_after_cast(model, dtype: torch.dtype) -> None:
     """Refuse weights that hold NaN or Inf once LoRA is merged and cast (a finite fp32 value
     can still overflow a narrower dtype), one tensor at a time, naming each."""
-    from .model.checkpoint import to_sa2va_state_dict
-    from .model.state_check import CheckpointError, nonfinite_report
+    from .model.io.checkpoint import to_sa2va_state_dict
+    from .model.io.state_check import CheckpointError, nonfinite_report
 
     report = []
     for name, tensor in to_sa2va_state_dict(model).items():
@@ -119,8 +119,8 @@ def export(
     from .builders import load_checkpoint
     from .checkpoint_files import TRAINING_CONFIG, resolve_checkpoint
     from .config import to_dict
-    from .model.checkpoint import save_pretrained
-    from .model.state_check import CheckpointError
+    from .model.io.checkpoint import save_pretrained
+    from .model.io.state_check import CheckpointError
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         "--max-shard-size", type=parse_size, default="4GB", help="largest safetensors shard (default 4GB)"
     )
     args = parser.parse_args(argv)
-    from .model.state_check import CheckpointError
+    from .model.io.state_check import CheckpointError
 
     try:
         out = export(

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .data.images import image_tensor, mask_tensor
 from .data.loader import batch_to_device, collate_pairs, preprocess_for
 from .distributed import unwrap
-from .model.regions import region_cells
+from .model.text.regions import region_cells
 from .objectives.passes import answer_caption_embeds, forward_mask_with_text_embeds, tokenize_captions
 from .objectives.settings import PseudoGumbelConfig
 from .objectives.teacher import generate_pseudo_tokens_with_ema

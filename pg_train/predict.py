@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         parser.error("--batch-size must be >= 1")
 
     from .builders import load_checkpoint
-    from .model.state_check import CheckpointError
+    from .model.io.state_check import CheckpointError
 
     try:
         requests = requests_from_args(args)

@@ -9,7 +9,7 @@ logger (each one by its text, so the library's other messages still reach the us
   `sa2va_chat` to instantiate a model of type ``". AutoTokenizer reads config.json to pick the
   tokenizer class, finds Sa2VA's model type (its modelling code is remote code transformers does
   not have) and falls back to the base config class; pg_train reads the config itself
-  (pg_train.model.checkpoint), so nothing is mis-built.
+  (pg_train.model.io.checkpoint), so nothing is mis-built.
 - torch, while DeepSpeed loads its CPU ops (every rank of a CPU run under DeepSpeed): "No CUDA
   runtime is found, using CUDA_HOME=...". On a machine without a GPU that is the expected state;
   the ops it builds are CPU ops.

@@ -39,7 +39,7 @@ from .data.loader import batch_to_device, preprocess_for
 from .data.streams import TwoStreams
 from .distributed import unwrap
 from .ema import EMATeacher
-from .model.state_check import CheckpointError
+from .model.io.state_check import CheckpointError
 from .objectives.anchor import adapters_disabled
 from .objectives.mix import labelled_share, objective_kind_at, objective_step
 from .overlap import OverlappedTeacher

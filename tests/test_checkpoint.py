@@ -8,9 +8,9 @@ from conftest import make_batch, with_lora_weights
 from safetensors.torch import load_file, save_file
 
 from pg_train.model import CheckpointError, build_model, from_pretrained, save_pretrained, to_sa2va_state_dict
-from pg_train.model.regions import region_cells
-from pg_train.model.templates import left_pad
-from pg_train.model.tokenizer import SpecialTokenError
+from pg_train.model.text.regions import region_cells
+from pg_train.model.text.templates import left_pad
+from pg_train.model.text.tokenizer import SpecialTokenError
 
 
 def trained_tiny(seed=0):

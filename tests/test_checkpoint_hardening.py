@@ -382,7 +382,7 @@ def test_ema_state_loads_by_name_whatever_the_order(ema_pair):
 def test_nonfinite_checkpoint_check_is_exact_when_a_finite_sum_overflows():
     """The fast path sums each tensor; a float16 tensor of finite values whose sum overflows
     must not be reported, and one NaN among them must."""
-    from pg_train.model.state_check import nonfinite_report
+    from pg_train.model.io.state_check import nonfinite_report
 
     large = torch.full((1000,), 60000.0, dtype=torch.float16)
     assert torch.isinf(large.sum()) and nonfinite_report({"large": large}) == []

@@ -199,8 +199,8 @@ def test_loading_a_released_directory_prints_no_model_type_warning(tmp_path):
     import logging
 
     from pg_train.model import build_model
-    from pg_train.model.checkpoint import save_pretrained
-    from pg_train.model.tokenizer import load_tokenizer
+    from pg_train.model.io.checkpoint import save_pretrained
+    from pg_train.model.text.tokenizer import load_tokenizer
     from pg_train.quiet import DropMessage
 
     class Seen(logging.Handler):

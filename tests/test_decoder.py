@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from pg_train.model import build_offline
-from pg_train.model.decoder import decoder_hidden_states
+from pg_train.model.arch.decoder import decoder_hidden_states
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_rejects_a_selection_that_is_not_a_run_of_rows(model):
 def test_trim_is_a_per_call_argument_and_a_per_model_setting(model, monkeypatch):
     """trim=False runs the plain forward (every layer on every row) with the same values; the
     model's trim_last_layer is passed to every decoder call it makes, and is this model's alone."""
-    import pg_train.model.sa2va as sa2va
+    import pg_train.model.arch.sa2va as sa2va
 
     decoder = model.language_model.model
     embeds, mask, positions = _inputs(model, pad=True)
@@ -94,7 +94,7 @@ def test_trim_is_a_per_call_argument_and_a_per_model_setting(model, monkeypatch)
     untrimmed = decoder_hidden_states(decoder, embeds, mask, positions, slice(5, 9), trim=False)
     torch.testing.assert_close(untrimmed, trimmed, rtol=1e-5, atol=1e-5)
 
-    import pg_train.model.generate as generate
+    import pg_train.model.decoding.generate as generate
     from pg_train.memcheck.measure import build_batch
     from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
     from pg_train.objectives.settings import PseudoGumbelConfig

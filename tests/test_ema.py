@@ -10,7 +10,7 @@ from conftest import make_batch
 
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model
-from pg_train.model.regions import region_cells
+from pg_train.model.text.regions import region_cells
 from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
@@ -189,7 +189,7 @@ def test_predicted_bytes_equal_held_bytes(placement):
 def test_teacher_generates_without_dropout_and_restores_train_mode():
     import dataclasses
 
-    from pg_train.model.presets import PRESETS
+    from pg_train.model.arch.presets import PRESETS
 
     lora = dataclasses.replace(PRESETS["tiny"].lora, dropout=0.5)
     student = build_model("tiny", seed=0, lora=lora).train()

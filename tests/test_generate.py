@@ -7,8 +7,8 @@ from conftest import make_batch, with_lora_weights
 
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model
-from pg_train.model.generate import generate_from_embeds
-from pg_train.model.regions import region_cells
+from pg_train.model.decoding.generate import generate_from_embeds
+from pg_train.model.text.regions import region_cells
 from pg_train.objectives.passes import region_prompts
 from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
@@ -94,7 +94,7 @@ def test_static_cache_teacher_captions_for_every_ema_placement(placement):
 
 
 # ---- the bucketed, graph-ready step (cuda_graphs: captured on CUDA, the same step eagerly here) ----
-from pg_train.model import graph_decode  # noqa: E402
+from pg_train.model.decoding import graph_decode  # noqa: E402
 
 # CUDA's bucket policy, and a coarse one (a prompt of ~380 ids padded to 512 on the left, 3 rows to 4)
 POLICIES = {"cuda": graph_decode.BucketPolicy(), "coarse": graph_decode.BucketPolicy(prompt_multiple=256)}
@@ -249,7 +249,7 @@ class HostReadTrap:
 
 
 def test_static_cache_graph_step_is_fixed_shape_in_place_and_reads_nothing_on_the_host(model, monkeypatch):
-    from pg_train.model.graph_decode import DecodeRules, decode_step, get_bucket, prefill
+    from pg_train.model.decoding.graph_decode import DecodeRules, decode_step, get_bucket, prefill
 
     monkeypatch.setitem(graph_decode.POLICIES, "cpu", POLICIES["cuda"])
     embeds, attention, _, _ = prompt_embeds(model)
@@ -275,7 +275,7 @@ def test_static_cache_graph_step_leaves_the_state_of_todays_static_loop(stopping
     """After the loop the bucket holds what today's static-cache loop builds: the prompt mask
     (more left padding before it), then per step a column that is 1 while the row runs; positions
     and the cache one past each step; dummy rows finished throughout."""
-    from pg_train.model.graph_decode import DecodeRules, buckets_of, generate_bucketed
+    from pg_train.model.decoding.graph_decode import DecodeRules, buckets_of, generate_bucketed
 
     monkeypatch.setitem(graph_decode.POLICIES, "cpu", POLICIES["coarse"])
     model = stopping_model
@@ -415,7 +415,7 @@ def test_static_cache_graph_step_cuts_before_the_end_text_with_the_real_vocabula
     from conftest import QWEN_SPECIAL_IDS
     from test_templates import ScriptedHead, as_ids, tiny_real_vocab_lm
 
-    from pg_train.model.stopping import EndTextStop
+    from pg_train.model.text.stopping import EndTextStop
 
     tok = qwen_tokenizer
     cases = {
@@ -521,7 +521,7 @@ def test_fast_decoding_defaults_resolve_on_for_cuda_and_off_elsewhere(model):
     """objective.static_cache / cuda_graphs default to null: both on CUDA, both off on the CPU
     (nothing is captured there; the padded buckets would only cost); an explicit value wins, and
     cuda_graphs=true implies the static cache."""
-    from pg_train.model.generate import fast_decoding
+    from pg_train.model.decoding.generate import fast_decoding
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert PseudoGumbelConfig().static_cache is None and PseudoGumbelConfig().cuda_graphs is None

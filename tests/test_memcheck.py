@@ -112,7 +112,7 @@ def test_memcheck_predicts_the_decoding_bucket_s_static_cache_bytes_exactly(poli
     the GPU's padded batch/prompt buckets, applied on the CPU)."""
     from pg_train.memcheck.measure import build_batch, teacher_prompt
     from pg_train.memcheck.predict import Deployment, predict
-    from pg_train.model import graph_decode
+    from pg_train.model.decoding import graph_decode
     from pg_train.objectives.settings import PseudoGumbelConfig
     from pg_train.objectives.teacher import caption_batch
 

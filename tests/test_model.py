@@ -5,10 +5,10 @@ import torch
 from conftest import DATA_DIR, make_batch
 
 from pg_train.model import build_model, component_parameter_counts, to_sa2va_state_dict
-from pg_train.model.generate import generate_from_embeds
-from pg_train.model.regions import region_cells
-from pg_train.model.templates import left_pad
-from pg_train.model.vision import pixel_shuffle_v2
+from pg_train.model.arch.vision import pixel_shuffle_v2
+from pg_train.model.decoding.generate import generate_from_embeds
+from pg_train.model.text.regions import region_cells
+from pg_train.model.text.templates import left_pad
 
 
 def region_inputs(model, pixel_values, masks):
@@ -56,7 +56,7 @@ def test_trainable_parts_are_exactly_lora_mlp1_fcs_and_mask_decoder(preset):
 def test_embed_and_lm_head_optionally_trainable():
     import dataclasses
 
-    from pg_train.model.presets import PRESETS
+    from pg_train.model.arch.presets import PRESETS
 
     lora = dataclasses.replace(PRESETS["tiny"].lora, train_embed_tokens=True, train_lm_head=True)
     model = build_model("tiny", lora=lora)

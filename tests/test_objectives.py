@@ -82,7 +82,7 @@ def test_kl_anchor_matches_torch_kl_div_and_its_gradient_finite_differences_in_f
 def test_base_reference_disables_lora_adapters_without_a_copy_and_restores_them():
     model = with_lora_weights(build_model("tiny", seed=0))
     batch = make_step_batch(model, batch_size=2)
-    from pg_train.model.regions import region_cells
+    from pg_train.model.text.regions import region_cells
 
     cells, _ = region_cells(batch["region_masks1"], model.grid_size)
     ids, lengths = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([3, 2])
@@ -136,7 +136,7 @@ def test_filtered_step_counts_drops_and_trains_on_the_kept_sample_only():
     out = pseudo_gumbel_step(student, teacher, batch, cfg)
     assert (float(out.metrics["filter_kept"]), float(out.metrics["filter_dropped"])) == (1.0, 1.0)
     # the teacher's own confidence, recomputed: the mean log-prob of its caption, teacher-forced
-    from pg_train.model.regions import region_cells
+    from pg_train.model.text.regions import region_cells
 
     cells, _ = region_cells(batch["region_masks1"], student.grid_size)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_pseudo_label_step_is_caption_cross_entropy_plus_segmentation_from_the_t
     batch = make_step_batch(student, batch_size=2, seed=3)
     cfg = PseudoGumbelConfig(max_caption_len=8, topk=16)
     out = pseudo_label_step(student, teacher, batch, cfg, SupervisedConfig(lm_weight=1.0, seg_weight=1.0))
-    from pg_train.model.regions import region_cells
+    from pg_train.model.text.regions import region_cells
 
     cells, _ = region_cells(batch["region_masks1"], student.grid_size)
     logits = forward_for_logits(student, batch["pixel_values1"], cells, out.caption_ids, out.caption_lengths)
@@ -176,7 +176,7 @@ def test_segmenter_reads_the_students_argmax_or_the_teachers_caption(reads):
     batch = make_step_batch(student, batch_size=2, seed=3)
     cfg = PseudoGumbelConfig(max_caption_len=8, topk=16, segmenter_reads=reads)
     out = pseudo_gumbel_step(student, teacher, batch, cfg)
-    from pg_train.model.regions import region_cells
+    from pg_train.model.text.regions import region_cells
 
     cells, _ = region_cells(batch["region_masks1"], student.grid_size)
     if reads == "argmax":

@@ -13,7 +13,7 @@ from test_train import FAST
 
 import pg_train.objectives.mix as objectives_mix
 from pg_train.config import ConfigError, load_config
-from pg_train.model.regions import region_cells
+from pg_train.model.text.regions import region_cells
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 from pg_train.train import REQUEUE_EXIT_CODE, train
 

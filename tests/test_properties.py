@@ -20,7 +20,7 @@ from pg_train.config import load_config, objective_for
 from pg_train.distributed import unwrap
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model, get_preset
-from pg_train.model.templates import TEMPLATE_SETS
+from pg_train.model.text.templates import TEMPLATE_SETS
 from pg_train.objectives.passes import forward_mask_with_text_embeds, mask_loss, resize_target
 from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step
 from pg_train.objectives.settings import PseudoGumbelConfig
@@ -341,7 +341,7 @@ def test_mask_iou_of_an_empty_prediction_of_an_empty_target_is_one():
 
 
 def test_teacher_caption_ends_at_eos_once_the_minimum_length_is_reached():
-    from pg_train.model.regions import region_cells
+    from pg_train.model.text.regions import region_cells
     from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
     model = build_model("tiny", seed=0).eval()

@@ -8,7 +8,7 @@ from conftest import make_batch, with_lora_weights
 
 from pg_train.bench.gumbel import naive_topk_gumbel_softmax
 from pg_train.model import build_model
-from pg_train.model.regions import region_cells
+from pg_train.model.text.regions import region_cells
 from pg_train.objectives.passes import forward_for_logits, special_ids
 from pg_train.objectives.pseudo_gumbel import (
     pseudo_gumbel_step,

@@ -8,7 +8,7 @@ and `.bool()` sets every cell whose sample is non-zero.
 import pytest
 import torch
 
-from pg_train.model.regions import region_cells
+from pg_train.model.text.regions import region_cells
 
 
 def nearest_by_hand(mask: torch.Tensor, grid: int) -> torch.Tensor:

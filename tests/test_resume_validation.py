@@ -10,7 +10,7 @@ from test_checkpoint_hardening import FAST, edit_tensors, set_value
 
 from pg_train.config import load_config
 from pg_train.model import CheckpointError, build_model, from_pretrained, save_pretrained
-from pg_train.model.state_check import check_state_dict
+from pg_train.model.io.state_check import check_state_dict
 from pg_train.train import NonFiniteStateError, train
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import QWEN_SPECIAL_IDS
 
-from pg_train.model.stopping import EndTextStop
-from pg_train.model.templates import CHAT_TEMPLATES, PromptBuilder
+from pg_train.model.text.stopping import EndTextStop
+from pg_train.model.text.templates import CHAT_TEMPLATES, PromptBuilder
 
 N_IMAGE = 6  # image slots per view in these prompts (256 on Sa2VA-4B; the count does not change a seam)
 
@@ -142,7 +142,7 @@ def tiny_real_vocab_lm():
 def generate_scripted(
     qwen_tokenizer, scripts, stop, min_new_tokens=0, check_every=None, max_new_tokens=16, static_cache=False
 ):
-    from pg_train.model.generate import generate_from_embeds
+    from pg_train.model.decoding.generate import generate_from_embeds
 
     lm = tiny_real_vocab_lm()
     lm.lm_head = ScriptedHead(scripts, 151_679, QWEN_SPECIAL_IDS["<|im_end|>"])
@@ -237,7 +237,7 @@ def test_config_template_of_a_checkpoint_decides_its_prompts(tmp_path, template)
     import json
 
     from pg_train.model import build_model
-    from pg_train.model.checkpoint import from_pretrained, save_pretrained
+    from pg_train.model.io.checkpoint import from_pretrained, save_pretrained
 
     save_pretrained(build_model("tiny", seed=0, lora=False), tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -259,7 +259,7 @@ def test_config_template_unknown_is_an_error_naming_it(tmp_path):
     import json
 
     from pg_train.model import build_model
-    from pg_train.model.checkpoint import from_pretrained, save_pretrained
+    from pg_train.model.io.checkpoint import from_pretrained, save_pretrained
 
     save_pretrained(build_model("tiny", seed=0, lora=False), tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())

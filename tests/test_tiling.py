@@ -62,7 +62,7 @@ def test_tiling_grid_and_view_count_equal_internvl(size, max_num):
 
 def test_tiling_token_count_of_a_640x480_image_on_sa2va_4b():
     """The issue's figure, not ours: 13 views, 3,328 image tokens."""
-    from pg_train.model.presets import PRESETS
+    from pg_train.model.arch.presets import PRESETS
 
     preprocess = preprocess_for(PRESETS["sa2va-4b"])
     views = preprocess.tiling.num_views(640, 480)
@@ -90,8 +90,8 @@ def test_tiling_off_for_tiny_presets_and_read_from_a_checkpoint_config(tmp_path)
     import json
 
     from pg_train.model import build_model
-    from pg_train.model.checkpoint import from_pretrained, save_pretrained
-    from pg_train.model.presets import PRESETS
+    from pg_train.model.arch.presets import PRESETS
+    from pg_train.model.io.checkpoint import from_pretrained, save_pretrained
 
     assert not preprocess_for(PRESETS["tiny"]).tiling.dynamic
     save_pretrained(build_model("tiny", seed=0, lora=False), tmp_path / "ckpt")

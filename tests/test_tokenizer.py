@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pg_train.model.tokenizer import (
+from pg_train.model.text.tokenizer import (
     REQUIRED_SINGLE_TOKENS,
     SPECIAL_TOKENS,
     TINY_BASE_VOCAB,

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, accelerate_launch, wait_for_metric_lines
 
 from pg_train.config import ConfigError, load_config
-from pg_train.model.state_check import CheckpointError
+from pg_train.model.io.state_check import CheckpointError
 from pg_train.train import REQUEUE_EXIT_CODE, NonFiniteLossError, train
 
 FAST = [

@@ -100,8 +100,9 @@ EOF
 stage smoke 60 $PY -c "
 import torch
 from pg_train.accel import build_accelerator
-from pg_train.model import build_model, graph_decode
-from pg_train.model.regions import region_cells
+from pg_train.model import build_model
+from pg_train.model.decoding import graph_decode
+from pg_train.model.text.regions import region_cells
 from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 build_accelerator()  # TF32 on, as training builds it

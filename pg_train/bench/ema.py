@@ -14,7 +14,7 @@ import torch
 
 from pg_train.ema import EMATeacher
 from pg_train.model import build_model
-from pg_train.model.regions import region_cells
+from pg_train.model.text.regions import region_cells
 from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 

@@ -9,7 +9,7 @@ What makes it the seed's step (each is what our step avoids):
 - pass 2 calls the causal LM (`language_model(inputs_embeds=...)`, hidden_states[-1] at
   [SEG]), so lm_head runs on every row although no logit is read (ours: no lm_head in pass 2);
 - every LLM forward runs its last layer on every row (ours: only on the rows read,
-  pg_train.model.decoder);
+  pg_train.model.arch.decoder);
 - every use of an image runs its vision tower again.
 Fairness: the teacher generates with the same batched, left-padded, KV-cached decoder as ours
 (the note's padding was wrong and a per-sample loop would inflate the ratio), the row slicing is
@@ -24,7 +24,7 @@ import contextlib
 import torch
 
 from ..distributed import unwrap
-from ..model.regions import region_cells as select_region_cells
+from ..model.text.regions import region_cells as select_region_cells
 from ..objectives.passes import (
     mask_loss,
     region_prompts,

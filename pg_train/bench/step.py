@@ -13,7 +13,7 @@ Variants (VARIANTS): `ours` is our step with the teacher decoding through the st
 bucketed step replayed from CUDA graphs (objective.static_cache + cuda_graphs; off CUDA the same
 step runs eagerly, with exact shapes); `nographs` the static cache without graphs; `dynamic` the
 dynamic cache (training's default); `untrimmed` ours with the last decoder layer run on every row
-(pg_train.model.decoder), to show what that one optimisation is worth on the preset at hand; `seed`
+(pg_train.model.arch.decoder), to show what that one optimisation is worth on the preset at hand; `seed`
 the design note's literal step (its teacher decodes with the dynamic cache). Two variants locate a
 bf16 divergence between `ours` and `nographs` (issue 28): `eagerbuckets` is `ours` with nothing
 captured (the same padded bucket shapes, every step eager: equal to `ours` if replay is exact) and
@@ -81,13 +81,13 @@ VARIANTS = {
 
 
 def _no_capture() -> None:
-    from ..model import graph_decode
+    from ..model.decoding import graph_decode
 
     graph_decode.CAPTURERS.pop("cuda", None)
 
 
 def _exact_shapes() -> None:
-    from ..model import graph_decode
+    from ..model.decoding import graph_decode
 
     graph_decode.POLICIES["cuda"] = graph_decode.EXACT
 
@@ -228,7 +228,7 @@ def run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) ->
 
 
 def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    from ..model import graph_decode
+    from ..model.decoding import graph_decode
     from ..objectives.pseudo_gumbel import pseudo_gumbel_step
     from .seed_step import full_copy_ema_update, seed_literal_step
 

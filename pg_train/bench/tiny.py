@@ -29,9 +29,9 @@ def main():
         build_model("tiny", seed=0)
         warm.append(time.perf_counter() - start)
 
-    from pg_train.model.generate import generate_from_embeds
-    from pg_train.model.regions import region_cells
-    from pg_train.model.templates import left_pad
+    from pg_train.model.decoding.generate import generate_from_embeds
+    from pg_train.model.text.regions import region_cells
+    from pg_train.model.text.templates import left_pad
 
     B = 2
     pixel_values = torch.randn(B, 3, 448, 448)

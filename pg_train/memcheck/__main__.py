@@ -23,7 +23,7 @@ configure_environment()
 
 import torch  # noqa: E402
 
-from ..model.generate import fast_decoding  # noqa: E402
+from ..model.decoding.generate import fast_decoding  # noqa: E402
 from .measure import BUGS, build_batch, measure, teacher_prompt  # noqa: E402
 from .predict import SEED_TABLE_GB, Deployment, alternative_estimates, predict  # noqa: E402
 
@@ -110,7 +110,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 def deployment_from(args, cfg) -> Deployment:
     if cfg is None:  # no training config: the predicted preset's objective defaults, as training would use
         from ..config import objective_for
-        from ..model.presets import get_preset
+        from ..model.arch.presets import get_preset
 
         objective = objective_for(get_preset(args.preset or "sa2va-4b"))
     else:

@@ -19,7 +19,7 @@ import torch
 from ..bench.memory import PeakMemory, SavedTensorBytes
 from ..distributed import unwrap
 from ..ema import EMATeacher
-from ..model import graph_decode
+from ..model.decoding import graph_decode
 from ..objectives.pseudo_gumbel import pseudo_gumbel_step
 from ..objectives.settings import PseudoGumbelConfig
 from .predict import gradient_free
@@ -513,7 +513,7 @@ def _audit_optimizer(optimizer, trainable: dict) -> Audit:
 def teacher_prompt(model, batch: dict, objective) -> int:
     """The teacher's prompt length for `batch` (the measured run's decoding bucket is predicted
     for it): the region prompts the teacher builds, left-padded to the longest."""
-    from ..model.regions import region_cells
+    from ..model.text.regions import region_cells
     from ..objectives.passes import region_prompts
 
     cells, _ = region_cells(

@@ -40,7 +40,7 @@ class Deployment:
     allgather_bucket_size: int = 200_000_000
     overlap_comm: bool = True
     # teacher decoding through the static KV cache (+ CUDA graphs on CUDA): one bucket of the
-    # shape the deployment's batch and prompt round to (pg_train.model.graph_decode)
+    # shape the deployment's batch and prompt round to (pg_train.model.decoding.graph_decode)
     fast_decoding: bool = False
     decode_prompt: int | None = None  # the teacher's prompt length; None: estimated from views and K
 
@@ -188,7 +188,7 @@ def decode_bucket_rows(module, d: Deployment) -> list[Row]:
     shape), and on CUDA the captured step's private pool (an estimate). Kept between steps, so
     static. One bucket per (batch, prompt) bucket met; prompts whose lengths round differently
     (other view counts or region sizes) add one each, up to the policy's max_buckets (LRU)."""
-    from ..model import graph_decode
+    from ..model.decoding import graph_decode
 
     policy = graph_decode.policy_for(torch.device(d.device.split(":")[0]))
     config = module.language_model.config
@@ -264,7 +264,7 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     segment = image_tokens + 30 + T
     per_layer = saved_per_token_layer(module, e)
 
-    # The last layer runs only on the rows read (pg_train.model.decoder): full activations for
+    # The last layer runs only on the rows read (pg_train.model.arch.decoder): full activations for
     # those, ~4h per other row (its norm input and output, keys, values); never checkpointed.
     def last_layer_saved(tokens, rows_read):
         return rows_read * per_layer + (tokens - rows_read) * 4 * h * e

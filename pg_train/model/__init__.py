@@ -1,9 +1,9 @@
 """Sa2VA model construction and the released checkpoint format."""
 
-from .build import build_model, build_offline, component_parameter_counts, enable_gradient_checkpointing
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained, to_sa2va_state_dict
-from .presets import PRESETS, ModelPreset, get_preset
-from .sa2va import Sa2VAModel
+from .arch.build import build_model, build_offline, component_parameter_counts, enable_gradient_checkpointing
+from .arch.presets import PRESETS, ModelPreset, get_preset
+from .arch.sa2va import Sa2VAModel
+from .io.checkpoint import CheckpointError, from_pretrained, save_pretrained, to_sa2va_state_dict
 
 __all__ = [
     "build_model",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import unwrap
-from ..model.templates import left_pad
+from ..model.text.templates import left_pad
 
 
 def special_ids(model) -> torch.Tensor:

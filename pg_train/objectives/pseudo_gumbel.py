@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import unwrap
-from ..model.regions import region_cells as select_region_cells
+from ..model.text.regions import region_cells as select_region_cells
 from .anchor import caption_kl, keep_confident, reference_caption_logits
 from .drift import teacher_side
 from .passes import (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import unwrap
-from ..model.regions import region_cells as select_region_cells
+from ..model.text.regions import region_cells as select_region_cells
 from .anchor import keep_confident
 from .passes import (
     StepOutput,

@@ -20,10 +20,10 @@ class PseudoGumbelConfig:
     temperature: float = 1.0
     sample_top_k: int = 0
     # decode with key/value buffers allocated once and fixed-shape steps (graph-ready; same tokens)
-    # null (default): on CUDA, off elsewhere (model.generate.fast_decoding)
+    # null (default): on CUDA, off elsewhere (model.decoding.generate.fast_decoding)
     static_cache: bool | None = None
     # CUDA: capture the static-cache decoding step in a CUDA graph and replay it (needs static_cache;
-    # off CUDA the same bucketed step runs eagerly; pg_train.model.graph_decode); null: on CUDA
+    # off CUDA the same bucketed step runs eagerly; pg_train.model.decoding.graph_decode); null: on CUDA
     cuda_graphs: bool | None = None
     # loss (computed at the SAM2 decoder's resolution, see mask_loss)
     bce_weight: float = 2.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import unwrap
-from ..model.regions import region_cells as select_region_cells
+from ..model.text.regions import region_cells as select_region_cells
 from .passes import (
     StepOutput,
     caption_lm_loss,

@@ -9,8 +9,8 @@ import contextlib
 import torch
 
 from ..distributed import unwrap
-from ..model.generate import generate_from_embeds
-from ..model.regions import region_cells as select_region_cells
+from ..model.decoding.generate import generate_from_embeds
+from ..model.text.regions import region_cells as select_region_cells
 from ..precision import compute_autocast
 from .passes import forward_for_logits, region_prompts, special_ids
 from .settings import PseudoGumbelConfig
@@ -56,7 +56,7 @@ def generate_pseudo_tokens_with_ema(
     Prompts of different K are left-padded so every row ends where its answer starts; decoding
     uses a KV cache, suppresses every special id, and stops per sample at eos or when the
     decoded caption contains the chat template's end text (cut before it, fragments included:
-    see model.stopping). Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
+    see model.text.stopping). Returns (caption_ids [B, T<=max_caption_len] padded with pad id, lengths [B]), on
     the device of `pixel_values` (the teacher may live elsewhere).
     """
     with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)), compute_autocast(unwrap(model)):

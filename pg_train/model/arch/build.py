@@ -7,9 +7,9 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..text.tokenizer import load_tiny_tokenizer, special_token_ids
 from .presets import PRESETS, LoraDims, ModelPreset, get_preset
 from .sa2va import Sa2VAModel
-from .tokenizer import load_tiny_tokenizer, special_token_ids
 
 # Trainable parts besides LoRA (SPEC §1); everything else is frozen.
 TRAINABLE_PREFIXES = ("mlp1.", "text_hidden_fcs.", "grounding_encoder.sam2_model.sam_mask_decoder.")

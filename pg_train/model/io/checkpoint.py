@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .build import apply_lora, build_model, set_trainable
-from .presets import PRESETS, LanguageDims, LoraDims, ModelPreset, VisionDims, preset_from_dict
-from .sa2va import Sa2VAModel
+from ..arch.build import apply_lora, build_model, set_trainable
+from ..arch.presets import PRESETS, LanguageDims, LoraDims, ModelPreset, VisionDims, preset_from_dict
+from ..arch.sa2va import Sa2VAModel
+from ..text.tokenizer import load_tokenizer
 from .state_check import (
     CheckpointError,
     check_finite,
@@ -31,7 +32,6 @@ from .state_check import (
     read_safetensors,
     read_safetensors_shapes,
 )
-from .tokenizer import load_tokenizer
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -237,7 +237,7 @@ def preset_from_config(config: dict, path: Path) -> ModelPreset:
     """Model dims from config.json (see _dims_from_config); the chat template is always the
     released top-level `template` (phi3_chat for Sa2VA-4B): it decides the prompts and the stop
     text of a loaded checkpoint."""
-    from .templates import CHAT_TEMPLATES
+    from ..text.templates import CHAT_TEMPLATES
 
     preset = _dims_from_config(config, path)
     template = config.get("template", preset.template)
@@ -441,7 +441,7 @@ def from_pretrained(
     model.load_state_dict(state, strict=True)
 
     if quantize_4bit:
-        from .quantize import quantize_llm_base_4bit
+        from ..arch.quantize import quantize_llm_base_4bit
 
         quantize_llm_base_4bit(model, compute_dtype=dtype)
     lora_dims = preset.lora if lora is True else (lora or None)

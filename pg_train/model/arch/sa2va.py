@@ -11,11 +11,11 @@ import math
 import torch
 from torch import nn
 
+from ..text.templates import PromptBuilder
+from ..text.tokenizer import special_id_mask
 from .decoder import decoder_hidden_states
 from .presets import ModelPreset
 from .sam2_grounding import GroundingEncoder
-from .templates import PromptBuilder
-from .tokenizer import special_id_mask
 from .vision import InternVisionModel, build_mlp1, pixel_shuffle_v2
 
 
@@ -58,7 +58,7 @@ class Sa2VAModel(nn.Module):
         self.img_context_id = token_ids["<IMG_CONTEXT>"]
         self.seg_token_id = token_ids["[SEG]"]
         self.eos_token_id = token_ids["<|im_end|>"]
-        # The LLM's last layer runs only on the rows whose output is read (pg_train.model.decoder);
+        # The LLM's last layer runs only on the rows whose output is read (pg_train.model.arch.decoder);
         # False: on every row, the same values (the benchmark's `untrimmed` variant, the literal baseline).
         self.trim_last_layer = True
         # The dtype the student's forward is autocast to (Accelerate's mixed precision), for the

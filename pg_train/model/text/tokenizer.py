@@ -107,7 +107,7 @@ def load_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
     if not TINY_TOKENIZER_FILE.exists():
         raise FileNotFoundError(
-            f"{TINY_TOKENIZER_FILE} is missing; regenerate it with `python -m pg_train.model.tokenizer`"
+            f"{TINY_TOKENIZER_FILE} is missing; regenerate it with `python -m pg_train.model.text.tokenizer`"
         )
     return _wrap(Tokenizer.from_file(str(TINY_TOKENIZER_FILE)))
 

@@ -59,7 +59,7 @@ from collections import Counter, OrderedDict
 
 import torch
 
-from .decoder import decoder_hidden_states
+from ..arch.decoder import decoder_hidden_states
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import decoder_hidden_states
-from .stopping import EndTextStop
+from ..arch.decoder import decoder_hidden_states
+from ..text.stopping import EndTextStop
 
 
 def fast_decoding(static_cache: bool | None, cuda_graphs: bool | None, device: torch.device) -> tuple[bool, bool]:
@@ -59,7 +59,7 @@ def generate_from_embeds(
     cache (tests/test_generate.py).
 
     `cuda_graphs` (needs `static_cache`): the per-token step is one fixed-shape function over
-    buffers of a shape bucket (pg_train.model.graph_decode: batch and prompt padded to bucket
+    buffers of a shape bucket (pg_train.model.decoding.graph_decode: batch and prompt padded to bucket
     sizes, buffers and KV cache kept between calls), captured once per bucket in a CUDA graph and
     replayed on CUDA; elsewhere, and for sampled decoding, the same step runs eagerly. Same
     tokens as the paths above (tests/test_generate.py).

@@ -1,0 +1,1 @@
+"""Autoregressive decoding (eager and shape-bucketed / CUDA-graph) on top of `arch` and `text`."""

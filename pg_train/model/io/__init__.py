@@ -1,0 +1,1 @@
+"""Checkpoint I/O: the released Sa2VA directory format and checked state-dict loading."""
