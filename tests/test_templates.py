@@ -43,9 +43,44 @@ def test_whole_string_encoding_of_the_region_prompt(prompts, qwen_tokenizer):
             + image_string()
             + "\nThere are 1 part regions in the picture: region1<vp>"
             + "<IMG_CONTEXT>" * k
-            + "</vp>.\nPlease give me a short description of the region in the picture marked by region1.<|end|>\n<|assistant|>\n"
+            + "</vp>.\n\nPlease give me a short description of the region in the picture marked by region1.<|end|>\n<|assistant|>\n"
         )
         assert prompts.region_prompt(k) == qwen_tokenizer.encode(text, add_special_tokens=False)
+
+
+def official_region_caption_input(k: int, num_image_tokens: int = N_IMAGE) -> str:
+    """The region-caption evaluation's input text, built with the official code's own steps and
+    literals (one image, one region of k cells), copied from:
+    - the question: bytedance/Sa2VA (formerly magic-research/Sa2VA) @ 0d8f983602bf7eb135150db3523b471d8f4756eb,
+      projects/sa2va/evaluation/region_cap_refcocog_eval.py, `RegionCapInferenceDataset.get_questions`;
+    - `predict_forward` of projects/llava_sam2/hf/models/modeling_sa2va_chat.py (the file shipped
+      with the released checkpoints; read from the copy in kumuji/Sa2VA-i @
+      4b1f846e83cc6c2b7d719a1184f94ead02d5b38a): vp_token_str, image_token_str, text.replace;
+    - xtuner's phi3_chat INSTRUCTION (config.json["template"] of Sa2VA-4B)."""
+    question = "<image>\nPlease give me a short description of the region in the picture marked by region1."
+    vp_token_str = "\nThere are {} part regions in the picture: ".format(1)
+    vp_token_str = vp_token_str + "region1" + "<vp>" + "<IMG_CONTEXT>" * k + "</vp>"
+    vp_token_str = vp_token_str + ".\n"
+    image_token_str = "<img>" + "<IMG_CONTEXT>" * num_image_tokens + "</img>"
+    image_token_str = image_token_str + "\n"
+    image_token_str = image_token_str * 1  # num_frames
+    image_token_str = image_token_str.strip()
+    text = question.replace("<image>", image_token_str + vp_token_str)
+    return "<|user|>\n{input}<|end|>\n<|assistant|>\n".format(input=text)
+
+
+def test_region_prompt_equals_the_official_evaluation_input(prompts, qwen_tokenizer):
+    assert (
+        official_region_caption_input(2)
+        == (  # the blank line after the region list (issue 30)
+            "<|user|>\n" + image_string() + "\nThere are 1 part regions in the picture: region1<vp>"
+            "<IMG_CONTEXT><IMG_CONTEXT></vp>.\n\nPlease give me a short description of the region in the picture "
+            "marked by region1.<|end|>\n<|assistant|>\n"
+        )
+    )
+    for k in (0, 1, 2, 5, 256):
+        official = qwen_tokenizer.encode(official_region_caption_input(k))  # as predict_forward: plain encode
+        assert prompts.region_prompt(k) == official, k
 
 
 def test_whole_string_encoding_of_the_segment_prompt_with_a_caption(prompts, qwen_tokenizer):
@@ -97,7 +132,9 @@ def test_whole_string_encoding_for_every_chat_template(template, qwen_tokenizer)
         qwen_tokenizer, QWEN_SPECIAL_IDS, N_IMAGE, "sa2va", chat_template=template, vocab_size=151_679
     )
     text = (
-        chat.user_start + image_string() + "\nThere are 1 part regions in the picture: region1<vp><IMG_CONTEXT></vp>.\n"
+        chat.user_start
+        + image_string()
+        + "\nThere are 1 part regions in the picture: region1<vp><IMG_CONTEXT></vp>.\n\n"
         "Please give me a short description of the region in the picture marked by region1." + chat.assistant_start
     )
     assert prompts.region_prompt(1) == qwen_tokenizer.encode(text, add_special_tokens=False)

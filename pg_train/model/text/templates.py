@@ -63,7 +63,9 @@ TEMPLATE_SETS: dict[str, TemplateSet] = {
     # segmentation format.
     "sa2va": TemplateSet(
         region_between="\nThere are 1 part regions in the picture: region1",
-        region_question=".\nPlease give me a short description of the region in the picture marked by region1.",
+        # predict_forward ends its region list with ".\n" and the evaluation question starts with
+        # "\n" (after `<image>`): a blank line between them.
+        region_question=".\n\nPlease give me a short description of the region in the picture marked by region1.",
         segment_between="\nPlease segment",
         segment_after_caption=" in this image.",
         answer_before_seg="It is ",
@@ -187,9 +189,11 @@ class PromptBuilder:
         return [self.img_start] + [self.ctx] * (self.num_image_tokens * num_views) + [self.img_end]
 
     def region_prompt(self, num_region_cells: int, num_views: int = 1) -> list[int]:
-        """User turn asking for a description of a region of K cells, ending where the answer starts."""
-        if num_region_cells < 1:
-            raise ValueError(f"a region prompt needs K >= 1 region cells, got {num_region_cells}")
+        """User turn asking for a description of a region of K cells, ending where the answer starts.
+        K = 0 writes `region1<vp></vp>` as the official code does for a region no cell samples
+        (objective.empty_region_policy=official)."""
+        if num_region_cells < 0:
+            raise ValueError(f"a region prompt needs K >= 0 region cells, got {num_region_cells}")
         return (
             self._user_start
             + self._image_ids(num_views)
