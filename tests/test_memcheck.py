@@ -54,6 +54,70 @@ def test_out_of_tolerance_exits_2(tmp_path):
     assert code == 2 and all(a["passed"] for a in report["audits"])
 
 
+def test_a_frozen_tower_that_keeps_its_graph_exits_2_though_every_audit_passes(tmp_path):
+    """A leak no audit sees (the frozen ViT keeps its activations): the activation check must."""
+    code, report = run(tmp_path, "--inject", "frozen-vit-keeps-graph", "--steps", "1")
+    rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
+    assert code == 2 and all(a["passed"] for a in report["audits"])
+    assert not rows["activations saved for backward"]["within"] and rows["activations saved for backward"]["error"] > 1
+
+
+DEFAULT_JOB = ["--config", "pg_train/default_job.yaml", "--world-size", "1", "--zero-stage", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
+def test_default_job_with_trained_towers_passes_with_and_without_checkpointing(tmp_path, checkpointing):
+    """The default job trains the vision tower and SAM2's image encoder (never checkpointed):
+    their activations are predicted, so a correct run passes both ways."""
+    code, report = run(tmp_path, *DEFAULT_JOB, *(["--gradient-checkpointing"] if checkpointing else []))
+    rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
+    assert code == 0 and all(a["passed"] for a in report["audits"]), rows
+    assert abs(rows["activations saved for backward"]["error"]) <= 0.2
+    assert rows["peak RSS growth, first step"]["within"]
+
+
+@pytest.mark.slow
+def test_default_job_under_predicted_towers_exit_2(tmp_path, monkeypatch):
+    """The audit keeps its teeth: without the towers' activations (the prediction before they
+    were modelled) the checkpointed default job is out of tolerance."""
+    import importlib
+
+    predict_module = importlib.import_module("pg_train.memcheck.predict")  # the package exports a function `predict`
+
+    monkeypatch.setattr(predict_module, "vision_tower_saved", lambda *a: 0)
+    monkeypatch.setattr(predict_module, "sam_encoder_saved", lambda *a: 0)
+    code, report = run(tmp_path, *DEFAULT_JOB, "--gradient-checkpointing")
+    rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
+    assert code == 2 and rows["activations saved for backward"]["error"] > 2
+
+
+def test_tower_activations_are_predicted_only_when_the_towers_train():
+    from pg_train.memcheck.predict import sam_encoder_saved, vision_tower_saved
+
+    model = build_model("sa2va-4b", device="meta", dtype=torch.bfloat16)
+    assert vision_tower_saved(model, 10, 2) == 0 and sam_encoder_saved(model, 1, 2) == 0  # Sa2VA: frozen
+    frozen = predict(model, Deployment(batch_size=2))
+    model.vision_model.encoder.layers[12].requires_grad_(True)  # the upper half of the ViT trains
+    half = vision_tower_saved(model, 10, 2)
+    model.vision_model.requires_grad_(True)
+    full = vision_tower_saved(model, 10, 2)
+    pixels = 10 * 3 * 448 * 448 * 2
+    assert half > 0 and full - pixels == 2 * half  # 12 of 24 layers, then all 24 and the pixels
+    model.grounding_encoder.sam2_model.image_encoder.requires_grad_(True)
+    trained = predict(model, Deployment(batch_size=2))
+    sam = sam_encoder_saved(model, 2, 2)
+    assert sam > 0
+    # both passes run the ViT over 2 images x 10 views; only pass 2 runs SAM2's encoder
+    assert trained.phases["pass 1 (caption logits)"]["saved"] - frozen.phases["pass 1 (caption logits)"]["saved"] == (
+        vision_tower_saved(model, 20, 2)
+    )
+    assert (
+        trained.phases["backward"]["saved"] - frozen.phases["backward"]["saved"]
+        == 2 * vision_tower_saved(model, 20, 2) + sam
+    )
+
+
 def test_reference_prediction_for_sa2va_4b_zero2():
     model = build_model("sa2va-4b", device="meta", dtype=torch.bfloat16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

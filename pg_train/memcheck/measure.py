@@ -5,7 +5,8 @@ forward `pseudo_gumbel_step` itself, observed stage by stage (each stage a measu
 the objective's stages, then backward, the optimizer step and the EMA update). The audits therefore see the production step's outputs: a detach, a teacher without the EMA weights,
 frozen LoRA or checkpointing that is off in the real code fails them. `inject` reproduces the
 design note's three suspected bugs on purpose (through hooks and arguments, not by patching), to
-show that the audits catch them.
+show that the audits catch them; `frozen-vit-keeps-graph` is a memory leak the activation check
+(not an audit) must catch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..objectives.pseudo_gumbel import pseudo_gumbel_step
 from ..objectives.settings import PseudoGumbelConfig
 from .predict import gradient_free
 
-BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step")
+BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step", "frozen-vit-keeps-graph")
 
 
 @dataclass
@@ -160,6 +161,32 @@ def _detach_pass2_input(module, args, kwargs):
     return args, kwargs
 
 
+class _FrozenTowerGraph:
+    """`--inject frozen-vit-keeps-graph`: a leak the activation check must catch (no audit does).
+    The frozen vision tower runs with grad enabled on pixels that require grad (as when the
+    no-grad guard of a frozen tower is lost and an input asks for a gradient): it keeps every
+    activation for backward though none of its tensors trains."""
+
+    def __init__(self, tower: torch.nn.Module):
+        self.grad = []
+        self.hooks = [
+            tower.register_forward_pre_hook(self._enter),
+            tower.register_forward_hook(self._exit),
+        ]
+
+    def _enter(self, module, args):
+        self.grad.append(torch.enable_grad())
+        self.grad[-1].__enter__()
+        return (args[0].detach().requires_grad_(True), *args[1:])
+
+    def _exit(self, module, args, output):
+        self.grad.pop().__exit__(None, None, None)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 class _TeacherProbe:
     """Inside the teacher stage: at the first lm_head call of whichever model generates
     (the student with the EMA swapped in, or a separate teacher), whether its trainable tensors
@@ -265,6 +292,8 @@ def measure(
     ]
     if "detach-text-embeds" in inject:
         hooks.append(model.register_forward_pre_hook(_detach_pass2_input, with_kwargs=True))
+    if "frozen-vit-keeps-graph" in inject:
+        hooks.append(_FrozenTowerGraph(model.vision_model))
     stepping = _SkippedStep(optimizer) if "no-optimizer-step" in inject else optimizer
 
     probe = None

@@ -244,6 +244,56 @@ def saved_per_token_layer(module, elem: int) -> int:
     return (11 * lang.hidden_size + 5 * lang.intermediate_size + 7 * r + dropout) * elem
 
 
+def _trains(module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+STATS = 4  # LayerNorm mean/rstd and attention log-sum-exp: kept in fp32 whatever the weights' dtype
+
+
+def vision_tower_saved(module, images: int, elem: int) -> int:
+    """Bytes the InternViT keeps for backward over `images` views (0 while it is frozen, as in
+    Sa2VA; the default job trains it). From the first layer with a trainable tensor on (all of
+    them when the patch embedding trains, which also keeps its pixel input). Measured structure
+    per token and layer (CPU, SDPA): 10h (norm inputs/outputs, q/k/v, attention output, proj and
+    layer-scale inputs, fc2 output) + 2I (fc1 output, GELU output) in the weights' dtype, and
+    fp32 statistics (two LayerNorms' mean/rstd, one log-sum-exp per head)."""
+    vision = module.vision_model
+    vis = module.preset.vision
+    layers = list(vision.encoder.layers)
+    embedding = _trains(vision.embeddings)
+    first = 0 if embedding else next((i for i, layer in enumerate(layers) if _trains(layer)), len(layers))
+    tokens = (vis.image_size // vis.patch_size) ** 2 + 1  # patches + CLS
+    per_token_layer = (10 * vis.hidden_size + 2 * vis.mlp_size) * elem + (vis.num_heads + 4) * STATS
+    pixels = 3 * vis.image_size**2 * elem if vision.embeddings.patch_embedding.weight.requires_grad else 0
+    return images * (tokens * (len(layers) - first) * per_token_layer + pixels)
+
+
+def sam_encoder_saved(module, images: int, elem: int) -> int:
+    """Bytes SAM2's Hiera image encoder keeps for backward over `images` images (0 while frozen,
+    as in Sa2VA; the default job trains it), walking the real blocks: N tokens of C channels
+    (N halves per side at each pooling block). Measured structure (CPU): a block keeps ~16C per
+    token (MLP ratio 4: fc1 and GELU outputs 8C; norms, q/k/v, window copies, projections 8C)
+    plus fp32 statistics; a pooling block ~19 C_in per input token (the projection and the
+    pooling of q and of the shortcut at the input resolution). The FPN neck's inputs are the
+    blocks' own outputs (already counted). The patch embedding keeps the pixels when it trains."""
+    encoder = module.grounding_encoder.sam2_model.image_encoder
+    trunk = encoder.trunk
+    if not _trains(encoder):
+        return 0
+    size = module.preset.sam2.image_size
+    side = size // 4  # Hiera's patch embedding: stride 4
+    total = 3 * size**2 * elem if _trains(trunk.patch_embed) else 0
+    for block in trunk.blocks:
+        tokens_in = side * side
+        if block.pool is not None:
+            side //= 2
+            total += 19 * tokens_in * block.dim * elem + (4 + block.attn.num_heads) * side * side * STATS
+        else:
+            total += 16 * tokens_in * block.dim_out * elem + (4 + block.attn.num_heads) * tokens_in * STATS
+    return images * total
+
+
 def image_views(preset, d: Deployment) -> int:
     """Views per image the preset's tiling gives for the deployment's image size (1 untiled)."""
     from ..data.loader import preprocess_for
@@ -289,9 +339,11 @@ def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
     sam_transient = B * (sam.image_size // 4) ** 2 * sam.embed_dim * 12 * e
     decoder_saved = B * (sam.image_size // 4) ** 2 * (sam.d_model // 8) * 6 * e
 
-    pass1 = llm_saved(B * (prompt + T), B * T) + mlp1_saved + B * T * h * e
+    # trained towers (the default job trains both; Sa2VA keeps them frozen): never checkpointed
+    vit_saved = vision_tower_saved(module, B * views, e)
+    pass1 = llm_saved(B * (prompt + T), B * T) + mlp1_saved + B * T * h * e + vit_saved
     gumbel = B * T * d.topk * (4 + 8)  # y_soft (fp32) and top-k ids (int64)
-    pass2 = llm_saved(B * segment, B) + mlp1_saved + decoder_saved
+    pass2 = llm_saved(B * segment, B) + mlp1_saved + decoder_saved + vit_saved + sam_encoder_saved(module, B, e)
     phases = {
         "teacher generation": (0, B * (prompt + T) * kv + B * V * 4 + vit_transient),
         "pass 1 (caption logits)": (pass1, 2 * logits + vit_transient),
