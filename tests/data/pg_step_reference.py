@@ -13,6 +13,8 @@ kernels round differently is told apart from a changed step.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import sys
@@ -36,6 +38,21 @@ except ImportError:
     from pg_train.objectives.settings import PseudoGumbelConfig
 
 CONFIG = {"max_caption_len": 8, "topk": 16}
+# The region question the recording's prompts had (issue 30 later added the official blank line
+# before "Please"): the comparison is of the step's arithmetic, so it runs with the recorded words.
+RECORDED_REGION_QUESTION = ".\nPlease give me a short description of the region in the picture marked by region1."
+
+
+@contextlib.contextmanager
+def recorded_wording():
+    from pg_train.model.text.templates import TEMPLATE_SETS
+
+    current = TEMPLATE_SETS["sa2va"]
+    TEMPLATE_SETS["sa2va"] = dataclasses.replace(current, region_question=RECORDED_REGION_QUESTION)
+    try:
+        yield
+    finally:
+        TEMPLATE_SETS["sa2va"] = current
 
 
 def digest(t: torch.Tensor) -> str:
@@ -57,8 +74,9 @@ def canary() -> str:
 def reference_step(step=pseudo_gumbel_step, cfg=None) -> dict:
     """The recorded step: loss bits and gradient digests (a test reruns this with its own step)."""
     torch.manual_seed(0)
-    model = with_lora_weights(build_model("tiny", seed=0))
-    teacher = with_lora_weights(build_model("tiny", seed=1)).eval()
+    with recorded_wording():  # the prompts are built with the model
+        model = with_lora_weights(build_model("tiny", seed=0))
+        teacher = with_lora_weights(build_model("tiny", seed=1)).eval()
     batch = make_step_batch(model, batch_size=2, seed=3)
     out = step(model, teacher, batch, cfg or PseudoGumbelConfig(**CONFIG))
     out.loss.backward()
