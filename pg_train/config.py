@@ -86,7 +86,9 @@ class OptimConfig:
 
 @dataclass
 class CurriculumConfig:
-    """objective_kind=curriculum: a supervised warm-up, then Pseudo-Gumbel from it, in one run."""
+    """objective_kind=curriculum: a supervised warm-up, then Pseudo-Gumbel from it, in one run. A
+    shorthand: load_config expands it into the two-stream schedule (expand_curriculum), so the
+    curriculum and the two streams are one mechanism."""
 
     supervised_steps: int = 0  # optimizer steps of the supervised stage; the rest are Pseudo-Gumbel
     supervised_fraction: float = 0.0  # or this fraction of max_steps (when supervised_steps is 0)
@@ -101,8 +103,9 @@ class StreamsConfig:
     batch_size samples takes labelled_fraction of them from the labelled stream; the loss is
     self_weight x self-training (objective_kind: pseudo_gumbel | pseudo_label) on the unlabelled
     part + supervised_weight (lambda) x supervised on the labelled part. Schedules are
-    [[from_step, value], ...], piecewise constant (objectives.schedule); today's curriculum is
-    labelled_fraction [[0, 1], [S, 0]], supervised_weight [[0, 1], [S, 0]], self_weight [[0, 0], [S, 1]]."""
+    [[from_step, value], ...], piecewise constant (objectives.schedule). The curriculum is
+    labelled_fraction [[0, 1], [S, 0]], supervised_weight [[0, 1], [S, 0]], self_weight [[0, 0], [S, 1]]
+    over two streams of `data:` (objective_kind: curriculum expands to exactly that)."""
 
     enabled: bool = False
     labelled: DataConfig = field(default_factory=lambda: DataConfig(num_samples=256))
@@ -114,6 +117,12 @@ class StreamsConfig:
     # cycle - shuffled gIoU reached this (null: no gate); until then only the labelled stream
     # trains. Needs eval_every > 0; the run says when the gate opens.
     gate_min_gap: float | None = None
+    # The self-training stage begins where self_weight first turns > 0 after weighing 0 from step 0
+    # (the curriculum's switch). self_training_lr: the lr schedule restarts there (its own warm-up
+    # and cosine, this peak; the stage before ends its cosine there), as a second run would; null:
+    # one schedule over the run. restart_ema: the EMA teacher restarts there as the warmed-up student.
+    self_training_lr: float | None = None
+    restart_ema: bool = False
 
 
 def supervised_steps(cfg) -> int:
@@ -349,8 +358,62 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Trai
         _apply(cfg, values)
         keys_set |= _keys_set(values)
     apply_preset_defaults(cfg, keys_set)
+    expand_curriculum(cfg, keys_set)
     validate(cfg)
     return cfg
+
+
+def curriculum_schedule(switch: int) -> dict:
+    """The two-stream schedules of a curriculum that switches at optimizer step `switch`: every
+    sample labelled and supervised before it, every sample unlabelled and self-trained from it."""
+    return {
+        "labelled_fraction": [[0, 1.0], [switch, 0.0]],
+        "supervised_weight": [[0, 1.0], [switch, 0.0]],
+        "self_weight": [[0, 0.0], [switch, 1.0]],
+    }
+
+
+def expand_curriculum(cfg: TrainConfig, keys_set: set[str]) -> None:
+    """objective_kind: curriculum -> Pseudo-Gumbel over two streams of `data:` (one shuffled order,
+    pg_train.data.streams) with curriculum_schedule(supervised_steps(cfg)), the lr restarting at the
+    switch from curriculum.lr (else optim.lr) and the teacher restarting there when
+    curriculum.restart_ema: the same run as the explicit schedule, bit for bit. A config that
+    also sets streams.* is refused naming the key (the shorthand writes them)."""
+    if cfg.objective_kind != "curriculum":
+        return
+    c = cfg.curriculum
+    checks = [
+        (c.supervised_steps >= 0, "curriculum.supervised_steps", "must be >= 0 (0: supervised_fraction)"),
+        (0.0 <= c.supervised_fraction < 1.0, "curriculum.supervised_fraction", "must be in [0, 1)"),
+        (c.lr is None or c.lr > 0, "curriculum.lr", "must be > 0 (or null: optim.lr)"),
+        (
+            supervised_steps(cfg) > 0,
+            "curriculum.supervised_steps",
+            "(or curriculum.supervised_fraction) must be > 0 with objective_kind=curriculum",
+        ),
+        (
+            has_text(cfg.data),
+            "data.source",
+            f"objective_kind=curriculum's supervised warm-up needs pairs with text; {cfg.data.source!r} as configured has none",
+        ),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+    conflicts = sorted(k for k in keys_set if k == "streams" or k.startswith("streams."))
+    leaves = [k for k in conflicts if not any(other.startswith(k + ".") for other in conflicts)]
+    if leaves:
+        raise ConfigError(
+            f"{leaves[0]}: objective_kind=curriculum is shorthand for a two-stream schedule and sets streams.* "
+            f"itself (set here: {', '.join(leaves)}); drop them, or write the schedule out under streams: "
+            "with objective_kind=pseudo_gumbel (docs/design.md, 'The curriculum')"
+        )
+    s = cfg.streams
+    s.enabled, s.labelled, s.unlabelled = True, dataclasses.replace(cfg.data), dataclasses.replace(cfg.data)
+    for name, points in curriculum_schedule(supervised_steps(cfg)).items():
+        setattr(s, name, points)
+    s.self_training_lr, s.restart_ema = c.lr or cfg.optim.lr, c.restart_ema
+    cfg.objective_kind = "pseudo_gumbel"
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -428,13 +491,10 @@ def validate(cfg: TrainConfig) -> None:
             "must be pseudo_gumbel, pseudo_label, supervised, mixed or curriculum",
         ),
         (
-            cfg.objective_kind != "curriculum" or supervised_steps(cfg) > 0,
-            "curriculum.supervised_steps",
-            "(or curriculum.supervised_fraction) must be > 0 with objective_kind=curriculum",
+            cfg.objective_kind != "curriculum",
+            "objective_kind",
+            "curriculum is a shorthand load_config expands (expand_curriculum); this config was not loaded by it",
         ),
-        (cfg.curriculum.supervised_steps >= 0, "curriculum.supervised_steps", "must be >= 0 (0: supervised_fraction)"),
-        (0.0 <= cfg.curriculum.supervised_fraction < 1.0, "curriculum.supervised_fraction", "must be in [0, 1)"),
-        (cfg.curriculum.lr is None or cfg.curriculum.lr > 0, "curriculum.lr", "must be > 0 (or null: optim.lr)"),
         (cfg.eval_every >= 0 and cfg.eval_samples >= 1, "eval_every", "eval_every must be >= 0 and eval_samples >= 1"),
         (cfg.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}"),
         (
@@ -599,7 +659,7 @@ def has_text(data: DataConfig) -> bool:
 
 def self_training_checks(cfg) -> list[tuple[bool, str, str]]:
     """The self-training switches and the two streams (issue 26): combinations that cannot work."""
-    from .objectives.schedule import breakpoints, schedule_at, schedule_problem
+    from .objectives.schedule import breakpoints, first_rise, schedule_at, schedule_problem
 
     o, s = cfg.objective, cfg.streams
     checks = [
@@ -635,7 +695,11 @@ def self_training_checks(cfg) -> list[tuple[bool, str, str]]:
         (o.diagnostics_every >= 0, "objective.diagnostics_every", "must be >= 0 (0: off)"),
     ]
     if not s.enabled:
-        return checks + [(s.gate_min_gap is None, "streams.gate_min_gap", "needs streams.enabled=true")]
+        return checks + [
+            (s.gate_min_gap is None, "streams.gate_min_gap", "needs streams.enabled=true"),
+            (s.self_training_lr is None, "streams.self_training_lr", "needs streams.enabled=true"),
+            (not s.restart_ema, "streams.restart_ema", "needs streams.enabled=true"),
+        ]
     for name, high in (("labelled_fraction", 1.0), ("supervised_weight", float("inf")), ("self_weight", float("inf"))):
         problem = schedule_problem(getattr(s, name), 0.0, high)
         checks.append((problem is None, f"streams.{name}", problem or ""))
@@ -679,6 +743,16 @@ def self_training_checks(cfg) -> list[tuple[bool, str, str]]:
             "streams.gate_min_gap",
             "the grounding gate reads held-out evaluations: needs eval_every > 0",
         ),
+        (
+            s.self_training_lr is None or s.self_training_lr > 0,
+            "streams.self_training_lr",
+            "must be > 0 (or null: one lr schedule over the run)",
+        ),
+    ]
+    stage = "needs a self-training stage to begin: streams.self_weight 0 at step 0 and > 0 from a later step"
+    checks += [
+        (s.self_training_lr is None or first_rise(s.self_weight) is not None, "streams.self_training_lr", stage),
+        (not s.restart_ema or first_rise(s.self_weight) is not None, "streams.restart_ema", stage),
     ]
     return checks
 

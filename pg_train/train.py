@@ -33,7 +33,7 @@ from .checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import ConfigError, TrainConfig, active_trackers, supervised_steps, to_dict
+from .config import ConfigError, TrainConfig, active_trackers, to_dict
 from .data import build_loader
 from .data.loader import batch_to_device, preprocess_for
 from .data.streams import TwoStreams
@@ -41,7 +41,7 @@ from .distributed import unwrap
 from .ema import EMATeacher
 from .model.io.state_check import CheckpointError
 from .objectives.anchor import adapters_disabled
-from .objectives.mix import labelled_share, objective_kind_at, objective_step
+from .objectives.mix import labelled_share, objective_kind_at, objective_step, self_training_start
 from .overlap import OverlappedTeacher
 from .precision import follow_accelerator
 from .run_lock import OutputDirLocked, OutputLock, acquire
@@ -168,15 +168,16 @@ class TrainState:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio at the end (a function of the step,
-    so resuming needs no scheduler state). A curriculum's Pseudo-Gumbel stage has its own
-    warm-up and cosine, from curriculum.lr, as a second run would."""
+    so resuming needs no scheduler state). With streams.self_training_lr, the self-training stage
+    (a curriculum's Pseudo-Gumbel stage) has its own warm-up and cosine from that peak, as a
+    second run would, and the stage before ends its cosine where it begins."""
     o, peak, start, end = cfg.optim, cfg.optim.lr, 0, cfg.max_steps
-    if cfg.objective_kind == "curriculum":
-        switch = supervised_steps(cfg)
+    switch = self_training_start(cfg) if cfg.streams.self_training_lr is not None else None
+    if switch is not None:
         if step < switch:
             end = switch
         else:
-            start, peak = switch, cfg.curriculum.lr or cfg.optim.lr
+            start, peak = switch, cfg.streams.self_training_lr
     step, steps = step - start, end - start
     if step < o.warmup_steps:
         return peak * (step + 1) / o.warmup_steps
@@ -238,7 +239,7 @@ def step_record(run: Run, state: TrainState, window: WindowResult, lr: float, se
     keys = sorted(out.metrics)
     local = torch.stack([out.metrics[k].float().reshape(()) for k in keys]).to(accelerator.device)
     mean = accelerator.reduce(local, "mean") if accelerator.num_processes > 1 else local
-    record = {"step": state.step, "objective": objective_kind_at(state.step - 1, cfg)}
+    record = {"step": state.step, "objective": objective_kind_at(state.step - 1, cfg, run.gate.open)}
     record.update({k: float(v) for k, v in zip(keys, mean)})
     if not window.stepped:
         record.update(loss=None, bce=None, dice=None)
@@ -386,10 +387,9 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
         snapshot = EMATeacher(model, decay=0.0)  # never updated: the trainable tensors as they start
         accelerator.register_for_checkpointing(snapshot)
     shard = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "seed": cfg.seed}
-    if cfg.streams.enabled:  # one sample per loader batch: a stream's position is a sample count
+    if cfg.streams.enabled:
         loader = TwoStreams(
-            build_loader(cfg.streams.labelled, preprocess_for(module.preset), 1, **shard),
-            build_loader(cfg.streams.unlabelled, preprocess_for(module.preset), 1, **shard),
+            *stream_loaders(cfg, preprocess_for(module.preset), shard, train_source),
             cfg.batch_size,
             lambda step: labelled_share(cfg, step, gate.open),
             cfg.grad_accum,
@@ -408,6 +408,21 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(to_dict(cfg)).items()}
         accelerator.init_trackers(cfg.tracker_project, config=flat)
     return Run(cfg, accelerator, model, optimizer, ema, loader, heldout, out_dir, lock, heldout_set, gate, snapshot)
+
+
+def stream_loaders(cfg: TrainConfig, preprocess, shard: dict, train_source) -> tuple:
+    """The labelled and the unlabelled stream's loaders, one sample per batch (a stream's position
+    is a sample count). A stream whose section equals `data:` reads the run's training source
+    (the held-out set carved out of it); two streams with equal sections are one loader (one
+    shuffled order both draw from: a curriculum's warm-up and its Pseudo-Gumbel stage continue
+    one order, as with one stream)."""
+    s = cfg.streams
+
+    def loader(data):
+        return build_loader(data, preprocess, 1, **shard, source=train_source if data == cfg.data else None)
+
+    labelled = loader(s.labelled)
+    return labelled, labelled if s.unlabelled == s.labelled else loader(s.unlabelled)
 
 
 def restore(run: Run) -> TrainState:
@@ -542,15 +557,19 @@ def checkpoint_or_stop(run: Run, state: TrainState, stop: StopFlag, progress) ->
 
 
 def begin_stage_if_due(run: Run, state: TrainState, progress) -> None:
-    """Curriculum: at the switch the Pseudo-Gumbel stage begins, its teacher the warmed-up student."""
+    """Where the self-training stage begins (streams.self_weight turns > 0; a curriculum's switch):
+    with streams.restart_ema its teacher is the warmed-up student, and the anchor's snapshot is taken."""
     cfg = run.cfg
-    if cfg.objective_kind == "curriculum" and state.step == supervised_steps(cfg):
-        if cfg.curriculum.restart_ema:
-            run.ema.restart_from(run.model)
-        if run.snapshot is not None:
-            run.snapshot.restart_from(run.model)
-        if run.main:  # status lines: the main process's, once
-            progress.write(f"[pg_train] step {state.step}: supervised warm-up done, Pseudo-Gumbel from here")
+    if state.step != self_training_start(cfg):
+        return
+    if cfg.streams.restart_ema:
+        run.ema.restart_from(run.model)
+    if run.snapshot is not None:
+        run.snapshot.restart_from(run.model)
+    if run.main:  # status lines: the main process's, once
+        kind = {"pseudo_gumbel": "Pseudo-Gumbel", "pseudo_label": "pseudo-labels"}[cfg.objective_kind]
+        also = " + supervised" if objective_kind_at(state.step, cfg, run.gate.open).endswith("+supervised") else ""
+        progress.write(f"[pg_train] step {state.step}: supervised warm-up done, {kind}{also} from here")
 
 
 def open_gate_if_due(run: Run, state: TrainState, evaluation: dict, progress) -> None:
@@ -627,7 +646,8 @@ def _train(run: Run, stop: StopFlag) -> TrainResult:
     batches = micro_batches(run, state)
     started, first_step = time.perf_counter(), state.step
     while state.step < cfg.max_steps:
-        step_start, lr, kind = time.perf_counter(), lr_at(state.step, cfg), objective_kind_at(state.step, cfg)
+        step_start, lr = time.perf_counter(), lr_at(state.step, cfg)
+        kind = objective_kind_at(state.step, cfg, run.gate.open)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         begin_stage_if_due(run, state, progress)

@@ -9,6 +9,10 @@ scheduled fraction to within one sample, whatever the batch size; the split depe
 micro-batch index and the schedule, so every rank draws the same counts (the ranks' graphs stay
 alike under DDP / ZeRO). `state_dict()` holds both positions, the counter and the credit: a
 resumed run draws exactly the samples the uninterrupted one would have.
+
+The two streams may be one PairLoader (train.stream_loaders: equal data sections): both parts
+then draw from one shuffled order, so a sample is labelled or unlabelled in an epoch, never both,
+and a curriculum's Pseudo-Gumbel stage continues the order its warm-up drew from, as one stream did.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def labelled_count(credit: float, fraction: float, batch_size: int) -> tuple[int
 class TwoStreams:
     """Micro-batches {"labelled": batch | None, "unlabelled": batch | None} of `batch_size`
     samples in all; `fraction(step)` is the labelled share at optimizer step `step`
-    (micro-batch m belongs to step m // grad_accum)."""
+    (micro-batch m belongs to step m // grad_accum). `labelled` and `unlabelled` may be the same
+    loader (one order both draw from)."""
 
     def __init__(
         self,
@@ -69,8 +74,13 @@ class TwoStreams:
         self.credit = 0.0
 
     @property
+    def shared(self) -> bool:
+        return self.streams["labelled"] is self.streams["unlabelled"]
+
+    @property
     def skip_counts(self) -> Counter:
-        return sum((s.skip_counts for s in self.streams.values()), Counter())
+        loaders = {id(s): s for s in self.streams.values()}.values()
+        return sum((s.skip_counts for s in loaders), Counter())
 
     @property
     def epoch(self) -> int:
@@ -78,7 +88,8 @@ class TwoStreams:
         return self.streams["unlabelled"].epoch
 
     def __iter__(self) -> Iterator[dict]:
-        iterators = {name: iter(loader) for name, loader in self.streams.items()}
+        by_loader = {id(loader): iter(loader) for loader in self.streams.values()}
+        iterators = {name: by_loader[id(loader)] for name, loader in self.streams.items()}
 
         def draw(name: str, count: int) -> dict | None:
             parts: list[dict] = []
@@ -108,6 +119,11 @@ class TwoStreams:
             if name not in state["streams"]:
                 raise ValueError(f"data.streams: no position of the {name} stream")
             loader.check_state_dict(state["streams"][name])
+        if self.shared and state["streams"]["labelled"] != state["streams"]["unlabelled"]:
+            raise ValueError(
+                "data.streams: this run's two streams are one order (equal data sections) but the checkpoint "
+                "holds two different positions (a run whose streams differed)"
+            )
         count, credit = state.get("micro_batches"), state.get("credit")
         if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
             raise ValueError(f"data.micro_batches={count!r}: expected an int >= 0")

@@ -6,5 +6,5 @@ passes         the student passes and losses every objective runs (caption logit
 teacher        teacher captions (Pseudo-Gumbel step 1)
 pseudo_gumbel  Pseudo-Gumbel V2, SPEC §3's six steps in order
 supervised     ground-truth text: caption cross-entropy + referring segmentation
-mix            which objective a step trains (mixed, curriculum)
+mix            which objective a step trains (mixed; two streams, whose schedules make the curriculum)
 """

@@ -1,27 +1,39 @@
 """Which objective a step trains and how objectives combine: `pseudo_gumbel`, `pseudo_label`,
-`supervised`, `mixed` (Pseudo-Gumbel + mix_weight x supervised on the same batch), `curriculum`
-(supervised, then Pseudo-Gumbel from it, in one run) and, with `streams.enabled`, the two-stream
-objective: self_weight x self-training on the unlabelled part of a micro-batch + supervised_weight
-(lambda) x supervised on its labelled part, both weights schedules of the optimizer step."""
+`supervised`, `mixed` (Pseudo-Gumbel + mix_weight x supervised on the same batch) and, with
+`streams.enabled`, the two-stream objective: self_weight x self-training on the unlabelled part of
+a micro-batch + supervised_weight (lambda) x supervised on its labelled part, both weights
+schedules of the optimizer step. The curriculum (supervised, then Pseudo-Gumbel from it, in one
+run) is one such schedule (config.expand_curriculum), its switch the step self-training begins."""
 
 from __future__ import annotations
 
 import torch
 
-from ..config import TrainConfig, supervised_steps
+from ..config import TrainConfig
 from .drift import drift_diagnostics, due
 from .passes import StepOutput
 from .pseudo_gumbel import pseudo_gumbel_step
 from .pseudo_label import pseudo_label_step
-from .schedule import schedule_at
+from .schedule import first_rise, schedule_at
 from .supervised import supervised_step
 
 
-def objective_kind_at(step: int, cfg: TrainConfig) -> str:
-    """The objective step `step` (0-based) trains: curriculum = supervised, then Pseudo-Gumbel."""
-    if cfg.objective_kind == "curriculum":
-        return "supervised" if step < supervised_steps(cfg) else "pseudo_gumbel"
-    return cfg.objective_kind
+def objective_kind_at(step: int, cfg: TrainConfig, gate_open: bool = True) -> str:
+    """What step `step` (0-based) trains, as metrics.jsonl's `objective` names it: with two
+    streams, `supervised` while self-training weighs 0 (the curriculum's warm-up, a closed gate),
+    objective_kind while lambda is 0, else `<objective_kind>+supervised`."""
+    if not cfg.streams.enabled:
+        return cfg.objective_kind
+    self_weight, supervised_weight = stream_weights(cfg, step, gate_open)
+    if not self_weight:
+        return "supervised"
+    return f"{cfg.objective_kind}+supervised" if supervised_weight else cfg.objective_kind
+
+
+def self_training_start(cfg: TrainConfig) -> int | None:
+    """The step the self-training stage begins (streams.self_weight turns > 0 after weighing 0;
+    the curriculum's switch), or None: self-training from step 0, or one data stream."""
+    return first_rise(cfg.streams.self_weight) if cfg.streams.enabled else None
 
 
 def stream_weights(cfg: TrainConfig, step: int, gate_open: bool = True) -> tuple[float, float]:
@@ -107,7 +119,7 @@ def objective_step(
     schedules' values). `reference`: the KL anchor's frozen reference (objectives.anchor)."""
     if cfg.streams.enabled:
         return two_stream_step(model, ema, batch, cfg, step, observer, reference, gate_open)
-    kind = kind or objective_kind_at(0, cfg)
+    kind = kind or cfg.objective_kind
     if kind == "supervised":
         return supervised_step(model, batch, cfg.objective, cfg.supervised, observer=observer)
     if kind == "pseudo_label":

@@ -29,3 +29,11 @@ def schedule_problem(points: list[list[float]], low: float, high: float) -> str 
 def breakpoints(*schedules: list[list[float]]) -> list[int]:
     """Every step at which one of `schedules` changes (and 0): where their values combine differently."""
     return sorted({int(p[0]) for s in schedules for p in s} | {0})
+
+
+def first_rise(points: list[list[float]]) -> int | None:
+    """The first step at which a schedule that is 0 at step 0 turns > 0 (where a stage begins:
+    the curriculum's switch), or None when it starts > 0 or never rises."""
+    if schedule_at(points, 0) > 0:
+        return None
+    return next((int(start) for start, value in points if value > 0), None)
