@@ -6,7 +6,8 @@ run with numbers the new code did not compute.
 
     PYTHONPATH=<checkout> .venv/bin/python tests/data/curriculum_reference.py OUT_DIR   # from the repo root
 
-Recorded from git main a9544ed (objective_kind=curriculum switched objectives inside one loader).
+Recorded from git main 3b0e391 (objective_kind=curriculum switched objectives inside one loader;
+the first recording, from a9544ed, matched the new code too, before a prompt change moved both).
 The record holds every step's loss bits, lr, objective and EMA update count, a SHA-256 of the
 trainable tensors' bytes at the end, and pg_step_reference's canary (a plain segmentation pass),
 so a machine whose kernels round differently is told apart from a changed run.
