@@ -14,7 +14,8 @@ Placements:
                   update stages the student's tensors in pinned host buffers (in their own
                   dtype: half the PCIe bytes of fp32) and runs the fp32 lerp on the host in
                   chunks over a thread pool (`host_lerp_`): one host thread took ~0.45 s per
-                  Sa2VA-4B step; the chunks give bitwise the single-call result.
+                  Sa2VA-4B step; the chunks give bitwise the single-call result. The same pass
+                  gives the step log's student-shadow distance (a second pass cost twice as much).
     full:<device> a complete teacher model on another device (e.g. cuda:1, or cpu); its trainable
                   tensors are refreshed from the shadow (kept on that device) before generating.
 The EMA knows nothing of data or losses.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -61,27 +63,42 @@ def default_host_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def _squared_distance(current: torch.Tensor, shadow: torch.Tensor, owned: bool) -> float:
+    """sum((current - shadow)^2) of one fp32 chunk (a dot product: one pass, no squares kept);
+    `owned`: `current` is a scratch copy that may be overwritten (else it is the student's)."""
+    diff = current.sub_(shadow) if owned else torch.sub(current, shadow)
+    return float(torch.dot(diff, diff))
+
+
 def host_lerp_(
-    shadow: list[torch.Tensor], current: list[torch.Tensor], weight: float, pool: ThreadPoolExecutor | None
-) -> None:
+    shadow: list[torch.Tensor],
+    current: list[torch.Tensor],
+    weight: float | None,
+    pool: ThreadPoolExecutor | None,
+    distance: bool = False,
+) -> float | None:
     """shadow[i] <- lerp(shadow[i], current[i].float(), weight) on the host, in HOST_CHUNK slices
     spread over `pool` (None: in this thread). Element-wise, so bitwise `torch._foreach_lerp_`'s
-    result whatever the chunking; the bf16 -> fp32 conversion is exact and done per chunk."""
+    result whatever the chunking; the bf16 -> fp32 conversion is exact and done per chunk.
+    `distance`: also return the L2 distance between `current` and the (updated) shadow, summed
+    chunk by chunk in a fixed order while the chunk is in cache (the step's log reads it: a second
+    pass over 1 GB of shadow for Sa2VA-4B costs twice the update). `weight` None: no update,
+    the distance only (the same chunks and sums, so the value does not depend on the path)."""
     tasks = [
         (s.view(-1), c.reshape(-1), start, min(start + HOST_CHUNK, s.numel()))
         for s, c in zip(shadow, current)
         for start in range(0, s.numel(), HOST_CHUNK)
     ]
 
-    def run(task) -> None:
+    def run(task) -> float:
         s, c, start, end = task
-        s[start:end].lerp_(c[start:end].to(torch.float32), weight)
+        chunk = c[start:end].to(torch.float32)
+        if weight is not None:
+            s[start:end].lerp_(chunk, weight)
+        return _squared_distance(chunk, s[start:end], owned=c.dtype != torch.float32) if distance else 0.0
 
-    if pool is None:
-        for task in tasks:
-            run(task)
-    else:
-        list(pool.map(run, tasks))  # list(): wait, and raise what a task raised
+    sums = [run(task) for task in tasks] if pool is None else list(pool.map(run, tasks))  # list(): wait, raise
+    return math.sqrt(sum(sums)) if distance else None
 
 
 class EMATeacher:
@@ -118,6 +135,7 @@ class EMATeacher:
         pin = shadow_device.type == "cpu" and torch.cuda.is_available()
         self.shadow = [self._new_buffer(p, shadow_device, torch.float32, pin).copy_(p.detach()) for p in params]
         self._teacher_synced_at = -1
+        self._distance: tuple | None = None  # placement=cpu: (num_updates, student versions) -> distance
         # placement=cpu: the host update's threads (host_threads // torch's intra-op threads
         # workers: each lerp already uses those) and, for a CUDA student, pinned staging buffers
         # in the student's dtype, allocated once.
@@ -163,8 +181,9 @@ class EMATeacher:
         params = self._params(unwrap(student))
         device = self.shadow[0].device
         if self.placement.kind == "cpu":
-            self._host_update(params)
+            distance = self._host_update(params)
             self.num_updates += 1
+            self._distance = (self._distance_key(params), distance)
             return
         current = [p.detach().to(device=device, dtype=torch.float32, non_blocking=True) for p in params]
         if device.type == "cpu" and any(p.is_cuda for p in params):
@@ -175,18 +194,26 @@ class EMATeacher:
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
         self.num_updates += 1
 
-    def _host_update(self, params: list[torch.nn.Parameter]) -> None:
-        """placement=cpu: the student's tensors to the host (pinned staging, non-blocking, one
-        wait after all are queued: the host must not read bytes still in flight), then the
-        chunked multi-threaded lerp."""
-        if self._staging is not None:
-            for b, p in zip(self._staging, params):
-                b.copy_(p.detach(), non_blocking=True)
-            torch.cuda.current_stream(next(p.device for p in params if p.is_cuda)).synchronize()
-            current = self._staging
-        else:
-            current = [p.detach() for p in params]
-        host_lerp_(self.shadow, current, 1.0 - self.current_decay(), self._host_pool)
+    def _host_current(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """placement=cpu: the student's tensors on the host (a CUDA student's through the pinned
+        staging, non-blocking, one wait after all are queued: the host must not read bytes still
+        in flight)."""
+        if self._staging is None:
+            return [p.detach() for p in params]
+        for b, p in zip(self._staging, params):
+            b.copy_(p.detach(), non_blocking=True)
+        torch.cuda.current_stream(next(p.device for p in params if p.is_cuda)).synchronize()
+        return self._staging
+
+    def _host_update(self, params: list[torch.nn.Parameter]) -> float:
+        """placement=cpu: the chunked multi-threaded lerp on the host; returns the distance
+        between the student and the updated shadow (computed in the same pass)."""
+        current = self._host_current(params)
+        return host_lerp_(self.shadow, current, 1.0 - self.current_decay(), self._host_pool, distance=True)
+
+    def _distance_key(self, params: list[torch.nn.Parameter]) -> tuple:
+        # in-place changes (optimizer step, teacher swap, loading) bump a tensor's version
+        return (self.num_updates, tuple(p._version for p in params))
 
     @torch.no_grad()
     def restart_from(self, student) -> None:
@@ -196,6 +223,7 @@ class EMATeacher:
             s.copy_(p.detach())
         self.num_updates = 0
         self._teacher_synced_at = -1
+        self._distance = None
 
     def update_if_stepped(self, student, accelerator) -> bool:
         """Update only when the optimizer really stepped: at the end of a gradient-accumulation
@@ -306,6 +334,7 @@ class EMATeacher:
         self.warmup = state["warmup"]
         self.num_updates = state["num_updates"]
         self._teacher_synced_at = -1
+        self._distance = None
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this EMA holds per device: the shadow, plus a full teacher model if placed so."""
@@ -339,8 +368,14 @@ class EMATeacher:
         return {str(where.device): shadow + copy_bytes}
 
     def distance_to(self, student) -> float:
-        """L2 distance between shadow and student (a log metric: is the teacher moving?)."""
+        """L2 distance between shadow and student (a log metric: is the teacher moving?).
+        placement=cpu: computed by the update when the student has not changed since (the log
+        right after a step), else by the same chunked sums."""
         params = self._params(unwrap(student))
+        if self.placement.kind == "cpu":
+            if self._distance is not None and self._distance[0] == self._distance_key(params):
+                return self._distance[1]
+            return host_lerp_(self.shadow, self._host_current(params), None, self._host_pool, distance=True)
         total = 0.0
         for p, s in zip(params, self.shadow):
             total += float((p.detach().to(s.device, torch.float32) - s).pow(2).sum())

@@ -234,3 +234,42 @@ def test_cpu_placement_host_update_is_bitwise_the_single_foreach_lerp(host_threa
         ema.update(student)
         assert all(torch.equal(s, r) for s, r in zip(ema.shadow, reference)), f"step {step}"
     assert not torch.equal(ema.shadow[2], student[2].detach())  # it moved, and not onto the student
+
+
+def test_cpu_placement_distance_fused_into_the_update_is_the_distance_and_never_stale(monkeypatch):
+    """The step log's distance comes from the update's own pass (placement=cpu); it must equal
+    the distance between the student and the shadow as they are (a float64 reference), before
+    and after the student changes, and after the shadow is loaded or restarted."""
+    import pg_train.ema as ema_module
+
+    monkeypatch.setattr(ema_module, "HOST_CHUNK", 999)
+    g = torch.Generator().manual_seed(1)
+    student = torch.nn.ParameterList(
+        [
+            torch.nn.Parameter(torch.randn(n, generator=g, dtype=dtype))
+            for n, dtype in ((4095, torch.bfloat16), (3001, torch.float32))
+        ]
+    )
+
+    def reference(ema) -> float:
+        return float(sum(((p.detach().double() - s.double()) ** 2).sum() for p, s in zip(student, ema.shadow)) ** 0.5)
+
+    ema = EMATeacher(student, decay=0.9, placement="cpu", host_threads=2)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in student:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        values = [p.detach().clone() for p in student]
+        ema.update(student)
+        fused = ema.distance_to(student)
+        assert fused > 0 and fused == pytest.approx(reference(ema), rel=1e-5)
+        assert all(torch.equal(p.detach(), v) for p, v in zip(student, values))  # the fp32 student is not scratch
+    with torch.no_grad():
+        student[1].mul_(2.0)  # the student changed after the update: the fused value is stale
+    assert ema.distance_to(student) == pytest.approx(reference(ema), rel=1e-5)
+    state = ema.state_dict()
+    state["shadow"] = [s + 1 for s in state["shadow"]]
+    ema.load_state_dict(state)  # same num_updates, same student, another shadow
+    assert ema.distance_to(student) == pytest.approx(reference(ema), rel=1e-5)
+    ema.restart_from(student)
+    assert ema.distance_to(student) == 0.0

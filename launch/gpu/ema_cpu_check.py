@@ -10,26 +10,29 @@ this race.
 
 --timing: the update with Sa2VA-4B's trainable tensor shapes (built on `meta`: LoRA r=128, mlp1,
 text_hidden_fcs, the SAM2 decoder; 261 M elements, a 1.04 GB fp32 shadow) in bf16 on --device,
-timed three ways: the update before the host threads (fp32 copies, one `_foreach_lerp_`, one
-torch thread: what `accelerate launch` gives each process), `EMATeacher.update` with one host
-thread, and with the default host threads. --fraction keeps that share of the tensors (every
+timed: the update before the host threads (fp32 copies, one `_foreach_lerp_`, one torch thread:
+what `accelerate launch` gives each process), the memory floor (one fp32 read + write of the
+shadow: no update can touch the shadow for less), `EMATeacher.update` with one host thread and
+with the default host threads, and the step's EMA work (update + the log's distance) with the
+distance as a second pass (before) and fused into the update (now). --fraction keeps that share of the tensors (every
 k-th, in order) so the timing fits a small machine; the full-size figure is scaled by elements
 (the update is a memory-bound stream: time is linear in bytes). Step fractions are against
 --step-s (default 1.855 s: the Sa2VA-4B step at batch 2, 64-token captions, H200, issue 28).
 """
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import subprocess
+import math
 import sys
+from pathlib import Path
 
 import torch
 
 from pg_train.bench.ema import timed
-from pg_train.ema import EMATeacher, default_host_threads
+from pg_train.ema import EMATeacher, default_host_threads, host_lerp_
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from pg_vs_supervised import stamp  # noqa: E402  (commit, date, versions, device, load)
 
 
 def race_check(args) -> dict:
@@ -77,11 +80,31 @@ def timing(args) -> dict:
             torch.cuda.current_stream(device).synchronize()
         torch._foreach_lerp_(shadow, current, 0.001)
 
-    variants = {"before (one _foreach_lerp_, 1 thread)": update_before_threads}
+    def separate_distance():  # the step log's distance as a second pass (before it was fused)
+        total = 0.0
+        for p, s in zip(student, shadow):
+            total += float((p.detach().to(s.device, torch.float32) - s).pow(2).sum())
+        return math.sqrt(total)
+
+    floor_copy = [s.clone() for s in shadow]
+    variants = {
+        "before (one _foreach_lerp_, 1 thread)": update_before_threads,
+        "floor: one fp32 read+write of the shadow (copy_)": lambda: torch._foreach_copy_(floor_copy, shadow),
+    }
     for n in sorted({1, threads}):
         ema = EMATeacher(student, decay=0.999, placement="cpu", host_threads=n)
         variants[f"EMATeacher.update, {n} host thread(s)"] = lambda ema=ema: ema.update(student)
         del ema
+    # per step the loop updates and then logs the distance (pg_train.train): before vs now, 1 thread
+    fused = EMATeacher(student, decay=0.999, placement="cpu", host_threads=1)
+    variants["1 thread, step's EMA work before: update, then a distance pass"] = lambda: (
+        host_lerp_(shadow, [p.detach() for p in student], 0.001, None),
+        separate_distance(),
+    )
+    variants["1 thread, step's EMA work now: update (distance fused) + distance_to"] = lambda: (
+        fused.update(student),
+        fused.distance_to(student),
+    )
     results = {}
     for name, fn in variants.items():
         seconds = timed(fn, args.repeats)  # median after a warm-up call
@@ -106,24 +129,13 @@ def timing(args) -> dict:
     }
 
 
-def stamp(device: str) -> dict:
-    def git(*a):
-        return subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
-
-    where = (
-        torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    )
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": where,
-        "load_average_at_end": os.getloadavg(),
-    }
+def stamp_for(device: str) -> dict:
+    """scripts/pg_vs_supervised.py's stamp (commit, date, versions, load), naming the GPU when
+    the timing ran on one."""
+    record = stamp()
+    if device.startswith("cuda"):
+        record["device"] = torch.cuda.get_device_name()
+    return record
 
 
 def main() -> int:
@@ -148,7 +160,7 @@ def main() -> int:
             return 2
         report = race_check(args)
         ok = report["exact"]
-    report = {"command": " ".join([sys.executable, *sys.argv]), **report, **stamp(args.device)}
+    report = {"command": " ".join([sys.executable, *sys.argv]), **report, **stamp_for(args.device)}
     print(json.dumps({k: v for k, v in report.items() if k != "results"}))
     if args.json:
         with open(args.json, "w") as f:
