@@ -420,6 +420,7 @@ def validate(cfg: TrainConfig) -> None:
     """Combinations that cannot work, caught before any model is built."""
     from .ema import Placement
     from .model.arch.presets import PRESETS
+    from .model.text.regions import EMPTY_REGION_POLICIES, REGION_RULES
     from .model.text.templates import CHAT_TEMPLATES, TEMPLATE_SETS
 
     checks = [
@@ -447,9 +448,9 @@ def validate(cfg: TrainConfig) -> None:
             "must be in [1, objective.max_caption_len]",
         ),
         (
-            cfg.objective.empty_region_policy in ("largest", "error"),
+            cfg.objective.empty_region_policy in EMPTY_REGION_POLICIES,
             "objective.empty_region_policy",
-            "must be 'largest' or 'error'",
+            f"must be one of {EMPTY_REGION_POLICIES}",
         ),
         (
             cfg.model.chat_template is None or cfg.model.chat_template in CHAT_TEMPLATES,
@@ -462,7 +463,7 @@ def validate(cfg: TrainConfig) -> None:
             "needs 1 <= min_dynamic_patch <= max_dynamic_patch",
         ),
         (
-            cfg.objective.region_rule in ("nearest", "coverage"),
+            cfg.objective.region_rule in REGION_RULES,
             "objective.region_rule",
             "must be 'nearest' (the released model's) or 'coverage'",
         ),

@@ -5,9 +5,10 @@ In-training evaluation, `pg-train-evaluate`, the RefCOCO evaluation, the report'
 masks wherever they are asked (a training checkpoint, a `save_pretrained` directory, the run
 itself). Two levels:
 
-- batches, as the data loader collates them (`pixel_values1/2`, `region_masks1`,
-  `sam_pixel_values2`, `num_views1/2`, `captions`): `caption_regions`, `encode_texts`,
-  `segment_from_ids`, and the evaluation's four inputs (`caption_inputs`);
+- batches, as the data loader collates them (`pixel_values1/2`, region 1's cell maps
+  `region_nearest1` / `region_coverage1`, `sam_pixel_values2`, `num_views1/2`, `captions`):
+  `caption_regions`, `encode_texts`, `segment_from_ids`, and the evaluation's four inputs
+  (`caption_inputs`);
 - images (PIL) and region masks (numpy bool [H, W]), preprocessed as the model's preset says:
   `segment(model, images, texts)`, `caption(model, images, regions)`,
   `segment_from_own_caption(model, images, regions)`; masks come back at each image's own
@@ -27,11 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.images import image_tensor, mask_tensor
-from .data.loader import batch_to_device, collate_pairs, preprocess_for
+from .data.images import image_tensor
+from .data.loader import batch_to_device, collate_pairs, preprocess_for, region_tensors
 from .distributed import unwrap
-from .model.text.regions import region_cells
-from .objectives.passes import answer_caption_embeds, forward_mask_with_text_embeds, tokenize_captions
+from .objectives.passes import (
+    answer_caption_embeds,
+    batch_region_cells,
+    forward_mask_with_text_embeds,
+    tokenize_captions,
+)
 from .objectives.settings import PseudoGumbelConfig
 from .objectives.teacher import generate_pseudo_tokens_with_ema
 
@@ -78,16 +83,15 @@ def inputs_on_device(batch: dict, device, dtype: torch.dtype) -> dict:
 
 
 # ---- batch level ---------------------------------------------------------------------------------
-def caption_regions(
-    model, pixel_values: torch.Tensor, region_masks: torch.Tensor, cfg: PseudoGumbelConfig, num_views=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(caption ids [B, T] padded, lengths [B]) of each sample's region (region_masks [B, S, S]
-    at one view's size), as the objective's teacher captions them."""
-    cells, _ = region_cells(
-        region_masks, unwrap(model).grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
-    )
+def caption_regions(model, batch: dict, cfg: PseudoGumbelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption ids [B, T] padded, lengths [B]) of each sample's region 1 of image 1 of a
+    collated `batch` (its cells from the full-resolution mask), as the objective's teacher
+    captions them."""
+    cells, _ = batch_region_cells(batch, unwrap(model).grid_size, cfg)
     with inference_mode(model):
-        return generate_pseudo_tokens_with_ema(model, pixel_values, cells, cfg, num_views=num_views)
+        return generate_pseudo_tokens_with_ema(
+            model, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1")
+        )
 
 
 def encode_texts(model, texts: list[str | None], max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,9 +136,7 @@ def caption_inputs(model, batch: dict, cfg: PseudoGumbelConfig) -> dict[str, tup
     model's caption of region 1 of image 1; shuffled = the cycle caption of the previous sample
     in the batch (another object); empty = no caption at all."""
     device = batch["pixel_values1"].device
-    generated, generated_len = caption_regions(
-        model, batch["pixel_values1"], batch["region_masks1"], cfg, num_views=batch.get("num_views1")
-    )
+    generated, generated_len = caption_regions(model, batch, cfg)
     truth, truth_len = encode_texts(model, batch["captions"], cfg.max_caption_len, device)
     B = generated.shape[0]
     order = torch.roll(torch.arange(B), 1)
@@ -186,7 +188,7 @@ def image_inputs(model, images: list, regions: list[np.ndarray] | None = None) -
             {
                 "pixel_values1": views,
                 "num_views1": torch.tensor(len(views)),
-                "region_masks1": mask_tensor(np.asarray(region, bool), preprocess.mllm_size),
+                **region_tensors(np.asarray(region, bool), preprocess),
                 "pixel_values2": views,
                 "num_views2": torch.tensor(len(views)),
                 "sam_pixel_values2": image_tensor(image, preprocess.sam_size),
@@ -221,7 +223,7 @@ def caption(model, images: list, regions: list[np.ndarray], cfg: PseudoGumbelCon
     """The model's caption of each image's region (bool [H, W] at the image's resolution)."""
     cfg = cfg or default_objective(model)
     batch = image_inputs(model, images, regions)
-    ids, lens = caption_regions(model, batch["pixel_values1"], batch["region_masks1"], cfg, batch.get("num_views1"))
+    ids, lens = caption_regions(model, batch, cfg)
     return decode(model, ids, lens)
 
 
@@ -232,5 +234,5 @@ def segment_from_own_caption(
     caption (the mask should cover the region when the caption names it)."""
     cfg = cfg or default_objective(model)
     batch = image_inputs(model, images, regions)
-    ids, lens = caption_regions(model, batch["pixel_values1"], batch["region_masks1"], cfg, batch.get("num_views1"))
+    ids, lens = caption_regions(model, batch, cfg)
     return _predictions(images, segment_image2(model, batch, ids, lens), decode(model, ids, lens))

@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 
 from pg_train.memcheck.measure import build_batch
 from pg_train.model import build_offline
-from pg_train.model.text.regions import region_cells
+from pg_train.objectives.passes import batch_region_cells
 from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 
@@ -38,7 +38,7 @@ def main() -> None:
             module.merge()
     batch = build_batch(unmerged, 8, torch.device("cpu"), seed=0)
     cfg = PseudoGumbelConfig(max_caption_len=16, min_caption_len=16)
-    cells, _ = region_cells(batch["region_masks1"], unmerged.grid_size, cfg.region_threshold, cfg.empty_region_policy)
+    cells, _ = batch_region_cells(batch, unmerged.grid_size, cfg)
     times, captions = {"adapters": [], "merged": []}, {}
     for _ in range(args.repeats):
         for name, model in (("adapters", unmerged), ("merged", merged)):

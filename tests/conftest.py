@@ -58,6 +58,15 @@ def make_batch(model, batch_size: int = 2, seed: int = 0):
     return pixel_values, sam_pixel_values, masks
 
 
+def region_keys(masks, grid_size: int = 16) -> dict:
+    """Region 1 of a batch built by hand (masks [B, H, W] at the image's resolution) as a loader
+    batch carries it: the mask and its cell maps (data.loader.region_tensors)."""
+    from pg_train.model.text.regions import region_grids
+
+    nearest, coverage = region_grids(masks, grid_size)
+    return {"region_masks1": masks, "region_nearest1": nearest, "region_coverage1": coverage}
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

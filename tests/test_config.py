@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
         ("objective.dice_weight=-1", "objective.bce_weight"),
         ("objective.region_rule=bilinear", "objective.region_rule"),
         ("objective.region_threshold=1.5", "objective.region_threshold"),
+        ("objective.empty_region_policy=drop", "objective.empty_region_policy"),
         ("supervised.summary_weight=-1", "supervised.lm_weight"),
         ("data.min_objects=0", "data.min_objects"),
         ("data.num_workers=-1", "data.min_pixels"),
@@ -40,6 +41,11 @@ def test_every_knob_is_validated_naming_its_key(override, key):
     extra += ["objective.static_cache=false"] if "cuda_graphs" in override else []  # (null: implied by graphs)
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         load_config(overrides=[override, *extra])
+
+
+@pytest.mark.parametrize("policy", ["largest", "official", "error"])
+def test_every_empty_region_policy_is_accepted(policy):
+    assert load_config(overrides=[f"objective.empty_region_policy={policy}"]).objective.empty_region_policy == policy
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))

@@ -209,6 +209,8 @@ class CountingPairs(torch.utils.data.Dataset):
             "pixel_values1": image,
             "num_views1": torch.tensor(1),
             "region_masks1": torch.ones(2, 2),
+            "region_nearest1": torch.ones(2, 2, dtype=torch.bool),
+            "region_coverage1": torch.ones(2, 2),
             "pixel_values2": image,
             "num_views2": torch.tensor(1),
             "sam_pixel_values2": torch.zeros(3, 2, 2),

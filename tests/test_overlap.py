@@ -13,7 +13,7 @@ from test_train import FAST
 
 import pg_train.objectives.mix as objectives_mix
 from pg_train.config import ConfigError, load_config
-from pg_train.model.text.regions import region_cells
+from pg_train.objectives.passes import batch_region_cells
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 from pg_train.train import REQUEUE_EXIT_CODE, train
 
@@ -38,7 +38,8 @@ def test_overlap_teacher_captions_are_those_of_a_teacher_one_update_older(tmp_pa
                 "ids": ids.clone(),
                 "lengths": lengths.clone(),
                 "pixel_values1": batch["pixel_values1"].clone(),
-                "region_masks1": batch["region_masks1"].clone(),
+                "region_nearest1": batch["region_nearest1"].clone(),
+                "region_coverage1": batch["region_coverage1"].clone(),
                 "ema": copy.deepcopy(teacher.state_dict()),
             }
         )
@@ -54,7 +55,7 @@ def test_overlap_teacher_captions_are_those_of_a_teacher_one_update_older(tmp_pa
 
     def captions(call, ema_state):
         reference.load_state_dict(ema_state)
-        cells, _ = region_cells(call["region_masks1"], student.grid_size, rule=cfg.objective.region_rule)
+        cells, _ = batch_region_cells(call, student.grid_size, cfg.objective)
         return generate_pseudo_tokens_with_ema(reference, call["pixel_values1"], cells, cfg.objective, student=student)
 
     differs = 0

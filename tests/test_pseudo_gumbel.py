@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch, with_lora_weights
+from conftest import make_batch, region_keys, with_lora_weights
 
 from pg_train.bench.gumbel import naive_topk_gumbel_softmax
 from pg_train.model import build_model
@@ -26,7 +26,7 @@ def make_step_batch(model, batch_size=2, seed=0):
     g = torch.Generator().manual_seed(seed + 100)
     return {
         "pixel_values1": pixel_values,
-        "region_masks1": masks,
+        **region_keys(masks, model.grid_size),
         "pixel_values2": torch.randn(pixel_values.shape, generator=g),
         "sam_pixel_values2": sam_pixel_values,
         "masks2": masks.flip(-1),
@@ -246,7 +246,7 @@ def test_k_policy_tiny_and_empty_masks_and_prompt_k_equals_cells():
     assert cells.flatten(1).sum(1).tolist()[:2] == [1, 6]
     batch = {
         "pixel_values1": torch.randn(3, 3, 448, 448),
-        "region_masks1": masks,
+        **region_keys(masks),
         "pixel_values2": torch.randn(3, 3, 448, 448),
         "sam_pixel_values2": torch.randn(3, 3, 128, 128),
         "masks2": masks,
@@ -260,9 +260,19 @@ def test_k_policy_tiny_and_empty_masks_and_prompt_k_equals_cells():
         prompt = model.prompts.region_prompt(int(out.region_k[b]))
         vp_start, vp_end = prompt.index(model.token_ids["<vp>"]), prompt.index(model.token_ids["</vp>"])
         assert vp_end - vp_start - 1 == int(cells[b].sum())
+    # the official behaviour: the region vanishes (`region1<vp></vp>`), counted the same way
+    with torch.no_grad():
+        official = pseudo_gumbel_step(
+            model, model, batch, PseudoGumbelConfig(max_caption_len=4, empty_region_policy="official")
+        )
+    assert official.region_k.tolist() == [0, *out.region_k.tolist()[1:]]
+    assert official.region_fallback.tolist() == [True, False, False] and int(official.metrics["region_fallbacks"]) == 1
+    assert torch.isfinite(official.loss) and official.caption_lengths[0] >= 1
+    empty_prompt = model.prompts.region_prompt(0)
+    assert empty_prompt.index(model.token_ids["</vp>"]) == empty_prompt.index(model.token_ids["<vp>"]) + 1
     with pytest.raises(ValueError, match="select no grid cell"):
         pseudo_gumbel_step(model, model, batch, PseudoGumbelConfig(max_caption_len=4, empty_region_policy="error"))
-    batch["region_masks1"] = torch.zeros_like(masks)
+    batch.update(region_keys(torch.zeros_like(masks)))
     with pytest.raises(ValueError, match="empty"):
         pseudo_gumbel_step(model, model, batch, PseudoGumbelConfig(max_caption_len=4))
 

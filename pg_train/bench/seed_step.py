@@ -24,8 +24,8 @@ import contextlib
 import torch
 
 from ..distributed import unwrap
-from ..model.text.regions import region_cells as select_region_cells
 from ..objectives.passes import (
+    batch_region_cells,
     mask_loss,
     region_prompts,
     resize_target,
@@ -109,9 +109,7 @@ def seed_literal_step(student, teacher, batch: dict, cfg: PseudoGumbelConfig, cl
     clock = clock or (lambda name: contextlib.nullcontext())
     special = special_ids(student)
     seeds = batch["sample_seeds"]
-    cells, _ = select_region_cells(
-        batch["region_masks1"], student.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
-    )
+    cells, _ = batch_region_cells(batch, student.grid_size, cfg)
     with clock("teacher"), untrimmed(teacher):  # the note's teacher runs every layer on every row
         caption_ids, lengths = generate_pseudo_tokens_with_ema(
             teacher, batch["pixel_values1"], cells, cfg, num_views=batch.get("num_views1")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..model.text.regions import region_grids
 from .images import image_tensor, mask_tensor
 from .tiling import Tiling
 from .types import BadSample, unforeseen_errors_as_bad_sample
@@ -24,6 +25,8 @@ TENSOR_KEYS = (
     "pixel_values1",
     "num_views1",
     "region_masks1",
+    "region_nearest1",
+    "region_coverage1",
     "pixel_values2",
     "num_views2",
     "sam_pixel_values2",
@@ -36,6 +39,7 @@ class Preprocess:
     mllm_size: int = 448  # InternViT input
     sam_size: int = 1024  # SAM2 input (direct resize)
     tiling: Tiling | None = None  # InternVL dynamic tiling for the MLLM views; None: one view
+    region_grid: int = 16  # the image-token grid of one view (G x G: 16 for 448-px views), where regions lie
 
     def views(self, image) -> torch.Tensor:
         """[num_views, 3, mllm_size, mllm_size]: the image's tiles (then thumbnail), or one view."""
@@ -54,7 +58,21 @@ def preprocess_for(preset) -> Preprocess:
         vision.max_dynamic_patch,
         vision.use_thumbnail,
     )
-    return Preprocess(vision.image_size, preset.sam2.image_size, tiling)
+    return Preprocess(vision.image_size, preset.sam2.image_size, tiling, vision.grid_size)
+
+
+def region_tensors(mask: np.ndarray, preprocess: Preprocess) -> dict:
+    """A region (bool [H, W] at the image's resolution) as a batch carries it: its cell maps on
+    the G x G grid computed from this full-resolution mask, as the released model does
+    (`region_nearest1`, `region_coverage1`: model.text.regions), and the mask at one view's size
+    (`region_masks1`; the whole image's mask: the region indexes the last view, the thumbnail or
+    the only view, which shows the whole image) for display."""
+    nearest, coverage = region_grids(torch.from_numpy(np.asarray(mask, np.float32))[None], preprocess.region_grid)
+    return {
+        "region_masks1": mask_tensor(mask, preprocess.mllm_size),
+        "region_nearest1": nearest[0],
+        "region_coverage1": coverage[0],
+    }
 
 
 class PairDataset(Dataset):
@@ -102,9 +120,7 @@ class PairDataset(Dataset):
             return {
                 "pixel_values1": pixel_values1,
                 "num_views1": torch.tensor(len(pixel_values1)),
-                # the whole image's mask at one view's size: the region indexes the last view
-                # (the thumbnail, or the only view), which shows the whole image
-                "region_masks1": mask_tensor(raw.mask1, p.mllm_size),
+                **region_tensors(raw.mask1, p),
                 "pixel_values2": pixel_values2,
                 "num_views2": torch.tensor(len(pixel_values2)),
                 "sam_pixel_values2": image_tensor(raw.image2, p.sam_size),

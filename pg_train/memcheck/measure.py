@@ -542,14 +542,7 @@ def _audit_optimizer(optimizer, trainable: dict) -> Audit:
 def teacher_prompt(model, batch: dict, objective) -> int:
     """The teacher's prompt length for `batch` (the measured run's decoding bucket is predicted
     for it): the region prompts the teacher builds, left-padded to the longest."""
-    from ..model.text.regions import region_cells
-    from ..objectives.passes import region_prompts
+    from ..objectives.passes import batch_region_cells, region_prompts
 
-    cells, _ = region_cells(
-        batch["region_masks1"].cpu(),
-        model.grid_size,
-        objective.region_threshold,
-        objective.empty_region_policy,
-        rule=objective.region_rule,
-    )
+    cells, _ = batch_region_cells(batch, model.grid_size, objective)
     return region_prompts(model, cells, batch.get("num_views1"))[0].shape[1]

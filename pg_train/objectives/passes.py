@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import unwrap
+from ..model.text.regions import select_cells
 from ..model.text.templates import left_pad
 
 
@@ -30,6 +31,19 @@ def special_ids(model) -> torch.Tensor:
 
 def views_per_sample(num_views: torch.Tensor | None, batch_size: int) -> list[int]:
     return [1] * batch_size if num_views is None else [int(n) for n in num_views.tolist()]
+
+
+def batch_region_cells(batch: dict, grid_size: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cells [B, G, G] bool, empty [B] bool) of each sample's region 1, selected by the
+    objective's region settings (`region_rule`, `region_threshold`, `empty_region_policy`) from
+    the cell maps the data pipeline computed on the full-resolution mask (data.loader.region_tensors)."""
+    nearest, coverage = batch["region_nearest1"], batch["region_coverage1"]
+    if tuple(nearest.shape[1:]) != (grid_size, grid_size):
+        raise ValueError(
+            f"region cell maps are {tuple(nearest.shape[1:])}, the model's grid is {grid_size}x{grid_size}: "
+            "the batch was preprocessed for another model (data.loader.preprocess_for)"
+        )
+    return select_cells(nearest, coverage, cfg.region_threshold, cfg.empty_region_policy, cfg.region_rule)
 
 
 def region_prompts(
@@ -279,7 +293,7 @@ class StepOutput:
     replaced: torch.Tensor  # [B, T] bool
     hard_ids: torch.Tensor  # Gumbel picks [B, T]
     region_k: torch.Tensor  # [B] cells in each region prompt
-    region_fallback: torch.Tensor  # [B] bool: K came from the empty-region policy
+    region_fallback: torch.Tensor  # [B] bool: no cell sampled the region (K from the empty-region policy)
     metrics: dict = field(default_factory=dict)
 
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import unwrap
-from ..model.text.regions import region_cells as select_region_cells
 from .anchor import caption_kl, keep_confident, reference_caption_logits
 from .drift import teacher_side
 from .passes import (
     StepOutput,
     answer_caption_embeds,
+    batch_region_cells,
     forward_for_logits,
     forward_mask_with_text_embeds,
     mask_iou,
@@ -193,9 +193,7 @@ def pseudo_gumbel_step(
     seeds = batch.get("sample_seeds")
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,), generator=generator)
-    cells, fallback = select_region_cells(
-        batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
-    )
+    cells, fallback = batch_region_cells(batch, model.grid_size, cfg)
 
     with observe("teacher"):
         caption_ids, caption_lengths = batch.get("teacher_captions") or generate_pseudo_tokens_with_ema(

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from ..distributed import unwrap
-from ..model.text.regions import region_cells as select_region_cells
 from .anchor import keep_confident
 from .passes import (
     StepOutput,
     answer_caption_embeds,
+    batch_region_cells,
     caption_lm_loss,
     forward_mask_with_text_embeds,
     mask_loss,
@@ -36,9 +36,7 @@ def pseudo_label_step(
     observe = observer or no_observer
     module = unwrap(student)
     views1 = batch.get("num_views1")
-    cells, fallback = select_region_cells(
-        batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
-    )
+    cells, fallback = batch_region_cells(batch, module.grid_size, cfg)
     with observe("teacher"):
         caption_ids, lengths = batch.get("teacher_captions") or generate_pseudo_tokens_with_ema(
             teacher, batch["pixel_values1"], cells, cfg, None, student, views1

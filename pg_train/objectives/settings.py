@@ -31,7 +31,10 @@ class PseudoGumbelConfig:
     # region -> grid cells: the released model's nearest-neighbour rule, or coverage >= threshold
     region_rule: str = "nearest"
     region_threshold: float = 0.5  # region_rule=coverage only
-    empty_region_policy: str = "largest"  # K = 0: fall back to the most-covered cell and count, or error
+    # K = 0 (no cell samples the region: thin or small masks): largest (keep the most-covered cell,
+    # K = 1) | official (the released code's `region1<vp></vp>`: the region vanishes) | error.
+    # Counted either way (region_fallbacks); docs/design.md, "Regions with no cell".
+    empty_region_policy: str = "largest"
     # ---- self-training switches (issue 26; docs/design.md, "The objective"). The defaults are
     # today's Pseudo-Gumbel step exactly (tests/test_objectives.py compares with a recorded step).
     # The caption the segmenter reads in pass 2: gumbel (the student's straight-through Gumbel

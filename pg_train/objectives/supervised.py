@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import unwrap
-from ..model.text.regions import region_cells as select_region_cells
 from .passes import (
     StepOutput,
+    batch_region_cells,
     caption_lm_loss,
     forward_mask_with_text_embeds,
     mask_loss,
@@ -57,9 +57,7 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     observe = observer or no_observer
     module = unwrap(student)
     device = batch["pixel_values1"].device
-    cells, fallback = select_region_cells(
-        batch["region_masks1"], module.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
-    )
+    cells, fallback = batch_region_cells(batch, module.grid_size, cfg)
     targets, target_lengths = tokenize_captions(module, batch["captions"], cfg.max_caption_len, form="answer_end")
     with observe("pass1"):
         lm = caption_lm_loss(

@@ -10,9 +10,8 @@ import torch
 
 from ..distributed import unwrap
 from ..model.decoding.generate import generate_from_embeds
-from ..model.text.regions import region_cells as select_region_cells
 from ..precision import compute_autocast
-from .passes import forward_for_logits, region_prompts, special_ids
+from .passes import batch_region_cells, forward_for_logits, region_prompts, special_ids
 from .settings import PseudoGumbelConfig
 
 
@@ -94,9 +93,7 @@ def caption_batch(teacher, batch: dict, cfg: PseudoGumbelConfig, student=None) -
     """Step 1 for a whole batch as pseudo_gumbel_step runs it (its region cells, its views), for
     a caller that captions ahead of the step (pg_train.overlap)."""
     model = unwrap(student if student is not None else teacher)
-    cells, _ = select_region_cells(
-        batch["region_masks1"], model.grid_size, cfg.region_threshold, cfg.empty_region_policy, rule=cfg.region_rule
-    )
+    cells, _ = batch_region_cells(batch, model.grid_size, cfg)
     return generate_pseudo_tokens_with_ema(
         teacher, batch["pixel_values1"], cells, cfg, None, student, batch.get("num_views1")
     )

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from pg_train.ema import EMATeacher  # noqa: E402
 from pg_train.model import build_model  # noqa: E402
+from pg_train.model.text.regions import region_grids  # noqa: E402
 from pg_train.objectives.pseudo_gumbel import pseudo_gumbel_step  # noqa: E402
 from pg_train.objectives.settings import PseudoGumbelConfig  # noqa: E402
 
@@ -29,9 +30,12 @@ def main(out_path: str, steps: int = 3) -> None:
         g = torch.Generator().manual_seed(1000 * step + rank)  # different data on each rank
         masks = torch.zeros(2, 448, 448)
         masks[:, 50:200, 60:260] = 1
+        nearest, coverage = region_grids(masks, 16)
         batch = {
             "pixel_values1": torch.randn(2, 3, 448, 448, generator=g),
             "region_masks1": masks,
+            "region_nearest1": nearest,
+            "region_coverage1": coverage,
             "pixel_values2": torch.randn(2, 3, 448, 448, generator=g),
             "sam_pixel_values2": torch.randn(2, 3, 128, 128, generator=g),
             "masks2": masks,
