@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The first device call of a session with a GPU (issue 28): one call of at most ~7.5 min, six
 # stages in order, each under its own timeout and cut to what is left of TOTAL_S, each writing one
-# JSON line to $OUT/stages.jsonl (stage, rc, timed_out, skipped, seconds, limit_s, the last output
-# lines). Everything the stages print goes, unfiltered, to $OUT/first_call.log.
+# JSON line to $OUT/stages.jsonl (stage, rc, timed_out, skipped, seconds, cpu_s, limit_s, the last
+# output lines). Everything the stages print goes, unfiltered, to $OUT/first_call.log.
 #
-#   1. smoke      import pg_train on the GPU, the tiny model's teacher captions with the defaults
+#   1. smoke      import pg_train on the GPU, the tiny model's teacher captions with the defaults, the versions
 #                 (static cache + CUDA graphs on CUDA), TF32 and the precision helpers
 #   2. graphs     tests/test_generate.py's CUDA tests: replay == eager on the same bucket (fp32, bf16,
 #                 trimmed or not) and replay with exact shapes == static-cache eager (fp32, bf16)
@@ -43,9 +43,15 @@ if [ "$DRY_RUN" = 1 ]; then
   ACCELERATE=${ACCELERATE_DRY:-.venv/bin/accelerate}
   TOTAL_S=${TOTAL_S:-600}
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  BENCH_ARGS=(--preset tiny --batch "${BATCH:-2}" --steps 1 --caption-lens 4,2 --variants "${BENCH_VARIANTS:-ours}" --device cpu)
+  # One intra-op thread: tiny shapes gain nothing from more, and on shared cores the waiting
+  # threads cost more CPU than the work (the smoke stage's two generations: 6.3 s -> 0.1 s CPU).
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  # the smallest shapes that still run every code path: tiny at 112 px (16 image tokens), batch 1,
+  # two caption lengths (the marginal cost per token), top-16, both lengths in one process
+  BENCH_ARGS=(--preset tiny-112 --batch "${BATCH:-1}" --steps 1 --caption-lens 2,1 --topk 16 --variants "${BENCH_VARIANTS:-ours}" --device cpu --in-process)
   MEMCHECK_ARGS=(--preset tiny --no-measure)
   EMA_ARGS=(--preset tiny --repeats 2 --device cpu)
+  SMOKE_PRESET=tiny-112 SMOKE_PX=112  # on the CPU the first decoding steps of a new shape dominate
   echo "DRY_RUN on $(uname -m): would install .whl/*.whl into /tmp/site" > "$OUT/env.txt"
 else
   PY=${PY:-python3}
@@ -60,20 +66,24 @@ else
   [ -n "${BATCH-8}" ] && BENCH_ARGS+=(--batch "${BATCH-8}")
   MEMCHECK_ARGS=(--config configs/sa2va_4b_zero2.yaml --world-size 1 --zero-stage 0 --steps 2)
   EMA_ARGS=(--repeats 5)
+  SMOKE_PRESET=tiny SMOKE_PX=448
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env.txt" 2>&1
 fi
 git log -1 --format='commit %H %cd' >> "$OUT/env.txt" 2> /dev/null
-$PY -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)" >> "$OUT/env.txt" 2>&1
+# (the versions line is the smoke stage's: a Python start-up with torch and transformers costs seconds)
 
 # stage NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of TOTAL_S), output to the log,
-# one JSON line to stages.jsonl; a stage with under 10 s left is skipped (and says so).
+# one JSON line to stages.jsonl (wall seconds and the CPU seconds the stage's processes used:
+# under load the wall time says little); a stage with under 10 s left is skipped (and says so).
 stage() {
   local name=$1 limit=$2
   shift 2
   local left=$((TOTAL_S - ($(date +%s) - START)))
   local budget=$((limit < left ? limit : left))
-  local part="$WORK/$name.out" rc=0 skipped=false t0 t1
+  local part="$WORK/$name.out" rc=0 skipped=false t0 t1 cpu0 cpu1
   t0=$(date +%s.%N)
+  times > "$WORK/$name.cpu0"  # user and system time of this shell's finished children (no subshell: its own are 0)
+  cpu0=$(tail -1 "$WORK/$name.cpu0")
   if [ "$budget" -lt 10 ]; then
     skipped=true rc=-1
     echo "skipped: ${left}s left of TOTAL_S=$TOTAL_S" > "$part"
@@ -83,14 +93,21 @@ stage() {
     rc=$?
   fi
   t1=$(date +%s.%N)
+  times > "$WORK/$name.cpu1"
+  cpu1=$(tail -1 "$WORK/$name.cpu1")
   cat "$part" >> "$LOG"
-  NAME=$name RC=$rc SKIPPED=$skipped T0=$t0 T1=$t1 LIMIT=$budget PART=$part $PY - >> "$STAGES" << 'EOF'
-import json, os
+  NAME=$name RC=$rc SKIPPED=$skipped T0=$t0 T1=$t1 CPU0=$cpu0 CPU1=$cpu1 LIMIT=$budget PART=$part $PY - >> "$STAGES" << 'EOF'
+import json, os, re
+
+def cpu(text):  # bash `times`: "0m1.234s 0m0.056s" (user, system)
+    return sum(60 * float(m) + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", text))
+
 lines = [l.rstrip() for l in open(os.environ["PART"], errors="replace") if l.strip()]
 rc = int(os.environ["RC"])
 print(json.dumps({
     "stage": os.environ["NAME"], "rc": rc, "timed_out": rc in (124, 137), "skipped": os.environ["SKIPPED"] == "true",
     "seconds": round(float(os.environ["T1"]) - float(os.environ["T0"]), 1), "limit_s": int(os.environ["LIMIT"]),
+    "cpu_s": round(cpu(os.environ["CPU1"]) - cpu(os.environ["CPU0"]), 1),
     "tail": lines[-4:],
 }))
 EOF
@@ -98,7 +115,9 @@ EOF
 }
 
 stage smoke 60 $PY -c "
-import torch
+import sys, torch, transformers
+with open('$OUT/env.txt', 'a') as env:
+    print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, file=env)
 from pg_train.accel import build_accelerator
 from pg_train.model import build_model
 from pg_train.model.decoding import graph_decode
@@ -107,10 +126,10 @@ from pg_train.objectives.settings import PseudoGumbelConfig
 from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
 build_accelerator()  # TF32 on, as training builds it
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-model = build_model('tiny', seed=0).eval().to(device)
-pixel_values = torch.randn(2, 3, 448, 448, device=device)
-masks = torch.zeros(2, 448, 448)
-masks[:, 100:300, 120:260] = 1
+model = build_model('$SMOKE_PRESET', seed=0).eval().to(device)
+pixel_values = torch.randn(2, 3, $SMOKE_PX, $SMOKE_PX, device=device)
+masks = torch.zeros(2, $SMOKE_PX, $SMOKE_PX)
+masks[:, 100 * $SMOKE_PX // 448 : 300 * $SMOKE_PX // 448, 120 * $SMOKE_PX // 448 : 260 * $SMOKE_PX // 448] = 1
 cells, _ = region_cells(masks, model.grid_size)
 for _ in range(2):
     ids, lengths = generate_pseudo_tokens_with_ema(model, pixel_values, cells, PseudoGumbelConfig(max_caption_len=8))

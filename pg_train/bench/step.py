@@ -343,18 +343,24 @@ def _run_variant(variant: str, args, device: torch.device, dtype: torch.dtype) -
     return report
 
 
-def _run_in_child(queue, variant, args, device, dtype) -> None:
+def _run_here(variant, args, device, dtype) -> dict | str:
+    """One variant's report in this process, or the failure as text (the parent prints it and
+    exits 1)."""
     from ..precision import enable_tf32
 
     enable_tf32()  # as training's accelerator does
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
     try:
-        queue.put(run_variant(variant, args, torch.device(device), dtype))
-    except Exception:  # the parent prints it and exits 1
+        return run_variant(variant, args, torch.device(device), dtype)
+    except Exception:
         import traceback
 
-        queue.put(f"{variant} failed:\n{traceback.format_exc()}")
+        return f"{variant} failed:\n{traceback.format_exc()}"
+
+
+def _run_in_child(queue, variant, args, device, dtype) -> None:
+    queue.put(_run_here(variant, args, device, dtype))
 
 
 def model_flops(model, batch: int, caption_len: int, views: float = 1.0) -> float:
@@ -521,7 +527,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pg_train.bench.step", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "bench", "sa2va-4b"))
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "tiny-112", "bench", "sa2va-4b"))
     parser.add_argument(
         "--batch", type=int, help="per step (default: the largest memcheck predicts to fit, pg_train.bench.fit)"
     )
@@ -565,6 +571,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="CUDA: keep SDPA off the cuDNN backend (it builds a graph per new shape, on the host)",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every variant in this process instead of a fresh one each (start-up costs one import; "
+        "on CPU a later variant's RSS is biased by the earlier one's freed heap): for dry runs",
+    )
     parser.add_argument("--json", help="write both reports here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -603,11 +615,14 @@ def main(argv=None) -> int:
         reports = by_len[length] = {}
         for variant in variants:
             print(f"running {variant}, captions of {length} tokens ...", flush=True)
-            queue = context.Queue()
-            process = context.Process(target=_run_in_child, args=(queue, variant, run_args, str(device), dtype))
-            process.start()
-            result = _child_result(queue, process, variant)
-            process.join()
+            if args.in_process:
+                result = _run_here(variant, run_args, str(device), dtype)
+            else:
+                queue = context.Queue()
+                process = context.Process(target=_run_in_child, args=(queue, variant, run_args, str(device), dtype))
+                process.start()
+                result = _child_result(queue, process, variant)
+                process.join()
             if isinstance(result, str):  # reported, and the other runs still made (exit code 1 at the end)
                 print(result, flush=True)
                 failed.append(f"{variant}@{length}")
