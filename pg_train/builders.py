@@ -46,14 +46,30 @@ def unfreeze_extra(model, prefixes: list[str]) -> None:
         raise ValueError(f"model.extra_trainable {prefixes} matches no parameter name")
 
 
+# What the official predict_forward hard-codes whatever config.json says (`model.tiling=official`).
+OFFICIAL_TILING = {"dynamic_image_size": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12, "use_thumbnail": True}
+
+
 def apply_input_overrides(model, m) -> None:
-    """`model.chat_template` and the tiling keys, where set, replace the checkpoint's (or
-    preset's) values: they decide what the model is shown, not its weights."""
-    tiling = {k: getattr(m, k) for k in TILING_KEYS if getattr(m, k) is not None}
+    """`model.chat_template`, the tiling keys (or `model.tiling=official`), the stop rule, the
+    caption special-token reading and the SAM2 normalisation, where set, replace the
+    checkpoint's (or preset's) values: they decide what the model is shown, not its weights."""
+    tiling = OFFICIAL_TILING if m.tiling == "official" else {}
+    tiling = {**tiling, **{k: getattr(m, k) for k in TILING_KEYS if getattr(m, k) is not None}}
     if tiling:
         model.preset = dataclasses.replace(model.preset, vision=dataclasses.replace(model.preset.vision, **tiling))
-    if m.chat_template is not None and model.prompts is not None:
-        model.set_prompts(m.template, m.chat_template)
+    if m.sam2_normalise is not None:
+        model.preset = dataclasses.replace(
+            model.preset, sam2=dataclasses.replace(model.preset.sam2, normalise_dtype=m.sam2_normalise)
+        )
+    text_options = m.stop_rule != "contains" or m.caption_special_tokens != "text"
+    if model.prompts is not None and (m.chat_template is not None or text_options):
+        model.set_prompts(
+            m.template,
+            m.chat_template or model.prompts.chat_template,
+            stop_rule=m.stop_rule,
+            caption_special_tokens=m.caption_special_tokens,
+        )
 
 
 def build_student(cfg: TrainConfig):

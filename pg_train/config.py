@@ -47,6 +47,21 @@ class ModelConfig:
     min_dynamic_patch: int | None = None
     max_dynamic_patch: int | None = None
     use_thumbnail: bool | None = None
+    # Where the tiling keys come from: `config` (the checkpoint's config.json, then the keys
+    # above) or `official` (what the official predict_forward hard-codes whatever config.json
+    # says: tiling on, 1..12 tiles, thumbnail). docs/fidelity.md.
+    tiling: str = "config"
+    # Caption stop rule: `contains` (stop at the first end text anywhere in the caption's
+    # bytes) or `official` (the official StopWordStoppingCriteria: newlines removed, the text
+    # ends with one of the template's stop words; qwen_chat also stops on <|endoftext|>).
+    stop_rule: str = "contains"
+    # Special-token strings inside caption text (`[SEG] word`): `text` (plain text, as typed)
+    # or `ids` (their added-token ids, as the official whole-string encoding gives; the image
+    # and region slot tokens stay text). docs/fidelity.md.
+    caption_special_tokens: str = "text"
+    # Arithmetic of SAM2's input normalisation: float32 (the official training's) or bfloat16
+    # (the official HF inference's); None: the checkpoint's / preset's (float32).
+    sam2_normalise: str | None = None
     lora_r: int | None = None  # None: the preset's LoRA
     lora_alpha: int | None = None
     lora_dropout: float | None = None
@@ -418,10 +433,12 @@ def expand_curriculum(cfg: TrainConfig, keys_set: set[str]) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Combinations that cannot work, caught before any model is built."""
+    from .data.images import NORMALISE_DTYPES
     from .ema import Placement
     from .model.arch.presets import PRESETS
     from .model.text.regions import EMPTY_REGION_POLICIES, REGION_RULES
-    from .model.text.templates import CHAT_TEMPLATES, TEMPLATE_SETS
+    from .model.text.stopping import STOP_RULES
+    from .model.text.templates import CAPTION_SPECIAL_TOKENS, CHAT_TEMPLATES, TEMPLATE_SETS
 
     checks = [
         (
@@ -461,6 +478,36 @@ def validate(cfg: TrainConfig) -> None:
             1 <= (cfg.model.min_dynamic_patch or 1) <= (cfg.model.max_dynamic_patch or 12),
             "model.min_dynamic_patch",
             "needs 1 <= min_dynamic_patch <= max_dynamic_patch",
+        ),
+        (
+            cfg.model.tiling in ("config", "official"),
+            "model.tiling",
+            "must be 'config' (the checkpoint's config.json) or 'official' (predict_forward's 1..12 + thumbnail)",
+        ),
+        (
+            cfg.model.tiling != "official"
+            or all(
+                getattr(cfg.model, k) is None
+                for k in ("dynamic_image_size", "min_dynamic_patch", "max_dynamic_patch", "use_thumbnail")
+            ),
+            "model.tiling",
+            "'official' fixes the tiling keys (on, 1..12, thumbnail): leave model.dynamic_image_size, "
+            "min_dynamic_patch, max_dynamic_patch and use_thumbnail unset",
+        ),
+        (
+            cfg.model.stop_rule in STOP_RULES,
+            "model.stop_rule",
+            f"must be one of {list(STOP_RULES)}",
+        ),
+        (
+            cfg.model.caption_special_tokens in CAPTION_SPECIAL_TOKENS,
+            "model.caption_special_tokens",
+            f"must be one of {list(CAPTION_SPECIAL_TOKENS)}",
+        ),
+        (
+            cfg.model.sam2_normalise is None or cfg.model.sam2_normalise in NORMALISE_DTYPES,
+            "model.sam2_normalise",
+            f"must be one of {sorted(NORMALISE_DTYPES)} or null",
         ),
         (
             cfg.objective.region_rule in REGION_RULES,

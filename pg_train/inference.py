@@ -191,7 +191,7 @@ def image_inputs(model, images: list, regions: list[np.ndarray] | None = None) -
                 **region_tensors(np.asarray(region, bool), preprocess),
                 "pixel_values2": views,
                 "num_views2": torch.tensor(len(views)),
-                "sam_pixel_values2": image_tensor(image, preprocess.sam_size),
+                "sam_pixel_values2": image_tensor(image, preprocess.sam_size, preprocess.sam_normalise),
                 "masks2": torch.zeros(preprocess.sam_size, preprocess.sam_size),
                 "caption": None,
                 "index": i,

@@ -237,9 +237,26 @@ def check_pair(image: Image.Image, mask: np.ndarray, where: str, min_pixels: int
         raise BadSample("empty_mask", where, f"{int(mask.sum())} pixels < {min_pixels}")
 
 
-def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """Direct (aspect-ignoring) bicubic resize to size x size, ImageNet-normalised [3, size, size]."""
+NORMALISE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def image_tensor(image: Image.Image, size: int, normalise_dtype: str = "float32") -> torch.Tensor:
+    """Direct (aspect-ignoring) bicubic resize to size x size, ImageNet-normalised [3, size, size].
+
+    `normalise_dtype`: the arithmetic of the normalisation. float32 (the tensor is float32), or
+    bfloat16 as the official Sa2VA inference normalises SAM2's input (its `preprocess_image`
+    with bf16 mean and std, after casting the uint8 pixels to bf16): each of /255, -mean, /std
+    rounded to bf16, which differs from float32 normalisation cast to bf16 by up to one bf16 step.
+    """
+    if normalise_dtype not in NORMALISE_DTYPES:
+        raise ValueError(f"normalise_dtype must be one of {sorted(NORMALISE_DTYPES)}, got {normalise_dtype!r}")
     resized = image.resize((size, size), Image.BICUBIC)
+    if normalise_dtype == "bfloat16":
+        dtype = NORMALISE_DTYPES[normalise_dtype]
+        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).to(dtype)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=dtype).view(3, 1, 1)
+        return (pixels / 255.0 - mean) / std
     array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

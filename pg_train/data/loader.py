@@ -40,6 +40,7 @@ class Preprocess:
     sam_size: int = 1024  # SAM2 input (direct resize)
     tiling: Tiling | None = None  # InternVL dynamic tiling for the MLLM views; None: one view
     region_grid: int = 16  # the image-token grid of one view (G x G: 16 for 448-px views), where regions lie
+    sam_normalise: str = "float32"  # the SAM2 input's normalisation arithmetic (images.image_tensor)
 
     def views(self, image) -> torch.Tensor:
         """[num_views, 3, mllm_size, mllm_size]: the image's tiles (then thumbnail), or one view."""
@@ -58,7 +59,9 @@ def preprocess_for(preset) -> Preprocess:
         vision.max_dynamic_patch,
         vision.use_thumbnail,
     )
-    return Preprocess(vision.image_size, preset.sam2.image_size, tiling, vision.grid_size)
+    return Preprocess(
+        vision.image_size, preset.sam2.image_size, tiling, vision.grid_size, sam_normalise=preset.sam2.normalise_dtype
+    )
 
 
 def region_tensors(mask: np.ndarray, preprocess: Preprocess) -> dict:
@@ -123,7 +126,7 @@ class PairDataset(Dataset):
                 **region_tensors(raw.mask1, p),
                 "pixel_values2": pixel_values2,
                 "num_views2": torch.tensor(len(pixel_values2)),
-                "sam_pixel_values2": image_tensor(raw.image2, p.sam_size),
+                "sam_pixel_values2": image_tensor(raw.image2, p.sam_size, p.sam_normalise),
                 "masks2": mask_tensor(raw.mask2, p.sam_size),
                 "caption": raw.caption,
                 "index": index,

@@ -68,6 +68,7 @@ def generate_pseudo_tokens_with_ema(
         )
         suppress = special_ids(model).clone()
         suppress[model.eos_token_id] = False  # eos is how a caption ends
+        suppress[model.prompts.stop.stop_token_ids] = False  # and the official rule's <|endoftext|>
         captions, lengths = generate_from_embeds(
             model.language_model,
             embeds,

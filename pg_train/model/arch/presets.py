@@ -81,6 +81,10 @@ class Sam2Dims:
     fuser_layers: int = 2
     num_maskmem: int = 7
     image_size: int = 1024
+    # The arithmetic of the input's ImageNet normalisation (data.images.image_tensor): float32
+    # as the official training normalises, or bfloat16 as its HF inference does
+    # (`model.sam2_normalise`; docs/fidelity.md).
+    normalise_dtype: str = "float32"
 
     @property
     def backbone_channel_list(self) -> list[int]:

@@ -80,8 +80,12 @@ class Sa2VAModel(nn.Module):
         if tokenizer is not None:
             self.set_prompts(template, chat_template or preset.template)
 
-    def set_prompts(self, template: str, chat_template: str) -> None:
-        """Build the prompts of a wording set and chat template (the checkpoint's by default)."""
+    def set_prompts(
+        self, template: str, chat_template: str, stop_rule: str = "contains", caption_special_tokens: str = "text"
+    ) -> None:
+        """Build the prompts of a wording set and chat template (the checkpoint's by default),
+        with a caption stop rule and a way to read special-token strings in captions
+        (templates.PromptBuilder; docs/fidelity.md)."""
         self.prompts = PromptBuilder(
             self.tokenizer,
             self.token_ids,
@@ -89,6 +93,8 @@ class Sa2VAModel(nn.Module):
             template,
             chat_template=chat_template,
             vocab_size=self.preset.language.vocab_size,
+            stop_rule=stop_rule,
+            caption_special_tokens=caption_special_tokens,
         )
 
     # ---- vision ---------------------------------------------------------------------------

@@ -15,11 +15,12 @@ Two rules make the ids what the released model saw:
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
 
-from .stopping import EndTextStop
+from .stopping import STOP_RULES, EndTextStop
 
 
 @dataclass(frozen=True)
@@ -29,14 +30,27 @@ class ChatTemplate:
     user_start: str
     assistant_start: str  # end of the user turn and start of the assistant turn
     end_text: str  # how an answer ends: the stop text
+    # The official STOP_WORDS besides end_text (xtuner's PROMPT_TEMPLATE, which Sa2VA's
+    # templates copy); only `model.stop_rule=official` stops on them.
+    extra_stop_words: tuple[str, ...] = ()
 
 
 # xtuner's templates as Sa2VA checkpoints name them in config.json["template"].
 CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     "phi3_chat": ChatTemplate("<|user|>\n", "<|end|>\n<|assistant|>\n", "<|end|>"),
-    "qwen_chat": ChatTemplate("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+    "qwen_chat": ChatTemplate(
+        "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>", ("<|endoftext|>",)
+    ),
     "internlm2_chat": ChatTemplate("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
 }
+
+
+# How special-token strings inside caption text are encoded (`model.caption_special_tokens`):
+# `text`: as typed, plain BPE; `ids`: as the official whole-string encoding does, their added-token
+# ids — except the image and region slot tokens, which stay text: as ids they would take an image
+# feature each and break the slot count (the official code prints a shape mismatch there).
+CAPTION_SPECIAL_TOKENS = ("text", "ids")
+SLOT_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<vp>", "</vp>")
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,8 @@ class PromptBuilder:
         template: str = "sa2va",
         chat_template: str = "phi3_chat",
         vocab_size: int | None = None,
+        stop_rule: str = "contains",
+        caption_special_tokens: str = "text",
     ):
         if template not in TEMPLATE_SETS:
             raise ValueError(f"unknown template set {template!r}; known: {sorted(TEMPLATE_SETS)}")
@@ -137,6 +153,19 @@ class PromptBuilder:
         self.template = TEMPLATE_SETS[template]
         self.chat = CHAT_TEMPLATES[chat_template]
         self.chat_template = chat_template
+        if stop_rule not in STOP_RULES:
+            raise ValueError(f"unknown stop rule {stop_rule!r}; known: {list(STOP_RULES)}")
+        self.stop_rule = stop_rule
+        if caption_special_tokens not in CAPTION_SPECIAL_TOKENS:
+            raise ValueError(
+                f"unknown caption_special_tokens {caption_special_tokens!r}; known: {list(CAPTION_SPECIAL_TOKENS)}"
+            )
+        self.caption_special_tokens = caption_special_tokens
+        added = {t.content: i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        self._caption_specials = {t: i for t, i in added.items() if t not in SLOT_TOKENS}
+        self._caption_split = re.compile(
+            "(" + "|".join(re.escape(t) for t in sorted(self._caption_specials, key=len, reverse=True)) + ")"
+        )
         self.num_image_tokens = num_image_tokens
         self.vocab_size = vocab_size or len(tokenizer)
         self.eos_token_id = token_ids["<|im_end|>"]
@@ -167,8 +196,20 @@ class PromptBuilder:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     def encode(self, text: str) -> list[int]:
-        """Caption text -> ids, as one run; special-token strings inside it stay plain text (a
-        caption may spell `<vp>`)."""
+        """Caption text -> ids, as one run. Special-token strings inside it (`[SEG] word`) stay
+        plain text (`caption_special_tokens="text"`: a caption may spell `<vp>`), or become their
+        ids between plain runs as the tokenizer splits a whole string (`"ids"`), slot tokens
+        excepted (CAPTION_SPECIAL_TOKENS)."""
+        if not text:
+            return []
+        if self.caption_special_tokens == "text" or not self._caption_specials:
+            return self._plain(text)
+        ids: list[int] = []
+        for piece in self._caption_split.split(text):
+            ids += [self._caption_specials[piece]] if piece in self._caption_specials else self._plain(piece)
+        return ids
+
+    def _plain(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
 
     @property
@@ -178,7 +219,10 @@ class PromptBuilder:
     @functools.cached_property
     def stop(self) -> EndTextStop:
         """The caption stop rule (built on first use: a table over the vocabulary)."""
-        return EndTextStop(self.tokenizer, self.chat.end_text, self.eos_token_id, self.vocab_size)
+        extra = self.chat.extra_stop_words if self.stop_rule == "official" else ()
+        return EndTextStop(
+            self.tokenizer, self.chat.end_text, self.eos_token_id, self.vocab_size, self.stop_rule, extra
+        )
 
     @functools.cached_property
     def leading_space(self) -> LeadingSpace:
