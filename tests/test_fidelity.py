@@ -153,12 +153,42 @@ def test_stop_rule_official_stops_on_every_qwen_chat_stop_word(qwen_tokenizer):
     assert automaton_stop_step(stops["contains"], ids) is None
 
 
-def test_stop_rule_config_switch_reaches_the_teacher(tmp_path):
+class _Favour(torch.nn.Module):
+    """lm_head plus a fixed logit bias: the teacher's next token is decided by the test."""
+
+    def __init__(self, head, bias):
+        super().__init__()
+        self.head, self.bias = head, bias
+
+    def forward(self, hidden):
+        return self.head(hidden) + self.bias.to(hidden.dtype)
+
+
+def test_stop_rule_config_switch_reaches_the_teacher():
+    """A qwen_chat teacher that wants `<|endoftext|>` after its first two tokens: the official
+    rule lets it end the caption there; `contains` suppresses it and the caption runs to the
+    length limit. The switch comes from the config as a run builds its model."""
     from pg_train.config import ConfigError, load_config
+    from pg_train.objectives.settings import PseudoGumbelConfig
+    from pg_train.objectives.teacher import generate_pseudo_tokens_with_ema
     from pg_train.train import build_student
 
-    model = build_student(load_config(overrides=["model.stop_rule=official", "model.chat_template=qwen_chat"]))
-    assert model.prompts.stop.rule == "official" and model.prompts.chat_template == "qwen_chat"
+    cfg = PseudoGumbelConfig(min_caption_len=2, max_caption_len=6)
+    lengths = {}
+    for rule in ("official", "contains"):
+        model = build_student(load_config(overrides=[f"model.stop_rule={rule}", "model.chat_template=qwen_chat"]))
+        assert model.prompts.stop.rule == rule and model.prompts.chat_template == "qwen_chat"
+        endoftext = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        plain = model.tokenizer("red", add_special_tokens=False)["input_ids"][0]
+        bias = torch.zeros(model.preset.language.vocab_size)
+        bias[endoftext], bias[plain] = 1e4, 5e3
+        model.language_model.lm_head = _Favour(model.language_model.lm_head, bias)
+        cells = torch.zeros(1, model.grid_size, model.grid_size, dtype=torch.bool)
+        cells[0, 3, 4] = True
+        ids, length = generate_pseudo_tokens_with_ema(model, torch.zeros(1, 3, 448, 448), cells, cfg)
+        lengths[rule] = int(length[0])
+        assert ids[0, : lengths[rule]].tolist() == [plain] * lengths[rule]
+    assert lengths == {"official": 2, "contains": 6}
     assert build_student(load_config()).prompts.stop.rule == "contains"
     with pytest.raises(ConfigError, match="model.stop_rule"):
         load_config(overrides=["model.stop_rule=endswith"])
