@@ -231,8 +231,12 @@ MUTANTS = [
     Mutant(
         "teacher-generates-in-train-mode",
         TEACHER,
-        "    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)), compute_autocast(unwrap(model)):\n",
-        "    with teacher_model(teacher, student) as model, compute_autocast(unwrap(model)):\n",
+        # the generation's `with` (teacher_confidence opens the same one; its next line differs)
+        "    with teacher_model(teacher, student) as model, _eval_mode(unwrap(model)), compute_autocast(unwrap(model)):\n"
+        "        model = unwrap(model)  # computes in the student's dtype (pg_train.precision)\n",
+        "    with teacher_model(teacher, student) as model, compute_autocast(unwrap(model)):\n"
+        "        model = unwrap(model)  # computes in the student's dtype (pg_train.precision)\n",
+        tests=("tests/test_ema.py::test_teacher_generates_without_dropout_and_restores_train_mode",),
     ),
     Mutant(
         "teacher-cannot-end-with-eos",
@@ -304,15 +308,24 @@ MUTANTS = [
     ),
     Mutant(
         "init-from-not-strict",
-        "pg_train/builders.py",  # moved there from train.py with the other builders
-        (
-            "    model.load_state_dict(load_file(str(weights)), strict=True)\n",
-            "    load_state_dict_checked(model, read_safetensors(weights), weights, allow_nonfinite=allow_nonfinite)\n",
-        ),
-        (
-            "    model.load_state_dict(load_file(str(weights)), strict=False)\n",
-            "    model.load_state_dict(read_safetensors(weights), strict=False)\n",
-        ),
+        "pg_train/checkpoint_files.py",  # load_training_weights (model.init_from), from builders.py
+        "        load_state_dict_checked(model, state, where, allow_nonfinite=allow_nonfinite, exact_dtype=exact)\n",
+        "        model.load_state_dict(state, strict=False)\n",
+        tests=("tests/test_checkpoint_hardening.py::test_init_from_no_partial_load",),
+    ),
+    Mutant(
+        "ema-distance-cached-across-student-changes",
+        "pg_train/ema.py",  # the log's distance, fused into the cpu placement's update
+        "        return (self.num_updates, tuple(p._version for p in params))\n",
+        "        return (self.num_updates,)\n",
+        tests=("tests/test_ema.py::test_cpu_placement_distance_fused_into_the_update_is_the_distance_and_never_stale",),
+    ),
+    Mutant(
+        "memcheck-trained-vit-not-predicted",
+        "pg_train/memcheck/predict.py",
+        "    vit_saved = vision_tower_saved(module, B * views, e)\n",
+        "    vit_saved = 0\n",
+        tests=("tests/test_memcheck.py::test_tower_activations_are_predicted_only_when_the_towers_train",),
     ),
     Mutant(
         "resume-reseeds-instead-of-restoring",
