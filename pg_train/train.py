@@ -261,7 +261,7 @@ def step_record(run: Run, state: TrainState, window: WindowResult, lr: float, se
     )
     if cfg.streams.gate_min_gap is not None:
         record["gate_open"] = int(run.gate.open)
-    if out.text_embeds.grad is not None:
+    if out.text_embeds.retains_grad and out.text_embeds.grad is not None:  # pseudo-label / supervised: no retained grad
         record["grad_norm/text_embeds"] = float(out.text_embeds.grad.float().norm())
     record.update(window.grad_norms)
     if hasattr(run.model, "get_global_grad_norm"):  # DeepSpeed: the norms are sharded; it has the global one

@@ -386,6 +386,53 @@ def test_drift_diagnostics_of_a_step():
     assert token_f1("", "") == 1.0 and token_f1("blue", "red") == 0.0
 
 
+def test_a_pseudo_label_step_records_the_teacher_side_drift():
+    """The teacher's confidence (mean token log-prob of its caption, recomputed here from the
+    teacher's logits) and its captions' loss under the frozen reference, on a pseudo-label step as
+    on a Pseudo-Gumbel one; the segmenter read the teacher's caption, so agreement is 1."""
+    from pg_train.model.text.regions import region_cells
+    from pg_train.objectives.drift import drift_diagnostics
+
+    student = with_lora_weights(build_model("tiny", seed=0))
+    teacher = with_lora_weights(build_model("tiny", seed=1)).eval()
+    batch = make_step_batch(student, batch_size=2, seed=3)
+    cfg = PseudoGumbelConfig(max_caption_len=8, topk=16)
+    out = pseudo_label_step(student, teacher, batch, cfg, SupervisedConfig(), diagnose=True)
+    cells, _ = region_cells(batch["region_masks1"], student.grid_size, cfg.region_threshold, rule=cfg.region_rule)
+    ids, n = out.caption_ids, out.caption_lengths
+    with torch.no_grad():
+        logits = forward_for_logits(teacher, batch["pixel_values1"], cells, ids, n).float()
+    logp = F.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    per_caption = torch.stack([logp[b, : n[b]].mean() for b in range(2)])
+    assert float(out.metrics["drift/teacher_confidence"]) == pytest.approx(float(per_caption.mean()), abs=1e-5)
+    assert float(out.metrics["drift/teacher_ref_loss"]) > 0
+    pg = pseudo_gumbel_step(student, teacher, batch, cfg, diagnose=True)  # the same greedy teacher captions
+    for key in ("drift/teacher_confidence", "drift/teacher_ref_loss"):
+        assert float(out.metrics[key]) == pytest.approx(float(pg.metrics[key]), abs=1e-6), key
+    drift = drift_diagnostics(student, batch, out, cfg, reads="teacher")
+    assert float(drift["drift/agreement"]) == 1.0 and drift["drift/text_use"].isfinite()
+    assert float(drift["drift/iou_own_caption"]) == pytest.approx(float(drift["drift/iou_teacher_caption"]))
+
+
+@pytest.mark.slow
+def test_grad_share_on_two_processes_is_that_of_the_summed_gradient(tmp_path):
+    """2 processes (ZeRO-2) of 2 samples each record the caption-path gradient shares of their
+    summed gradient: those of one process training the same 4 samples as one batch."""
+    from conftest import accelerate_launch
+    from test_train import FAST, metrics
+
+    from pg_train.train import train
+
+    args = [*FAST, "max_steps=1", "save_every=100", "objective.diagnostics_every=1", "model.train_lm_head=true"]
+    accelerate_launch("tests/dist/train_probe.py", str(tmp_path / "two"), f"output_dir={tmp_path / 'two_run'}", *args)
+    train(load_config([], [*args, "batch_size=4", f"output_dir={tmp_path / 'one_run'}"]))
+    two, one = metrics(tmp_path / "two_run")[0], metrics(tmp_path / "one_run")[0]
+    shares = sorted(k for k in one if k.startswith("drift/grad_share/"))
+    assert "drift/grad_share/lm_head" in shares and 0 < one["drift/grad_share/lm_head"] <= 1
+    for key in shares:
+        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-6), key
+
+
 def test_the_default_job_records_drift_diagnostics():
     import yaml
 

@@ -8,10 +8,12 @@ so the training's random streams are untouched):
     teacher_confidence    mean token log-prob of the teacher's caption under the teacher
     teacher_ref_loss      the teacher captions' cross-entropy under the frozen reference (the anchor's,
                           else the model with its LoRA adapters disabled; absent without either)
+                          (both teacher-side numbers on Pseudo-Gumbel and pseudo-label steps alike)
     text_use              mask loss with another sample's caption minus with its own (> 0: the text matters)
     iou_own_caption / iou_teacher_caption / iou_shuffled_caption   training IoU by the caption read
-    grad_share/<group>    per parameter group, |gradient through the caption path| / |gradient|
-                          (one process only: two extra backward passes on a retained graph)
+    grad_share/<group>    per parameter group, |gradient through the caption path| / |gradient| of
+                          the step's gradient summed over processes (two extra backward passes on a
+                          retained graph; with several processes both gradients are all-reduced first)
 At evaluation (`eval/*`): cycle - shuffled gIoU, token F1 and exact match of the cycle captions
 against the held-out set's ground truth (the labelled monitor set).
 """
@@ -70,7 +72,15 @@ def _eval(module):
 def caption_path_shares(out: StepOutput, module) -> dict[str, torch.Tensor]:
     """Per parameter group, the norm of the loss's gradient that arrives through the caption the
     segmenter read (text_embeds) over the norm of its whole gradient (0 where it gets none).
-    Leaves the graph for the step's own backward."""
+    Leaves the graph for the step's own backward.
+
+    With several processes each rank's gradients are of its own samples: both are summed over the
+    ranks before the norms (two all-reduces per trainable tensor; every rank gets here on the same
+    steps, as diagnostics_every and the streams' counts are the same on every rank), so the share
+    is that of the gradient the optimizer applies (the ranks' mean, whose ratio is the sum's) and
+    the same number on every rank. torch.autograd.grad returns gradients without accumulating
+    them into .grad, so the reduce hooks of DDP and ZeRO-2, which fire on accumulation, see only
+    the step's own backward."""
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if not out.text_embeds.requires_grad or not named:
         return {}
@@ -78,11 +88,16 @@ def caption_path_shares(out: StepOutput, module) -> dict[str, torch.Tensor]:
     total = torch.autograd.grad(out.loss, params, retain_graph=True, allow_unused=True)
     (upstream,) = torch.autograd.grad(out.loss, out.text_embeds, retain_graph=True)
     via = torch.autograd.grad(out.text_embeds, params, upstream, retain_graph=True, allow_unused=True)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    reduce = distributed and torch.distributed.get_world_size() > 1
     sums: dict[str, list[float]] = {}
-    for (name, _), t, v in zip(named, total, via):
+    for (name, p), t, v in zip(named, total, via):  # the same parameters in the same order on every rank
         acc = sums.setdefault(parameter_group(name), [0.0, 0.0])
-        acc[0] += float(v.float().pow(2).sum()) if v is not None else 0.0
-        acc[1] += float(t.float().pow(2).sum()) if t is not None else 0.0
+        for i, g in enumerate((v, t)):
+            g = torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float()
+            if reduce:
+                torch.distributed.all_reduce(g)  # autograd.grad's own tensor (or a copy): not a .grad
+            acc[i] += float(g.pow(2).sum())
     return {f"drift/grad_share/{g}": torch.tensor((a / b) ** 0.5 if b > 0 else 0.0) for g, (a, b) in sums.items()}
 
 
@@ -119,7 +134,7 @@ def teacher_side(
 
 
 @torch.no_grad()
-def _passes(student, batch: dict, out: StepOutput, cfg: PseudoGumbelConfig) -> dict:
+def _passes(student, batch: dict, out: StepOutput, cfg: PseudoGumbelConfig, reads: str) -> dict:
     module = unwrap(student)
     views2 = batch.get("num_views2")
     ids, lengths = out.caption_ids, out.caption_lengths
@@ -142,7 +157,7 @@ def _passes(student, batch: dict, out: StepOutput, cfg: PseudoGumbelConfig) -> d
 
     order = torch.roll(torch.arange(ids.shape[0], device=ids.device), 1)
     with _eval(module):
-        if cfg.segmenter_reads == "teacher":
+        if reads == "teacher":
             own_slot = answer_caption_embeds(module, ids, lengths)[1]
         else:
             own_slot = space_slot_rows(module.prompts.leading_space.on(ids.device)[1], out.hard_ids, lengths)
@@ -162,13 +177,14 @@ def _passes(student, batch: dict, out: StepOutput, cfg: PseudoGumbelConfig) -> d
     return metrics
 
 
-def drift_diagnostics(student, batch: dict, out: StepOutput, cfg: PseudoGumbelConfig) -> dict[str, torch.Tensor]:
+def drift_diagnostics(
+    student, batch: dict, out: StepOutput, cfg: PseudoGumbelConfig, reads: str | None = None
+) -> dict[str, torch.Tensor]:
     """The step-time drift numbers of a self-training step's output (see the module docstring;
-    the teacher's are the step's own, from teacher_side)."""
-    metrics = _passes(student, batch, out, cfg)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_world_size() == 1:
-        metrics.update(caption_path_shares(out, unwrap(student)))
+    the teacher's are the step's own, from teacher_side). `reads`: the caption the step's
+    segmenter read (objective.segmenter_reads; `teacher` for a pseudo-label step)."""
+    metrics = _passes(student, batch, out, cfg, reads or cfg.segmenter_reads)
+    metrics.update(caption_path_shares(out, unwrap(student)))
     return {k: v.detach().float().cpu() for k, v in metrics.items()}
 
 

@@ -62,13 +62,17 @@ def self_training_step(
     pseudo_label), with the drift diagnostics on the steps they are due (objectives.drift)."""
     diagnose = due(cfg.objective, step)
     if (kind or cfg.objective_kind) == "pseudo_label":
-        out = pseudo_label_step(model, ema, batch, cfg.objective, cfg.supervised, observer=observer)
+        out = pseudo_label_step(
+            model, ema, batch, cfg.objective, cfg.supervised, observer=observer, reference=reference, diagnose=diagnose
+        )
+        reads = "teacher"
     else:
         out = pseudo_gumbel_step(
             model, ema, batch, cfg.objective, observer=observer, reference=reference, diagnose=diagnose
         )
+        reads = cfg.objective.segmenter_reads
     if diagnose:
-        out.metrics.update(drift_diagnostics(model, batch, out, cfg.objective))
+        out.metrics.update(drift_diagnostics(model, batch, out, cfg.objective, reads))
     return out
 
 

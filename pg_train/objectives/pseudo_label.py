@@ -10,6 +10,7 @@ import torch
 
 from ..distributed import unwrap
 from .anchor import keep_confident
+from .drift import teacher_side
 from .passes import (
     StepOutput,
     answer_caption_embeds,
@@ -28,11 +29,20 @@ from .teacher import generate_pseudo_tokens_with_ema, teacher_confidence
 
 
 def pseudo_label_step(
-    student, teacher, batch: dict, cfg: PseudoGumbelConfig, sup: SupervisedConfig, observer=None
+    student,
+    teacher,
+    batch: dict,
+    cfg: PseudoGumbelConfig,
+    sup: SupervisedConfig,
+    observer=None,
+    reference=None,
+    diagnose: bool = False,
 ) -> StepOutput:
     """Teacher captions of region 1 (step 1 of Pseudo-Gumbel), then sup.lm_weight x caption
     cross-entropy of the student on them + sup.seg_weight x the mask loss of segmenting image 2
-    from them as text; samples the confidence filter drops carry no loss."""
+    from them as text; samples the confidence filter drops carry no loss. `diagnose`: also the
+    teacher side of the drift diagnostics (objectives.drift.teacher_side, under `reference` when
+    the KL anchor names one), before the student's passes."""
     observe = observer or no_observer
     module = unwrap(student)
     views1 = batch.get("num_views1")
@@ -48,6 +58,11 @@ def pseudo_label_step(
                 teacher, batch["pixel_values1"], cells, caption_ids, lengths, student, views1
             )
             keep = keep_confident(confidence, cfg.filter_min_logprob, cfg.filter_top_fraction)
+        drift = (
+            teacher_side(teacher, student, batch["pixel_values1"], cells, caption_ids, lengths, views1, reference)
+            if diagnose
+            else {}
+        )
     with observe("pass1"):
         lm = caption_lm_loss(student, batch["pixel_values1"], cells, caption_ids, lengths, views1)
     text_embeds, space_slot = answer_caption_embeds(module, caption_ids, lengths)
@@ -67,6 +82,7 @@ def pseudo_label_step(
         per_sample = cfg.bce_weight * seg["bce"] + cfg.dice_weight * seg["dice"]
         loss = sup.lm_weight * kept_mean(lm, keep) + sup.seg_weight * kept_mean(per_sample, keep)
     out = text_step_output(loss, lm, seg, mask_logits, target, text_embeds, caption_ids, lengths, cells, fallback)
+    out.metrics.update(drift)
     if confidence is not None:
         out.metrics.update(
             filter_kept=keep.sum().float(), filter_dropped=(~keep).sum().float(), teacher_confidence=confidence.mean()
