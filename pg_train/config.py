@@ -109,6 +109,11 @@ class CurriculumConfig:
     supervised_fraction: float = 0.0  # or this fraction of max_steps (when supervised_steps is 0)
     lr: float | None = None  # Pseudo-Gumbel stage's peak lr (its own warm-up and cosine); None: optim.lr
     restart_ema: bool = True  # the teacher starts as the warmed-up student (as a second run would)
+    # After the switch (defaults: the one-stream curriculum, every sample self-trained):
+    objective: str = "pseudo_gumbel"  # the self-training objective: pseudo_gumbel | pseudo_label
+    labelled_fraction: float = 0.0  # the labelled share of each batch (two streams of data:)
+    supervised_weight: float = 1.0  # lambda on that labelled share (used when labelled_fraction > 0)
+    gate_min_gap: float | None = None  # self-training waits for the grounding gate (streams.gate_min_gap)
 
 
 @dataclass
@@ -378,22 +383,24 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Trai
     return cfg
 
 
-def curriculum_schedule(switch: int) -> dict:
+def curriculum_schedule(switch: int, labelled_fraction: float = 0.0, supervised_weight: float = 1.0) -> dict:
     """The two-stream schedules of a curriculum that switches at optimizer step `switch`: every
-    sample labelled and supervised before it, every sample unlabelled and self-trained from it."""
+    sample labelled and supervised before it; from it, self-training on the unlabelled share and
+    (labelled_fraction > 0) lambda = supervised_weight x supervised on the labelled share."""
     return {
-        "labelled_fraction": [[0, 1.0], [switch, 0.0]],
-        "supervised_weight": [[0, 1.0], [switch, 0.0]],
+        "labelled_fraction": [[0, 1.0], [switch, labelled_fraction]],
+        "supervised_weight": [[0, 1.0], [switch, supervised_weight if labelled_fraction else 0.0]],
         "self_weight": [[0, 0.0], [switch, 1.0]],
     }
 
 
 def expand_curriculum(cfg: TrainConfig, keys_set: set[str]) -> None:
-    """objective_kind: curriculum -> Pseudo-Gumbel over two streams of `data:` (one shuffled order,
-    pg_train.data.streams) with curriculum_schedule(supervised_steps(cfg)), the lr restarting at the
-    switch from curriculum.lr (else optim.lr) and the teacher restarting there when
-    curriculum.restart_ema: the same run as the explicit schedule, bit for bit. A config that
-    also sets streams.* is refused naming the key (the shorthand writes them)."""
+    """objective_kind: curriculum -> curriculum.objective (Pseudo-Gumbel by default) over two
+    streams of `data:` (one shuffled order, pg_train.data.streams) with curriculum_schedule at
+    supervised_steps(cfg), the lr restarting at the switch from curriculum.lr (else optim.lr), the
+    teacher restarting there when curriculum.restart_ema, and curriculum.gate_min_gap as the
+    grounding gate: the same run as the explicit schedule, bit for bit. A config that also sets
+    streams.* is refused naming the key (the shorthand writes them)."""
     if cfg.objective_kind != "curriculum":
         return
     c = cfg.curriculum
@@ -401,6 +408,27 @@ def expand_curriculum(cfg: TrainConfig, keys_set: set[str]) -> None:
         (c.supervised_steps >= 0, "curriculum.supervised_steps", "must be >= 0 (0: supervised_fraction)"),
         (0.0 <= c.supervised_fraction < 1.0, "curriculum.supervised_fraction", "must be in [0, 1)"),
         (c.lr is None or c.lr > 0, "curriculum.lr", "must be > 0 (or null: optim.lr)"),
+        (
+            c.objective in ("pseudo_gumbel", "pseudo_label"),
+            "curriculum.objective",
+            "must be pseudo_gumbel or pseudo_label",
+        ),
+        (0.0 <= c.labelled_fraction < 1.0, "curriculum.labelled_fraction", "must be in [0, 1)"),
+        (
+            c.supervised_weight > 0 or not c.labelled_fraction,
+            "curriculum.supervised_weight",
+            "must be > 0 with curriculum.labelled_fraction > 0 (labelled samples that weigh nothing)",
+        ),
+        (
+            c.gate_min_gap is None or cfg.eval_every > 0,
+            "curriculum.gate_min_gap",
+            "the grounding gate reads held-out evaluations: needs eval_every > 0",
+        ),
+        (
+            c.gate_min_gap is None or c.labelled_fraction > 0,
+            "curriculum.gate_min_gap",
+            "needs curriculum.labelled_fraction > 0 (while the gate is closed only the labelled stream trains)",
+        ),
         (
             supervised_steps(cfg) > 0,
             "curriculum.supervised_steps",
@@ -425,10 +453,10 @@ def expand_curriculum(cfg: TrainConfig, keys_set: set[str]) -> None:
         )
     s = cfg.streams
     s.enabled, s.labelled, s.unlabelled = True, dataclasses.replace(cfg.data), dataclasses.replace(cfg.data)
-    for name, points in curriculum_schedule(supervised_steps(cfg)).items():
+    for name, points in curriculum_schedule(supervised_steps(cfg), c.labelled_fraction, c.supervised_weight).items():
         setattr(s, name, points)
-    s.self_training_lr, s.restart_ema = c.lr or cfg.optim.lr, c.restart_ema
-    cfg.objective_kind = "pseudo_gumbel"
+    s.self_training_lr, s.restart_ema, s.gate_min_gap = c.lr or cfg.optim.lr, c.restart_ema, c.gate_min_gap
+    cfg.objective_kind = c.objective
 
 
 def validate(cfg: TrainConfig) -> None:

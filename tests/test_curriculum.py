@@ -124,3 +124,62 @@ def test_two_streams_of_one_loader_draw_one_order_and_refuse_two_positions():
     next(iter(other))
     with pytest.raises(ValueError, match="one order"):
         TwoStreams(shared, shared, 2, lambda step: 0.5).check_state_dict(other.state_dict())
+
+
+# ---- the candidate default jobs (issue 26, part 6): the curriculum with two streams after the switch
+CANDIDATES = {"pl": "pseudo_label", "pg": "pseudo_gumbel"}
+
+
+@pytest.mark.parametrize("name", CANDIDATES)
+def test_a_candidate_default_job_is_the_default_jobs_warm_up_then_two_streams_behind_the_gate(name):
+    cfg = load_config([REPO / "configs" / f"default_two_streams_{name}.yaml"], [])
+    default = load_config([DEFAULT_JOB], [])
+    s, kind = cfg.streams, CANDIDATES[name]
+    assert (cfg.objective_kind, s.labelled, s.unlabelled) == (kind, cfg.data, cfg.data)
+    assert (cfg.model, cfg.data, cfg.optim, cfg.max_steps, cfg.batch_size) == (
+        default.model,
+        default.data,
+        default.optim,
+        default.max_steps,
+        default.batch_size,
+    )
+    assert s.labelled_fraction == [[0, 1.0], [675, 0.5]] and s.supervised_weight == [[0, 1.0], [675, 1.0]]
+    assert s.self_weight == [[0, 0.0], [675, 1.0]] and s.gate_min_gap == 0.1
+    assert [objective_kind_at(t, cfg) for t in (674, 675)] == ["supervised", f"{kind}+supervised"]
+    assert objective_kind_at(675, cfg, gate_open=False) == "supervised"  # the gate holds self-training back
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["curriculum.objective=mixed"], "curriculum.objective"),
+        (["curriculum.labelled_fraction=1.0"], "curriculum.labelled_fraction"),
+        (["curriculum.labelled_fraction=0.5", "curriculum.supervised_weight=0"], "curriculum.supervised_weight"),
+        (["curriculum.gate_min_gap=0.1"], "curriculum.gate_min_gap"),  # no labelled stream to train meanwhile
+        (
+            ["curriculum.labelled_fraction=0.5", "curriculum.gate_min_gap=0.1", "eval_every=0"],
+            "curriculum.gate_min_gap",
+        ),
+    ],
+)
+def test_a_curriculum_key_that_cannot_work_is_refused_naming_it(overrides, key):
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        load_config([DEFAULT_JOB], overrides)
+
+
+def test_the_pseudo_label_candidate_trains_both_streams_after_the_switch_with_teacher_side_drift(tmp_path):
+    from test_train import FAST, metrics
+
+    from pg_train.train import train
+
+    overrides = [*FAST, f"output_dir={tmp_path}", "max_steps=2", "curriculum.gate_min_gap=null"]
+    train(
+        load_config([REPO / "configs" / "default_two_streams_pl.yaml"], [*overrides, "objective.diagnostics_every=1"])
+    )
+    lines = metrics(tmp_path)
+    assert [(r["objective"], r["labelled_samples"], r["unlabelled_samples"]) for r in lines] == [
+        ("supervised", 2, 0),
+        ("pseudo_label+supervised", 1, 1),
+    ]
+    assert lines[1]["drift/teacher_confidence"] < 0 and lines[1]["drift/teacher_ref_loss"] > 0
+    assert lines[1]["lr"] == pytest.approx(0.0003 / 20)  # the self-training stage's own warm-up
