@@ -568,8 +568,9 @@ def begin_stage_if_due(run: Run, state: TrainState, progress) -> None:
         run.snapshot.restart_from(run.model)
     if run.main:  # status lines: the main process's, once
         kind = {"pseudo_gumbel": "Pseudo-Gumbel", "pseudo_label": "pseudo-labels"}[cfg.objective_kind]
-        also = " + supervised" if objective_kind_at(state.step, cfg, run.gate.open).endswith("+supervised") else ""
-        progress.write(f"[pg_train] step {state.step}: supervised warm-up done, {kind}{also} from here")
+        also = " + supervised" if objective_kind_at(state.step, cfg).endswith("+supervised") else ""
+        then = "from here" if run.gate.open else "once the grounding gate opens (supervised until then)"
+        progress.write(f"[pg_train] step {state.step}: supervised warm-up done, {kind}{also} {then}")
 
 
 def open_gate_if_due(run: Run, state: TrainState, evaluation: dict, progress) -> None:
