@@ -13,6 +13,7 @@ For each seed:
     pg_kl       Pseudo-Gumbel on B + a KL anchor to the frozen warm-up
     pl          pseudo-labels on B (the teacher's caption as a hard target)
     pl_filter   pseudo-labels on B, confident captions only
+    pl_sup_a    pseudo-labels on B + lambda x supervised on A (two data streams)
     oracle_b    supervised on B's ground-truth text (the head-room: what B could give at best)
 Every checkpoint is scored on two named held-out sets: A (scenes of seed --eval-seed-a drawn like
 A) and B (seed --eval-seed-b drawn like B), with pg_train.evaluate: referring gIoU (ground-truth
@@ -91,6 +92,11 @@ ARMS = (
         (PG, "{B}", "objective.anchor_weight=1.0", "objective.anchor_reference=snapshot"),
     ),
     Arm("pl", "pseudo-labels on B (teacher caption as target)", (PL, "{B}")),
+    Arm(
+        "pl_sup_a",
+        "pseudo-labels on B + supervised on A (two streams, half of each batch)",
+        (PL, "streams.enabled=true", "{labelled:A}", "{unlabelled:B}", "streams.labelled_fraction=[[0,0.5]]"),
+    ),
     Arm("pl_filter", "pseudo-labels on B, confident half only", (PL, "{B}", "objective.filter_top_fraction=0.5")),
     Arm("oracle_b", "oracle: supervised on B's text", ("objective_kind=supervised", "{B}")),
 )
