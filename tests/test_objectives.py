@@ -457,11 +457,12 @@ def test_default_job_metrics_hold_the_drift_keys_and_report_draws_them(tmp_path)
             "tensorboard=false",
             "report=false",
             "data.num_samples=16",
+            "curriculum.gate_min_gap=null",  # the random model would keep the gate closed
         ],
     )
     train(cfg)
     records = read_metrics(tmp_path)
-    pg_step = next(r for r in records if r.get("objective") == "pseudo_gumbel")
+    pg_step = next(r for r in records if r.get("objective") == "pseudo_label+supervised")
     for key in (
         "agreement",
         "teacher_confidence",
