@@ -701,7 +701,7 @@ def finish(run: Run, state: TrainState) -> None:
 
 HELD_OUT_MEANING = {
     "referring": "ground-truth description -> mask (referring segmentation)",
-    "cycle": "the model's own caption of region 1 -> mask in image 2 (what Pseudo-Gumbel trains)",
+    "cycle": "the model's own caption of region 1 -> mask in image 2 (what self-training trains)",
     "shuffled": "another sample's description -> mask (control: what masks get without the right text)",
     "empty": "no text -> mask (control)",
 }

@@ -69,7 +69,9 @@ def test_the_default_jobs_curriculum_is_its_schedule_switching_at_step_675():
     assert (cfg.objective_kind, s.enabled, s.labelled, s.unlabelled) == ("pseudo_label", True, cfg.data, cfg.data)
     assert s.labelled_fraction == [[0, 1.0], [675, 0.5]] and s.supervised_weight == [[0, 1.0], [675, 1.0]]
     assert s.self_weight == [[0, 0.0], [675, 1.0]] and self_training_start(cfg) == 675 and s.gate_min_gap == 0.1
-    assert [objective_kind_at(t, cfg) for t in (0, 674, 675, 899)] == ["supervised"] * 2 + ["pseudo_label+supervised"] * 2
+    assert [objective_kind_at(t, cfg) for t in (0, 674, 675, 899)] == ["supervised"] * 2 + [
+        "pseudo_label+supervised"
+    ] * 2
     assert (s.self_training_lr, s.restart_ema) == (0.0003, True)
     # the warm-up's cosine ends at 674 (of 675 steps, 20 of them warm-up); the stage restarts its own at 675
     cosine = lambda peak, t, n: peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 20) / (n - 20))))  # noqa: E731
@@ -156,7 +158,10 @@ def test_a_candidate_default_job_is_the_default_jobs_warm_up_then_two_streams_be
         (["curriculum.objective=mixed"], "curriculum.objective"),
         (["curriculum.labelled_fraction=1.0"], "curriculum.labelled_fraction"),
         (["curriculum.labelled_fraction=0.5", "curriculum.supervised_weight=0"], "curriculum.supervised_weight"),
-        (["curriculum.labelled_fraction=0", "curriculum.gate_min_gap=0.1"], "curriculum.gate_min_gap"),  # no labelled stream
+        (
+            ["curriculum.labelled_fraction=0", "curriculum.gate_min_gap=0.1"],
+            "curriculum.gate_min_gap",
+        ),  # no labelled stream
         (
             ["curriculum.labelled_fraction=0.5", "curriculum.gate_min_gap=0.1", "eval_every=0"],
             "curriculum.gate_min_gap",
@@ -174,9 +179,7 @@ def test_the_pseudo_label_candidate_trains_both_streams_after_the_switch_with_te
     from pg_train.train import train
 
     overrides = [*FAST, f"output_dir={tmp_path}", "max_steps=2", "curriculum.gate_min_gap=null"]
-    train(
-        load_config([DEFAULT_JOB], [*overrides, "objective.diagnostics_every=1"])
-    )
+    train(load_config([DEFAULT_JOB], [*overrides, "objective.diagnostics_every=1"]))
     lines = metrics(tmp_path)
     assert [(r["objective"], r["labelled_samples"], r["unlabelled_samples"]) for r in lines] == [
         ("supervised", 2, 0),
