@@ -81,28 +81,28 @@ def test_every_shipped_config_trains_one_step(path, tmp_path, warm_start, capsys
     the tiny preset (Sa2VA-4B does not build on a CPU; the file's other settings, gradient
     checkpointing included, still apply); a Pseudo-Gumbel stage starts from a one-step warm-up's
     checkpoint instead of a finished warm-up's; the configs with a grounding gate run without it."""
-    extra = {"sa2va_4b_zero2.yaml": ["model.preset=tiny", "curriculum.gate_min_gap=null"]}
+    extra = {"sa2va_4b_zero2.yaml": ["model.preset=tiny"]}
     extra |= {name: [f"model.init_from={warm_start}"] for name in ("learn_tiny_pg.yaml", "quick_pg.yaml")}
     # the grounding gate reads held-out evaluations, which this test turns off
-    extra |= {name: ["curriculum.gate_min_gap=null"] for name in ("default_two_streams_pg.yaml", "default_job.yaml")}
+    extra |= {"default_two_streams_pg.yaml": ["curriculum.gate_min_gap=null"]}
     run_config(path, 1, tmp_path, "eval_every=0", *extra.get(path.name, []))
     assert "done: 1 steps" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_the_default_job_trains_two_steps_one_of_each_stage_and_evaluates(tmp_path, capsys):
-    """With its gate, the default job's step 2 stays supervised (the random model's held-out cycle -
-    shuffled gIoU at step 0 is below 0.1); without it, step 2 trains both streams."""
+    """Step 2 trains both streams; with a grounding gate it stays supervised (the random model's
+    held-out cycle - shuffled gIoU at step 0 is below 0.1)."""
     lines = run_config(DEFAULT_JOB, 2, tmp_path)
-    assert [r["objective"] for r in lines if "objective" in r] == ["supervised", "supervised"]
-    assert [r["step"] for r in lines if "eval/cycle_gIoU" in r] == [0, 2]
-    out = capsys.readouterr().out
-    assert "done: 2 steps" in out and "grounding gate closed" in out
-    lines = run_config(DEFAULT_JOB, 2, tmp_path / "no_gate", "curriculum.gate_min_gap=null")
     assert [(r["objective"], r["labelled_samples"], r["unlabelled_samples"]) for r in lines if "objective" in r] == [
         ("supervised", 2, 0),
         ("pseudo_label+supervised", 1, 1),
     ]
+    assert [r["step"] for r in lines if "eval/cycle_gIoU" in r] == [0, 2]
+    assert "done: 2 steps" in capsys.readouterr().out
+    lines = run_config(DEFAULT_JOB, 2, tmp_path / "gated", "curriculum.gate_min_gap=0.1")
+    assert [r["objective"] for r in lines if "objective" in r] == ["supervised", "supervised"]
+    assert "grounding gate closed" in capsys.readouterr().out
 
 
 def test_resuming_a_finished_run_says_it_is_finished_with_its_last_numbers(tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_the_default_jobs_curriculum_is_its_schedule_switching_at_step_675():
     # the objective docs/learning/self_training.md supports: pseudo-labels with the labelled stream kept
     assert (cfg.objective_kind, s.enabled, s.labelled, s.unlabelled) == ("pseudo_label", True, cfg.data, cfg.data)
     assert s.labelled_fraction == [[0, 1.0], [675, 0.5]] and s.supervised_weight == [[0, 1.0], [675, 1.0]]
-    assert s.self_weight == [[0, 0.0], [675, 1.0]] and self_training_start(cfg) == 675 and s.gate_min_gap == 0.1
+    assert s.self_weight == [[0, 0.0], [675, 1.0]] and self_training_start(cfg) == 675 and s.gate_min_gap is None
     assert [objective_kind_at(t, cfg) for t in (0, 674, 675, 899)] == ["supervised"] * 2 + [
         "pseudo_label+supervised"
     ] * 2
