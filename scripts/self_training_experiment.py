@@ -55,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #   looks    the same words, other looks (three medium-sized textured objects): B's captions are
 #            A's vocabulary, so what B can add is visual
 #   colours  new colour words (yellow / purple / cyan): what B can add is language A never saw
+#   twins    both objects red: the colour no longer tells them apart, A's shape and place words do
+#            (A's captions name them, but A never needed them): what B can add is using known words
 DOMAIN_A: list[str] = []
 DOMAINS_B = {
     "looks": [
@@ -64,6 +66,7 @@ DOMAINS_B = {
         "data.max_objects=3",
     ],
     "colours": ["data.colours=[yellow,purple,cyan]"],
+    "twins": ["data.colours=[red]", "data.distinct_colours=false"],
 }
 
 
