@@ -2,6 +2,7 @@
 
     forward_for_logits             region prompt + caption -> the caption's logits (teacher forcing)
     forward_mask_with_text_embeds  segmentation prompt with the caption as embeddings -> mask logits
+    segment_image2                 pass 2 on a batch's image 2 -> mask logits and the target they meet
     mask_loss / mask_iou           2 BCE + 0.5 Dice at the decoder's resolution; per-sample IoU
     tokenize_captions              text -> ids as the released model reads them
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -225,6 +227,39 @@ def forward_mask_with_text_embeds(
         prefix_mask=prefix_mask,
         num_views=num_views,
     )
+
+
+class Image2Segmentation(NamedTuple):
+    mask_logits: torch.Tensor  # [B, h, w] at the decoder's resolution
+    target: torch.Tensor  # [B, h, w] image 2's mask, area-downsampled to the logits (resize_target)
+    seg_hidden: torch.Tensor | None  # the [SEG] state [B, D] when asked for, else None
+
+
+def segment_image2(
+    student,
+    batch: dict[str, torch.Tensor],
+    text_embeds: torch.Tensor,
+    caption_lengths: torch.Tensor,
+    space_slot: torch.Tensor | None = None,
+    return_seg_hidden: bool = False,
+) -> Image2Segmentation:
+    """Pass 2 of every objective: segment image 2 of `batch` (`pixel_values2`,
+    `sam_pixel_values2`, optional `num_views2`) from the caption embeddings, with the target the
+    mask loss compares against (`masks2` at the logits' resolution). The mask loss itself stays
+    with each objective's loss stage (observed apart from pass 2: bench.step, memcheck)."""
+    out = forward_mask_with_text_embeds(
+        student,
+        batch["pixel_values2"],
+        batch["sam_pixel_values2"],
+        text_embeds,
+        caption_lengths,
+        return_seg_hidden=return_seg_hidden,
+        space_slot=space_slot,
+        num_views=batch.get("num_views2"),
+    )
+    mask_logits, seg_hidden = out if return_seg_hidden else (out, None)
+    target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
+    return Image2Segmentation(mask_logits, target, seg_hidden)
 
 
 # ---- loss (Pseudo-Gumbel step 6) and IoU ---------------------------------------------------------

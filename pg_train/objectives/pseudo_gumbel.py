@@ -29,11 +29,10 @@ from .passes import (
     answer_caption_embeds,
     batch_region_cells,
     forward_for_logits,
-    forward_mask_with_text_embeds,
     mask_iou,
     mask_loss,
     no_observer,
-    resize_target,
+    segment_image2,
     space_slot_rows,
     special_ids,
 )
@@ -189,7 +188,7 @@ def pseudo_gumbel_step(
     model = unwrap(student)
     special = special_ids(model)
     B = batch["region_masks1"].shape[0]
-    views1, views2 = batch.get("num_views1"), batch.get("num_views2")
+    views1 = batch.get("num_views1")
     seeds = batch.get("sample_seeds")
     if seeds is None:
         seeds = torch.randint(0, 2**62, (B,), generator=generator)
@@ -254,17 +253,8 @@ def pseudo_gumbel_step(
     if text_embeds.requires_grad:
         text_embeds.retain_grad()
     with observe("pass2"):
-        mask_logits = forward_mask_with_text_embeds(  # 5
-            student,
-            batch["pixel_values2"],
-            batch["sam_pixel_values2"],
-            text_embeds,
-            caption_lengths,
-            space_slot=space_slot,
-            num_views=views2,
-        )
+        mask_logits, target, _ = segment_image2(student, batch, text_embeds, caption_lengths, space_slot)  # 5
     with observe("loss"):
-        target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
         losses = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)  # 6
         loss = losses["loss"]
         if keep is not None:  # the filter's dropped samples carry no loss

@@ -16,10 +16,9 @@ from .passes import (
     answer_caption_embeds,
     batch_region_cells,
     caption_lm_loss,
-    forward_mask_with_text_embeds,
     mask_loss,
     no_observer,
-    resize_target,
+    segment_image2,
     text_step_output,
 )
 from .pseudo_gumbel import filtering, kept_mean
@@ -67,17 +66,8 @@ def pseudo_label_step(
         lm = caption_lm_loss(student, batch["pixel_values1"], cells, caption_ids, lengths, views1)
     text_embeds, space_slot = answer_caption_embeds(module, caption_ids, lengths)
     with observe("pass2"):
-        mask_logits = forward_mask_with_text_embeds(
-            student,
-            batch["pixel_values2"],
-            batch["sam_pixel_values2"],
-            text_embeds,
-            lengths,
-            space_slot=space_slot,
-            num_views=batch.get("num_views2"),
-        )
+        mask_logits, target, _ = segment_image2(student, batch, text_embeds, lengths, space_slot)
     with observe("loss"):
-        target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
         seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)
         per_sample = cfg.bce_weight * seg["bce"] + cfg.dice_weight * seg["dice"]
         loss = sup.lm_weight * kept_mean(lm, keep) + sup.seg_weight * kept_mean(per_sample, keep)

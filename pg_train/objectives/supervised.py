@@ -17,10 +17,9 @@ from .passes import (
     StepOutput,
     batch_region_cells,
     caption_lm_loss,
-    forward_mask_with_text_embeds,
     mask_loss,
     no_observer,
-    resize_target,
+    segment_image2,
     text_step_output,
     tokenize_captions,
 )
@@ -75,17 +74,8 @@ def supervised_step(student, batch: dict, cfg: PseudoGumbelConfig, sup: Supervis
     if text_embeds.requires_grad:
         text_embeds.retain_grad()  # its gradient norm is logged, as for the Pseudo-Gumbel embeddings
     with observe("pass2"):
-        mask_logits, seg_hidden = forward_mask_with_text_embeds(
-            student,
-            batch["pixel_values2"],
-            batch["sam_pixel_values2"],
-            text_embeds,
-            lengths,
-            return_seg_hidden=True,
-            num_views=batch.get("num_views2"),
-        )
+        mask_logits, target, seg_hidden = segment_image2(student, batch, text_embeds, lengths, return_seg_hidden=True)
     with observe("loss"):
-        target = resize_target(batch["masks2"].to(mask_logits.device), mask_logits.shape[-2:])
         seg = mask_loss(mask_logits, target, cfg.bce_weight, cfg.dice_weight)
         loss = sup.lm_weight * lm.mean() + sup.seg_weight * seg["loss"]
         summary = (
