@@ -261,3 +261,35 @@ def test_frozen_vision_output_is_reused_for_the_same_image_only():
     model.extract_feature(image)
     model.extract_feature(image)
     assert len(calls) == 6
+
+
+def test_unquantized_model_leaves_bitsandbytes_unimported_and_a_later_4bit_model_is_unchanged():
+    """peft imports bitsandbytes at import and at LoRA injection (~1 s of CPU per process);
+    build_model hides it while the model has no bitsandbytes layers. A 4-bit model built later in
+    the same process must get the same modules as one built in a fresh process (peft's cached
+    'is bitsandbytes available' answers cleared)."""
+    import json
+    import subprocess
+    import sys
+
+    describe = (
+        "import json, sys\nfrom pg_train.model import build_model\n"
+        "def layout(m): return sorted((n, type(x).__module__ + '.' + type(x).__name__) for n, x in m.named_modules())\n"
+    )
+    first = describe + (
+        "plain = build_model('tiny', seed=0)\nloaded = 'bitsandbytes' in sys.modules\n"
+        "q = build_model('tiny', seed=0, quantize_4bit=True)\n"
+        "print(json.dumps([loaded, layout(plain), layout(q)]))"
+    )
+    fresh = describe + "print(json.dumps(layout(build_model('tiny', seed=0, quantize_4bit=True))))"
+    run = lambda code: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], cwd=DATA_DIR.parent.parent, capture_output=True, text=True, timeout=120
+    )
+    a, b = run(first), run(fresh)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    loaded, plain, later_4bit = json.loads(a.stdout.splitlines()[-1])
+    assert not loaded
+    assert any("lora" in kind for _, kind in plain)  # LoRA was injected
+    fresh_4bit = json.loads(b.stdout.splitlines()[-1])
+    assert any("bitsandbytes" in kind for _, kind in fresh_4bit)
+    assert later_4bit == fresh_4bit

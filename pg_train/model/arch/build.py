@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..text.tokenizer import load_tiny_tokenizer, special_token_ids
+from .optional_bnb import bitsandbytes_hidden
 from .presets import PRESETS, LoraDims, ModelPreset, get_preset
 from .sa2va import Sa2VAModel
 
@@ -17,17 +18,19 @@ TRAINABLE_PREFIXES = ("mlp1.", "text_hidden_fcs.", "grounding_encoder.sam2_model
 
 def apply_lora(model: Sa2VAModel, lora: LoraDims) -> None:
     """Inject PEFT LoRA adapters into the language model in place (names stay
-    `language_model.model.layers.N...`, plus `.base_layer` / `.lora_A.default` / `.lora_B.default`)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    `language_model.model.layers.N...`, plus `.base_layer` / `.lora_A.default` / `.lora_B.default`).
+    bitsandbytes stays unimported unless the model is quantized (optional_bnb: ~1 s of CPU)."""
+    with bitsandbytes_hidden():
+        from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        bias="none",
-    )
-    inject_adapter_in_model(config, model.language_model)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+        )
+        inject_adapter_in_model(config, model.language_model)
 
 
 def set_trainable(model: Sa2VAModel, lora: LoraDims | None) -> None:
