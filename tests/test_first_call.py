@@ -17,8 +17,9 @@ STAGES = ["smoke", "graphs", "bench", "memcheck", "ema", "train"]
 @pytest.mark.slow
 def test_first_call_dry_run_runs_every_stage_and_returns_at_most_8_files(tmp_path):
     out = tmp_path / "out"
+    # No time limit asserted here (timing goals live in docs/benchmarks.md, measured with the command
+    # there): the stages' own timeouts bound it.
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PY_DRY": str(REPO / ".venv/bin/python")}
-    env["ACCELERATE_DRY"] = str(REPO / ".venv/bin/accelerate")
     proc = subprocess.run(
         ["bash", "launch/gpu/first_call.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
@@ -42,3 +43,6 @@ def test_first_call_dry_run_runs_every_stage_and_returns_at_most_8_files(tmp_pat
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["objective"] == "pseudo_gumbel" for s in steps)
     log = (out / "first_call.log").read_text()
     assert "=== stage train" in log and "accelerate_configs/single_gpu.yaml" in log
+    # every stage's python forked from the one warm server (launch/gpu/warm_python.py), its CPU counted
+    assert all("warm_python.py" in line for line in log.splitlines() if line.startswith("=== stage"))
+    assert all(s["cpu_s"] > 0.5 for s in lines), [(s["stage"], s["cpu_s"]) for s in lines]

@@ -24,7 +24,8 @@
 # Here, once: `bash launch/gpu/fetch_wheels.sh` (.whl/). Device call: command
 # "bash launch/gpu/first_call.sh", carry [".whl"], timeout_s 480.
 # DRY_RUN=1 runs the same stages on this machine's CPU with tiny shapes (the suite runs it:
-# tests/test_first_call.py). Knobs: TOTAL_S (440), BENCH_VARIANTS (ours,seed; nographs,eagerbuckets,
+# tests/test_first_call.py), each stage's python forked from one server that imported torch & co
+# once (launch/gpu/warm_python.py; WARM=0: a fresh interpreter per stage). Knobs: TOTAL_S (440), BENCH_VARIANTS (ours,seed; nographs,eagerbuckets,
 # exactshapes locate a bf16 caption divergence, docs/benchmarks.md), CAPTION_LENS (64,16), BATCH (8;
 # empty: the largest predicted to fit).
 set -uo pipefail
@@ -40,6 +41,7 @@ START=$(date +%s)
 WORK=$(mktemp -d)
 if [ "$DRY_RUN" = 1 ]; then
   PY=${PY_DRY:-.venv/bin/python}
+  PLAIN_PY=$PY
   ACCELERATE=${ACCELERATE_DRY:-.venv/bin/accelerate}
   TOTAL_S=${TOTAL_S:-600}
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -53,8 +55,22 @@ if [ "$DRY_RUN" = 1 ]; then
   EMA_ARGS=(--preset tiny --repeats 2 --device cpu)
   SMOKE_PRESET=tiny-112 SMOKE_PX=112  # on the CPU the first decoding steps of a new shape dominate
   echo "DRY_RUN on $(uname -m): would install .whl/*.whl into /tmp/site" > "$OUT/env.txt"
+  if [ "${WARM:-1}" = 1 ]; then
+    # torch + transformers + peft + pg_train imported once, by a server that every stage's `python`
+    # is forked from (launch/gpu/warm_python.py): each stage stays its own command and process
+    # under its own timeout, without ~4 s of CPU of imports each. Started after the exports above
+    # (the children see the server's import-time environment). WARM=0: a fresh interpreter each.
+    export WARM_PYTHON="$WORK/warm.sock"
+    $PY launch/gpu/warm_python.py --serve "$WARM_PYTHON" pg_train.model peft pg_train.objectives.teacher \
+      pg_train.memcheck pg_train.bench.ema accelerate.commands.launch >> "$LOG" 2>&1 &
+    export WARM_PYTHON_PID=$!
+    trap 'kill "$WARM_PYTHON_PID" 2> /dev/null; wait "$WARM_PYTHON_PID" 2> /dev/null' EXIT  # wait: its CPU in /usr/bin/time
+    ACCELERATE=${ACCELERATE_DRY:-"$PY launch/gpu/warm_python.py -m accelerate.commands.accelerate_cli"}
+    PY="$PY launch/gpu/warm_python.py"
+  fi
 else
   PY=${PY:-python3}
+  PLAIN_PY=$PY
   ACCELERATE=${ACCELERATE:-accelerate}
   TOTAL_S=${TOTAL_S:-440}
   ls .whl/*.whl > /dev/null || { echo "no .whl/*.whl: run launch/gpu/fetch_wheels.sh here and carry .whl"; exit 1; }
@@ -89,25 +105,28 @@ stage() {
     echo "skipped: ${left}s left of TOTAL_S=$TOTAL_S" > "$part"
   else
     echo "=== stage $name (limit ${budget}s): $*" >> "$LOG"
-    timeout -k 10 "$budget" "$@" > "$part" 2>&1
+    WARM_CPU_FILE="$WORK/$name.warm_cpu" timeout -k 10 "$budget" "$@" > "$part" 2>&1
     rc=$?
   fi
   t1=$(date +%s.%N)
   times > "$WORK/$name.cpu1"
   cpu1=$(tail -1 "$WORK/$name.cpu1")
   cat "$part" >> "$LOG"
-  NAME=$name RC=$rc SKIPPED=$skipped T0=$t0 T1=$t1 CPU0=$cpu0 CPU1=$cpu1 LIMIT=$budget PART=$part $PY - >> "$STAGES" << 'EOF'
+  NAME=$name RC=$rc SKIPPED=$skipped T0=$t0 T1=$t1 CPU0=$cpu0 CPU1=$cpu1 LIMIT=$budget PART=$part WARM_CPU="$WORK/$name.warm_cpu" $PLAIN_PY - >> "$STAGES" << 'EOF'
 import json, os, re
 
 def cpu(text):  # bash `times`: "0m1.234s 0m0.056s" (user, system)
     return sum(60 * float(m) + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", text))
+
+# DRY_RUN's forked stages (warm_python.py): their CPU is the server's children's, written here
+warm = sum(map(float, open(os.environ["WARM_CPU"]).read().split())) if os.path.exists(os.environ["WARM_CPU"]) else 0.0
 
 lines = [l.rstrip() for l in open(os.environ["PART"], errors="replace") if l.strip()]
 rc = int(os.environ["RC"])
 print(json.dumps({
     "stage": os.environ["NAME"], "rc": rc, "timed_out": rc in (124, 137), "skipped": os.environ["SKIPPED"] == "true",
     "seconds": round(float(os.environ["T1"]) - float(os.environ["T0"]), 1), "limit_s": int(os.environ["LIMIT"]),
-    "cpu_s": round(cpu(os.environ["CPU1"]) - cpu(os.environ["CPU0"]), 1),
+    "cpu_s": round(cpu(os.environ["CPU1"]) - cpu(os.environ["CPU0"]) + warm, 1),
     "tail": lines[-4:],
 }))
 EOF
