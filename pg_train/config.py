@@ -83,6 +83,10 @@ class EMAConfig:
     decay: float = 0.999
     placement: str = "same"  # same | cpu | full:<device>
     warmup: bool = False
+    # k: each optimizer step updates one of k fixed shards of the tensors (balanced by elements)
+    # with the k steps' compounded decay: the same time constant, 1/k of the update's work, a
+    # teacher up to k-1 steps staler per tensor (pg_train.ema). 1: every tensor every step.
+    update_stages: int = 1
     # full:<device> only: the teacher captions the next micro-batch while the student trains on
     # this one (a teacher one update older; pg_train.overlap)
     overlap: bool = False
@@ -543,6 +547,7 @@ def validate(cfg: TrainConfig) -> None:
             "must be 'nearest' (the released model's) or 'coverage'",
         ),
         (0.0 <= cfg.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
+        (cfg.ema.update_stages >= 1, "ema.update_stages", "must be an integer >= 1 (1: every tensor every step)"),
         (
             not cfg.ema.overlap or cfg.ema.placement.startswith("full:"),
             "ema.overlap",

@@ -252,7 +252,7 @@ def step_record(run: Run, state: TrainState, window: WindowResult, lr: float, se
         region_fallbacks=int(out.region_fallback.sum()),
         caption_len_min=int(out.caption_lengths.min()),
         caption_len_max=int(out.caption_lengths.max()),
-        ema_distance=run.ema.distance_to(run.model),
+        ema_distance=run.ema.log_distance(run.model),
         ema_updates=run.ema.num_updates,
         skipped_samples=dict(run.loader.skip_counts),
         epoch=run.loader.epoch,
@@ -378,6 +378,7 @@ def _build(cfg: TrainConfig, accelerator, out_dir: Path, lock: OutputLock | None
         decay=cfg.ema.decay,
         placement=cfg.ema.placement,
         warmup=cfg.ema.warmup,
+        update_stages=cfg.ema.update_stages,
         allow_nonfinite_state=cfg.model.allow_nonfinite_weights,
     )
     accelerator.register_for_checkpointing(ema)

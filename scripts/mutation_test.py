@@ -248,8 +248,8 @@ MUTANTS = [
     Mutant(
         "ema-lerp-weight-is-decay",
         EMA,
-        "torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())",
-        "torch._foreach_lerp_(self.shadow, current, self.current_decay())",
+        "weights = [1.0 - self._decay_since(self.updated_at[i], n) for i in shard]",
+        "weights = [self._decay_since(self.updated_at[i], n) for i in shard]",
     ),
     Mutant(
         "ema-warmup-off-by-one",
@@ -284,8 +284,8 @@ MUTANTS = [
     Mutant(
         "ema-swap-not-restored",
         EMA,
-        "                    p.copy_(b.to(p.device, non_blocking=True))\n",
-        "                    pass\n",
+        "                host_copy_(targets, backup, self._host_pool)\n",
+        "                pass\n",
     ),
     Mutant("ema-load-keeps-update-count", EMA, '        self.num_updates = state["num_updates"]\n', ""),
     # ---- the training window

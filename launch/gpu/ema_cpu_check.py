@@ -8,21 +8,26 @@ each update (so a copy that the host reads too early sees the old values); the s
 after every update with the closed form computed from blocking copies. The CPU suite cannot show
 this race.
 
---timing: the update with Sa2VA-4B's trainable tensor shapes (built on `meta`: LoRA r=128, mlp1,
-text_hidden_fcs, the SAM2 decoder; 261 M elements, a 1.04 GB fp32 shadow) in bf16 on --device,
-timed: the update before the host threads (fp32 copies, one `_foreach_lerp_`, one torch thread:
-what `accelerate launch` gives each process), the memory floor (one fp32 read + write of the
-shadow: no update can touch the shadow for less), `EMATeacher.update` with one host thread and
-with the default host threads, and the step's EMA work (update + the log's distance) with the
-distance as a second pass (before) and fused into the update (now). --fraction keeps that share of the tensors (every
-k-th, in order) so the timing fits a small machine; the full-size figure is scaled by elements
-(the update is a memory-bound stream: time is linear in bytes). Step fractions are against
---step-s (default 1.855 s: the Sa2VA-4B step at batch 2, 64-token captions, H200, issue 28).
+--timing: the step's EMA work with Sa2VA-4B's trainable tensor shapes (built on `meta`: LoRA
+r=128, mlp1, text_hidden_fcs, the SAM2 decoder; 261 M elements, a 1.04 GB fp32 shadow) in bf16 on
+--device, the default host threads, one torch thread (what `accelerate launch` gives each
+process), side by side in one run: the memory floor (one fp32 read + write of the shadow: no
+every-step update can touch the shadow for less); before (the update with the distance fused,
+then `as_teacher` as it was: buffers allocated per call, the fp32 shadow converted on the fly);
+and for each --stages k (`ema.update_stages`) the update + the step log's distance, the teacher
+swap (`as_teacher` enter + exit) and their sum, per step (timed over k steps: every shard once).
+Each step first moves the student's version counters, as the optimizer would, so no staged copy
+is reused that a real step would have invalidated. With the student on the CPU (this machine)
+the swap's copies are host memcpys; from a CUDA student they are DMA transfers (the update
+stages the student, so at k=1 the swap only moves the bf16 mirror in and the student back).
+--fraction keeps that share of the tensors (every k-th, in order) so the timing fits a small
+machine; the full-size figure is scaled by elements (memory-bound streams: time is linear in
+bytes). Step fractions are against --step-s (default 1.855 s: the Sa2VA-4B step at batch 2,
+64-token captions, H200, issue 28).
 """
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -59,6 +64,34 @@ def trainable_shapes(preset: str) -> list[torch.Size]:
     return [p.shape for p in build_model(preset, device="meta").parameters() if p.requires_grad]
 
 
+def as_teacher_before(shadow: list[torch.Tensor], student) -> None:
+    """`EMATeacher.as_teacher` enter + exit as it was before the staging/mirror reuse: backup
+    buffers allocated (pinned where CUDA exists) on every call, the fp32 shadow converted to the
+    student's dtype on the student's device (fp32 over PCIe), the student restored."""
+    params = list(student)
+    pin = torch.cuda.is_available()
+    with torch.no_grad():
+        backup = [torch.empty(p.shape, dtype=p.dtype) for p in params]
+        backup = [b.pin_memory() for b in backup] if pin else backup
+        for b, p in zip(backup, params):
+            b.copy_(p.detach(), non_blocking=True)
+        for p, s in zip(params, shadow):
+            p.copy_(s.to(p.device, non_blocking=True).to(p.dtype))
+        for p, b in zip(params, backup):
+            p.copy_(b.to(p.device, non_blocking=True))
+    if params[0].is_cuda:
+        torch.cuda.current_stream(params[0].device).synchronize()
+
+
+def optimizer_step_marker(student) -> None:
+    """What the step's optimizer does to the EMA's view of the student, at no cost: every
+    tensor's version moves (a one-element in-place op on a view bumps the shared counter), so
+    no variant may reuse a staged copy of the student that a real step would have invalidated."""
+    with torch.no_grad():
+        for p in student:
+            p.view(-1)[:1].mul_(1.0)
+
+
 def timing(args) -> dict:
     shapes = trainable_shapes(args.preset)
     every = max(1, round(1 / args.fraction))
@@ -71,48 +104,53 @@ def timing(args) -> dict:
     )
     torch.set_num_threads(1)  # accelerate launch's default per process (make train states it)
     threads = args.host_threads or default_host_threads()
-    before = EMATeacher(student, decay=0.999, placement="cpu", host_threads=1)
-    shadow = before.shadow
+    before = EMATeacher(student, decay=0.999, placement="cpu", host_threads=threads)
+    shadow, pool = before.shadow, before._host_pool
 
-    def update_before_threads():  # the update as it was: fp32 copies, one _foreach_lerp_
-        current = [p.detach().to(device="cpu", dtype=torch.float32, non_blocking=True) for p in student]
+    def update_before():  # the update as it was: chunked lerp + fused distance, no mirror
+        current = [p.detach().to("cpu", non_blocking=True) for p in student]
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
-        torch._foreach_lerp_(shadow, current, 0.001)
+        host_lerp_(shadow, current, 0.001, pool, distance=True)
 
-    def separate_distance():  # the step log's distance as a second pass (before it was fused)
-        total = 0.0
-        for p, s in zip(student, shadow):
-            total += float((p.detach().to(s.device, torch.float32) - s).pow(2).sum())
-        return math.sqrt(total)
+    def step_before():
+        optimizer_step_marker(student)
+        update_before()
+        as_teacher_before(shadow, student)
 
     floor_copy = [s.clone() for s in shadow]
     variants = {
-        "before (one _foreach_lerp_, 1 thread)": update_before_threads,
         "floor: one fp32 read+write of the shadow (copy_)": lambda: torch._foreach_copy_(floor_copy, shadow),
+        "before: update (distance fused)": update_before,
+        "before: as_teacher enter+exit (allocating, fp32 converted)": lambda: as_teacher_before(shadow, student),
+        "before: step's EMA work (update + as_teacher)": step_before,
     }
-    for n in sorted({1, threads}):
-        ema = EMATeacher(student, decay=0.999, placement="cpu", host_threads=n)
-        variants[f"EMATeacher.update, {n} host thread(s)"] = lambda ema=ema: ema.update(student)
-        del ema
-    # per step the loop updates and then logs the distance (pg_train.train): before vs now, 1 thread
-    fused = EMATeacher(student, decay=0.999, placement="cpu", host_threads=1)
-    variants["1 thread, step's EMA work before: update, then a distance pass"] = lambda: (
-        host_lerp_(shadow, [p.detach() for p in student], 0.001, None),
-        separate_distance(),
-    )
-    variants["1 thread, step's EMA work now: update (distance fused) + distance_to"] = lambda: (
-        fused.update(student),
-        fused.distance_to(student),
-    )
     results = {}
-    for name, fn in variants.items():
-        seconds = timed(fn, args.repeats)  # median after a warm-up call
-        scaled = seconds * full / sliced
-        results[name] = {"slice_s": seconds, "full_size_s": scaled, "of_step": scaled / args.step_s}
-        print(
-            f"{name:45} slice {seconds * 1e3:8.1f} ms   full size {scaled * 1e3:8.1f} ms   {scaled / args.step_s:6.1%} of a {args.step_s} s step"
-        )
+    run_variants(variants, args, full / sliced, results)
+    del before
+    floor_copy.clear()
+    for k in args.stages:
+        ema = EMATeacher(student, decay=0.999, placement="cpu", host_threads=threads, update_stages=k)
+
+        def cycle(ema=ema, k=k, teacher=True, update=True):  # k consecutive steps: every shard once
+            for _ in range(k):
+                optimizer_step_marker(student)
+                if update:
+                    ema.update(student)
+                    ema.log_distance(student)
+                if teacher:
+                    with ema.as_teacher(student):
+                        pass
+
+        variants = {
+            f"k={k}: update + log distance, per step": lambda cycle=cycle: cycle(teacher=False),
+            f"k={k}: as_teacher enter+exit, per step": lambda cycle=cycle: cycle(update=False),
+            f"k={k}: step's EMA work (update + log distance + as_teacher)": cycle,
+        }
+        run_variants(variants, args, full / sliced, results, per=k)
+        del ema
+    share = {k: results[f"k={k}: step's EMA work (update + log distance + as_teacher)"]["of_step"] for k in args.stages}
+    print("step's EMA work, share of a", args.step_s, "s step:", ", ".join(f"k={k} {v:.1%}" for k, v in share.items()))
     return {
         "device": str(device),
         "preset": args.preset,
@@ -126,7 +164,20 @@ def timing(args) -> dict:
         "repeats": args.repeats,
         "step_s": args.step_s,
         "results": results,
+        "step_share_by_update_stages": share,
     }
+
+
+def run_variants(variants: dict, args, scale: float, results: dict, per: int = 1) -> None:
+    """Time each variant (median of --repeats after a warm-up call), per step when one call runs
+    `per` steps, scaled to full size by elements (a memory-bound stream: time is linear in bytes)."""
+    for name, fn in variants.items():
+        seconds = timed(fn, args.repeats) / per
+        scaled = seconds * scale
+        results[name] = {"slice_s": seconds, "full_size_s": scaled, "of_step": scaled / args.step_s}
+        print(
+            f"{name:62} slice {seconds * 1e3:8.1f} ms   full size {scaled * 1e3:8.1f} ms   {scaled / args.step_s:6.1%} of a {args.step_s} s step"
+        )
 
 
 def stamp_for(device: str) -> dict:
@@ -149,6 +200,9 @@ def main() -> int:
     parser.add_argument("--host-threads", type=int, help="--timing: default: pg_train.ema.default_host_threads()")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--step-s", type=float, default=1.855)
+    parser.add_argument(
+        "--stages", type=int, nargs="+", default=[1, 2, 4], help="--timing: the ema.update_stages values timed"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.timing:
