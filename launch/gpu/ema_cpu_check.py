@@ -16,6 +16,7 @@ every-step update can touch the shadow for less); before (the update with the di
 then `as_teacher` as it was: buffers allocated per call, the fp32 shadow converted on the fly);
 and for each --stages k (`ema.update_stages`) the update + the step log's distance, the teacher
 swap (`as_teacher` enter + exit) and their sum, per step (timed over k steps: every shard once).
+The variants are timed in interleaved rounds (`run_interleaved`), the median of --repeats.
 Each step first moves the student's version counters, as the optimizer would, so no staged copy
 is reused that a real step would have invalidated. With the student on the CPU (this machine)
 the swap's copies are host memcpys; from a CUDA student they are DMA transfers (the update
@@ -28,12 +29,13 @@ bytes). Step fractions are against --step-s (default 1.855 s: the Sa2VA-4B step 
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from pg_train.bench.ema import timed
 from pg_train.ema import EMATeacher, default_host_threads, host_lerp_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -119,16 +121,12 @@ def timing(args) -> dict:
         as_teacher_before(shadow, student)
 
     floor_copy = [s.clone() for s in shadow]
-    variants = {
-        "floor: one fp32 read+write of the shadow (copy_)": lambda: torch._foreach_copy_(floor_copy, shadow),
-        "before: update (distance fused)": update_before,
-        "before: as_teacher enter+exit (allocating, fp32 converted)": lambda: as_teacher_before(shadow, student),
-        "before: step's EMA work (update + as_teacher)": step_before,
+    variants = {  # name: (one call, steps it runs)
+        "floor: one fp32 read+write of the shadow (copy_)": (lambda: torch._foreach_copy_(floor_copy, shadow), 1),
+        "before: update (distance fused)": (update_before, 1),
+        "before: as_teacher enter+exit (allocating, fp32 converted)": (lambda: as_teacher_before(shadow, student), 1),
+        "before: step's EMA work (update + as_teacher)": (step_before, 1),
     }
-    results = {}
-    run_variants(variants, args, full / sliced, results)
-    del before
-    floor_copy.clear()
     for k in args.stages:
         ema = EMATeacher(student, decay=0.999, placement="cpu", host_threads=threads, update_stages=k)
 
@@ -142,13 +140,10 @@ def timing(args) -> dict:
                     with ema.as_teacher(student):
                         pass
 
-        variants = {
-            f"k={k}: update + log distance, per step": lambda cycle=cycle: cycle(teacher=False),
-            f"k={k}: as_teacher enter+exit, per step": lambda cycle=cycle: cycle(update=False),
-            f"k={k}: step's EMA work (update + log distance + as_teacher)": cycle,
-        }
-        run_variants(variants, args, full / sliced, results, per=k)
-        del ema
+        variants[f"k={k}: update + log distance"] = (lambda cycle=cycle: cycle(teacher=False), k)
+        variants[f"k={k}: as_teacher enter+exit"] = (lambda cycle=cycle: cycle(update=False), k)
+        variants[f"k={k}: step's EMA work (update + log distance + as_teacher)"] = (cycle, k)
+    results = run_interleaved(variants, args, full / sliced)
     share = {k: results[f"k={k}: step's EMA work (update + log distance + as_teacher)"]["of_step"] for k in args.stages}
     print("step's EMA work, share of a", args.step_s, "s step:", ", ".join(f"k={k} {v:.1%}" for k, v in share.items()))
     return {
@@ -168,16 +163,28 @@ def timing(args) -> dict:
     }
 
 
-def run_variants(variants: dict, args, scale: float, results: dict, per: int = 1) -> None:
-    """Time each variant (median of --repeats after a warm-up call), per step when one call runs
-    `per` steps, scaled to full size by elements (a memory-bound stream: time is linear in bytes)."""
-    for name, fn in variants.items():
-        seconds = timed(fn, args.repeats) / per
+def run_interleaved(variants: dict, args, scale: float) -> dict:
+    """Seconds per step of each variant: a warm-up call each, then --repeats rounds that call every
+    variant once in turn (a load that drifts during the run hits all of them alike, and each call
+    starts with the others' bytes in cache, as the step's own work leaves it), the median per
+    step; scaled to full size by elements (memory-bound streams: time is linear in bytes)."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for fn, _ in variants.values():
+        fn()
+    for _ in range(args.repeats):
+        for name, (fn, steps) in variants.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) / steps)
+    results = {}
+    for name, values in samples.items():
+        seconds = statistics.median(values)
         scaled = seconds * scale
         results[name] = {"slice_s": seconds, "full_size_s": scaled, "of_step": scaled / args.step_s}
         print(
             f"{name:62} slice {seconds * 1e3:8.1f} ms   full size {scaled * 1e3:8.1f} ms   {scaled / args.step_s:6.1%} of a {args.step_s} s step"
         )
+    return results
 
 
 def stamp_for(device: str) -> dict:
