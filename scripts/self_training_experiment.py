@@ -380,6 +380,50 @@ def summarize(results: dict, arms: list[str]) -> dict:
     return summary
 
 
+# Arm against arm (both self-training): (arm, minus arm), paired seed by seed like the table
+COMPARISONS = (
+    ("pl_sup_a", "pg_sup_a"),
+    ("pl", "pg"),
+    ("pg_sup_a", "pg"),
+    ("pl_sup_a", "pl"),
+    ("pg_kl", "pg"),
+    ("pl_filter", "pl"),
+)
+COMPARISON_METRICS = (("B", "referring"), ("B", "text_use"), ("B", "cycle"), ("A", "referring"))
+
+
+def compare_arms(results: dict, arms: list[str]) -> dict:
+    """Paired differences between two arms (both self-training; e.g. pseudo-labels − Pseudo-Gumbel)
+    on the grounded seeds: {"a − b": {"B_cycle": {diff, ci_low, ci_high, per_seed_diff}}}."""
+    seeds = [s for s in results if results[s]["grounded"]]
+    out = {}
+    for a, b in COMPARISONS:
+        if a not in arms or b not in arms or len(seeds) < 2:
+            continue
+        out[f"{a} − {b}"] = {}
+        for domain, name in COMPARISON_METRICS:
+            diffs = [metric(results[s][a], domain, name) - metric(results[s][b], domain, name) for s in seeds]
+            low_high = paired_ci(diffs)
+            out[f"{a} − {b}"][f"{domain}_{name}"] = dict(zip(("diff", "ci_low", "ci_high"), low_high)) | {
+                "per_seed_diff": diffs
+            }
+    return out
+
+
+def comparison_table(comparisons: dict) -> str:
+    head = " | ".join(f"{d} {m.replace('_', ' ')}" for d, m in COMPARISON_METRICS)
+    lines = [f"| comparison | {head} |", "|---" * (1 + len(COMPARISON_METRICS)) + "|"]
+    for pair, entries in comparisons.items():
+        cells = []
+        for d, m in COMPARISON_METRICS:
+            e = entries[f"{d}_{m}"]
+            text = f"{e['diff']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
+            cells.append(f"**{text}**" if e["ci_low"] > 0 or e["ci_high"] < 0 else text)
+        a, b = pair.split(" − ")
+        lines.append(f"| `{a}` − `{b}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cell(entry: dict) -> str:
     if "diff" not in entry:
         return f"{entry['mean']:.3f}" if entry["mean"] is not None else "—"
@@ -440,9 +484,9 @@ def logged_train_seconds(out: Path, seeds: list[int]) -> dict[str, float]:
     return found
 
 
-def write_doc_table(path: Path, text: str) -> None:
+def write_doc_table(path: Path, text: str, marker: str = "table") -> None:
     """Replace the table between the doc's <!-- table --> markers (the prose around it is the doc's)."""
-    begin, end = "<!-- table -->", "<!-- /table -->"
+    begin, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     doc = path.read_text() if path.is_file() else f"{begin}\n{end}\n"
     if begin not in doc or end not in doc:
         raise SystemExit(f"{path}: no {begin} ... {end} markers to put the table between")
@@ -468,8 +512,11 @@ def main(argv=None) -> int:
         results = dict(zip(args.seeds, pool.map(lambda s: run_seed(s, arms, runner, args), args.seeds)))
     summary = summarize(results, [a.key for a in arms])
     text = table(summary, arms)
+    comparisons = compare_arms(results, [a.key for a in arms])
+    compared = comparison_table(comparisons)
     grounded = [s for s in args.seeds if results[s]["grounded"]]
     print(text)
+    print(compared)
     print(f"[self_training] grounded seeds {grounded} of {args.seeds}")
     record = {
         **stamp(),
@@ -497,10 +544,12 @@ def main(argv=None) -> int:
         "grounded_seeds": grounded,
         "results": {str(s): results[s] for s in args.seeds},
         "summary": summary,
+        "comparisons": comparisons,
         "wall_s_this_invocation": runner.walls,
         "train_s_per_run": logged_train_seconds(Path(args.out), args.seeds),
         "total_wall_s": round(time.perf_counter() - started, 1),
         "table_markdown": text,
+        "comparisons_markdown": compared,
     }
     path = ROOT / args.json
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -510,6 +559,8 @@ def main(argv=None) -> int:
         plot(summary, arms, results, ROOT / args.plot)
     if args.doc:
         write_doc_table(ROOT / args.doc, text)
+        if comparisons:
+            write_doc_table(ROOT / args.doc, compared, marker="comparisons")
     return 0
 
 
