@@ -404,13 +404,16 @@ class EMATeacher:
     def synced_copy(self):
         """placement=full: the separate teacher model with the current shadow copied in (when it
         changed). Later updates write the shadow only, so the copy may be read while the student
-        trains (pg_train.overlap) until the next call."""
+        trains (pg_train.overlap) until the next call. Only the tensors written since the last
+        sync are copied (update `_teacher_synced_at` or later; all after a start, restart or load,
+        when it is -1): with update_stages k, about 1/k of them per step."""
         if self.teacher_model is None:
             raise ValueError(f"synced_copy needs ema.placement=full:<device>, this EMA is placed {self.placement.kind}")
         if self._teacher_synced_at != self.num_updates:
             with torch.no_grad():
-                for p, s in zip(self._params(self.teacher_model), self.shadow):
-                    p.copy_(s.to(p.dtype))
+                for p, s, written in zip(self._params(self.teacher_model), self.shadow, self.updated_at):
+                    if written >= self._teacher_synced_at:
+                        p.copy_(s.to(p.dtype))
             self._teacher_synced_at = self.num_updates
         return self.teacher_model
 
