@@ -5,8 +5,10 @@
 
 Race check (CUDA): large bf16 parameters on the GPU are changed by kernels queued right before
 each update (so a copy that the host reads too early sees the old values); the shadow is compared
-after every update with the closed form computed from blocking copies. The CPU suite cannot show
-this race.
+after every update with the closed form computed from blocking copies; then the teacher swap
+(`as_teacher`, its backup from the staging or copied out again when the student changed) must give
+exactly the reference's bf16 rounding and restore the student bitwise. The CPU suite cannot show
+these races.
 
 --timing: the step's EMA work with Sa2VA-4B's trainable tensor shapes (built on `meta`: LoRA
 r=128, mlp1, text_hidden_fcs, the SAM2 decoder; 261 M elements, a 1.04 GB fp32 shadow) in bf16 on
@@ -48,7 +50,7 @@ def race_check(args) -> dict:
     )
     ema = EMATeacher(student, decay=0.5, placement="cpu")
     expected = [s.clone() for s in ema.shadow]
-    worst = 0.0
+    worst, swap_worst, restored = 0.0, 0.0, True
     for step in range(args.steps):
         with torch.no_grad():
             for i, p in enumerate(student):
@@ -57,7 +59,28 @@ def race_check(args) -> dict:
         for e, p in zip(expected, student):
             e.lerp_(p.detach().float().cpu(), 0.5)  # blocking copy: the reference
         worst = max(worst, max(float((s - e).abs().max()) for s, e in zip(ema.shadow, expected)))
-    return {"steps": args.steps, "numel_per_param": args.numel, "max_abs_diff": worst, "exact": worst == 0.0}
+        if step % 2:  # odd steps: the student changes after the update, so the swap copies it out again
+            with torch.no_grad():
+                for p in student:
+                    p.mul_(1.0001)
+        before = [p.detach().clone() for p in student]
+        with ema.as_teacher(student):  # the teacher: exactly the reference shadow's rounding (compared on device)
+            swap_worst = max(
+                swap_worst,
+                max(
+                    float((p.detach().float() - e.to(p.device).to(p.dtype).float()).abs().max())
+                    for p, e in zip(student, expected)
+                ),
+            )
+        restored = restored and all(torch.equal(p.detach(), b) for p, b in zip(student, before))
+    return {
+        "steps": args.steps,
+        "numel_per_param": args.numel,
+        "max_abs_diff": worst,
+        "swap_max_abs_diff": swap_worst,
+        "student_restored": restored,
+        "exact": worst == 0.0 and swap_worst == 0.0 and restored,
+    }
 
 
 def trainable_shapes(preset: str) -> list[torch.Size]:
