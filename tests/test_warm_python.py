@@ -65,3 +65,33 @@ def test_a_timed_out_or_crashing_stage_ends_alone_and_reports_its_cpu(server, tm
     cpu_file.unlink(missing_ok=True)
     assert subprocess.run([sys.executable, WARM, "-c", busy], env=env, timeout=60).returncode == 0
     assert float(cpu_file.read_text()) >= 0.3  # the child's CPU, not the client's
+
+
+def test_the_server_ends_when_its_parent_is_killed_outright(tmp_path):
+    """first_call.sh kills the server on exit; a shell killed with SIGKILL runs no trap."""
+    sock = tmp_path / "warm.sock"
+    shell = subprocess.Popen(
+        ["bash", "-c", f"{sys.executable} {WARM} --serve {sock} json & echo $!; wait"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    server = int(shell.stdout.readline())
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.1)
+    assert sock.exists()
+    shell.kill()
+    shell.wait()
+
+    def alive() -> bool:
+        try:
+            return "\tZ" not in Path(f"/proc/{server}/status").read_text().split("State:")[1][:4]
+        except (FileNotFoundError, IndexError):
+            return False
+
+    for _ in range(50):
+        if not alive():
+            break
+        time.sleep(0.1)
+    assert not alive()

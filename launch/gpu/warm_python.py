@@ -15,7 +15,8 @@ as `python` would, in its own process group, and reports the exit status. The cl
 that status; killed (first_call.sh's per-stage `timeout`), it kills the child's process group
 first. The child's CPU seconds (and, for the first stage, the server's imports) are appended to
 $WARM_CPU_FILE, which first_call.sh adds to the stage's `cpu_s`: the client's own CPU time says
-nothing. Stages run one at a time, so the server serves one request at a time.
+nothing. Stages run one at a time, so the server serves one request at a time; it ends with
+its parent (first_call.sh kills it on exit; if that shell is killed outright, within a second).
 """
 
 from __future__ import annotations
@@ -47,8 +48,16 @@ def serve(path: str, preload: list[str]) -> list[str] | None:
     server.listen()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     preload_cpu = usage.ru_utime + usage.ru_stime  # reported once, with the first request
+    parent = os.getppid()
+    server.settimeout(1.0)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # first_call.sh killed without its EXIT trap: do not linger
+                raise SystemExit(0) from None
+            continue
+        conn.settimeout(None)
         with conn:
             header, fds, _, _ = socket.recv_fds(conn, 8, 3)
             size, data = int.from_bytes(header, "big"), b""
