@@ -288,6 +288,34 @@ MUTANTS = [
         "                pass\n",
     ),
     Mutant("ema-load-keeps-update-count", EMA, '        self.num_updates = state["num_updates"]\n', ""),
+    Mutant(
+        "ema-stages-decay-not-compounded",
+        EMA,
+        "return math.prod(self.step_decay(m) for m in range(last + 1, n + 1))",
+        "return self.step_decay(n)",
+        tests=("tests/test_ema_stages.py",),
+    ),
+    Mutant(
+        "ema-stages-resume-forgets-last-updates",
+        EMA,
+        'written = state.get("updated_at") or dict.fromkeys(self.names, self.num_updates - 1)',
+        "written = dict.fromkeys(self.names, self.num_updates - 1)",
+        tests=("tests/test_ema_stages.py",),
+    ),
+    Mutant(
+        "ema-swap-backup-never-recopied",
+        EMA,
+        "stale = [i for i, p in enumerate(params) if self._staged[i] != self._student_key(p)]",
+        "stale = []",
+        tests=("tests/test_ema_stages.py",),
+    ),
+    Mutant(
+        "ema-mirror-not-refreshed-by-update",
+        EMA,
+        "                flat_m[i][start:end].copy_(s)\n",
+        "                pass\n",
+        tests=("tests/test_ema_stages.py",),
+    ),
     # ---- the training window
     Mutant(
         "ema-before-optimizer-step",
