@@ -22,6 +22,7 @@ its parent (first_call.sh kills it on exit; if that shell is killed outright, wi
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import json
 import os
@@ -64,6 +65,10 @@ def serve(path: str, preload: list[str]) -> list[str] | None:
             while len(data) < size:
                 data += conn.recv(size - len(data))
             request = json.loads(data)
+            # what the gc docs advise before fork() without exec(): the imported objects move out of
+            # the collector's reach, so the child's collections (and its exit) do not write to, and
+            # so copy, every page the server holds (a child's `-c pass`: 1.26 -> 0.35 s of CPU)
+            gc.freeze()
             pid = os.fork()
             if pid == 0:
                 server.close()
