@@ -89,6 +89,26 @@ def test_summary_pairs_grounded_seeds_only_and_table_marks_intervals(script):
     assert "**" not in rows[3].split("|")[4]  # B cycle: the interval straddles 0, no mark
 
 
+def test_arm_comparisons_pair_the_two_arms_seed_by_seed_on_grounded_seeds(script):
+    results = {
+        0: {"grounded": True, "pl": _numbers(0.5, 0.4, ref_a=0.6), "pg": _numbers(0.3, 0.4, ref_a=0.5)},
+        1: {"grounded": True, "pl": _numbers(0.45, 0.3, ref_a=0.6), "pg": _numbers(0.3, 0.35, ref_a=0.4)},
+        2: {"grounded": True, "pl": _numbers(0.6, 0.5, ref_a=0.5), "pg": _numbers(0.35, 0.5, ref_a=0.45)},
+        3: {"grounded": False},  # no arms: must not enter the pairs
+    }
+    comparisons = script.compare_arms(results, ["sup_a", "pl", "pg"])
+    assert list(comparisons) == ["pl − pg"]  # pairs with an arm that did not run are left out
+    ref_b = comparisons["pl − pg"]["B_referring"]
+    assert ref_b["per_seed_diff"] == pytest.approx([0.2, 0.15, 0.25])
+    _, low, high = script.paired_ci([0.2, 0.15, 0.25])
+    assert (ref_b["ci_low"], ref_b["ci_high"]) == pytest.approx((low, high)) and low > 0
+    assert comparisons["pl − pg"]["A_referring"]["per_seed_diff"] == pytest.approx([0.1, 0.2, 0.05])
+    rows = script.comparison_table(comparisons).splitlines()
+    assert rows[0] == "| comparison | B referring | B text use | B cycle | A referring |"
+    assert rows[2].startswith("| `pl` − `pg` | **+0.200 [")  # interval above 0: bold
+    assert "| +0.000 [+0.000, +0.000] |" not in rows[2] and rows[2].split("|")[4].strip().startswith("-0.017")
+
+
 def test_doc_table_is_replaced_between_markers(script, tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- table -->\nold\n<!-- /table -->\noutro\n")
