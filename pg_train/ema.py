@@ -42,7 +42,7 @@ import copy
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -287,12 +287,23 @@ class EMATeacher:
         for i in shard:
             self.updated_at[i] = n
         self.num_updates += 1
-        if self.placement.kind == "cpu" and len(shard) == len(params):  # the distance_to of now, free
-            self._distance = (self._distance_key(params), math.sqrt(self._squares[n % self.update_stages]))
+        if self.placement.kind == "cpu":
+            # staged by this update: valid until the next optimizer step (then the next update)
+            self._note_staged(params, [i for i in shard if params[i].is_cuda])
+            if len(shard) == len(params):  # the distance_to of now, free
+                self._distance = (self._distance_key(params), math.sqrt(self._squares[n % self.update_stages]))
 
     def _student_key(self, p: torch.Tensor) -> tuple:
-        # in-place changes (optimizer step, teacher swap, loading) bump a tensor's version
-        return (p.data_ptr(), p._version)
+        """While this is unchanged, the staging holds tensor `p`'s values. In-place torch ops
+        (a torch optimizer, the swap's restore, loading) bump the version; the update count
+        covers optimizer steps that write without bumping it (DeepSpeed's flat buffers,
+        bitsandbytes' kernels, `.data`): each is followed by an update before the next swap."""
+        return (self.num_updates, p.data_ptr(), p._version)
+
+    def _note_staged(self, params: list[torch.nn.Parameter], indices: Iterable[int]) -> None:
+        """placement=cpu: the staging buffers of `indices` now hold the student's values."""
+        for i in indices:
+            self._staged[i] = self._student_key(params[i])
 
     def _host_current(self, params: list[torch.nn.Parameter], indices: Sequence[int]) -> list[torch.Tensor]:
         """placement=cpu: the student's tensors `indices` on the host: a CPU tensor itself, a CUDA
@@ -302,8 +313,7 @@ class EMATeacher:
         host_copy_([self._staging[i] for i in on_cuda], [params[i].detach() for i in on_cuda], None)
         if on_cuda:
             torch.cuda.current_stream(params[on_cuda[0]].device).synchronize()
-        for i in on_cuda:
-            self._staged[i] = self._student_key(params[i])
+        self._note_staged(params, on_cuda)
         return [self._staging[i] if params[i].is_cuda else params[i].detach() for i in indices]
 
     def _host_update(self, params: list[torch.nn.Parameter], shard: list[int], weights: list[float]) -> float:
@@ -344,6 +354,7 @@ class EMATeacher:
         self.updated_at = [-1] * len(self.names)
         self._teacher_synced_at = -1
         self._forget_distance()
+        self._staged = [None] * len(self.names)  # the update count restarts: old keys could recur
 
     def update_if_stepped(self, student, accelerator) -> bool:
         """Update only when the optimizer really stepped: at the end of a gradient-accumulation
@@ -391,7 +402,7 @@ class EMATeacher:
             if params[0].device.type == "cuda":
                 torch.cuda.current_stream(params[0].device).synchronize()
             if self.placement.kind == "cpu":  # the staging holds the restored student's values
-                self._staged = [self._student_key(p) for p in params]
+                self._note_staged(params, range(len(params)))
 
     def _hold_student(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """placement=cpu: the staging buffers holding the student's values, copied only where
@@ -500,6 +511,7 @@ class EMATeacher:
         self._refresh_mirror()
         self._teacher_synced_at = -1
         self._forget_distance()
+        self._staged = [None] * len(self.names)  # the update count jumps: old keys could recur
         if len(state.get("log_squares") or ()) == self.update_stages:  # else written with other stages
             self._squares = list(state["log_squares"])
 

@@ -310,6 +310,13 @@ MUTANTS = [
         tests=("tests/test_ema_stages.py",),
     ),
     Mutant(
+        "ema-swap-trusts-versions-alone",
+        EMA,
+        "        return (self.num_updates, p.data_ptr(), p._version)\n",
+        "        return (p.data_ptr(), p._version)\n",
+        tests=("tests/test_ema_stages.py",),
+    ),
+    Mutant(
         "ema-mirror-not-refreshed-by-update",
         EMA,
         "                flat_m[i][start:end].copy_(s)\n",

@@ -180,6 +180,27 @@ def test_a_checkpoint_without_updated_at_loads_as_every_tensor_written_by_the_la
     assert fresh.updated_at == [1] * len(SIZES)  # refused: nothing loaded
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_cpu_swap_backup_follows_optimizer_steps_that_do_not_bump_versions(k):
+    """DeepSpeed's flat buffers and bitsandbytes' kernels write the student without moving its
+    version counters (as `.data` does here): a staging filled before such a step must not be
+    taken for the student's values after it."""
+    student, g = make_student(), torch.Generator().manual_seed(10)
+    ema = EMATeacher(student, decay=0.9, placement="cpu", update_stages=k)
+    with ema.as_teacher(student):
+        pass  # the staging now holds the student's values
+    versions = [p._version for p in student]
+    with torch.no_grad():
+        for p in student:
+            p.data.add_(torch.randn(p.shape, generator=g).to(p.dtype))  # an optimizer step, unseen
+    assert [p._version for p in student] == versions
+    stepped = [p.detach().clone() for p in student]
+    ema.update(student)
+    with ema.as_teacher(student):
+        pass
+    assert all(torch.equal(p.detach(), b) for p, b in zip(student, stepped))
+
+
 def test_full_teacher_copies_only_what_changed_and_is_always_the_shadows_rounding():
     student, g = make_student(), torch.Generator().manual_seed(9)
     ema = EMATeacher(student, decay=0.8, placement="full:cpu", update_stages=3)
