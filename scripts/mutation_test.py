@@ -358,8 +358,8 @@ MUTANTS = [
     Mutant(
         "memcheck-trained-vit-not-predicted",
         "pg_train/memcheck/predict.py",
-        "    vit_saved = vision_tower_saved(module, B * views, e)\n",
-        "    vit_saved = 0\n",
+        "        return vision_tower_saved(self.module, B * self.views, self.e)\n",
+        "        return 0\n",
         tests=("tests/test_memcheck.py::test_tower_activations_are_predicted_only_when_the_towers_train",),
     ),
     Mutant(

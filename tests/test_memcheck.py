@@ -1,6 +1,7 @@
 """memcheck: exact static prediction on the tiny preset, the reference prediction, and the
 audits catching each of the design note's three suspected bugs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -63,18 +64,129 @@ def test_a_frozen_tower_that_keeps_its_graph_exits_2_though_every_audit_passes(t
 
 
 DEFAULT_JOB = ["--config", "pg_train/default_job.yaml", "--world-size", "1", "--zero-stage", "0"]
+# The default job (batch 4): a supervised warm-up (steps 0-674 = 0.75 x 900), then each micro-batch
+# 2 unlabelled samples trained with pseudo-labels + 2 labelled ones trained supervised. Step 675
+# records drift diagnostics (every 25), so that kind is measured at 676.
+WARM_UP, TWO_STREAMS = "supervised (4 samples)", "pseudo_label+supervised (2 + 2 samples)"
+
+
+def saved_rows(report) -> dict:
+    """Each measured step's 'activations saved for backward' row, by step."""
+    return {
+        step["step"]: next(r for r in step["comparison"] if r["component"].startswith("activations saved"))
+        for step in report["measured_config"]["steps"]
+    }
+
+
+def test_memcheck_finds_the_steps_each_configuration_trains():
+    from pg_train.config import load_config
+    from pg_train.memcheck.steps import step_kinds
+
+    def kinds(batch_size, *overrides, files=("pg_train/default_job.yaml",)):
+        return [(k.label, k.step) for k in step_kinds(load_config(list(files), list(overrides)), batch_size)]
+
+    assert kinds(4) == [(WARM_UP, 1), (TWO_STREAMS, 676)]  # step 0 records diagnostics too
+    assert kinds(4, "curriculum.objective=pseudo_gumbel")[1] == ("pseudo_gumbel+supervised (2 + 2 samples)", 676)
+    # one sample per micro-batch: the labelled share alternates whole micro-batches (data.streams' credit)
+    assert kinds(1, files=["configs/sa2va_4b_zero2.yaml"]) == [
+        ("supervised (1 sample)", 0),
+        ("pseudo_label (1 sample)", 500),
+    ]
+    assert kinds(3, "curriculum.labelled_fraction=0.3", "objective.diagnostics_every=0") == [
+        ("supervised (3 samples)", 0),
+        ("pseudo_label (3 samples)", 675),  # 0.3 x 3 = 0.9 labelled owed: none yet
+        ("pseudo_label+supervised (2 + 1 samples)", 676),  # 1.8 owed: one
+    ]
+    # with the grounding gate, self-training may wait: the closed gate's steps are the warm-up's kind
+    assert [k for k, _ in kinds(4, "curriculum.gate_min_gap=0.1")] == [WARM_UP, TWO_STREAMS]
+    assert kinds(2, files=[]) == [("pseudo_gumbel (2 samples)", 0)]
+    assert kinds(2, "objective_kind=mixed", files=[]) == [("mixed (2 samples, both objectives)", 0)]
+    assert kinds(2, "objective_kind=supervised", files=[]) == [("supervised (2 samples)", 0)]
+
+
+def test_a_two_stream_step_is_predicted_as_its_parts_on_their_shares():
+    """The two-stream step keeps both parts' graphs until backward: its saved activations are the
+    sum of a pseudo-label step on the unlabelled share and a supervised step on the labelled one."""
+    from pg_train.memcheck.predict import step_phases
+    from pg_train.memcheck.steps import StepKind
+
+    model = build_model("sa2va-4b", device="meta", dtype=torch.bfloat16)
+    d = Deployment(batch_size=4, caption_len=64, text_len=20)
+
+    def saved(*parts):
+        return step_phases(model, d, StepKind(parts))["backward"]["saved"]
+
+    both = saved(("pseudo_label", 3), ("supervised", 1))
+    assert both == saved(("pseudo_label", 3)) + saved(("supervised", 1))
+    assert saved(("supervised", 1)) < saved(("pseudo_label", 1))  # 20 ground-truth tokens, not 64
+    phases = list(step_phases(model, d, StepKind((("pseudo_label", 3), ("supervised", 1)))))
+    assert phases == [
+        "pseudo_label: teacher generation",
+        "pseudo_label: pass 1 (caption logits)",
+        "pseudo_label: pass 2 (segment)",
+        "supervised: pass 1 (caption logits)",
+        "supervised: pass 2 (segment)",
+        "backward",
+    ]
+    pred = predict(
+        model,
+        dataclasses.replace(
+            d, steps=(StepKind((("supervised", 4),)), StepKind((("pseudo_label", 2), ("supervised", 2))))
+        ),
+    )
+    assert set(pred.steps) == {"supervised (4 samples)", "pseudo_label+supervised (2 + 2 samples)"}
+    assert pred.peak_bytes == pred.static_bytes("cuda:0") + max(
+        max(p["total"] for p in phases.values()) for phases in pred.steps.values()
+    )
+
+
+@pytest.mark.slow
+def test_a_stream_predicted_on_the_whole_batch_exits_2(tmp_path, monkeypatch):
+    """The two-stream check keeps its teeth: predicting each part on the whole micro-batch (not
+    its share) puts the two-stream step out of tolerance (exit 2); the warm-up stays within."""
+    import importlib
+
+    from pg_train.memcheck.steps import StepKind
+
+    predict_module = importlib.import_module("pg_train.memcheck.predict")
+    real = predict_module.step_phases
+
+    def whole_batch(module, d, kind):
+        total = sum(n for _, n in kind.parts)
+        return real(module, d, StepKind(tuple((objective, total) for objective, _ in kind.parts), kind.step))
+
+    monkeypatch.setattr(predict_module, "step_phases", whole_batch)
+    # at the accuracy the healthy run holds (test_default_job_memcheck_measures_the_steps_the_job_trains)
+    code, report = run(tmp_path, *DEFAULT_JOB, "--steps", "1", "--peak-tolerance", "0.2")
+    rows = saved_rows(report)
+    assert code == 2 and all(a["passed"] for a in report["audits"])
+    assert rows[WARM_UP]["within"] and not rows[TWO_STREAMS]["within"]
+    assert rows[TWO_STREAMS]["error"] < -0.4  # measured about half the (doubled) prediction
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
-def test_default_job_with_trained_towers_passes_with_and_without_checkpointing(tmp_path, checkpointing):
-    """The default job trains the vision tower and SAM2's image encoder (never checkpointed):
-    their activations are predicted, so a correct run passes both ways."""
+def test_default_job_memcheck_measures_the_steps_the_job_trains(tmp_path, capsys, checkpointing):
+    """The default job is a curriculum: memcheck predicts and measures its warm-up step and its
+    two-stream step (through objectives.mix.objective_step, as training calls it), each within
+    tolerance, and says which sets the peak. It trains the vision tower and SAM2's image encoder
+    (never checkpointed): their activations are predicted, so a correct run passes both ways."""
     code, report = run(tmp_path, *DEFAULT_JOB, *(["--gradient-checkpointing"] if checkpointing else []))
-    rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
+    rows = saved_rows(report)
     assert code == 0 and all(a["passed"] for a in report["audits"]), rows
-    assert abs(rows["activations saved for backward"]["error"]) <= 0.2
-    assert rows["peak RSS growth, first step"]["within"]
+    assert list(rows) == [WARM_UP, TWO_STREAMS]
+    assert all(abs(r["error"]) <= 0.2 for r in rows.values()), rows
+    rss = next(r for r in report["measured_config"]["comparison"] if r["component"].startswith("peak RSS growth"))
+    assert rss["within"]
+    phases = report["measured_config"]["steps"][1]["phases"]
+    # both parts of the two-stream step keep a graph until backward
+    assert phases["pseudo_label: pass 2 (segment)"]["saved_for_backward"] > 0
+    assert phases["supervised: pass 1 (caption logits)"]["saved_for_backward"] > 0
+    prediction = report["measured_config"]["prediction"]
+    assert set(prediction["steps"]) == {WARM_UP, TWO_STREAMS} and prediction["peak_step"] in prediction["steps"]
+    audits = [a["name"] for a in report["audits"]]
+    assert any(a.endswith(f"[{TWO_STREAMS}]") for a in audits) and any(a.endswith(f"[{WARM_UP}]") for a in audits)
+    assert "the peak: predicted in" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -88,8 +200,7 @@ def test_default_job_under_predicted_towers_exit_2(tmp_path, monkeypatch):
     monkeypatch.setattr(predict_module, "vision_tower_saved", lambda *a: 0)
     monkeypatch.setattr(predict_module, "sam_encoder_saved", lambda *a: 0)
     code, report = run(tmp_path, *DEFAULT_JOB, "--gradient-checkpointing")
-    rows = {r["component"]: r for r in report["measured_config"]["comparison"]}
-    assert code == 2 and rows["activations saved for backward"]["error"] > 2
+    assert code == 2 and all(r["error"] > 2 for r in saved_rows(report).values())
 
 
 def test_tower_activations_are_predicted_only_when_the_towers_train():

@@ -8,5 +8,17 @@ Exit codes: 0 audits pass and measurement within tolerance, 1 an audit failed, 2
 
 from .measure import BUGS, Audit, Measurement, measure
 from .predict import Deployment, Prediction, alternative_estimates, predict
+from .steps import StepKind, step_kinds
 
-__all__ = ["BUGS", "Audit", "Measurement", "measure", "Deployment", "Prediction", "predict", "alternative_estimates"]
+__all__ = [
+    "BUGS",
+    "Audit",
+    "Measurement",
+    "measure",
+    "Deployment",
+    "Prediction",
+    "predict",
+    "alternative_estimates",
+    "StepKind",
+    "step_kinds",
+]

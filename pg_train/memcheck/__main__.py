@@ -2,11 +2,15 @@
 
 With no arguments: the Sa2VA-4B prediction for the documented default deployment (8 GPUs,
 ZeRO-2, bf16, batch 1 per GPU, 64-token captions, EMA `same`) beside the design note's table and
-two rules of thumb, then a measured audit of the tiny preset on this machine's device.
+two rules of thumb, then a measured audit of the tiny preset on this machine's device. With
+`--config`, the steps that configuration trains (memcheck.steps: a curriculum's supervised warm-up
+and its two-stream step, ...), each predicted and measured; the budget is the largest.
 
-JSON (`--json PATH`): {"reference": prediction, "measured_config": {"prediction", "measurement",
-"comparison": [{component, predicted, measured, error}], "phases": {...}}, "audits": [{name,
-passed, evidence}], "exit_code"}; bytes everywhere.
+JSON (`--json PATH`): {"reference": prediction (its "steps": phases per kind of step, "peak_step"),
+"measured_config": {"prediction", "steps": [{step, comparison, phases, losses, predicted_peak,
+measured_peak}], "peak_step": {predicted, measured}, "comparison": [{component, predicted,
+measured, error}] (every step's; named `component [step]` when there are several), "phases" (the
+last step's)}, "audits": [{name, passed, evidence}], "exit_code"}; bytes everywhere.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ configure_environment()
 import torch  # noqa: E402
 
 from ..model.decoding.generate import fast_decoding  # noqa: E402
-from .measure import BUGS, build_batch, measure, teacher_prompt  # noqa: E402
+from .measure import BUGS, build_step_batch, measure, teacher_prompt, text_tokens  # noqa: E402
 from .predict import SEED_TABLE_GB, Deployment, alternative_estimates, predict  # noqa: E402
+from .steps import step_kinds  # noqa: E402
 
 GB = 1e9
 
@@ -127,6 +132,7 @@ def deployment_from(args, cfg) -> Deployment:
         ema_placement=args.ema_placement or (cfg.ema.placement if cfg else "same"),
         gradient_checkpointing=args.gradient_checkpointing or bool(cfg and cfg.model.gradient_checkpointing),
         fast_decoding=fast_decoding(objective.static_cache, objective.cuda_graphs, torch.device("cuda"))[0],
+        steps=step_kinds(cfg, args.batch_size or (cfg.batch_size if cfg else 1)),
     )
 
 
@@ -164,11 +170,15 @@ def print_prediction(title: str, pred, alternatives: dict | None = None) -> None
         print(f"   {r.component:22} {r.device:8} {fmt(r.bytes):>12}  {r.note}")
     static = pred.static_bytes(d.device)
     print(f"   {'static on ' + d.device:31} {fmt(static):>12}")
-    for phase, act in pred.phases.items():
-        print(
-            f"   phase {phase:25} {fmt(act['saved']):>12} saved + {fmt(act['transient']).strip():>11} transient -> {fmt(static + act['total']).strip()} in use"
-        )
-    print(f"   predicted peak: {fmt(pred.peak_bytes).strip()} ({pred.peak_phase})")
+    for label, phases in pred.steps.items():
+        if len(pred.steps) > 1:
+            print(f"   step {label}{'  <- sets the peak' if label == pred.peak_step else ''}")
+        for phase, act in phases.items():
+            print(
+                f"   phase {phase:40} {fmt(act['saved']):>12} saved + {fmt(act['transient']).strip():>11} transient -> {fmt(static + act['total']).strip()} in use"
+            )
+    kinds = f" in step {pred.peak_step}" if len(pred.steps) > 1 else ""
+    print(f"   predicted peak: {fmt(pred.peak_bytes).strip()} ({pred.peak_phase}{kinds})")
     if alternatives:
         print("   beside it:")
         for name, nbytes in alternatives.items():
@@ -208,7 +218,9 @@ def print_seed_comparison(pred, model) -> None:
     print(f"   {'total':28} {'43-47':>6}   predicted peak {fmt(pred.peak_bytes).strip()}")
 
 
-def compare(pred, meas, tolerance: float, peak_tolerance: float, rss_tolerance: float = 1.0) -> tuple[list[dict], bool]:
+def compare(
+    pred, meas, tolerance: float, peak_tolerance: float, rss_tolerance: float = 1.0, first_step: bool = True
+) -> tuple[list[dict], bool]:
     rows, ok = [], True
     for component, measured in meas.static.items():
         predicted = pred.component(component)
@@ -230,7 +242,7 @@ def compare(pred, meas, tolerance: float, peak_tolerance: float, rss_tolerance: 
         name = "activations saved for backward"
         predicted_peak, measured_peak = saved_predicted, saved_measured
     checks = [(name, predicted_peak, measured_peak, peak_tolerance)]
-    if not meas.device.startswith("cuda") and pred.deployment.zero_stage == 0:
+    if first_step and not meas.device.startswith("cuda") and pred.deployment.zero_stage == 0:
         # (Under ZeRO, DeepSpeed's bucket allocations dominate and are not modelled exactly.)
         # The first step allocates gradients and optimizer state and runs every phase; its RSS
         # growth also holds library warm-up (kernel caches), hence the loose default tolerance.
@@ -338,51 +350,111 @@ def run_measured(args, cfg, report) -> int:
         min_caption_len=d.caption_len,
         topk=d.topk,
     )
-    batch = build_batch(model, d.batch_size, torch.device(device), seed=accelerator.process_index if accelerator else 0)
+    train_cfg = dataclasses.replace(cfg, objective=objective) if cfg else None
+    streams = bool(cfg and cfg.streams.enabled)
+    kinds = step_kinds(cfg, d.batch_size)
     d = dataclasses.replace(
         d,
+        steps=kinds,
         fast_decoding=fast_decoding(objective.static_cache, objective.cuda_graphs, torch.device(device))[0],
-        decode_prompt=teacher_prompt(model, batch, objective),
     )
-    pred = predict(model, d)
-    meas = measure(
-        student,
-        optimizer,
-        ema,
-        objective,
-        batch,
-        steps=args.steps,
-        inject=tuple(args.inject),
-        accelerator=accelerator,
-        gradient_checkpointing=d.gradient_checkpointing,
-        grad_clip=(cfg or TrainConfig()).optim.grad_clip,
-    )
+    rank = accelerator.process_index if accelerator else 0
+    codes, steps, predictions, audits = [], [], {}, []
+    for i, kind in enumerate(kinds):
+        # Each kind of step the run trains, in the order it meets them, on the one model,
+        # optimizer and EMA (as the run goes from one to the next); the first also allocates them.
+        batch = build_step_batch(model, kind, streams, torch.device(device), seed=rank)
+        unlabelled, labelled = (batch["unlabelled"], batch["labelled"]) if streams else (batch, batch)
+        pred = predict(
+            model,
+            dataclasses.replace(
+                d,
+                steps=(kind,),
+                decode_prompt=teacher_prompt(model, unlabelled, objective) if kind.has_teacher else None,
+                text_len=text_tokens(model, labelled, objective),
+            ),
+        )
+        predictions.update(pred.steps)
+        meas = measure(
+            student,
+            optimizer,
+            ema,
+            objective,
+            batch,
+            steps=args.steps,
+            inject=tuple(args.inject),
+            accelerator=accelerator,
+            gradient_checkpointing=d.gradient_checkpointing,
+            grad_clip=(cfg or TrainConfig()).optim.grad_clip,
+            kind=kind,
+            train_cfg=train_cfg,
+        )
+        code, step_report = report_step(args, preset, pred, meas, i == 0, len(kinds) > 1, accelerator, cuda)
+        codes.append(code)
+        steps.append(step_report)
+        audits += [
+            {**dataclasses.asdict(a), "name": a.name + (f" [{kind.label}]" if len(kinds) > 1 else "")}
+            for a in meas.audits
+        ]
+    exit_code = 1 if 1 in codes else max(codes)  # an audit failed, else out of tolerance, else 0
     if accelerator is not None and not accelerator.is_main_process:
-        # Every rank measured and audited its own partition; the main process reports.
-        audits_ok = all(a.passed for a in meas.audits)
-        return 0 if audits_ok else 1
-    rows, within = compare(pred, meas, args.tolerance, args.peak_tolerance, args.rss_tolerance)
+        return exit_code  # every rank measured and audited its own partition; the main process reports
+    overall = dataclasses.replace(pred, deployment=d, steps=predictions)
+    overall.peak_step = max(predictions, key=lambda label: max(p["total"] for p in predictions[label].values()))
+    overall.phases = predictions[overall.peak_step]
+    if len(kinds) > 1:
+        measured = {r["step"]: r["measured_peak"] for r in steps}
+        print("\n== the steps this configuration trains (the budget is the largest)")
+        print(f"   {'step':48} {'predicted peak':>15} {'measured':>12}  ({steps[0]['peak_metric']})")
+        for r in steps:
+            print(f"   {r['step']:48} {fmt(r['predicted_peak']):>15} {fmt(r['measured_peak']):>12}")
+        print(f"   the peak: predicted in {overall.peak_step}, measured in {max(measured, key=measured.get)}")
+    print(f"\nmemcheck: {'PASS' if exit_code == 0 else 'FAIL'} (exit {exit_code})")
+    report["measured_config"] = {
+        "preset": preset,
+        "prediction": overall.to_dict(),
+        "steps": steps,
+        "peak_step": {"predicted": overall.peak_step, "measured": max(steps, key=lambda r: r["measured_peak"])["step"]},
+        "comparison": [row for r in steps for row in r["comparison"]],
+        "phases": steps[-1]["phases"],
+        "losses": [loss for r in steps for loss in r["losses"]],
+        "diagnosis": [reason for r in steps for reason in r["diagnosis"]],
+    }
+    report["audits"] = audits
+    return exit_code
 
-    print_prediction(
-        f"measured run: {preset} on {device}{' (injected: ' + ', '.join(args.inject) + ')' if args.inject else ''}",
-        pred,
-    )
-    print(f"\n== predicted vs measured ({args.steps} steps, the last one measured)")
+
+def report_step(args, preset: str, pred, meas, first: bool, named: bool, accelerator, cuda: bool) -> tuple[int, dict]:
+    """Compare, print and report one measured kind of step: (exit code, its report). `first`:
+    the run's first measured step (its RSS growth allocates gradients and optimizer state);
+    `named`: several kinds are measured, so each row and audit names its step."""
+    label = meas.step
+    audits_ok = all(a.passed for a in meas.audits)
+    if accelerator is not None and not accelerator.is_main_process:
+        return (0 if audits_ok else 1), {}
+    rows, within = compare(pred, meas, args.tolerance, args.peak_tolerance, args.rss_tolerance, first)
+    metric = "peak allocated" if cuda else "activations saved for backward"
+    peak = next(r for r in rows if r["component"] == metric)  # compare's peak check, as it compared
+    inject = f" (injected: {', '.join(args.inject)})" if args.inject else ""
+    print_prediction(f"measured run: {preset} on {pred.deployment.device}, step {label}{inject}", pred)
+    print(f"\n== predicted vs measured, step {label} ({args.steps} steps, the last one measured)")
     print(f"   {'component':28} {'predicted':>12} {'measured':>12} {'error':>8}")
     for r in rows:
         flag = "" if r["within"] else "  <- out of tolerance"
         print(
             f"   {r['component']:28} {fmt(r['predicted']):>12} {fmt(r['measured']):>12} {100 * r['error']:7.1f}%{flag}"
         )
-    print(f"   phases (measured): {'time':>9} {'peak above entry':>17} {'saved for backward':>19}")
+    print(f"   phases (measured): {'time':>24} {'peak above entry':>17} {'saved for backward':>19}")
     for name, ph in meas.phases.items():
-        print(f"     {name:25} {ph['s']:7.3f} s {fmt(ph['peak_above_entry']):>17} {fmt(ph['saved_for_backward']):>19}")
+        print(f"     {name:40} {ph['s']:7.3f} s {fmt(ph['peak_above_entry']):>17} {fmt(ph['saved_for_backward']):>19}")
     if not cuda:
         print(
             f"   process RSS grew by {fmt(meas.peak_bytes).strip()} during the warm measured step (the allocator reuses step 1's memory)"
         )
     for reason in diagnose(rows):
         print(f"   diagnosis: {reason}")
+    if named:  # in the report each row names its step
+        rows = [{**r, "component": f"{r['component']} [{label}]"} for r in rows]
     print(
         "\n== audits (the design note's three suspicions, the teacher swap and checkpointing, on the production step)"
     )
@@ -390,19 +462,18 @@ def run_measured(args, cfg, report) -> int:
         print(f"   [{'PASS' if audit.passed else 'FAIL'}] {audit.name}")
         for line in audit.evidence:
             print(f"          {line}")
-    audits_ok = all(a.passed for a in meas.audits)
     exit_code = 0 if audits_ok and within else 1 if not audits_ok else 2
-    print(f"\nmemcheck: {'PASS' if exit_code == 0 else 'FAIL'} (exit {exit_code})")
-    report["measured_config"] = {
-        "preset": preset,
-        "prediction": pred.to_dict(),
+    return exit_code, {
+        "step": label,
+        "exit_code": exit_code,
         "comparison": rows,
         "phases": meas.phases,
         "losses": meas.losses,
         "diagnosis": diagnose(rows),
+        "peak_metric": metric,
+        "predicted_peak": peak["predicted"],
+        "measured_peak": peak["measured"],
     }
-    report["audits"] = [dataclasses.asdict(a) for a in meas.audits]
-    return exit_code
 
 
 if __name__ == "__main__":

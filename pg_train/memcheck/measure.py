@@ -1,8 +1,11 @@
 """Measure a few real steps phase by phase, account for every tensor, and run the audits.
 
 Each step is `pg_train.window.optimizer_window`, the optimizer step training runs, with the
-forward `pseudo_gumbel_step` itself, observed stage by stage (each stage a measured phase:
-the objective's stages, then backward, the optimizer step and the EMA update). The audits therefore see the production step's outputs: a detach, a teacher without the EMA weights,
+forward training calls for the kind of step measured (`objectives.mix.objective_step`: the
+supervised warm-up, the two-stream step, ...; without a training config `pseudo_gumbel_step`
+itself), observed stage by stage (each stage a measured phase: the objective's stages, each
+part's named `part: stage` when a step runs several, then backward, the optimizer step and the EMA
+update). The audits therefore see the production step's outputs: a detach, a teacher without the EMA weights,
 frozen LoRA or checkpointing that is off in the real code fails them. `inject` reproduces the
 design note's three suspected bugs on purpose (through hooks and arguments, not by patching), to
 show that the audits catch them; `frozen-vit-keeps-graph` is a memory leak the activation check
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +25,14 @@ from ..bench.memory import PeakMemory, SavedTensorBytes
 from ..distributed import unwrap
 from ..ema import EMATeacher
 from ..model.decoding import graph_decode
+from ..objectives.mix import objective_step
 from ..objectives.pseudo_gumbel import pseudo_gumbel_step
 from ..objectives.settings import PseudoGumbelConfig
 from .predict import gradient_free
+from .steps import StepKind
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step", "frozen-vit-keeps-graph")
 
@@ -44,7 +53,8 @@ class Measurement:
     first_step_growth: int = 0  # CPU: RSS growth over the first step (gradients and optimizer state are allocated then)
     audits: list[Audit] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    stages: list[str] = field(default_factory=list)  # the stages pseudo_gumbel_step reported, in order (last step)
+    stages: list[str] = field(default_factory=list)  # the stages the objective reported, in order (last step)
+    step: str = "pseudo_gumbel"  # the kind of step measured (StepKind.label)
 
 
 def storage_bytes(tensors) -> int:
@@ -127,6 +137,34 @@ class _Phase:
         return False
 
 
+def build_step_batch(model, kind: StepKind, streams: bool, device: torch.device, seed: int = 0) -> dict:
+    """The inputs of one micro-batch of `kind`: with two streams {"labelled", "unlabelled"} of
+    their samples (None for a part the step does not run), as pg_train.data.streams yields them;
+    else one batch (every part of a step reads the same samples)."""
+    if not streams:
+        return build_batch(model, kind.parts[0][1], device, seed)
+    samples = dict(kind.parts)
+    labelled, unlabelled = samples.get("supervised", 0), sum(n for o, n in kind.parts if o != "supervised")
+    return {
+        "labelled": build_batch(model, labelled, device, seed) if labelled else None,
+        "unlabelled": build_batch(model, unlabelled, device, seed + 1) if unlabelled else None,
+    }
+
+
+def with_seeds(batch: dict, offset: int) -> dict:
+    """The batch (or each stream's part) with fixed per-sample seeds."""
+    if "labelled" in batch:
+        return {name: with_seeds(part, offset) if part is not None else None for name, part in batch.items()}
+    return {**batch, "sample_seeds": torch.arange(batch["region_masks1"].shape[0]) + offset}
+
+
+def batch_samples(batch: dict) -> int:
+    parts = (
+        [batch[k] for k in ("labelled", "unlabelled") if batch.get(k) is not None] if "labelled" in batch else [batch]
+    )
+    return sum(part["region_masks1"].shape[0] for part in parts)
+
+
 def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pairing: str = "augment") -> dict:
     """Real preprocessing of synthetic pairs at the preset's sizes (`pairing`: see DataConfig)."""
     from ..data import PairDataset, SyntheticPairs, collate_pairs
@@ -140,10 +178,10 @@ def build_batch(model, batch_size: int, device: torch.device, seed: int = 0, pai
     dataset = PairDataset(SyntheticPairs(batch_size, seed=seed, pairing=pairing, image_size=image_size), preprocess)
     batch = collate_pairs([dataset[i] for i in range(batch_size)])
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    return batch_to_device(batch, device, dtype)
+    return {**batch_to_device(batch, device, dtype), "captions": batch["captions"]}  # the supervised objective's text
 
 
-PHASES = {  # pseudo_gumbel_step's stages -> memcheck's phase names (predict's for the passes)
+PHASES = {  # the objectives' stages -> memcheck's phase names (predict's for the passes)
     "teacher": "teacher generation",
     "mask": "masking",
     "pass1": "pass 1 (caption logits)",
@@ -254,11 +292,15 @@ def measure(
     accelerator=None,
     gradient_checkpointing: bool = False,
     grad_clip: float = 0.0,
+    kind: StepKind | None = None,
+    train_cfg: TrainConfig | None = None,
 ) -> Measurement:
     """Run `steps` training steps; phases and audits come from the last one (the first warms up).
 
     Each step is `pg_train.window.optimizer_window` — the optimizer step training runs: forward
-    (`pseudo_gumbel_step` itself), the ranks' non-finite agreement, backward, clipping, the
+    (`pseudo_gumbel_step` itself; with `train_cfg`, a TrainConfig whose objective is `cfg`, the
+    step of `kind` as training calls it: objectives.mix.objective_step at optimizer step
+    kind.step, `batch` from build_step_batch), the ranks' non-finite agreement, backward, clipping, the
     optimizer step and the EMA update — observed stage by stage, each stage a measured phase.
     `model` and `optimizer` may be prepared by `accelerator` (DeepSpeed): the passes go through
     the wrapper and attributes are read from the module inside. Without an accelerator, a
@@ -268,17 +310,17 @@ def measure(
     from ..accel import build_accelerator
     from ..window import NonFiniteGuard, optimizer_window
 
-    accelerator = accelerator or build_accelerator(micro_batch_size=batch["region_masks1"].shape[0])
+    accelerator = accelerator or build_accelerator(micro_batch_size=batch_samples(batch))
     student = model
     model = unwrap(model)
     device = next(model.parameters()).device
-    m = Measurement(device=str(device))
+    m = Measurement(device=str(device), step=kind.label if kind is not None else "pseudo_gumbel")
+    parts = [objective for objective, _ in kind.parts] if kind is not None else ["pseudo_gumbel"]
     teacher = ema if ema is not None else model  # "no-ema": the student teaches itself
     named = dict(model.named_parameters())
     trainable = {n: p for n, p in named.items() if p.requires_grad}
     pass1_params = {n: p for n, p in trainable.items() if "lora_" in n or n.startswith("mlp1.")}
     frozen_lora = [n for n, p in named.items() if "lora_" in n and not p.requires_grad]
-    B = batch["region_masks1"].shape[0]
     params = tuple(model.parameters()) + tuple(model.buffers())
     layers = decoder_layers(model)
     layer_calls = [0]
@@ -301,19 +343,26 @@ def measure(
         for step in range(steps):
             last = step == steps - 1
             m.phases, m.stages = {}, []
-            probe = _TeacherProbe(ema, model) if (last and ema is not None) else None
-            seen = {}  # what the observer saw of this step, for the audits
+            has_teacher = kind is None or kind.has_teacher
+            probe = _TeacherProbe(ema, model) if (last and ema is not None and has_teacher) else None
+            seen = {"part": 0, "stages": set()}  # what the observer saw of this step, for the audits
 
             @contextlib.contextmanager
             def observer(stage):
+                name = PHASES.get(stage, stage)
                 if stage in PHASES:
                     m.stages.append(stage)
+                    if stage in seen["stages"]:  # a stage seen again: the step's next part (objective) begins
+                        seen["part"], seen["stages"] = seen["part"] + 1, set()
+                    seen["stages"].add(stage)
+                    if len(parts) > 1:
+                        name = f"{parts[min(seen['part'], len(parts) - 1)]}: {name}"
                 if stage == "backward":
                     seen["layers_before_backward"] = layer_calls[0]
                 if stage == "optimizer step" and last and ema is not None:
                     seen["shadow_before"] = [s.detach().clone() for s in ema.shadow]
                 with (
-                    _Phase(m, PHASES.get(stage, stage), device, params),
+                    _Phase(m, name, device, params),
                     probe if stage == "teacher" and probe is not None else contextlib.nullcontext(),
                 ):
                     yield
@@ -323,14 +372,20 @@ def measure(
                     m.static = tensor_accounting(model, optimizer, ema)  # gradients still held, as at the peak
 
             def forward(inputs, observe):
-                out = pseudo_gumbel_step(student, teacher, inputs, cfg, observer=observe)
+                if train_cfg is None:
+                    out = pseudo_gumbel_step(student, teacher, inputs, cfg, observer=observe)
+                else:
+                    out = objective_step(student, teacher, inputs, train_cfg, None, observe, None, kind.step)
                 if last:  # before backward frees the graph
-                    m.audits.append(_audit_gradients(out.loss, out.text_embeds, pass1_params, ema, frozen_lora))
+                    through_text = parts[0] == "pseudo_gumbel"  # the step's output is Pseudo-Gumbel's
+                    m.audits.append(
+                        _audit_gradients(out.loss, out.text_embeds, pass1_params, ema, frozen_lora, through_text)
+                    )
                 return out
 
             overall = PeakMemory(device).__enter__()
             window = optimizer_window(
-                iter([{**batch, "sample_seeds": torch.arange(B) + 1000 * step}]),
+                iter([with_seeds(batch, 1000 * step)]),
                 forward,
                 model=student,
                 optimizer=stepping,
@@ -433,33 +488,39 @@ def _audit_ema(ema: EMATeacher | None, model, shadow_before, probe: _TeacherProb
     return audit
 
 
-def _audit_gradients(loss, text_embeds, pass1_params: dict, ema, frozen_lora: list[str] = ()) -> Audit:
+def _audit_gradients(
+    loss, text_embeds, pass1_params: dict, ema, frozen_lora: list[str] = (), through_text: bool = True
+) -> Audit:
     """On the step's own outputs: the mask loss reaches text_embeds (the Gumbel output), and
-    through it every LoRA adapter and mlp1 tensor of pass 1; the teacher gets nothing."""
-    audit = Audit("gradients reach LoRA and mlp1 through text_embeds, none reach the teacher", False)
+    through it every LoRA adapter and mlp1 tensor of pass 1; the teacher gets nothing.
+    `through_text=False` (a step whose segmenter reads given text: supervised, pseudo-labels):
+    the step's loss (caption cross-entropy + mask loss) reaches them directly."""
+    what = "through text_embeds" if through_text else "from the caption and mask losses"
+    audit = Audit(f"gradients reach LoRA and mlp1 {what}, none reach the teacher", False)
     if frozen_lora and not any("lora_" in n for n in pass1_params):
         audit.evidence.append(f"LoRA adapters frozen: {len(frozen_lora)} LoRA tensors in the model, none requires grad")
-    if not text_embeds.requires_grad:
-        audit.evidence.append("text_embeds does not require grad: the mask loss cannot reach the first pass (detached)")
-        return audit
-    (grad_embeds,) = torch.autograd.grad(loss, text_embeds, retain_graph=True, allow_unused=True)
-    if grad_embeds is None:
-        audit.evidence.append(
-            "the mask loss does not depend on text_embeds: detached between the Gumbel output and the loss"
-        )
-        return audit
     names = list(pass1_params)
-    grads = (
-        torch.autograd.grad(
-            text_embeds,
-            [pass1_params[n] for n in names],
-            grad_outputs=grad_embeds,
-            retain_graph=True,
-            allow_unused=True,
+    params = [pass1_params[n] for n in names]
+    if through_text:
+        if not text_embeds.requires_grad:
+            audit.evidence.append(
+                "text_embeds does not require grad: the mask loss cannot reach the first pass (detached)"
+            )
+            return audit
+        (grad_embeds,) = torch.autograd.grad(loss, text_embeds, retain_graph=True, allow_unused=True)
+        if grad_embeds is None:
+            audit.evidence.append(
+                "the mask loss does not depend on text_embeds: detached between the Gumbel output and the loss"
+            )
+            return audit
+        grads = (
+            torch.autograd.grad(text_embeds, params, grad_outputs=grad_embeds, retain_graph=True, allow_unused=True)
+            if names
+            else []
         )
-        if names
-        else []
-    )
+        audit.evidence.append(f"|dL/d text_embeds| = {float(grad_embeds.norm()):.3e}")
+    else:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if names else []
     reached = {n for n, g in zip(names, grads) if g is not None and bool(g.abs().sum() > 0)}
     # An adapter is reached when A or B gets a gradient: while B is still 0 (initialisation,
     # before the first optimizer step) A's gradient is exactly 0 by construction.
@@ -475,9 +536,8 @@ def _audit_gradients(loss, text_embeds, pass1_params: dict, ema, frozen_lora: li
         teacher_grads += sum(1 for s in ema.shadow if s.requires_grad or s.grad is not None)
         if ema.teacher_model is not None:
             teacher_grads += sum(1 for p in ema.teacher_model.parameters() if p.grad is not None or p.requires_grad)
-    audit.evidence.append(f"|dL/d text_embeds| = {float(grad_embeds.norm()):.3e}")
     audit.evidence.append(
-        f"through text_embeds: {sum(adapters.values())}/{len(lora)} LoRA adapters, {sum(n in reached for n in mlp1)}/{len(mlp1)} mlp1 tensors non-zero"
+        f"{what}: {sum(adapters.values())}/{len(lora)} LoRA adapters, {sum(n in reached for n in mlp1)}/{len(mlp1)} mlp1 tensors non-zero"
     )
     audit.evidence.append(f"teacher tensors that require or hold a gradient: {teacher_grads}")
     audit.passed = (
@@ -485,7 +545,7 @@ def _audit_gradients(loss, text_embeds, pass1_params: dict, ema, frozen_lora: li
         and all(adapters.values())
         and all(n in reached for n in mlp1)
         and teacher_grads == 0
-        and float(grad_embeds.abs().sum()) > 0
+        and (not through_text or float(grad_embeds.abs().sum()) > 0)
     )
     return audit
 
@@ -546,3 +606,13 @@ def teacher_prompt(model, batch: dict, objective) -> int:
 
     cells, _ = batch_region_cells(batch, model.grid_size, objective)
     return region_prompts(model, cells, batch.get("num_views1"))[0].shape[1]
+
+
+def text_tokens(model, batch: dict | None, objective) -> int | None:
+    """The ground-truth caption tokens the supervised objective reads from `batch` (its
+    caption cross-entropy's targets, padded to the longest); None without a batch or captions."""
+    from ..objectives.passes import tokenize_captions
+
+    if batch is None or not batch.get("captions"):
+        return None
+    return tokenize_captions(model, batch["captions"], objective.max_caption_len, form="answer_end")[0].shape[1]

@@ -8,12 +8,13 @@ components, not the sum of everything.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from ..distributed import unwrap
 from ..ema import EMATeacher
+from .steps import StepKind, pseudo_gumbel_only
 
 GiB = 2**30
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
@@ -43,6 +44,12 @@ class Deployment:
     # shape the deployment's batch and prompt round to (pg_train.model.decoding.graph_decode)
     fast_decoding: bool = False
     decode_prompt: int | None = None  # the teacher's prompt length; None: estimated from views and K
+    # The kinds of step the run trains (memcheck.steps.step_kinds); none: Pseudo-Gumbel over batch_size
+    steps: tuple[StepKind, ...] = ()
+    text_len: int | None = None  # ground-truth caption tokens the supervised objective reads; None: caption_len
+
+    def step_kinds(self) -> tuple[StepKind, ...]:
+        return self.steps or (pseudo_gumbel_only(self.batch_size),)
 
     @property
     def elem(self) -> int:
@@ -66,6 +73,8 @@ class Prediction:
     )  # per phase: saved / transient / total activation bytes
     host: list[Row] = field(default_factory=list)
     views: int = 1  # MLLM views per image (InternVL tiling)
+    steps: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # step kind's label -> its phases
+    peak_step: str = ""  # the step kind whose phases (`phases`) set the peak
 
     def static_bytes(self, device: str | None = None) -> int:
         return sum(r.bytes for r in self.static if device is None or r.device == device)
@@ -92,7 +101,13 @@ class Prediction:
             "phases": dict(self.phases),
             "peak_phase": self.peak_phase,
             "peak_bytes": self.peak_bytes,
+            "steps": {label: dict(phases) for label, phases in self.steps.items()},
+            "peak_step": self.peak_step,
         }
+
+    def for_step(self, label: str) -> Prediction:
+        """This prediction with one step kind's phases (its peak, its activations)."""
+        return replace(self, phases=self.steps[label], peak_step=label)
 
 
 def _nbytes(t: torch.Tensor, elem: int) -> int:
@@ -171,7 +186,9 @@ def predict(model, d: Deployment) -> Prediction:
         pred.static.append(
             Row("CUDA context", dev, CUDA_CONTEXT_BYTES, "driver, cuBLAS workspace; outside the allocator")
         )
-    pred.phases = activation_phases(module, d)
+    pred.steps = {kind.label: step_phases(module, d, kind) for kind in d.step_kinds()}
+    pred.peak_step = max(pred.steps, key=lambda label: max(p["total"] for p in pred.steps[label].values()))
+    pred.phases = pred.steps[pred.peak_step]
     return pred
 
 
@@ -301,60 +318,102 @@ def image_views(preset, d: Deployment) -> int:
     return preprocess_for(preset).tiling.num_views(*d.image_size)
 
 
-def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
-    """Per phase: `saved` = bytes autograd holds for backward at the end of the phase
-    (cumulative: pass 1's graph is alive until backward), `transient` = temporaries at the phase's
-    peak, `total` = saved + transient."""
-    lang, vis, sam = module.preset.language, module.preset.vision, module.preset.sam2
-    h, layers, V = lang.hidden_size, lang.num_layers, lang.vocab_size
-    e, B, T = d.elem, d.batch_size, d.caption_len
-    views = image_views(module.preset, d)
-    image_tokens = vis.num_image_tokens * views  # InternVL tiling: 256 tokens per view (tiles + thumbnail)
-    prompt = image_tokens + 40 + d.region_cells  # template text ~40 tokens
-    segment = image_tokens + 30 + T
-    per_layer = saved_per_token_layer(module, e)
+class Activations:
+    """What autograd keeps (`saved`) and the temporaries at a phase's peak (`transient`) for each
+    objective's passes over B samples, from the model's dimensions and the deployment's."""
 
-    # The last layer runs only on the rows read (pg_train.model.arch.decoder): full activations for
-    # those, ~4h per other row (its norm input and output, keys, values); never checkpointed.
-    def last_layer_saved(tokens, rows_read):
-        return rows_read * per_layer + (tokens - rows_read) * 4 * h * e
+    def __init__(self, module, d: Deployment):
+        self.module, self.d = module, d
+        lang, vis, sam = module.preset.language, module.preset.vision, module.preset.sam2
+        self.h, self.layers, self.V, self.e = lang.hidden_size, lang.num_layers, lang.vocab_size, d.elem
+        self.views = image_views(module.preset, d)
+        self.image_tokens = vis.num_image_tokens * self.views  # InternVL tiling: 256 tokens per view
+        self.prompt = self.image_tokens + 40 + d.region_cells  # template text ~40 tokens
+        self.per_layer = saved_per_token_layer(module, self.e)
+        self.kv = 2 * self.layers * lang.num_kv_heads * (self.h // lang.num_heads) * self.e
+        # per sample: mlp1 keeps its LayerNorm/Linear/GELU inputs for the image tokens of each pass
+        self.mlp1 = self.image_tokens * (3 * vis.shuffled_size + 3 * self.h) * self.e
+        self.vit_transient = self.views * (vis.image_size // vis.patch_size) ** 2 * (vis.hidden_size * 6 + vis.mlp_size)
+        self.vit_transient *= self.e
+        self.sam_transient = (sam.image_size // 4) ** 2 * sam.embed_dim * 12 * self.e
+        self.decoder = (sam.image_size // 4) ** 2 * (sam.d_model // 8) * 6 * self.e
 
-    if d.gradient_checkpointing:  # one hidden state per layer and token; a layer is recomputed at a time
+    def last_layer(self, tokens: int, rows_read: int) -> int:
+        # The last layer runs only on the rows read (pg_train.model.arch.decoder): full activations
+        # for those, ~4h per other row (its norm input and output, keys, values); never checkpointed.
+        return rows_read * self.per_layer + (tokens - rows_read) * 4 * self.h * self.e
 
-        def llm_saved(tokens, rows_read):
-            return (layers - 1) * tokens * h * e + last_layer_saved(tokens, rows_read)
+    def llm(self, tokens: int, rows_read: int) -> int:
+        per_token = self.h * self.e if self.d.gradient_checkpointing else self.per_layer  # checkpointed: one state
+        return (self.layers - 1) * tokens * per_token + self.last_layer(tokens, rows_read)
 
-        recompute = per_layer * B * max(prompt + T, segment)
-    else:
+    def vit(self, B: int) -> int:
+        """The InternViT's activations over B samples' views (0 while frozen; never checkpointed)."""
+        return vision_tower_saved(self.module, B * self.views, self.e)
 
-        def llm_saved(tokens, rows_read):
-            return (layers - 1) * tokens * per_layer + last_layer_saved(tokens, rows_read)
+    def pass1(self, B: int, T: int) -> int:
+        """Caption logits of T tokens after the region prompt."""
+        return self.llm(B * (self.prompt + T), B * T) + B * self.mlp1 + B * T * self.h * self.e + self.vit(B)
 
-        recompute = 0
-    # mlp1 keeps its LayerNorm/Linear/GELU inputs for the image tokens of each pass
-    mlp1_saved = B * image_tokens * (3 * vis.shuffled_size + 3 * h) * e
-    logits = B * T * V * e
-    kv = 2 * layers * lang.num_kv_heads * (h // lang.num_heads) * e
-    vit_transient = B * views * (vis.image_size // vis.patch_size) ** 2 * (vis.hidden_size * 6 + vis.mlp_size) * e
-    sam_transient = B * (sam.image_size // 4) ** 2 * sam.embed_dim * 12 * e
-    decoder_saved = B * (sam.image_size // 4) ** 2 * (sam.d_model // 8) * 6 * e
+    def pass2(self, B: int, T: int) -> int:
+        """Segmentation of image 2 from T caption slots."""
+        segment = self.image_tokens + 30 + T
+        towers = self.vit(B) + sam_encoder_saved(self.module, B, self.e)  # trained towers: never checkpointed
+        return self.llm(B * segment, B) + B * (self.mlp1 + self.decoder) + towers
 
-    # trained towers (the default job trains both; Sa2VA keeps them frozen): never checkpointed
-    vit_saved = vision_tower_saved(module, B * views, e)
-    pass1 = llm_saved(B * (prompt + T), B * T) + mlp1_saved + B * T * h * e + vit_saved
-    gumbel = B * T * d.topk * (4 + 8)  # y_soft (fp32) and top-k ids (int64)
-    pass2 = llm_saved(B * segment, B) + mlp1_saved + decoder_saved + vit_saved + sam_encoder_saved(module, B, e)
-    phases = {
-        "teacher generation": (0, B * (prompt + T) * kv + B * V * 4 + vit_transient),
-        "pass 1 (caption logits)": (pass1, 2 * logits + vit_transient),
-        "gumbel": (pass1 + gumbel, 2 * logits),
-        "pass 2 (segment)": (pass1 + gumbel + pass2, max(vit_transient, sam_transient)),
-        "backward": (pass1 + gumbel + pass2, logits + recompute),
-    }
+    def part(self, objective: str, B: int) -> list[tuple[str, int, int]]:
+        """(phase, bytes it adds to what autograd keeps, transient) of one objective over B samples."""
+        T = self.d.caption_len if objective != "supervised" else (self.d.text_len or self.d.caption_len)
+        logits = B * T * self.V * self.e
+        vit = B * self.vit_transient
+        teacher = ("teacher generation", 0, B * (self.prompt + T) * self.kv + B * self.V * 4 + vit)
+        pass2 = ("pass 2 (segment)", self.pass2(B, T), B * max(self.vit_transient, self.sam_transient))
+        if objective == "pseudo_gumbel":
+            gumbel = B * T * self.d.topk * (4 + 8)  # y_soft (fp32) and top-k ids (int64)
+            return [
+                teacher,
+                ("pass 1 (caption logits)", self.pass1(B, T), 2 * logits + vit),
+                ("gumbel", gumbel, 2 * logits),
+                pass2,
+            ]
+        # the caption cross-entropy keeps its fp32 log-probabilities [B, T, V]
+        log_probs = B * T * self.V * 4
+        pass1 = ("pass 1 (caption logits)", self.pass1(B, T) + log_probs, 2 * logits + log_probs + vit)
+        return ([teacher] if objective == "pseudo_label" else []) + [pass1, pass2]
+
+    def backward(self, objective: str, B: int) -> int:
+        """Backward's temporaries: the logits' gradient, and a recomputed layer when checkpointing."""
+        T = self.d.caption_len if objective != "supervised" else (self.d.text_len or self.d.caption_len)
+        recompute = (
+            self.per_layer * B * max(self.prompt + T, self.image_tokens + 30 + T)
+            if self.d.gradient_checkpointing
+            else 0
+        )
+        return B * T * self.V * self.e + recompute
+
+
+def step_phases(module, d: Deployment, kind: StepKind) -> dict[str, dict[str, int]]:
+    """Per phase of one kind of step, its parts in the order it runs them (named `part: phase`
+    when it has several): `saved` = bytes autograd holds for backward at the end of the phase
+    (cumulative: every pass's graph is alive until backward), `transient` = temporaries at the
+    phase's peak, `total` = saved + transient."""
+    activations = Activations(module, d)
+    phases, saved, backward = {}, 0, 0
+    for objective, samples in kind.parts:
+        for phase, kept, transient in activations.part(objective, samples):
+            saved += kept
+            phases[f"{objective}: {phase}" if len(kind.parts) > 1 else phase] = (saved, transient)
+        backward = max(backward, activations.backward(objective, samples))
+    phases["backward"] = (saved, backward)
     return {
-        name: {"saved": saved, "transient": transient, "total": saved + transient}
-        for name, (saved, transient) in phases.items()
+        name: {"saved": kept, "transient": transient, "total": kept + transient}
+        for name, (kept, transient) in phases.items()
     }
+
+
+def activation_phases(module, d: Deployment) -> dict[str, dict[str, int]]:
+    """The phases of the deployment's Pseudo-Gumbel step (the step without a training config)."""
+    return step_phases(module, d, pseudo_gumbel_only(d.batch_size))
 
 
 SEED_TABLE_GB = [  # the design note's hand estimate (问题3), per GPU, in GB
