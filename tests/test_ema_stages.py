@@ -95,6 +95,33 @@ def test_each_tensor_follows_its_own_recursion_with_decay_to_the_k(placement, k)
     assert sorted(phase) == list(range(len(SIZES))) and set(phase.values()) == set(range(k))
 
 
+def test_restart_mid_cycle_starts_a_new_first_cycle_from_the_student():
+    """restart_from (the curriculum's switch) mid-cycle: the shadow is the student, and the next
+    k updates are a first cycle again (shard j's first update applies d^(j+1)), with the log's
+    terms measured afresh."""
+    student, g = make_student(), torch.Generator().manual_seed(11)
+    k = 3
+    ema = EMATeacher(student, decay=0.5, placement="cpu", update_stages=k)
+    for _ in range(k + 1):
+        move(student, g)
+        ema.update(student)
+    ema.log_distance(student)
+    move(student, g)
+    ema.restart_from(student)
+    assert all(torch.equal(s, p.detach().float()) for s, p in zip(ema.shadow, student))
+    assert ema.num_updates == 0 and ema.updated_at == [-1] * len(SIZES) and ema.log_distance(student) == 0.0
+    reference = [p.detach().float().clone() for p in student]
+    for n in range(2 * k):
+        move(student, g)
+        before = [s.clone() for s in ema.shadow]
+        ema.update(student)
+        changed = [i for i, (b, s) in enumerate(zip(before, ema.shadow)) if not torch.equal(b, s)]
+        assert changed, f"step {n}: nothing changed"
+        for i in changed:
+            reference[i].lerp_(student[i].detach().float(), 1.0 - 0.5 ** (k if n >= k else n + 1))
+        assert all(torch.equal(s, r) for s, r in zip(ema.shadow, reference)), f"step {n}"
+
+
 @pytest.mark.parametrize("warmup", [False, True])
 def test_stages_keep_the_time_constant_of_the_every_step_ema(warmup):
     """With a student held constant after its first step, a tensor's staged shadow at the step
