@@ -19,6 +19,10 @@ WARM = str(REPO / "launch/gpu/warm_python.py")
 def server(tmp_path_factory):
     sock = str(tmp_path_factory.mktemp("warm") / "warm.sock")
     proc = subprocess.Popen([sys.executable, WARM, "--serve", sock, "json"], cwd=REPO)
+    for _ in range(600):
+        if Path(sock).exists():
+            break
+        time.sleep(0.1)
     yield {"WARM_PYTHON": sock, "WARM_PYTHON_PID": str(proc.pid)}
     proc.kill()
     proc.wait()
@@ -95,3 +99,18 @@ def test_the_server_ends_when_its_parent_is_killed_outright(tmp_path):
             break
         time.sleep(0.1)
     assert not alive()
+
+
+def test_a_client_gone_mid_request_leaves_the_server_serving(server):
+    import socket
+
+    for payload in (b"", b"\x00\x00\x00\x00\x00\x00\x01\x00{"):  # nothing; a header then half a request
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(server["WARM_PYTHON"])
+        conn.sendall(payload)
+        conn.close()
+    env = {**os.environ, **server}
+    proc = subprocess.run(
+        [sys.executable, WARM, "-c", "print(6 * 7)"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout) == (0, "42\n")

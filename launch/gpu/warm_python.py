@@ -62,8 +62,12 @@ def serve(path: str, preload: list[str]) -> list[str] | None:
         with conn:
             header, fds, _, _ = socket.recv_fds(conn, 8, 3)
             size, data = int.from_bytes(header, "big"), b""
-            while len(data) < size:
-                data += conn.recv(size - len(data))
+            while len(data) < size and (chunk := conn.recv(size - len(data))):
+                data += chunk
+            if len(header) < 8 or len(fds) != 3 or len(data) < size:  # a client gone mid-request
+                for fd in fds:
+                    os.close(fd)
+                continue
             request = json.loads(data)
             # what the gc docs advise before fork() without exec(): the imported objects move out of
             # the collector's reach, so the child's collections (and its exit) do not write to, and
@@ -75,8 +79,9 @@ def serve(path: str, preload: list[str]) -> list[str] | None:
                 conn.close()
                 os.setpgid(0, 0)  # the client's timeout kills the whole group
                 for target, fd in enumerate(fds):
-                    os.dup2(fd, target)
-                    os.close(fd)
+                    if fd != target:
+                        os.dup2(fd, target)
+                        os.close(fd)
                 os.chdir(request["cwd"])
                 os.environ.clear()
                 os.environ.update(request["env"])
