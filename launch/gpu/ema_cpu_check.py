@@ -34,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -130,7 +131,8 @@ def timing(args) -> dict:
     torch.set_num_threads(1)  # accelerate launch's default per process (make train states it)
     threads = args.host_threads or default_host_threads()
     before = EMATeacher(student, decay=0.999, placement="cpu", host_threads=threads)
-    shadow, pool = before.shadow, before._host_pool
+    workers = threads // torch.get_num_threads()  # the pool EMATeacher builds for itself
+    shadow, pool = before.shadow, ThreadPoolExecutor(workers) if workers > 1 else None
 
     def update_before():  # the update as it was: chunked lerp + fused distance, no mirror
         current = [p.detach().to("cpu", non_blocking=True) for p in student]
