@@ -380,7 +380,8 @@ def summarize(results: dict, arms: list[str]) -> dict:
     return summary
 
 
-# Arm against arm (both self-training): (arm, minus arm), paired seed by seed like the table
+# Arm against arm: (arm, minus arm), paired seed by seed like the table; the oracle rows are the
+# head-room self-training left on B
 COMPARISONS = (
     ("pl_sup_a", "pg_sup_a"),
     ("pl", "pg"),
@@ -388,12 +389,14 @@ COMPARISONS = (
     ("pl_sup_a", "pl"),
     ("pg_kl", "pg"),
     ("pl_filter", "pl"),
+    ("oracle_b", "pl_sup_a"),
+    ("oracle_b", "pg_sup_a"),
 )
 COMPARISON_METRICS = (("B", "referring"), ("B", "text_use"), ("B", "cycle"), ("A", "referring"))
 
 
 def compare_arms(results: dict, arms: list[str]) -> dict:
-    """Paired differences between two arms (both self-training; e.g. pseudo-labels − Pseudo-Gumbel)
+    """Paired differences between two arms (e.g. pseudo-labels − Pseudo-Gumbel, oracle − two streams)
     on the grounded seeds: {"a − b": {"B_cycle": {diff, ci_low, ci_high, per_seed_diff}}}."""
     seeds = [s for s in results if results[s]["grounded"]]
     out = {}
