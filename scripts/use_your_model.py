@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.pictures:
+        Path(args.pictures).mkdir(parents=True, exist_ok=True)
         first_text = next(r for r in records if "text" in r)
         first_region = next(r for r in records if "region" in r)
         shutil.copy(work / "predictions" / first_text["overlay"], Path(args.pictures) / "predict_text.png")
