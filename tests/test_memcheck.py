@@ -3,12 +3,15 @@ audits catching each of the design note's three suspected bugs."""
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pg_train.memcheck import Deployment, predict
 from pg_train.memcheck.__main__ import main
+from pg_train.memcheck.predict import Deployment, predict
 from pg_train.model import build_model
 
 
@@ -16,6 +19,24 @@ def run(tmp_path, *args):
     path = tmp_path / "report.json"
     code = main(["--json", str(path), *args])
     return code, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--zero-stage", "3"], 2), (["--inject", "nope"], 2)])
+def test_help_and_usage_errors_answer_without_importing_torch(argv, code):
+    """`python -m pg_train.memcheck --help` (and a usage error) parse before torch, the model or
+    the package's exports load: it cost ~5 CPU s of imports (docs/measurements/cpu_first_call_dry_run.json)."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['memcheck', *{argv!r}]\n"
+        "try:\n    runpy.run_module('pg_train.memcheck', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    print('EXIT', e.code)\n"
+        "print('IMPORTED', sorted(m for m in ('torch', 'transformers', 'pg_train.memcheck.measure') if m in sys.modules))"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert f"EXIT {code}" in proc.stdout and "IMPORTED []" in proc.stdout, proc.stdout + proc.stderr
+    if code == 0:
+        assert "--inject {no-ema,detach-text-embeds" in proc.stdout  # the bugs listed from memcheck.bugs
 
 
 def test_healthy_tiny_run_matches_prediction_exactly_and_passes(tmp_path, capsys):

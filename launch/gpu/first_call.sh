@@ -62,7 +62,7 @@ if [ "$DRY_RUN" = 1 ]; then
     # (the children see the server's import-time environment). WARM=0: a fresh interpreter each.
     export WARM_PYTHON="$WORK/warm.sock"
     $PY launch/gpu/warm_python.py --serve "$WARM_PYTHON" pg_train.model peft pg_train.objectives.teacher \
-      pg_train.memcheck pg_train.bench.ema accelerate.commands.launch >> "$LOG" 2>&1 &
+      pg_train.memcheck.cli pg_train.bench.ema accelerate.commands.launch >> "$LOG" 2>&1 &
     export WARM_PYTHON_PID=$!
     trap 'kill "$WARM_PYTHON_PID" 2> /dev/null; wait "$WARM_PYTHON_PID" 2> /dev/null' EXIT  # wait: its CPU in /usr/bin/time
     ACCELERATE=${ACCELERATE_DRY:-"$PY launch/gpu/warm_python.py -m accelerate.commands.accelerate_cli"}

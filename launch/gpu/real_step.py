@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from pg_train.ema import EMATeacher  # noqa: E402
-from pg_train.memcheck.__main__ import build  # noqa: E402
+from pg_train.memcheck.cli import build  # noqa: E402
 from pg_train.memcheck.measure import build_batch, measure  # noqa: E402
 from pg_train.model import component_parameter_counts, enable_gradient_checkpointing  # noqa: E402
 from pg_train.objectives.settings import PseudoGumbelConfig  # noqa: E402

@@ -28,13 +28,12 @@ from ..model.decoding import graph_decode
 from ..objectives.mix import objective_step
 from ..objectives.pseudo_gumbel import pseudo_gumbel_step
 from ..objectives.settings import PseudoGumbelConfig
+from .bugs import BUGS  # noqa: F401  (memcheck.BUGS, measure.BUGS: the injectable bugs)
 from .predict import gradient_free
 from .steps import StepKind
 
 if TYPE_CHECKING:
     from ..config import TrainConfig
-
-BUGS = ("no-ema", "detach-text-embeds", "no-optimizer-step", "frozen-vit-keeps-graph")
 
 
 @dataclass
