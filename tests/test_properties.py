@@ -280,7 +280,8 @@ def test_preset_defaults_for_topk_and_caption_length_follow_the_preset_unless_se
 
 
 def test_preset_defaults_follow_a_checkpoint_and_reach_evaluate_and_memcheck(tmp_path, monkeypatch):
-    from pg_train.memcheck.__main__ import deployment_from, parse_args
+    from pg_train.memcheck.args import parse_args
+    from pg_train.memcheck.cli import deployment_from
     from pg_train.model import save_pretrained
 
     save_pretrained(build_model("tiny", seed=0), tmp_path / "tiny")

@@ -1,7 +1,6 @@
 """`python -m pg_train.memcheck`: the command line (memcheck/args.py) is parsed before anything
 heavy is imported, so `--help` and usage errors cost no torch start-up; the work is memcheck/cli.py.
-`main`, and the names tests and scripts import from here (`build`, `deployment_from`, ...), stay
-available: any other name is looked up in memcheck/cli.py."""
+Everything else (`build`, `deployment_from`, ...) is imported from memcheck/cli.py itself."""
 
 from __future__ import annotations
 
@@ -15,12 +14,6 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import run  # torch, the model, the measured run
 
     return run(args)
-
-
-def __getattr__(name: str):
-    from . import cli
-
-    return getattr(cli, name)
 
 
 if __name__ == "__main__":
